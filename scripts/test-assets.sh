@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# Provisions the real servers the tests and the demo run against, on a machine that
+# reaches only package registries, and caches them so later runs take seconds:
+#   - Prefect 3.9.1 (PyPI) in a venv
+#   - kube-apiserver 1.20.2, built from Debian bookworm's source package
+#     (no prebuilt apiserver is published in any registry reachable here)
+#   - etcd comes from the `etcd-bin-vendored` crate (a dev-dependency); the test
+#     harness and the demo copy it next to kube-apiserver.
+# Prints nothing but progress on stderr; on success the last line on stdout is the
+# env to export (KUBEBUILDER_ASSETS, PREFECT_BIN).
+# Respects an existing KUBEBUILDER_ASSETS (envtest convention): a newer apiserver
+# supplied that way is used as is.
+set -euo pipefail
+
+CACHE="${PREFECT_OPERATOR_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/prefect-operator}"
+PREFECT_VERSION=3.9.1
+KUBE_VERSION=1.20.2
+mkdir -p "$CACHE"
+log() { echo "[test-assets] $*" >&2; }
+
+# ---------------------------------------------------------------- Prefect
+VENV="$CACHE/prefect-$PREFECT_VERSION"
+if [ ! -x "$VENV/bin/prefect" ] || ! "$VENV/bin/python" -c "import prefect,sys; sys.exit(prefect.__version__!='$PREFECT_VERSION')" 2>/dev/null; then
+  log "installing prefect==$PREFECT_VERSION into $VENV"
+  rm -rf "$VENV"
+  python3 -m venv "$VENV.tmp"
+  "$VENV.tmp/bin/pip" install --quiet "prefect==$PREFECT_VERSION" >&2
+  # venv scripts embed their own path: rebuild in place rather than moving the tmp dir
+  rm -rf "$VENV.tmp"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install --quiet "prefect==$PREFECT_VERSION" >&2
+fi
+
+# ---------------------------------------------------------------- kube-apiserver
+if [ -n "${KUBEBUILDER_ASSETS:-}" ] && [ -x "$KUBEBUILDER_ASSETS/kube-apiserver" ]; then
+  ASSETS="$KUBEBUILDER_ASSETS"
+  log "using KUBEBUILDER_ASSETS=$ASSETS as supplied"
+else
+  ASSETS="$CACHE/kube-$KUBE_VERSION"
+  if [ ! -x "$ASSETS/kube-apiserver" ]; then
+    log "building kube-apiserver $KUBE_VERSION from Debian's source package (a few minutes, once)"
+    WORK="$CACHE/build-kube"
+    rm -rf "$WORK"; mkdir -p "$WORK/apt/sources" "$WORK/apt/lists/partial" "$WORK/apt/cache/archives/partial" "$WORK/src"
+    # Reuse the archive the system's apt already points at; only add a deb-src line,
+    # in a private apt configuration so the system's config is left untouched.
+    URI=""
+    for f in /etc/apt/sources.list.d/*.sources; do
+      [ -f "$f" ] || continue
+      u=$(awk '/^URIs:/{uri=$2} /^Suites:/{ if ($0 ~ /bookworm( |$)/) { print uri; exit } }' "$f")
+      [ -n "$u" ] && { URI="$u"; break; }
+    done
+    if [ -z "$URI" ] && [ -f /etc/apt/sources.list ]; then
+      URI=$(awk '$1=="deb" && $3=="bookworm" {print $2; exit}' /etc/apt/sources.list)
+    fi
+    [ -n "$URI" ] || { log "cannot find a Debian bookworm archive in the apt configuration"; exit 1; }
+    echo "deb-src [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $URI bookworm main" > "$WORK/apt/sources/src.list"
+    APTOPT=(-o Dir::Etc::SourceList=/dev/null -o "Dir::Etc::SourceParts=$WORK/apt/sources"
+            -o "Dir::State::Lists=$WORK/apt/lists" -o "Dir::Cache=$WORK/apt/cache")
+    apt-get "${APTOPT[@]}" update -qq >&2
+    (cd "$WORK/src" && apt-get "${APTOPT[@]}" source --download-only kubernetes >&2 \
+       && dpkg-source -x --no-check kubernetes_*.dsc tree >&2) || {
+      # dpkg-source may be missing on minimal images
+      command -v dpkg-source >/dev/null || { apt-get install -y -qq dpkg-dev >&2; }
+      (cd "$WORK/src" && dpkg-source -x --no-check kubernetes_*.dsc tree >&2)
+    }
+    if ! command -v /usr/lib/go-1.19/bin/go >/dev/null || ! command -v rsync >/dev/null \
+       || [ ! -d /usr/share/gocode/src/github.com/modern-go/reflect2 ]; then
+      apt-get update -qq >&2
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq golang-1.19-go rsync golang-github-modern-go-reflect2-dev >&2
+    fi
+    TREE="$WORK/src/tree"
+    # vendored reflect2 1.0.1 segfaults under Go >= 1.18 on the first custom-resource write
+    rm -rf "$TREE/vendor/github.com/modern-go/reflect2"
+    cp -r /usr/share/gocode/src/github.com/modern-go/reflect2 "$TREE/vendor/github.com/modern-go/reflect2"
+    find "$TREE/vendor/github.com/modern-go/reflect2" -name '*_test.go' -delete
+    mkdir -p "$TREE/.go/src/k8s.io"
+    ln -sfn "$TREE" "$TREE/.go/src/k8s.io/kubernetes"
+    (cd "$TREE/.go/src/k8s.io/kubernetes" && GOPATH="$TREE/.go" GO111MODULE=off GOFLAGS= \
+       PATH=/usr/lib/go-1.19/bin:$PATH CGO_ENABLED=0 make WHAT=cmd/kube-apiserver >&2)
+    mkdir -p "$ASSETS"
+    cp "$TREE/_output/bin/kube-apiserver" "$ASSETS/kube-apiserver.tmp"
+    mv "$ASSETS/kube-apiserver.tmp" "$ASSETS/kube-apiserver"
+    rm -rf "$WORK"
+  fi
+fi
+
+echo "export KUBEBUILDER_ASSETS='$ASSETS' PREFECT_BIN='$VENV/bin/prefect'"

@@ -1,0 +1,519 @@
+//! The `PrefectDeployment` custom resource (prefect.io/v1).
+//!
+//! Field names follow the manifests of PrefectHQ's published operator (including its
+//! snake_case schedule fields) so those manifests apply unchanged; our extensions use
+//! Kubernetes camelCase. No field carries a schema `default`: defaults live in code, so
+//! the apiserver never adds fields a GitOps tool would then see as drift.
+
+use std::collections::BTreeMap;
+
+use kube::CustomResource;
+use schemars::{json_schema, JsonSchema, Schema, SchemaGenerator};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Finalizer name shared with PrefectHQ's operator, so resources it created are cleaned
+/// up by this one as well.
+pub const FINALIZER: &str = "prefect.io/deployment-cleanup";
+
+/// Reasons used on the `Ready` condition. They are part of the API: tools (Argo CD
+/// health checks, alerts) match on them.
+pub mod reason {
+    pub const SYNCED: &str = "Synced";
+    pub const PROGRESSING: &str = "Progressing";
+    pub const INVALID_SPEC: &str = "InvalidSpec";
+    pub const SECRET_NOT_FOUND: &str = "SecretNotFound";
+    pub const PREFECT_UNREACHABLE: &str = "PrefectUnreachable";
+    pub const PREFECT_REJECTED: &str = "PrefectRejected";
+    pub const WORK_POOL_NOT_FOUND: &str = "WorkPoolNotFound";
+    pub const CONFLICT: &str = "Conflict";
+    pub const AUTOMATION_FAILED: &str = "AutomationFailed";
+    pub const DELETING: &str = "Deleting";
+    pub const CLEANUP_FAILED: &str = "CleanupFailed";
+    pub const KUBERNETES_ERROR: &str = "KubernetesError";
+}
+
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "prefect.io",
+    version = "v1",
+    kind = "PrefectDeployment",
+    plural = "prefectdeployments",
+    singular = "prefectdeployment",
+    shortname = "pd",
+    namespaced,
+    status = "PrefectDeploymentStatus",
+    doc = "A Prefect deployment declared as a Kubernetes resource: the operator creates and keeps it in step in a Prefect server, with its schedules and trigger automations.",
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status", description = "Whether the deployment is applied in Prefect as declared"),
+    printcolumn(name = "Reason", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].reason", description = "Why the resource is (not) ready", priority = "1"),
+    printcolumn(name = "Deployment ID", type_ = "string", json_path = ".status.deploymentId", description = "The deployment's id in Prefect"),
+    printcolumn(name = "Work Pool", type_ = "string", json_path = ".spec.workPool.name", description = "The work pool that runs the deployment"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct PrefectDeploymentSpec {
+    /// Which Prefect API to talk to, and how to authenticate.
+    pub server: ServerSpec,
+    /// The work pool (and optionally queue) whose workers run this deployment.
+    pub work_pool: WorkPoolSpec,
+    /// The Prefect deployment itself.
+    pub deployment: DeploymentSpec,
+    /// How often the operator re-reads the deployment from Prefect to repair changes made
+    /// there by hand, as a duration such as `30s`, `5m` or `1h`. Defaults to the operator's
+    /// --default-resync-interval; values under 10s are raised to 10s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<String>,
+    /// What happens in Prefect when this resource is deleted. `Delete` (the default)
+    /// removes the deployment and the automations it owns; `Orphan` leaves them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deletion_policy: Option<DeletionPolicy>,
+    /// Take over a deployment of the same name that already exists in Prefect but was not
+    /// created for this resource (for example one made by `prefect deploy` or by another
+    /// operator). Without it such a deployment is left alone and the resource reports
+    /// Ready=False with reason Conflict.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adopt_existing: Option<bool>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum DeletionPolicy {
+    #[default]
+    Delete,
+    Orphan,
+}
+
+/// Where the Prefect API is. Set `remoteApiUrl` for any reachable server; `accountId` and
+/// `workspaceId` for Prefect Cloud; or `name` (and `namespace`) for a Prefect server
+/// running in this cluster as a Service of that name on port 4200.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServerSpec {
+    /// Base URL of the Prefect API, including its `/api` suffix, e.g.
+    /// `http://prefect-server.prefect.svc:4200/api`. With accountId and workspaceId it
+    /// defaults to Prefect Cloud's API.
+    #[serde(default, skip_serializing_if = "Option::is_none", rename = "remoteApiUrl")]
+    pub remote_api_url: Option<String>,
+    /// Prefect Cloud account id.
+    #[serde(default, skip_serializing_if = "Option::is_none", rename = "accountId")]
+    pub account_id: Option<String>,
+    /// Prefect Cloud workspace id.
+    #[serde(default, skip_serializing_if = "Option::is_none", rename = "workspaceId")]
+    pub workspace_id: Option<String>,
+    /// Name of an in-cluster Prefect server's Service (port 4200).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Namespace of that Service; defaults to this resource's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// API key sent as a Bearer token (Prefect Cloud, or a server behind a proxy that
+    /// expects one).
+    #[serde(default, skip_serializing_if = "Option::is_none", rename = "apiKey")]
+    pub api_key: Option<SecretValue>,
+    /// `user:password` for HTTP basic auth, for self-hosted servers started with
+    /// PREFECT_SERVER_API_AUTH_STRING.
+    #[serde(default, skip_serializing_if = "Option::is_none", rename = "authString")]
+    pub auth_string: Option<SecretValue>,
+}
+
+/// A credential given inline (`value`) or read from a Secret or ConfigMap in this
+/// resource's own namespace (`valueFrom`).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretValue {
+    /// The credential itself. Prefer valueFrom: an inline value is visible to anyone who
+    /// can read the resource.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+    /// Where to read the credential from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value_from: Option<ValueFrom>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ValueFrom {
+    /// A key of a Secret in this resource's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_key_ref: Option<KeyRef>,
+    /// A key of a ConfigMap in this resource's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_map_key_ref: Option<KeyRef>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+pub struct KeyRef {
+    /// Name of the Secret or ConfigMap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The key whose value is the credential.
+    pub key: String,
+    /// Accepted for compatibility; a credential that is referenced is always required.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub optional: Option<bool>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkPoolSpec {
+    /// Name of the Prefect work pool. It must exist in Prefect.
+    pub name: String,
+    /// Accepted for compatibility with PrefectHQ's operator; not used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// Work queue within the pool; Prefect creates it when it does not exist yet.
+    /// Defaults to the pool's default queue.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub work_queue: Option<String>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DeploymentSpec {
+    /// Name of the deployment in Prefect. Defaults to metadata.name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Where the flow function is: `path/to/file.py:function` (or `module.path:function`).
+    pub entrypoint: String,
+    /// Name of the flow in Prefect. Defaults to the function name from the entrypoint with
+    /// `_` replaced by `-`, as Prefect names flows.
+    #[serde(default, skip_serializing_if = "Option::is_none", rename = "flow_name")]
+    pub flow_name: Option<String>,
+    /// Free-text description shown in the Prefect UI.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// Tags for filtering deployments in Prefect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tags: Option<Vec<String>>,
+    /// Key-value labels set on the deployment when it is created. Prefect's API cannot
+    /// change labels afterwards.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<BTreeMap<String, String>>,
+    /// Version of the code this deployment runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version_info: Option<VersionInfo>,
+    /// Working directory the flow runs from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Steps a worker runs to fetch the flow's code (git_clone, pull_from_s3, ...), in
+    /// Prefect's prefect.yaml form.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "list_of_free_objects")]
+    pub pull_steps: Option<Vec<Value>>,
+    /// Default parameter values for runs of this deployment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "free_object")]
+    pub parameters: Option<Value>,
+    /// JSON Schema of the flow's parameters, as Prefect stores it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "free_object")]
+    pub parameter_open_api_schema: Option<Value>,
+    /// Whether Prefect checks parameters against parameterOpenApiSchema. Prefect's
+    /// default is true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enforce_parameter_schema: Option<bool>,
+    /// Overrides of the work pool's base job template (image, env, resources, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "free_object")]
+    pub job_variables: Option<Value>,
+    /// A paused deployment keeps its schedules but no new runs are scheduled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused: Option<bool>,
+    /// Maximum number of concurrent runs of this deployment. Removing the field removes
+    /// the limit in Prefect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub concurrency_limit: Option<i64>,
+    /// Concurrency settings in PrefectHQ's operator's form. `limit` is used when
+    /// concurrencyLimit is not set; `collisionStrategy` (ENQUEUE or CANCEL_NEW) decides
+    /// what happens to a run over the limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub global_concurrency_limit: Option<GlobalConcurrencyLimit>,
+    /// When the deployment runs. Schedules are matched to Prefect's by slug, so editing
+    /// one keeps the runs already scheduled by the others.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedules: Option<Vec<Schedule>>,
+    /// Events that start this deployment. Each trigger becomes one Prefect automation
+    /// owned by the deployment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub triggers: Option<Vec<Trigger>>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+pub struct VersionInfo {
+    /// Kind of version, for example `git`.
+    #[serde(default, skip_serializing_if = "Option::is_none", rename = "type")]
+    pub type_: Option<String>,
+    /// The version string, for example a commit sha or a release tag.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GlobalConcurrencyLimit {
+    /// Name of the limit (informational).
+    pub name: String,
+    /// Number of concurrent runs allowed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<i64>,
+    /// Accepted for compatibility; not used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active: Option<bool>,
+    /// ENQUEUE (wait for a slot) or CANCEL_NEW (cancel the new run).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub collision_strategy: Option<String>,
+    /// Accepted for compatibility; not used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot_decay_per_second: Option<String>,
+}
+
+/// One schedule: exactly one of `interval`, `cron` or `rrule`.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+pub struct Schedule {
+    /// Identifies the schedule within the deployment; unique. The operator matches
+    /// schedules to Prefect's by slug.
+    pub slug: String,
+    /// Seconds between runs (greater than 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<i64>,
+    /// For interval schedules: the instant runs are counted from (RFC 3339, e.g.
+    /// `2024-01-01T00:00:00Z`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anchor_date: Option<String>,
+    /// A five-field cron expression such as `0 9 * * 1-5`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cron: Option<String>,
+    /// For cron schedules: when both day-of-month and day-of-week are restricted, run
+    /// when either matches (true, the cron default) or only when both match (false).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub day_or: Option<bool>,
+    /// An RFC 5545 recurrence rule, e.g. `FREQ=WEEKLY;BYDAY=MO,WE;BYHOUR=8`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rrule: Option<String>,
+    /// IANA time zone the schedule is read in, e.g. `Europe/Berlin`. Defaults to UTC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timezone: Option<String>,
+    /// An inactive schedule is kept but creates no runs. Defaults to true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active: Option<bool>,
+    /// How many future runs Prefect keeps scheduled for this schedule (1 to 50).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 50))]
+    pub max_scheduled_runs: Option<i64>,
+    /// Parameter values for runs created by this schedule, merged over the deployment's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "free_object")]
+    pub parameters: Option<Value>,
+}
+
+/// A trigger that starts the deployment. Event triggers fire on matching Prefect events;
+/// compound and sequence triggers combine child triggers; metric triggers watch
+/// deployment metrics (Prefect Cloud only).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Trigger {
+    /// Name of the automation. Defaults to `<deployment name>__automation_<n>`, n counting
+    /// from 1 in list order, as Prefect's own client names them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Description of the automation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// A disabled trigger's automation exists but does not fire. Defaults to true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    /// Parameters for the runs this trigger starts. Values may use Prefect's templating,
+    /// e.g. `{{ event.resource.id }}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "free_object")]
+    pub parameters: Option<Value>,
+    /// Job variables for the runs this trigger starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "free_object")]
+    pub job_variables: Option<Value>,
+    /// Seconds to wait after the trigger fires before the run is scheduled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub schedule_after: Option<i64>,
+    #[serde(flatten)]
+    pub condition: TriggerCondition,
+    /// How many of the child triggers must fire (compound only): a number, `any` or `all`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "int_or_string")]
+    pub require: Option<Value>,
+    /// Child triggers of a compound or sequence trigger (event or metric triggers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub triggers: Option<Vec<TriggerCondition>>,
+}
+
+/// The firing condition of a trigger; also the shape of a compound or sequence trigger's
+/// children.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TriggerCondition {
+    /// `event` (default), `metric`, `compound` or `sequence`. Children may be `event` or
+    /// `metric`.
+    #[serde(default, skip_serializing_if = "Option::is_none", rename = "type")]
+    pub type_: Option<TriggerType>,
+    /// Event triggers: `Reactive` fires when events arrive (default), `Proactive` when
+    /// they do not arrive within `within` seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub posture: Option<Posture>,
+    /// Labels the event's resource must have, e.g. `{"prefect.resource.id": "prefect.flow-run.*"}`.
+    #[serde(default, skip_serializing_if = "Option::is_none", rename = "match")]
+    #[schemars(schema_with = "free_object")]
+    pub match_: Option<Value>,
+    /// Labels one of the event's related resources must have (an object, or a list of
+    /// them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "free_value")]
+    pub match_related: Option<Value>,
+    /// Event names that must have been seen before this trigger counts events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<Vec<String>>,
+    /// Event names this trigger counts (or expects, when Proactive).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expect: Option<Vec<String>>,
+    /// Resource labels to count events separately by, e.g. `prefect.resource.id`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub for_each: Option<Vec<String>>,
+    /// Number of events needed to fire. Defaults to 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub threshold: Option<i64>,
+    /// Window in seconds over which events are counted (event triggers) or all children
+    /// must fire (compound and sequence). Proactive triggers need at least 10.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub within: Option<i64>,
+    /// Metric triggers: the metric query.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metric: Option<MetricQuery>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum TriggerType {
+    Event,
+    Metric,
+    Compound,
+    Sequence,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum Posture {
+    Reactive,
+    Proactive,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MetricQuery {
+    /// `lateness`, `duration` or `successes`.
+    pub name: String,
+    /// Comparison with the threshold: `<`, `<=`, `>` or `>=`.
+    pub operator: String,
+    /// Value the metric is compared with.
+    pub threshold: f64,
+    /// Seconds of history the metric is computed over (at least 300). Defaults to 300.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub range: Option<i64>,
+    /// Seconds the comparison must hold before the trigger fires (at least 300).
+    /// Defaults to 300.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firing_for: Option<i64>,
+}
+
+/// What the operator last saw and did. Only changes when something actually changed, so
+/// writing it never re-triggers work.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PrefectDeploymentStatus {
+    /// Id of the deployment in Prefect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deployment_id: Option<String>,
+    /// Id of the deployment's flow in Prefect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flow_id: Option<String>,
+    /// The metadata.generation the conditions describe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Current state; `Ready` says whether Prefect matches the spec.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    /// Ids of the automations the operator created for the triggers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub automation_ids: Option<Vec<String>>,
+    /// Fingerprint of the automations last applied; triggers are only re-applied when it
+    /// changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub triggers_hash: Option<String>,
+}
+
+/// A condition in the Kubernetes API convention.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    /// Condition type, e.g. `Ready`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `True`, `False` or `Unknown`.
+    pub status: String,
+    /// One-word CamelCase reason.
+    pub reason: String,
+    /// Short human-readable explanation.
+    pub message: String,
+    /// When the status last changed.
+    #[schemars(schema_with = "date_time")]
+    pub last_transition_time: String,
+    /// The metadata.generation this condition was computed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+fn free_object(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({"type": "object", "x-kubernetes-preserve-unknown-fields": true})
+}
+
+fn free_value(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({"x-kubernetes-preserve-unknown-fields": true})
+}
+
+fn list_of_free_objects(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({"type": "array", "items": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}})
+}
+
+fn int_or_string(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({"x-kubernetes-int-or-string": true})
+}
+
+fn date_time(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({"type": "string", "format": "date-time"})
+}
+
+impl PrefectDeployment {
+    /// The Prefect deployment name: spec.deployment.name, else metadata.name.
+    pub fn deployment_name(&self) -> String {
+        self.spec
+            .deployment
+            .name
+            .clone()
+            .or_else(|| self.metadata.name.clone())
+            .unwrap_or_default()
+    }
+
+    pub fn deletion_policy(&self) -> DeletionPolicy {
+        self.spec.deletion_policy.unwrap_or_default()
+    }
+}
+
+/// The CRD as YAML: the content of `crds/prefectdeployments.prefect.io.yaml`.
+pub fn crd_yaml() -> String {
+    use kube::CustomResourceExt;
+    let crd = PrefectDeployment::crd();
+    format!(
+        "# Generated by `prefect-operator crd`; do not edit by hand.\n---\n{}",
+        serde_yaml::to_string(&crd).expect("CRD serializes")
+    )
+}

@@ -1,0 +1,282 @@
+//! Pure: a validated spec in, the Prefect payloads we want out. This is the one place
+//! that knows Prefect's wire field names; the reconciler only moves these values around.
+
+use serde_json::{json, Map, Value};
+use sha2::{Digest, Sha256};
+
+use crate::api::{
+    DeploymentSpec, Posture, PrefectDeploymentSpec, Schedule, Trigger, TriggerCondition,
+    TriggerType,
+};
+use crate::validate::parse_anchor_date;
+
+/// The Prefect label that marks a deployment as created for one Kubernetes resource
+/// (its metadata.uid), so an interrupted create is recognised as ours on the next pass
+/// and a stranger's deployment is not.
+pub const OWNER_LABEL: &str = "prefect-operator.io/resource-uid";
+
+/// What the resource wants to exist in Prefect, before any id is known.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DesiredDeployment {
+    pub flow_name: String,
+    pub name: String,
+    /// Fields of `DeploymentUpdate` (PATCH body, minus schedules). A field the user did
+    /// not set and Prefect fills in itself is left out, so it is neither sent nor compared.
+    pub fields: Map<String, Value>,
+    /// Labels are accepted only on create (Prefect refuses them in PATCH).
+    pub labels: Map<String, Value>,
+    pub schedules: Vec<DesiredSchedule>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DesiredSchedule {
+    pub slug: String,
+    /// A `DeploymentScheduleCreate` body.
+    pub body: Value,
+}
+
+/// Prefect's default flow name: the function name with `_` replaced by `-`.
+pub fn flow_name(d: &DeploymentSpec) -> String {
+    if let Some(name) = &d.flow_name {
+        return name.clone();
+    }
+    let func = d.entrypoint.rsplit(':').next().unwrap_or_default();
+    let func = func.rsplit('.').next().unwrap_or(func);
+    func.replace('_', "-")
+}
+
+pub fn deployment(spec: &PrefectDeploymentSpec, name: &str, owner_uid: &str) -> DesiredDeployment {
+    let d = &spec.deployment;
+    let mut f = Map::new();
+    let opt_str = |v: &Option<String>| v.clone().map(Value::String).unwrap_or(Value::Null);
+    f.insert("description".into(), opt_str(&d.description));
+    let version = d.version_info.as_ref();
+    f.insert(
+        "version".into(),
+        opt_str(&version.and_then(|v| v.version.clone())),
+    );
+    f.insert(
+        "version_info".into(),
+        match version.map(|v| (&v.type_, &v.version)) {
+            Some((Some(t), Some(v))) => json!({"type": t, "version": v}),
+            _ => Value::Null,
+        },
+    );
+    f.insert("entrypoint".into(), Value::String(d.entrypoint.clone()));
+    f.insert("path".into(), opt_str(&d.path));
+    f.insert("paused".into(), Value::Bool(d.paused.unwrap_or(false)));
+    f.insert("tags".into(), json!(d.tags.clone().unwrap_or_default()));
+    f.insert(
+        "parameters".into(),
+        d.parameters.clone().unwrap_or_else(|| json!({})),
+    );
+    f.insert(
+        "parameter_openapi_schema".into(),
+        d.parameter_open_api_schema.clone().unwrap_or(Value::Null),
+    );
+    // Prefect's own default is to enforce.
+    f.insert(
+        "enforce_parameter_schema".into(),
+        Value::Bool(d.enforce_parameter_schema.unwrap_or(true)),
+    );
+    f.insert(
+        "job_variables".into(),
+        d.job_variables.clone().unwrap_or_else(|| json!({})),
+    );
+    f.insert(
+        "pull_steps".into(),
+        d.pull_steps.clone().map(Value::Array).unwrap_or(Value::Null),
+    );
+    let gcl = d.global_concurrency_limit.as_ref();
+    f.insert(
+        "concurrency_limit".into(),
+        d.concurrency_limit
+            .or(gcl.and_then(|g| g.limit))
+            .map(Value::from)
+            .unwrap_or(Value::Null),
+    );
+    f.insert(
+        "concurrency_options".into(),
+        match gcl.and_then(|g| g.collision_strategy.as_ref()) {
+            Some(s) => json!({"collision_strategy": s}),
+            None => Value::Null,
+        },
+    );
+    f.insert(
+        "work_pool_name".into(),
+        Value::String(spec.work_pool.name.clone()),
+    );
+    // Unset, Prefect puts the deployment on the pool's default queue; comparing against
+    // an absent value would flag that as drift forever.
+    if let Some(q) = &spec.work_pool.work_queue {
+        f.insert("work_queue_name".into(), Value::String(q.clone()));
+    }
+
+    let mut labels: Map<String, Value> = d
+        .labels
+        .iter()
+        .flatten()
+        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+        .collect();
+    labels.insert(OWNER_LABEL.into(), Value::String(owner_uid.into()));
+
+    DesiredDeployment {
+        flow_name: flow_name(d),
+        name: name.to_string(),
+        fields: f,
+        labels,
+        schedules: d.schedules.iter().flatten().map(schedule).collect(),
+    }
+}
+
+impl DesiredDeployment {
+    /// The `POST /deployments/` body for a first create.
+    pub fn create_body(&self, flow_id: &str) -> Value {
+        let mut body = self.fields.clone();
+        body.insert("name".into(), Value::String(self.name.clone()));
+        body.insert("flow_id".into(), Value::String(flow_id.into()));
+        body.insert("labels".into(), Value::Object(self.labels.clone()));
+        body.insert(
+            "schedules".into(),
+            Value::Array(self.schedules.iter().map(|s| s.body.clone()).collect()),
+        );
+        Value::Object(body)
+    }
+}
+
+fn schedule(s: &Schedule) -> DesiredSchedule {
+    let tz = s.timezone.clone().unwrap_or_else(|| "UTC".into());
+    let inner = if let Some(interval) = s.interval {
+        let mut o = json!({"interval": interval, "timezone": tz});
+        if let Some(anchor) = &s.anchor_date {
+            // Sent with an explicit offset so Prefect never has to guess.
+            let anchor = parse_anchor_date(anchor)
+                .map(|t| t.to_rfc3339())
+                .unwrap_or_else(|_| anchor.clone());
+            o["anchor_date"] = Value::String(anchor);
+        }
+        o
+    } else if let Some(cron) = &s.cron {
+        json!({"cron": cron.trim(), "timezone": tz, "day_or": s.day_or.unwrap_or(true)})
+    } else {
+        json!({"rrule": s.rrule.clone().unwrap_or_default(), "timezone": tz})
+    };
+    DesiredSchedule {
+        slug: s.slug.clone(),
+        body: json!({
+            "schedule": inner,
+            "active": s.active.unwrap_or(true),
+            "max_scheduled_runs": s.max_scheduled_runs,
+            "parameters": s.parameters.clone().unwrap_or_else(|| json!({})),
+            "slug": s.slug,
+        }),
+    }
+}
+
+/// The resource Prefect uses to tie automations to the deployment that owns them.
+pub fn owner_resource(deployment_id: &str) -> String {
+    format!("prefect.deployment.{deployment_id}")
+}
+
+/// One `AutomationCreate` body per trigger, in spec order.
+pub fn automations(d: &DeploymentSpec, deployment_name: &str, deployment_id: &str) -> Vec<Value> {
+    d.triggers
+        .iter()
+        .flatten()
+        .enumerate()
+        .map(|(i, t)| automation(t, i, deployment_name, deployment_id))
+        .collect()
+}
+
+fn automation(t: &Trigger, index: usize, deployment_name: &str, deployment_id: &str) -> Value {
+    let name = t
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("{deployment_name}__automation_{}", index + 1));
+    json!({
+        "name": name,
+        "description": t.description.clone().unwrap_or_default(),
+        "enabled": t.enabled.unwrap_or(true),
+        "trigger": trigger(t),
+        "actions": [{
+            "type": "run-deployment",
+            "source": "selected",
+            "deployment_id": deployment_id,
+            "parameters": t.parameters,
+            "job_variables": t.job_variables,
+            "schedule_after": t.schedule_after.unwrap_or(0),
+        }],
+        "owner_resource": owner_resource(deployment_id),
+    })
+}
+
+fn trigger(t: &Trigger) -> Value {
+    let c = &t.condition;
+    match c.type_.unwrap_or(TriggerType::Event) {
+        TriggerType::Compound => json!({
+            "type": "compound",
+            "require": t.require.clone().map(require).unwrap_or_else(|| json!("all")),
+            "within": c.within.unwrap_or(0),
+            "triggers": t.triggers.iter().flatten().map(condition).collect::<Vec<_>>(),
+        }),
+        TriggerType::Sequence => json!({
+            "type": "sequence",
+            "within": c.within.unwrap_or(0),
+            "triggers": t.triggers.iter().flatten().map(condition).collect::<Vec<_>>(),
+        }),
+        _ => condition(c),
+    }
+}
+
+/// `require` as Prefect wants it: a number, or "any"/"all" (an int-or-string field may
+/// carry a number as a string).
+fn require(v: Value) -> Value {
+    match &v {
+        Value::String(s) => s.parse::<u64>().map(Value::from).unwrap_or(v),
+        _ => v,
+    }
+}
+
+fn condition(c: &TriggerCondition) -> Value {
+    let match_ = c.match_.clone().unwrap_or_else(|| json!({}));
+    let match_related = c.match_related.clone().unwrap_or_else(|| json!({}));
+    match c.type_.unwrap_or(TriggerType::Event) {
+        TriggerType::Metric => {
+            let m = c.metric.clone().unwrap_or_default();
+            json!({
+                "type": "metric",
+                "match": match_,
+                "match_related": match_related,
+                "metric": {
+                    "name": m.name,
+                    "operator": m.operator,
+                    "threshold": m.threshold,
+                    "range": m.range.unwrap_or(300),
+                    "firing_for": m.firing_for.unwrap_or(300),
+                },
+            })
+        }
+        _ => json!({
+            "type": "event",
+            "posture": match c.posture.unwrap_or(Posture::Reactive) {
+                Posture::Reactive => "Reactive",
+                Posture::Proactive => "Proactive",
+            },
+            "match": match_,
+            "match_related": match_related,
+            "after": c.after.clone().unwrap_or_default(),
+            "expect": c.expect.clone().unwrap_or_default(),
+            "for_each": c.for_each.clone().unwrap_or_default(),
+            "threshold": c.threshold.unwrap_or(1),
+            "within": c.within.unwrap_or(0),
+        }),
+    }
+}
+
+/// Stable fingerprint of a set of automation bodies. serde_json maps are sorted by key,
+/// so equal content always hashes equal, across restarts and versions of this operator.
+pub fn fingerprint(automations: &[Value]) -> String {
+    let text = serde_json::to_string(automations).expect("JSON values serialize");
+    let digest = Sha256::digest(text.as_bytes());
+    digest.iter().take(16).map(|b| format!("{b:02x}")).collect()
+}

@@ -1,0 +1,33 @@
+use clap::Parser;
+use prefect_operator::cli::{Cli, Command};
+use prefect_operator::reconcile::{self, RunOptions};
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Crd => print!("{}", prefect_operator::api::crd_yaml()),
+        Command::Run(args) => {
+            // kube and reqwest both use rustls: pick one crypto provider for the process.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            prefect_operator::telemetry::init(args.log_format);
+            let kube = match kube::Client::try_default().await {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("prefect-operator: no Kubernetes configuration: {e}");
+                    std::process::exit(1);
+                }
+            };
+            let opts = RunOptions {
+                namespace: args.namespace,
+                concurrency: args.concurrency,
+                default_resync: args.default_resync_interval,
+            };
+            tracing::info!(namespace = opts.namespace.as_deref().unwrap_or("(all)"), concurrency = opts.concurrency, "starting");
+            if let Err(msg) = reconcile::run(kube, opts).await {
+                eprintln!("prefect-operator: {msg}");
+                std::process::exit(1);
+            }
+        }
+    }
+}

@@ -1,0 +1,472 @@
+//! A small client for the parts of Prefect's REST API the operator uses.
+//!
+//! One `reqwest::Client` (one connection pool, keyed by host inside reqwest) is shared by
+//! every reconcile; a `PrefectClient` is only that pool plus a base URL and credentials,
+//! so building one per reconcile costs nothing. Retries cover what Prefect itself
+//! retries: 429/502/503/504 and dropped connections, a bounded number of times,
+//! honouring Retry-After.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode};
+use serde_json::Value;
+
+use crate::Error;
+
+/// The API version Prefect 3.x clients announce.
+const API_VERSION: &str = "0.8.4";
+const MAX_ATTEMPTS: u32 = 5;
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
+
+#[derive(Clone)]
+pub enum Auth {
+    /// Prefect Cloud API key (or any server expecting a Bearer token).
+    Bearer(String),
+    /// `user:password` for PREFECT_SERVER_API_AUTH_STRING.
+    Basic(String),
+}
+
+// Never print credentials, not even in debug logs.
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Auth::Bearer(_) => f.write_str("Bearer(***)"),
+            Auth::Basic(_) => f.write_str("Basic(***)"),
+        }
+    }
+}
+
+/// Counts of requests sent, by method and endpoint (a fixed set of names, never ids),
+/// for metrics, tests and benchmarks.
+#[derive(Default, Debug)]
+pub struct CallLog(Mutex<BTreeMap<(String, &'static str), u64>>);
+
+impl CallLog {
+    fn record(&self, method: &Method, endpoint: &'static str) {
+        let mut m = self.0.lock().expect("call log lock");
+        *m.entry((method.to_string(), endpoint)).or_default() += 1;
+    }
+
+    pub fn snapshot(&self) -> BTreeMap<(String, &'static str), u64> {
+        self.0.lock().expect("call log lock").clone()
+    }
+
+    /// Requests that change something in Prefect.
+    pub fn writes(&self) -> u64 {
+        self.snapshot()
+            .iter()
+            .filter(|((m, _), _)| m != "GET")
+            .map(|(_, n)| n)
+            .sum()
+    }
+}
+
+/// Builds the shared HTTP client.
+pub fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(30))
+        .pool_idle_timeout(Duration::from_secs(90))
+        .user_agent(concat!("prefect-operator/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .expect("HTTP client builds")
+}
+
+#[derive(Clone, Debug)]
+pub struct PrefectClient {
+    http: reqwest::Client,
+    base: String,
+    auth: Option<Auth>,
+    calls: Arc<CallLog>,
+}
+
+/// A Prefect answer that is not a success, before it is turned into an `Error`.
+#[derive(Debug)]
+struct Failure {
+    status: StatusCode,
+    summary: String,
+}
+
+impl PrefectClient {
+    pub fn new(http: reqwest::Client, base: &str, auth: Option<Auth>, calls: Arc<CallLog>) -> Self {
+        Self {
+            http,
+            base: base.trim_end_matches('/').to_string(),
+            auth,
+            calls,
+        }
+    }
+
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    /// Sends one request with retries; `Ok(Err(failure))` is a definite non-2xx answer.
+    async fn send(
+        &self,
+        method: Method,
+        endpoint: &'static str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Result<Value, Failure>, Error> {
+        let url = format!("{}{}", self.base, path);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut req = self
+                .http
+                .request(method.clone(), &url)
+                .header("X-PREFECT-API-VERSION", API_VERSION);
+            req = match &self.auth {
+                Some(Auth::Bearer(k)) => req.bearer_auth(k),
+                Some(Auth::Basic(s)) => {
+                    let (user, pass) = s.split_once(':').unwrap_or((s, ""));
+                    req.basic_auth(user, Some(pass))
+                }
+                None => req,
+            };
+            if let Some(b) = body {
+                req = req.json(b);
+            }
+            self.calls.record(&method, endpoint);
+            let retry_in = match req.send().await {
+                Ok(resp) => {
+                    let status = resp.status();
+                    let retry_after = resp
+                        .headers()
+                        .get(reqwest::header::RETRY_AFTER)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.trim().parse::<u64>().ok())
+                        .map(Duration::from_secs);
+                    let bytes = resp
+                        .bytes()
+                        .await
+                        .map_err(|e| Error::PrefectUnreachable(short_transport(&e)))?;
+                    if status.is_success() {
+                        let value = if bytes.is_empty() {
+                            Value::Null
+                        } else {
+                            serde_json::from_slice(&bytes).unwrap_or(Value::Null)
+                        };
+                        return Ok(Ok(value));
+                    }
+                    let retryable = matches!(status.as_u16(), 429 | 502 | 503 | 504);
+                    if !retryable || attempt >= MAX_ATTEMPTS {
+                        return Ok(Err(Failure {
+                            status,
+                            summary: summarize(&bytes),
+                        }));
+                    }
+                    retry_after
+                        .map(|d| d.min(MAX_RETRY_AFTER))
+                        .unwrap_or_else(|| backoff(attempt))
+                }
+                Err(e) => {
+                    if attempt >= MAX_ATTEMPTS {
+                        return Err(Error::PrefectUnreachable(short_transport(&e)));
+                    }
+                    backoff(attempt)
+                }
+            };
+            tracing::debug!(%method, endpoint, attempt, ?retry_in, "retrying Prefect request");
+            tokio::time::sleep(retry_in).await;
+        }
+    }
+
+    /// Like `send`, with every non-2xx answer turned into an error.
+    async fn call(
+        &self,
+        method: Method,
+        endpoint: &'static str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Value, Error> {
+        let what = format!("{method} {endpoint}");
+        self.send(method, endpoint, path, body)
+            .await?
+            .map_err(|f| failure_to_error(&what, f))
+    }
+
+    /// Like `call`, with 404 mapped to `None`.
+    async fn call_opt(
+        &self,
+        method: Method,
+        endpoint: &'static str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Option<Value>, Error> {
+        let what = format!("{method} {endpoint}");
+        match self.send(method, endpoint, path, body).await? {
+            Ok(v) => Ok(Some(v)),
+            Err(f) if f.status == StatusCode::NOT_FOUND => Ok(None),
+            Err(f) => Err(failure_to_error(&what, f)),
+        }
+    }
+
+    pub async fn health(&self) -> Result<(), Error> {
+        self.call(Method::GET, "health", "/health", None).await.map(|_| ())
+    }
+
+    /// `POST /flows/` is an upsert by name; returns the flow id.
+    pub async fn upsert_flow(&self, name: &str) -> Result<String, Error> {
+        let v = self
+            .call(Method::POST, "flows", "/flows/", Some(&serde_json::json!({"name": name})))
+            .await?;
+        id_of(&v)
+    }
+
+    pub async fn read_deployment(&self, id: &str) -> Result<Option<Value>, Error> {
+        self.call_opt(Method::GET, "deployment", &format!("/deployments/{id}"), None)
+            .await
+    }
+
+    pub async fn read_deployment_by_name(
+        &self,
+        flow: &str,
+        name: &str,
+    ) -> Result<Option<Value>, Error> {
+        let path = format!(
+            "/deployments/name/{}/{}",
+            encode_segment(flow),
+            encode_segment(name)
+        );
+        self.call_opt(Method::GET, "deployment_by_name", &path, None)
+            .await
+    }
+
+    /// Only for a deployment known not to exist: on an existing one this endpoint is an
+    /// upsert that replaces every schedule and its scheduled runs.
+    pub async fn create_deployment(&self, body: &Value) -> Result<String, Error> {
+        let v = self
+            .call(Method::POST, "deployments", "/deployments/", Some(body))
+            .await?;
+        id_of(&v)
+    }
+
+    pub async fn update_deployment(&self, id: &str, body: &Value) -> Result<(), Error> {
+        self.call(Method::PATCH, "deployment", &format!("/deployments/{id}"), Some(body))
+            .await
+            .map(|_| ())
+    }
+
+    /// Returns false when the deployment was already gone.
+    pub async fn delete_deployment(&self, id: &str) -> Result<bool, Error> {
+        self.call_opt(Method::DELETE, "deployment", &format!("/deployments/{id}"), None)
+            .await
+            .map(|v| v.is_some())
+    }
+
+    pub async fn read_schedules(&self, deployment_id: &str) -> Result<Vec<Value>, Error> {
+        let v = self
+            .call(
+                Method::GET,
+                "schedules",
+                &format!("/deployments/{deployment_id}/schedules"),
+                None,
+            )
+            .await?;
+        Ok(v.as_array().cloned().unwrap_or_default())
+    }
+
+    pub async fn create_schedules(&self, deployment_id: &str, bodies: &[Value]) -> Result<(), Error> {
+        self.call(
+            Method::POST,
+            "schedules",
+            &format!("/deployments/{deployment_id}/schedules"),
+            Some(&Value::Array(bodies.to_vec())),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn update_schedule(&self, deployment_id: &str, schedule_id: &str, body: &Value) -> Result<(), Error> {
+        self.call(
+            Method::PATCH,
+            "schedule",
+            &format!("/deployments/{deployment_id}/schedules/{schedule_id}"),
+            Some(body),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn delete_schedule(&self, deployment_id: &str, schedule_id: &str) -> Result<(), Error> {
+        self.call_opt(
+            Method::DELETE,
+            "schedule",
+            &format!("/deployments/{deployment_id}/schedules/{schedule_id}"),
+            None,
+        )
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn create_automation(&self, body: &Value) -> Result<String, Error> {
+        let what = "POST automations";
+        match self
+            .send(Method::POST, "automations", "/automations/", Some(body))
+            .await?
+        {
+            Ok(v) => id_of(&v),
+            // The trigger itself was refused (for example a metric trigger on a server
+            // without Prefect Cloud's metrics): say so as a trigger problem.
+            Err(f) if f.status.is_client_error() && f.status != StatusCode::UNAUTHORIZED && f.status != StatusCode::FORBIDDEN => {
+                Err(Error::AutomationFailed(format!("{what}: {}: {}", f.status.as_u16(), f.summary)))
+            }
+            Err(f) => Err(failure_to_error(what, f)),
+        }
+    }
+
+    pub async fn read_automation(&self, id: &str) -> Result<Option<Value>, Error> {
+        self.call_opt(Method::GET, "automation", &format!("/automations/{id}"), None)
+            .await
+    }
+
+    /// Deletes every automation owned by `resource`. A server without the automations
+    /// API answers 404, which means there is nothing to delete.
+    pub async fn delete_owned_automations(&self, resource: &str) -> Result<(), Error> {
+        self.call_opt(
+            Method::DELETE,
+            "automations_owned_by",
+            &format!("/automations/owned-by/{}", encode_segment(resource)),
+            None,
+        )
+        .await
+        .map(|_| ())
+    }
+}
+
+fn backoff(attempt: u32) -> Duration {
+    let base = Duration::from_millis(200) * 2u32.pow(attempt.min(5));
+    base.min(Duration::from_secs(5)) + Duration::from_millis(fastrand::u64(0..100))
+}
+
+fn id_of(v: &Value) -> Result<String, Error> {
+    v.get("id")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .ok_or_else(|| Error::PrefectRejected("Prefect's answer had no id".into()))
+}
+
+fn encode_segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => out.push(b as char),
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+fn short_transport(e: &reqwest::Error) -> String {
+    let kind = if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "connection failed"
+    } else {
+        "request failed"
+    };
+    // The source chain says why (refused, DNS, TLS) without echoing bodies or headers.
+    let mut cause = String::new();
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        cause = s.to_string();
+        src = s.source();
+    }
+    let url = e.url().map(|u| format!(" ({}://{})", u.scheme(), u.host_str().unwrap_or(""))).unwrap_or_default();
+    truncate(&format!("{kind}{url}: {cause}"), 200)
+}
+
+fn failure_to_error(what: &str, f: Failure) -> Error {
+    let code = f.status.as_u16();
+    if code == 404 && f.summary.contains("Work pool") {
+        return Error::WorkPoolNotFound(f.summary);
+    }
+    let msg = format!("{what}: {code}: {}", f.summary);
+    if f.status.is_server_error() || code == 429 {
+        Error::PrefectUnreachable(msg)
+    } else {
+        Error::PrefectRejected(msg)
+    }
+}
+
+/// A one-line summary of a Prefect error body. Validation errors can be many KB (one
+/// entry per union branch): keep the first two messages, cut to 300 characters.
+fn summarize(bytes: &[u8]) -> String {
+    let Ok(v) = serde_json::from_slice::<Value>(bytes) else {
+        return truncate(String::from_utf8_lossy(bytes).trim(), 200);
+    };
+    if let Some(d) = v.get("detail").and_then(Value::as_str) {
+        return truncate(d, 300);
+    }
+    let details = v
+        .get("exception_detail")
+        .or_else(|| v.get("detail"))
+        .and_then(Value::as_array);
+    if let Some(list) = details {
+        let parts: Vec<String> = list
+            .iter()
+            .take(2)
+            .map(|e| {
+                let loc = e
+                    .get("loc")
+                    .and_then(Value::as_array)
+                    .map(|l| {
+                        l.iter()
+                            .map(|p| p.as_str().map(str::to_string).unwrap_or_else(|| p.to_string()))
+                            .collect::<Vec<_>>()
+                            .join(".")
+                    })
+                    .unwrap_or_default();
+                let msg = e.get("msg").and_then(Value::as_str).unwrap_or("invalid");
+                format!("{loc}: {msg}")
+            })
+            .collect();
+        let more = list.len().saturating_sub(2);
+        let tail = if more > 0 { format!(" (and {more} more)") } else { String::new() };
+        return truncate(&format!("{}{tail}", parts.join("; ")), 300);
+    }
+    if let Some(m) = v.get("exception_message").and_then(Value::as_str) {
+        return truncate(m, 300);
+    }
+    truncate(&v.to_string(), 200)
+}
+
+pub fn truncate(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        return s.to_string();
+    }
+    let cut: String = s.chars().take(max.saturating_sub(1)).collect();
+    format!("{cut}…")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summarize_keeps_validation_errors_short() {
+        let many: Vec<Value> = (0..50)
+            .map(|i| serde_json::json!({"loc": ["body", "schedules", i], "msg": "x".repeat(400)}))
+            .collect();
+        let body = serde_json::json!({"exception_message": "Invalid request", "exception_detail": many});
+        let s = summarize(body.to_string().as_bytes());
+        assert!(s.chars().count() <= 300, "{s}");
+        assert!(s.starts_with("body.schedules.0: xxx"), "{s}");
+    }
+
+    #[test]
+    fn summarize_handler_errors() {
+        assert_eq!(summarize(br#"{"detail":"Deployment not found"}"#), "Deployment not found");
+        assert_eq!(summarize(b"oops"), "oops");
+    }
+
+    #[test]
+    fn encode_segment_escapes_reserved() {
+        assert_eq!(encode_segment("a b/c"), "a%20b%2Fc");
+        assert_eq!(encode_segment("my-flow_1.x"), "my-flow_1.x");
+    }
+}

@@ -1,0 +1,305 @@
+//! The controller: for each PrefectDeployment, validate, resolve the server, sync to
+//! Prefect, record status; on deletion, clean up behind a finalizer.
+
+pub mod server;
+pub mod status;
+pub mod sync;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Api, Resource, ResourceExt};
+use serde_json::json;
+
+use crate::api::{reason, DeletionPolicy, PrefectDeployment, FINALIZER};
+use crate::prefect::{CallLog, PrefectClient};
+use crate::validate::{parse_go_duration, validate};
+use crate::{Error, Result};
+
+use sync::SyncState;
+
+/// Shortest drift-check interval a resource may ask for.
+const MIN_RESYNC: Duration = Duration::from_secs(10);
+const MAX_BACKOFF: Duration = Duration::from_secs(300);
+const REPORTER: &str = "prefect-operator";
+
+pub struct Context {
+    pub kube: kube::Client,
+    /// One connection pool for every Prefect server.
+    pub http: reqwest::Client,
+    pub calls: Arc<CallLog>,
+    recorder: Recorder,
+    default_resync: Duration,
+    /// Consecutive failures per object, for exponential backoff; cleared on success.
+    failures: Mutex<HashMap<ObjectRef<PrefectDeployment>, u32>>,
+    /// Generation last synced successfully and when, per object. Our own status write
+    /// comes back as a watch event; this lets that echo skip the Prefect round trip.
+    synced: Mutex<HashMap<ObjectRef<PrefectDeployment>, (i64, Instant)>>,
+}
+
+impl Context {
+    pub fn new(kube: kube::Client, default_resync: Duration) -> Self {
+        Self {
+            recorder: Recorder::new(kube.clone(), Reporter::from(REPORTER)),
+            kube,
+            http: crate::prefect::http_client(),
+            calls: Arc::new(CallLog::default()),
+            default_resync,
+            failures: Mutex::default(),
+            synced: Mutex::default(),
+        }
+    }
+
+    fn resync_for(&self, obj: &PrefectDeployment) -> Duration {
+        obj.spec
+            .interval
+            .as_deref()
+            .and_then(|i| parse_go_duration(i).ok())
+            .map(|d| d.max(MIN_RESYNC))
+            .unwrap_or(self.default_resync)
+    }
+
+    async fn event(&self, obj: &PrefectDeployment, type_: EventType, reason: &str, note: String, action: &str) {
+        let ev = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(crate::prefect::truncate(&note, 1000)),
+            action: action.into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&ev, &obj.object_ref(&())).await {
+            tracing::warn!(error = %e, "could not publish event");
+        }
+    }
+}
+
+/// Options for `run`.
+pub struct RunOptions {
+    pub namespace: Option<String>,
+    pub concurrency: u16,
+    pub default_resync: Duration,
+}
+
+/// Runs the controller until SIGTERM/SIGINT.
+pub async fn run(kube: kube::Client, opts: RunOptions) -> std::result::Result<(), String> {
+    let api: Api<PrefectDeployment> = match &opts.namespace {
+        Some(ns) => Api::namespaced(kube.clone(), ns),
+        None => Api::all(kube.clone()),
+    };
+    if let Err(e) = api.list(&kube::api::ListParams::default().limit(1)).await {
+        return Err(format!(
+            "cannot list PrefectDeployments ({e}). Is the CRD installed? Install it with: kubectl apply --server-side -f crds/prefectdeployments.prefect.io.yaml (or `prefect-operator crd | kubectl apply --server-side -f -`)"
+        ));
+    }
+    let ctx = Arc::new(Context::new(kube, opts.default_resync));
+    controller(api, ctx, opts.concurrency).await;
+    Ok(())
+}
+
+/// The controller loop over `api`, with a caller-supplied context (tests use this).
+pub async fn controller(api: Api<PrefectDeployment>, ctx: Arc<Context>, concurrency: u16) {
+    Controller::new(api, watcher::Config::default().any_semantic())
+        .with_config(ControllerConfig::default().concurrency(concurrency))
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                tracing::debug!(error = %e, "reconcile did not complete");
+            }
+        })
+        .await;
+}
+
+fn jitter(d: Duration) -> Duration {
+    // +-10% so resources created together do not resync together forever.
+    let f = 0.9 + fastrand::f64() * 0.2;
+    d.mul_f64(f)
+}
+
+#[tracing::instrument(skip_all, fields(namespace = obj.namespace().unwrap_or_default(), name = obj.name_any()))]
+pub async fn reconcile(obj: Arc<PrefectDeployment>, ctx: Arc<Context>) -> Result<Action> {
+    let started = Instant::now();
+    let oref = ObjectRef::from_obj(&*obj);
+    let result = reconcile_inner(&obj, &ctx).await;
+    match &result {
+        Ok(_) => {
+            ctx.failures.lock().expect("lock").remove(&oref);
+            tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, "reconciled");
+        }
+        Err(e) => tracing::warn!(category = e.category(), error = %e, "reconcile failed"),
+    }
+    result
+}
+
+pub fn error_policy(obj: Arc<PrefectDeployment>, _err: &Error, ctx: Arc<Context>) -> Action {
+    let oref = ObjectRef::from_obj(&*obj);
+    let mut failures = ctx.failures.lock().expect("lock");
+    let n = failures.entry(oref).or_insert(0);
+    *n = n.saturating_add(1);
+    let delay = Duration::from_secs(2)
+        .saturating_mul(2u32.saturating_pow((*n - 1).min(10)))
+        .min(MAX_BACKOFF);
+    Action::requeue(jitter(delay))
+}
+
+async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Action> {
+    let ns = obj.namespace().unwrap_or_default();
+    let api: Api<PrefectDeployment> = Api::namespaced(ctx.kube.clone(), &ns);
+    let oref = ObjectRef::from_obj(obj);
+
+    if obj.meta().deletion_timestamp.is_some() {
+        ctx.synced.lock().expect("lock").remove(&oref);
+        return finalize(obj, ctx, &api).await;
+    }
+    if !obj.finalizers().iter().any(|f| f == FINALIZER) {
+        add_finalizer(obj, &api).await?;
+    }
+
+    let generation = obj.meta().generation;
+    let name = obj.deployment_name();
+    let uid = obj.uid().unwrap_or_default();
+    let old = obj.status.as_ref();
+    let resync = ctx.resync_for(obj);
+
+    if let Err(problem) = validate(&obj.spec, &obj.name_any()) {
+        let msg = problem.to_string();
+        let state = status::state_of(old);
+        report_failure(obj, ctx, &api, &state, &Error::InvalidSpec(msg)).await?;
+        // A person has to change the spec; the next generation wakes us.
+        return Ok(Action::await_change());
+    }
+
+    // Our own finalizer and status writes come back as watch events for the same
+    // generation, possibly before the cache shows the new status. The spec is unchanged
+    // since the last successful pass, so there is nothing to do until the resync is due.
+    let last = ctx.synced.lock().expect("lock").get(&oref).copied();
+    if let (Some(g), Some((synced_gen, at))) = (generation, last) {
+        if synced_gen == g && at.elapsed() < resync {
+            return Ok(Action::requeue(resync.saturating_sub(at.elapsed())));
+        }
+    }
+
+    let mut state = status::state_of(old);
+    let mut changes = Vec::new();
+    let outcome = async {
+        let client = prefect_client(obj, ctx, &ns).await?;
+        sync::apply(&client, &obj.spec, &name, &uid, &mut state, &mut changes).await?;
+        Ok::<_, Error>(client.base_url().to_string())
+    }
+    .await;
+
+    for c in &changes {
+        ctx.event(obj, EventType::Normal, c.reason(), c.message(), "Sync").await;
+    }
+    match outcome {
+        Ok(base) => {
+            let message = format!("Deployment {name} is applied in Prefect at {base}");
+            let cond = status::ready(old, true, reason::SYNCED, &message, generation);
+            status::write(&api, obj, &status::build(&state, cond, generation)).await?;
+            if let Some(g) = generation {
+                ctx.synced.lock().expect("lock").insert(oref, (g, Instant::now()));
+            }
+            Ok(Action::requeue(jitter(resync)))
+        }
+        Err(e) => {
+            ctx.synced.lock().expect("lock").remove(&oref);
+            report_failure(obj, ctx, &api, &state, &e).await?;
+            Err(e)
+        }
+    }
+}
+
+async fn prefect_client(obj: &PrefectDeployment, ctx: &Context, ns: &str) -> Result<PrefectClient> {
+    let base = server::base_url(&obj.spec.server, ns);
+    let auth = server::credentials(&ctx.kube, ns, &obj.spec.server).await?;
+    Ok(PrefectClient::new(ctx.http.clone(), &base, auth, ctx.calls.clone()))
+}
+
+/// Ready=False with the error's reason; a Warning event when the reason or message is
+/// new (a repeated failure does not repeat the event).
+async fn report_failure(
+    obj: &PrefectDeployment,
+    ctx: &Context,
+    api: &Api<PrefectDeployment>,
+    state: &SyncState,
+    e: &Error,
+) -> Result<()> {
+    let generation = obj.meta().generation;
+    let old = obj.status.as_ref();
+    let message = e.to_string();
+    let cond = status::ready(old, false, e.reason(), &message, generation);
+    let previous = old.and_then(|s| s.conditions.iter().find(|c| c.type_ == status::READY));
+    let is_new = previous.is_none_or(|p| p.reason != cond.reason || p.message != cond.message);
+    if is_new {
+        ctx.event(obj, EventType::Warning, e.reason(), message, "Sync").await;
+    }
+    status::write(api, obj, &status::build(state, cond, generation)).await?;
+    Ok(())
+}
+
+/// Finalizer edits are merge patches carrying the resourceVersion they were computed
+/// from, so a concurrent change to the list makes the patch fail (and retry) instead of
+/// being overwritten.
+async fn set_finalizers(obj: &PrefectDeployment, api: &Api<PrefectDeployment>, list: Vec<String>) -> Result<()> {
+    let patch = json!({"metadata": {"resourceVersion": obj.resource_version(), "finalizers": list}});
+    match api.patch(&obj.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await {
+        Ok(_) => Ok(()),
+        // Already gone: the object was deleted once the last finalizer went.
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn add_finalizer(obj: &PrefectDeployment, api: &Api<PrefectDeployment>) -> Result<()> {
+    let mut list = obj.finalizers().to_vec();
+    list.push(FINALIZER.to_string());
+    set_finalizers(obj, api, list).await
+}
+
+async fn remove_finalizer(obj: &PrefectDeployment, api: &Api<PrefectDeployment>) -> Result<()> {
+    let list = obj.finalizers().iter().filter(|f| *f != FINALIZER).cloned().collect();
+    set_finalizers(obj, api, list).await
+}
+
+async fn finalize(obj: &PrefectDeployment, ctx: &Context, api: &Api<PrefectDeployment>) -> Result<Action> {
+    if !obj.finalizers().iter().any(|f| f == FINALIZER) {
+        return Ok(Action::await_change());
+    }
+    let ns = obj.namespace().unwrap_or_default();
+    if obj.deletion_policy() == DeletionPolicy::Delete {
+        let state = status::state_of(obj.status.as_ref());
+        let result = async {
+            let client = prefect_client(obj, ctx, &ns).await?;
+            sync::delete(&client, &obj.spec, &obj.deployment_name(), &obj.uid().unwrap_or_default(), &state).await
+        }
+        .await;
+        match result {
+            Ok(Some(id)) => {
+                ctx.event(obj, EventType::Normal, "Deleted", format!("Deleted Prefect deployment {id} and its automations"), "Delete").await;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                let generation = obj.meta().generation;
+                let msg = format!("Could not delete the Prefect deployment, will retry: {e}");
+                let cond = status::ready(obj.status.as_ref(), false, reason::CLEANUP_FAILED, &msg, generation);
+                let previous = obj.status.as_ref().and_then(|s| s.conditions.iter().find(|c| c.type_ == status::READY));
+                if previous.is_none_or(|p| p.message != cond.message) {
+                    ctx.event(obj, EventType::Warning, reason::CLEANUP_FAILED, msg, "Delete").await;
+                }
+                status::write(api, obj, &status::build(&state, cond, generation)).await?;
+                return Err(e);
+            }
+        }
+    } else {
+        ctx.event(obj, EventType::Normal, "Orphaned", "deletionPolicy is Orphan: the Prefect deployment is left in place".into(), "Delete").await;
+    }
+    remove_finalizer(obj, api).await?;
+    Ok(Action::await_change())
+}

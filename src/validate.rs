@@ -1,0 +1,651 @@
+//! Pure validation of a `PrefectDeploymentSpec`: no network, no clock. Returns the first
+//! problem with the path of the field it is about, so a person can fix it from the
+//! condition message alone.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::api::{
+    DeploymentSpec, Posture, PrefectDeploymentSpec, Schedule, SecretValue, ServerSpec, Trigger,
+    TriggerCondition, TriggerType,
+};
+
+/// The longest rrule Prefect stores.
+pub const MAX_RRULE_LEN: usize = 6500;
+/// Characters Prefect refuses in flow and deployment names.
+const BANNED_NAME_CHARS: [char; 5] = ['/', '%', '&', '>', '<'];
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+type Check = Result<(), Problem>;
+
+fn problem(field: impl Into<String>, message: impl Into<String>) -> Problem {
+    Problem {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// Validates the whole spec; `resource_name` stands in for an unset deployment name.
+pub fn validate(spec: &PrefectDeploymentSpec, resource_name: &str) -> Check {
+    server(&spec.server)?;
+    if spec.work_pool.name.trim().is_empty() {
+        return Err(problem("spec.workPool.name", "must not be empty"));
+    }
+    if let Some(interval) = &spec.interval {
+        parse_go_duration(interval).map_err(|m| problem("spec.interval", m))?;
+    }
+    deployment(&spec.deployment, resource_name)
+}
+
+fn server(s: &ServerSpec) -> Check {
+    let cloud = s.account_id.is_some() || s.workspace_id.is_some();
+    if cloud && (s.account_id.as_deref().unwrap_or("").is_empty() || s.workspace_id.as_deref().unwrap_or("").is_empty()) {
+        return Err(problem(
+            "spec.server",
+            "accountId and workspaceId must be set together",
+        ));
+    }
+    if let Some(url) = &s.remote_api_url {
+        if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() < 10 {
+            return Err(problem(
+                "spec.server.remoteApiUrl",
+                format!("{url:?} is not an http(s) URL"),
+            ));
+        }
+    } else if !cloud && s.name.as_deref().unwrap_or("").is_empty() {
+        return Err(problem(
+            "spec.server",
+            "set remoteApiUrl, accountId and workspaceId (Prefect Cloud), or name (an in-cluster server)",
+        ));
+    }
+    if s.api_key.is_some() && s.auth_string.is_some() {
+        return Err(problem(
+            "spec.server",
+            "set apiKey or authString, not both",
+        ));
+    }
+    if let Some(k) = &s.api_key {
+        secret_value(k, "spec.server.apiKey")?;
+    }
+    if let Some(k) = &s.auth_string {
+        secret_value(k, "spec.server.authString")?;
+        if let Some(v) = &k.value {
+            if !v.contains(':') {
+                return Err(problem(
+                    "spec.server.authString.value",
+                    "must have the form user:password",
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn secret_value(v: &SecretValue, field: &str) -> Check {
+    match (&v.value, &v.value_from) {
+        (Some(_), Some(_)) => Err(problem(field, "set either value or valueFrom, not both")),
+        (None, None) => Err(problem(field, "set value or valueFrom")),
+        (Some(_), None) => Ok(()),
+        (None, Some(from)) => {
+            let r = match (&from.secret_key_ref, &from.config_map_key_ref) {
+                (Some(r), None) => r,
+                (None, Some(r)) => r,
+                _ => {
+                    return Err(problem(
+                        format!("{field}.valueFrom"),
+                        "set exactly one of secretKeyRef or configMapKeyRef",
+                    ))
+                }
+            };
+            if r.name.as_deref().unwrap_or("").is_empty() || r.key.is_empty() {
+                return Err(problem(
+                    format!("{field}.valueFrom"),
+                    "name and key must not be empty",
+                ));
+            }
+            Ok(())
+        }
+    }
+}
+
+fn name_check(field: &str, name: &str) -> Check {
+    if name.trim().is_empty() {
+        return Err(problem(field, "must not be empty"));
+    }
+    if let Some(c) = name.chars().find(|c| BANNED_NAME_CHARS.contains(c)) {
+        return Err(problem(
+            field,
+            format!("{name:?} contains {c:?}, which Prefect does not allow in names"),
+        ));
+    }
+    Ok(())
+}
+
+fn object_check(field: &str, v: &Option<Value>) -> Check {
+    match v {
+        Some(v) if !v.is_object() => Err(problem(field, "must be an object")),
+        _ => Ok(()),
+    }
+}
+
+fn deployment(d: &DeploymentSpec, resource_name: &str) -> Check {
+    let name = d.name.as_deref().unwrap_or(resource_name);
+    name_check("spec.deployment.name", name)?;
+    entrypoint(&d.entrypoint)?;
+    if let Some(flow) = &d.flow_name {
+        name_check("spec.deployment.flow_name", flow)?;
+    }
+    object_check("spec.deployment.parameters", &d.parameters)?;
+    object_check("spec.deployment.jobVariables", &d.job_variables)?;
+    object_check(
+        "spec.deployment.parameterOpenApiSchema",
+        &d.parameter_open_api_schema,
+    )?;
+    if let Some(steps) = &d.pull_steps {
+        if let Some(i) = steps.iter().position(|s| !s.is_object()) {
+            return Err(problem(
+                format!("spec.deployment.pullSteps[{i}]"),
+                "must be an object",
+            ));
+        }
+    }
+    if let Some(limit) = d.concurrency_limit {
+        if limit < 1 {
+            return Err(problem(
+                "spec.deployment.concurrencyLimit",
+                "must be at least 1",
+            ));
+        }
+    }
+    if let Some(g) = &d.global_concurrency_limit {
+        if let Some(limit) = g.limit {
+            if limit < 1 {
+                return Err(problem(
+                    "spec.deployment.globalConcurrencyLimit.limit",
+                    "must be at least 1",
+                ));
+            }
+        }
+        if let Some(s) = &g.collision_strategy {
+            if s != "ENQUEUE" && s != "CANCEL_NEW" {
+                return Err(problem(
+                    "spec.deployment.globalConcurrencyLimit.collisionStrategy",
+                    format!("{s:?} is not ENQUEUE or CANCEL_NEW"),
+                ));
+            }
+        }
+    }
+    let mut slugs = HashSet::new();
+    for (i, s) in d.schedules.iter().flatten().enumerate() {
+        let field = format!("spec.deployment.schedules[{i}]");
+        if !slugs.insert(s.slug.as_str()) {
+            return Err(problem(
+                format!("{field}.slug"),
+                format!("{:?} is used by an earlier schedule; slugs must be unique", s.slug),
+            ));
+        }
+        schedule(s, &field)?;
+    }
+    for (i, t) in d.triggers.iter().flatten().enumerate() {
+        trigger(t, &format!("spec.deployment.triggers[{i}]"))?;
+    }
+    Ok(())
+}
+
+fn entrypoint(e: &str) -> Check {
+    let field = "spec.deployment.entrypoint";
+    let Some((path, func)) = e.rsplit_once(':') else {
+        return Err(problem(
+            field,
+            format!("{e:?} must have the form path/to/file.py:function"),
+        ));
+    };
+    if path.trim().is_empty() {
+        return Err(problem(field, format!("{e:?} has no path before ':'")));
+    }
+    if !func.split('.').all(is_identifier) {
+        return Err(problem(
+            field,
+            format!("{func:?} after ':' is not a Python function name"),
+        ));
+    }
+    Ok(())
+}
+
+fn is_identifier(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c == '_' || c.is_alphabetic())
+        && chars.all(|c| c == '_' || c.is_alphanumeric())
+}
+
+fn schedule(s: &Schedule, field: &str) -> Check {
+    if s.slug.trim().is_empty() {
+        return Err(problem(format!("{field}.slug"), "must not be empty"));
+    }
+    let kinds = [s.interval.is_some(), s.cron.is_some(), s.rrule.is_some()]
+        .iter()
+        .filter(|k| **k)
+        .count();
+    if kinds != 1 {
+        return Err(problem(
+            field,
+            "set exactly one of interval, cron or rrule",
+        ));
+    }
+    if let Some(tz) = &s.timezone {
+        timezone(tz).map_err(|m| problem(format!("{field}.timezone"), m))?;
+    }
+    if let Some(n) = s.max_scheduled_runs {
+        if !(1..=50).contains(&n) {
+            return Err(problem(
+                format!("{field}.max_scheduled_runs"),
+                "must be between 1 and 50",
+            ));
+        }
+    }
+    object_check(&format!("{field}.parameters"), &s.parameters)?;
+    if let Some(interval) = s.interval {
+        if interval <= 0 {
+            return Err(problem(
+                format!("{field}.interval"),
+                "must be a positive number of seconds",
+            ));
+        }
+        if let Some(anchor) = &s.anchor_date {
+            parse_anchor_date(anchor).map_err(|m| problem(format!("{field}.anchor_date"), m))?;
+        }
+    }
+    if let Some(cron) = &s.cron {
+        cron_expression(cron).map_err(|m| problem(format!("{field}.cron"), m))?;
+    }
+    if let Some(rrule) = &s.rrule {
+        rrule_expression(rrule).map_err(|m| problem(format!("{field}.rrule"), m))?;
+    }
+    Ok(())
+}
+
+pub fn timezone(tz: &str) -> Result<chrono_tz::Tz, String> {
+    chrono_tz::Tz::from_str(tz).map_err(|_| format!("{tz:?} is not an IANA time zone name"))
+}
+
+/// RFC 3339, or a date-time without offset (which Prefect reads as UTC).
+pub fn parse_anchor_date(s: &str) -> Result<chrono::DateTime<chrono::FixedOffset>, String> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+        return Ok(t);
+    }
+    for fmt in ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%d"] {
+        if let Ok(t) = chrono::NaiveDateTime::parse_from_str(s, fmt) {
+            return Ok(t.and_utc().fixed_offset());
+        }
+        if let Ok(d) = chrono::NaiveDate::parse_from_str(s, fmt) {
+            return Ok(d.and_hms_opt(0, 0, 0).unwrap().and_utc().fixed_offset());
+        }
+    }
+    Err(format!(
+        "{s:?} is not a date-time; use RFC 3339, e.g. 2024-01-01T00:00:00Z"
+    ))
+}
+
+/// Cron as Prefect (croniter) reads it: five fields or a macro. Six fields are refused:
+/// Prefect accepts them but reads the sixth as seconds, which fires far more often than
+/// anyone writing them means.
+pub fn cron_expression(expr: &str) -> Result<(), String> {
+    let trimmed = expr.trim();
+    if trimmed.starts_with('@') {
+        return match trimmed {
+            "@yearly" | "@annually" | "@monthly" | "@weekly" | "@daily" | "@midnight"
+            | "@hourly" => Ok(()),
+            _ => Err(format!("{trimmed:?} is not a known cron macro")),
+        };
+    }
+    let fields: Vec<&str> = trimmed.split_whitespace().collect();
+    match fields.len() {
+        5 => {}
+        6 => {
+            return Err(format!(
+                "{trimmed:?} has 6 fields; Prefect would read the last one as seconds. Use 5 fields: minute hour day-of-month month day-of-week"
+            ))
+        }
+        n => {
+            return Err(format!(
+                "{trimmed:?} has {n} fields; expected 5: minute hour day-of-month month day-of-week"
+            ))
+        }
+    }
+    const MONTHS: [&str; 12] = [
+        "jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec",
+    ];
+    const DAYS: [&str; 7] = ["sun", "mon", "tue", "wed", "thu", "fri", "sat"];
+    let specs: [(&str, u32, u32, &[&str], u32); 5] = [
+        ("minute", 0, 59, &[], 0),
+        ("hour", 0, 23, &[], 0),
+        ("day-of-month", 1, 31, &[], 0),
+        ("month", 1, 12, &MONTHS, 1),
+        ("day-of-week", 0, 7, &DAYS, 0),
+    ];
+    for (i, (field, (name, lo, hi, names, name_base))) in fields.iter().zip(specs).enumerate() {
+        for item in field.split(',') {
+            cron_item(item, i, lo, hi, names, name_base)
+                .map_err(|m| format!("{name} field {field:?}: {m}"))?;
+        }
+    }
+    Ok(())
+}
+
+fn cron_item(item: &str, pos: usize, lo: u32, hi: u32, names: &[&str], base: u32) -> Result<(), String> {
+    let value = |s: &str| -> Result<u32, String> {
+        if let Ok(n) = s.parse::<u32>() {
+            return if (lo..=hi).contains(&n) {
+                Ok(n)
+            } else {
+                Err(format!("{n} is outside {lo}-{hi}"))
+            };
+        }
+        names
+            .iter()
+            .position(|n| n.eq_ignore_ascii_case(s))
+            .map(|p| p as u32 + base)
+            .ok_or_else(|| format!("{s:?} is not a number in {lo}-{hi}"))
+    };
+    if item.is_empty() {
+        return Err("empty list item".into());
+    }
+    // Day-of-month: `L` (last day). Day-of-week: `5L` (last Friday), `1#2` (second Monday).
+    if pos == 2 && item.eq_ignore_ascii_case("l") {
+        return Ok(());
+    }
+    if pos == 4 {
+        if let Some((d, n)) = item.split_once('#') {
+            value(d)?;
+            return match n.parse::<u32>() {
+                Ok(1..=5) => Ok(()),
+                _ => Err(format!("{item:?}: the number after # must be 1-5")),
+            };
+        }
+        if let Some(d) = item.strip_suffix(['L', 'l']) {
+            if !d.is_empty() {
+                value(d)?;
+                return Ok(());
+            }
+        }
+    }
+    let range = match item.split_once('/') {
+        Some((r, s)) => match s.parse::<u32>() {
+            Ok(n) if n > 0 => r,
+            _ => return Err(format!("{item:?}: step must be a positive number")),
+        },
+        None => item,
+    };
+    if range == "*" || range == "?" {
+        return Ok(());
+    }
+    match range.split_once('-') {
+        Some((a, b)) => {
+            let (a, b) = (value(a)?, value(b)?);
+            // croniter accepts wrap-around ranges only for day-of-week
+            if a > b && pos != 4 {
+                return Err(format!("range {range:?} runs backwards"));
+            }
+        }
+        None => {
+            value(range)?;
+        }
+    }
+    Ok(())
+}
+
+/// An RFC 5545 recurrence rule as Prefect (dateutil) reads it: with or without an
+/// `RRULE:` prefix and a DTSTART line.
+pub fn rrule_expression(rule: &str) -> Result<(), String> {
+    if rule.len() > MAX_RRULE_LEN {
+        return Err(format!(
+            "is {} characters; Prefect allows at most {MAX_RRULE_LEN}",
+            rule.len()
+        ));
+    }
+    let text = normalize_rrule(rule);
+    rrule::RRuleSet::from_str(&text)
+        .map(|_| ())
+        .map_err(|e| format!("{rule:?} is not a valid RFC 5545 rule: {e}"))
+}
+
+/// Adds what the `rrule` crate needs but Prefect does not: an `RRULE:` property name
+/// and a DTSTART.
+pub fn normalize_rrule(rule: &str) -> String {
+    let mut lines: Vec<String> = Vec::new();
+    for line in rule.trim().lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if line.contains(':') {
+            lines.push(line.to_string());
+        } else {
+            lines.push(format!("RRULE:{line}"));
+        }
+    }
+    if !lines.iter().any(|l| l.to_ascii_uppercase().starts_with("DTSTART")) {
+        lines.insert(0, "DTSTART:20200101T000000Z".to_string());
+    }
+    lines.join("\n")
+}
+
+fn trigger(t: &Trigger, field: &str) -> Check {
+    if let Some(n) = &t.name {
+        if n.trim().is_empty() {
+            return Err(problem(format!("{field}.name"), "must not be empty when set"));
+        }
+    }
+    object_check(&format!("{field}.parameters"), &t.parameters)?;
+    object_check(&format!("{field}.jobVariables"), &t.job_variables)?;
+    if let Some(s) = t.schedule_after {
+        if s < 0 {
+            return Err(problem(format!("{field}.scheduleAfter"), "must be 0 or more seconds"));
+        }
+    }
+    let kind = t.condition.type_.unwrap_or(TriggerType::Event);
+    match kind {
+        TriggerType::Event | TriggerType::Metric => {
+            if t.triggers.is_some() || t.require.is_some() {
+                return Err(problem(
+                    field,
+                    "triggers and require are only for compound and sequence triggers",
+                ));
+            }
+            condition(&t.condition, field)
+        }
+        TriggerType::Compound | TriggerType::Sequence => {
+            let c = &t.condition;
+            if c.posture.is_some() || c.match_.is_some() || c.match_related.is_some() || c.after.is_some()
+                || c.expect.is_some() || c.for_each.is_some() || c.threshold.is_some() || c.metric.is_some()
+            {
+                return Err(problem(
+                    field,
+                    "a compound or sequence trigger takes only within, triggers (and require); put event fields on its child triggers",
+                ));
+            }
+            let children = t.triggers.as_deref().unwrap_or_default();
+            if children.is_empty() {
+                return Err(problem(
+                    format!("{field}.triggers"),
+                    "a compound or sequence trigger needs at least one child trigger",
+                ));
+            }
+            match c.within {
+                None => {
+                    return Err(problem(
+                        format!("{field}.within"),
+                        "is required for compound and sequence triggers",
+                    ))
+                }
+                Some(w) if w < 0 => {
+                    return Err(problem(format!("{field}.within"), "must be 0 or more seconds"))
+                }
+                _ => {}
+            }
+            if kind == TriggerType::Sequence && t.require.is_some() {
+                return Err(problem(
+                    format!("{field}.require"),
+                    "is only for compound triggers",
+                ));
+            }
+            if let Some(r) = &t.require {
+                require(r, children.len()).map_err(|m| problem(format!("{field}.require"), m))?;
+            }
+            for (i, child) in children.iter().enumerate() {
+                let cf = format!("{field}.triggers[{i}]");
+                match child.type_.unwrap_or(TriggerType::Event) {
+                    TriggerType::Event | TriggerType::Metric => condition(child, &cf)?,
+                    _ => {
+                        return Err(problem(
+                            format!("{cf}.type"),
+                            "child triggers must be event or metric triggers",
+                        ))
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn require(r: &Value, children: usize) -> Result<(), String> {
+    let ok = match r {
+        Value::String(s) if s == "any" || s == "all" => true,
+        Value::Number(n) => matches!(n.as_u64(), Some(k) if k >= 1 && k as usize <= children),
+        Value::String(s) => matches!(s.parse::<u64>(), Ok(k) if k >= 1 && k as usize <= children),
+        _ => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{r} must be between 1 and {children} (the number of child triggers), any or all"
+        ))
+    }
+}
+
+fn condition(c: &TriggerCondition, field: &str) -> Check {
+    let kind = c.type_.unwrap_or(TriggerType::Event);
+    object_check(&format!("{field}.match"), &c.match_)?;
+    if let Some(related) = &c.match_related {
+        let ok = related.is_object()
+            || related.as_array().is_some_and(|a| a.iter().all(Value::is_object));
+        if !ok {
+            return Err(problem(
+                format!("{field}.matchRelated"),
+                "must be an object or a list of objects",
+            ));
+        }
+    }
+    if let Some(w) = c.within {
+        if w < 0 {
+            return Err(problem(format!("{field}.within"), "must be 0 or more seconds"));
+        }
+    }
+    match kind {
+        TriggerType::Event => {
+            if c.metric.is_some() {
+                return Err(problem(
+                    format!("{field}.metric"),
+                    "is only for metric triggers (set type: metric)",
+                ));
+            }
+            if let Some(t) = c.threshold {
+                if t < 1 {
+                    return Err(problem(format!("{field}.threshold"), "must be at least 1"));
+                }
+            }
+            if c.posture == Some(Posture::Proactive) && c.within.unwrap_or(0) < 10 {
+                return Err(problem(
+                    format!("{field}.within"),
+                    "a Proactive trigger needs within of at least 10 seconds",
+                ));
+            }
+            Ok(())
+        }
+        TriggerType::Metric => {
+            let Some(m) = &c.metric else {
+                return Err(problem(
+                    format!("{field}.metric"),
+                    "is required for metric triggers",
+                ));
+            };
+            if c.posture.is_some() || c.after.is_some() || c.expect.is_some() || c.threshold.is_some() || c.within.is_some() {
+                return Err(problem(
+                    field,
+                    "a metric trigger takes metric, match and matchRelated only",
+                ));
+            }
+            if !["lateness", "duration", "successes"].contains(&m.name.as_str()) {
+                return Err(problem(
+                    format!("{field}.metric.name"),
+                    format!("{:?} is not lateness, duration or successes", m.name),
+                ));
+            }
+            if !["<", "<=", ">", ">="].contains(&m.operator.as_str()) {
+                return Err(problem(
+                    format!("{field}.metric.operator"),
+                    format!("{:?} is not <, <=, > or >=", m.operator),
+                ));
+            }
+            for (name, v) in [("range", m.range), ("firingFor", m.firing_for)] {
+                if let Some(v) = v {
+                    if v < 300 {
+                        return Err(problem(
+                            format!("{field}.metric.{name}"),
+                            "must be at least 300 seconds",
+                        ));
+                    }
+                }
+            }
+            Ok(())
+        }
+        _ => unreachable!("callers pass event or metric conditions"),
+    }
+}
+
+/// Parses a Go-style duration (`90s`, `5m`, `1h30m`, `500ms`), as PrefectHQ's operator
+/// accepts for spec.interval.
+pub fn parse_go_duration(s: &str) -> Result<Duration, String> {
+    let err = || format!("{s:?} is not a duration such as 30s, 5m or 1h30m");
+    let mut rest = s.trim();
+    if rest.is_empty() {
+        return Err(err());
+    }
+    let mut total = Duration::ZERO;
+    while !rest.is_empty() {
+        let num_end = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(err)?;
+        let (num, tail) = rest.split_at(num_end);
+        let n: f64 = num.parse().map_err(|_| err())?;
+        let unit_end = tail
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(tail.len());
+        let (unit, tail) = tail.split_at(unit_end);
+        let secs = match unit {
+            "ns" => 1e-9,
+            "us" | "µs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return Err(err()),
+        };
+        total += Duration::from_secs_f64(n * secs);
+        rest = tail;
+    }
+    Ok(total)
+}
