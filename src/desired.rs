@@ -35,6 +35,24 @@ pub struct DesiredSchedule {
     pub body: Value,
 }
 
+/// The value Prefect reports for a `DeploymentUpdate` field, comparable with what we
+/// would write, or `None` where the server does not report it back (so it cannot be
+/// compared). Prefect 3 turns `concurrency_limit` into a global concurrency limit and
+/// reports it there; the open-source server accepts `version_info` but does not keep it.
+pub fn observed_field<'a>(actual: &'a Value, key: &str) -> Option<&'a Value> {
+    let v = actual.get(key).unwrap_or(&Value::Null);
+    match key {
+        "concurrency_limit" if v.is_null() => Some(
+            actual
+                .get("global_concurrency_limit")
+                .and_then(|g| g.get("limit"))
+                .unwrap_or(&Value::Null),
+        ),
+        "version_info" if v.is_null() => None,
+        _ => Some(v),
+    }
+}
+
 /// Prefect's default flow name: the function name with `_` replaced by `-`.
 pub fn flow_name(d: &DeploymentSpec) -> String {
     if let Some(name) = &d.flow_name {
@@ -74,10 +92,14 @@ pub fn deployment(spec: &PrefectDeploymentSpec, name: &str, owner_uid: &str) -> 
         "parameter_openapi_schema".into(),
         d.parameter_open_api_schema.clone().unwrap_or(Value::Null),
     );
-    // Prefect's own default is to enforce.
+    // Prefect enforces by default, but refuses any parameter change on an enforcing
+    // deployment that has no schema; without a schema there is nothing to enforce.
     f.insert(
         "enforce_parameter_schema".into(),
-        Value::Bool(d.enforce_parameter_schema.unwrap_or(true)),
+        Value::Bool(
+            d.enforce_parameter_schema
+                .unwrap_or(d.parameter_open_api_schema.is_some()),
+        ),
     );
     f.insert(
         "job_variables".into(),
@@ -130,16 +152,13 @@ pub fn deployment(spec: &PrefectDeploymentSpec, name: &str, owner_uid: &str) -> 
 }
 
 impl DesiredDeployment {
-    /// The `POST /deployments/` body for a first create.
+    /// The `POST /deployments/` body for a first create. Schedules are not in it: that
+    /// endpoint drops `max_scheduled_runs`, the schedules sub-resource keeps it.
     pub fn create_body(&self, flow_id: &str) -> Value {
         let mut body = self.fields.clone();
         body.insert("name".into(), Value::String(self.name.clone()));
         body.insert("flow_id".into(), Value::String(flow_id.into()));
         body.insert("labels".into(), Value::Object(self.labels.clone()));
-        body.insert(
-            "schedules".into(),
-            Value::Array(self.schedules.iter().map(|s| s.body.clone()).collect()),
-        );
         Value::Object(body)
     }
 }

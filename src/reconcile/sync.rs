@@ -129,6 +129,13 @@ pub async fn apply(
             None
         }
     };
+    if existing.is_none() {
+        let id = state.deployment_id.clone().expect("set by create");
+        let bodies: Vec<Value> = want.schedules.iter().map(|s| s.body.clone()).collect();
+        if !bodies.is_empty() {
+            client.create_schedules(&id, &bodies).await?;
+        }
+    }
 
     if let Some(actual) = existing {
         let id = str_field(&actual, "id");
@@ -169,7 +176,8 @@ async fn update_fields(
 ) -> Result<()> {
     let mut patch = Map::new();
     for (key, value) in &want.fields {
-        if !same(value, actual.get(key).unwrap_or(&Value::Null)) {
+        let differs = desired::observed_field(actual, key).is_some_and(|a| !same(value, a));
+        if differs {
             patch.insert(key.clone(), value.clone());
         }
     }

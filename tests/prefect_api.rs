@@ -1,0 +1,404 @@
+//! The Prefect side of reconciling, against a real Prefect 3.9.1 server: every client
+//! call, and `sync::apply` / `sync::delete` through create, no-op, updates, drift,
+//! conflicts and deletion. Assertions read Prefect back with plain HTTP.
+
+mod support;
+
+use std::sync::Arc;
+
+use prefect_operator::api::PrefectDeploymentSpec;
+use prefect_operator::prefect::{http_client, Auth, CallLog, PrefectClient};
+use prefect_operator::reconcile::sync::{self, Change, SyncState};
+use prefect_operator::Error;
+use serde_json::{json, Value};
+use support::{unique, PrefectServer};
+
+struct Env {
+    url: String,
+    raw: reqwest::Client,
+    calls: Arc<CallLog>,
+    client: PrefectClient,
+}
+
+impl Env {
+    async fn new() -> Env {
+        support::install_crypto();
+        let server = PrefectServer::shared();
+        let calls = Arc::new(CallLog::default());
+        let client = PrefectClient::new(http_client(), &server.url, None, calls.clone());
+        Env { url: server.url.clone(), raw: reqwest::Client::new(), calls, client }
+    }
+
+    async fn get(&self, path: &str) -> (u16, Value) {
+        let r = self.raw.get(format!("{}{path}", self.url)).send().await.unwrap();
+        let code = r.status().as_u16();
+        (code, r.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        let r = self.raw.post(format!("{}{path}", self.url)).json(&body).send().await.unwrap();
+        let code = r.status().as_u16();
+        (code, r.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn work_pool(&self) -> String {
+        let name = unique("pool");
+        let (code, _) = self.post("/work_pools/", json!({"name": name, "type": "process"})).await;
+        assert_eq!(code, 201);
+        name
+    }
+
+    async fn deployment(&self, id: &str) -> Option<Value> {
+        match self.get(&format!("/deployments/{id}")).await {
+            (200, v) => Some(v),
+            (404, _) => None,
+            (c, v) => panic!("unexpected {c}: {v}"),
+        }
+    }
+
+    async fn automation_exists(&self, id: &str) -> bool {
+        self.get(&format!("/automations/{id}")).await.0 == 200
+    }
+
+    fn spec(&self, pool: &str, deployment: Value) -> PrefectDeploymentSpec {
+        serde_json::from_value(json!({
+            "server": {"remoteApiUrl": self.url},
+            "workPool": {"name": pool},
+            "deployment": deployment,
+        }))
+        .unwrap()
+    }
+
+    /// Runs one pass; returns the changes and the calls it made, by "METHOD endpoint".
+    async fn apply(&self, spec: &PrefectDeploymentSpec, name: &str, uid: &str, state: &mut SyncState) -> (Result<(), Error>, Vec<Change>, Vec<String>) {
+        let before = self.calls.snapshot();
+        let mut changes = Vec::new();
+        let r = sync::apply(&self.client, spec, name, uid, state, &mut changes).await;
+        let after = self.calls.snapshot();
+        let mut made = Vec::new();
+        for ((m, e), n) in &after {
+            let prev = before.get(&(m.clone(), *e)).copied().unwrap_or(0);
+            for _ in prev..*n {
+                made.push(format!("{m} {e}"));
+            }
+        }
+        (r, changes, made)
+    }
+}
+
+fn schedule_ids(d: &Value) -> std::collections::BTreeMap<String, String> {
+    d["schedules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["slug"].as_str().unwrap().to_string(), s["id"].as_str().unwrap().to_string()))
+        .collect()
+}
+
+#[tokio::test]
+async fn client_calls_against_real_server() {
+    let env = Env::new().await;
+    let c = &env.client;
+    c.health().await.unwrap();
+    let pool = env.work_pool().await;
+    let flow = unique("flow");
+    let f1 = c.upsert_flow(&flow).await.unwrap();
+    assert_eq!(c.upsert_flow(&flow).await.unwrap(), f1, "flow upsert is idempotent");
+    let name = unique("dep");
+    assert!(c.read_deployment_by_name(&flow, &name).await.unwrap().is_none());
+    let id = c
+        .create_deployment(&json!({"name": name, "flow_id": f1, "work_pool_name": pool, "schedules": [
+            {"schedule": {"interval": 600, "timezone": "UTC"}, "slug": "a", "active": true, "parameters": {}}
+        ]}))
+        .await
+        .unwrap();
+    let by_name = c.read_deployment_by_name(&flow, &name).await.unwrap().unwrap();
+    assert_eq!(by_name["id"], json!(id));
+    assert_eq!(c.read_deployment(&id).await.unwrap().unwrap()["name"], json!(name));
+
+    c.update_deployment(&id, &json!({"description": "hello"})).await.unwrap();
+    assert_eq!(env.deployment(&id).await.unwrap()["description"], json!("hello"));
+
+    let scheds = c.read_schedules(&id).await.unwrap();
+    assert_eq!(scheds.len(), 1);
+    let sid = scheds[0]["id"].as_str().unwrap().to_string();
+    c.update_schedule(&id, &sid, &json!({"schedule": {"interval": 1200, "timezone": "UTC"}, "slug": "a"})).await.unwrap();
+    c.create_schedules(&id, &[json!({"schedule": {"cron": "0 1 * * *", "timezone": "UTC"}, "slug": "b"})]).await.unwrap();
+    let scheds = c.read_schedules(&id).await.unwrap();
+    assert_eq!(scheds.len(), 2);
+    let a = scheds.iter().find(|s| s["slug"] == "a").unwrap();
+    assert_eq!(a["id"], json!(sid), "in-place schedule update keeps the id");
+    assert_eq!(a["schedule"]["interval"].as_f64(), Some(1200.0));
+    c.delete_schedule(&id, &sid).await.unwrap();
+    assert_eq!(c.read_schedules(&id).await.unwrap().len(), 1);
+
+    let owner = format!("prefect.deployment.{id}");
+    let aid = c
+        .create_automation(&json!({"name": "t", "trigger": {"type": "event", "expect": ["x"], "posture": "Reactive", "threshold": 1, "within": 0},
+            "actions": [{"type": "run-deployment", "source": "selected", "deployment_id": id}], "owner_resource": owner}))
+        .await
+        .unwrap();
+    assert!(c.read_automation(&aid).await.unwrap().is_some());
+    c.delete_owned_automations(&owner).await.unwrap();
+    assert!(c.read_automation(&aid).await.unwrap().is_none());
+    c.delete_owned_automations(&owner).await.unwrap();
+
+    assert!(c.delete_deployment(&id).await.unwrap());
+    assert!(!c.delete_deployment(&id).await.unwrap(), "a second delete finds it gone");
+    assert!(c.read_deployment(&id).await.unwrap().is_none());
+
+    // Errors are specific and short.
+    let err = c
+        .create_deployment(&json!({"name": unique("d"), "flow_id": f1, "work_pool_name": "no-such-pool"}))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::WorkPoolNotFound(_)), "{err:?}");
+    let err = c
+        .create_deployment(&json!({"name": unique("d"), "flow_id": f1, "schedules": [{"schedule": {"cron": "61 * * * *"}}]}))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::PrefectRejected(_)), "{err:?}");
+    assert!(err.to_string().len() <= 400, "{err}");
+    let dead = PrefectClient::new(http_client(), &format!("http://127.0.0.1:{}/api", support::free_port()), None, Arc::default());
+    assert!(matches!(dead.health().await.unwrap_err(), Error::PrefectUnreachable(_)));
+}
+
+#[tokio::test]
+async fn create_noop_update_and_drift() {
+    let env = Env::new().await;
+    let pool = env.work_pool().await;
+    let name = unique("etl");
+    let uid = unique("uid");
+    let mut spec = env.spec(&pool, json!({
+        "entrypoint": "flows/etl.py:nightly_etl",
+        "description": "first",
+        "tags": ["a", "b"],
+        "parameters": {"day": "today"},
+        "parameterOpenApiSchema": {"type": "object", "properties": {"day": {"type": "string"}}},
+        "jobVariables": {"env": {"A": "1"}},
+        "versionInfo": {"type": "git", "version": "abc123"},
+        "concurrencyLimit": 2,
+        "labels": {"team": "data"},
+        "pullSteps": [{"prefect.deployments.steps.git_clone": {"repository": "https://example.invalid/r.git"}}],
+        "schedules": [
+            {"slug": "hourly", "interval": 3600, "anchor_date": "2024-01-01T00:00:00Z", "timezone": "Europe/Berlin"},
+            {"slug": "daily", "cron": "0 6 * * *", "timezone": "America/New_York", "day_or": false},
+            {"slug": "weekly", "rrule": "FREQ=WEEKLY;BYDAY=MO", "active": false, "max_scheduled_runs": 5},
+        ],
+    }));
+    let mut state = SyncState::default();
+    let (r, changes, _) = env.apply(&spec, &name, &uid, &mut state).await;
+    r.unwrap();
+    assert!(matches!(changes[0], Change::Created { .. }), "{changes:?}");
+    let id = state.deployment_id.clone().unwrap();
+    let d = env.deployment(&id).await.unwrap();
+    assert_eq!(d["name"], json!(name));
+    assert_eq!(d["description"], json!("first"));
+    assert_eq!(d["tags"], json!(["a", "b"]));
+    assert_eq!(d["parameters"], json!({"day": "today"}));
+    assert_eq!(d["job_variables"], json!({"env": {"A": "1"}}));
+    // Prefect 3 keeps a deployment's limit as a global concurrency limit.
+    assert_eq!(d["global_concurrency_limit"]["limit"], json!(2));
+    assert_eq!(d["entrypoint"], json!("flows/etl.py:nightly_etl"));
+    assert_eq!(d["work_pool_name"], json!(pool));
+    assert_eq!(d["labels"]["team"], json!("data"));
+    assert_eq!(d["flow_id"], json!(state.flow_id.clone().unwrap()));
+    let (_, flow) = env.get(&format!("/flows/{}", d["flow_id"].as_str().unwrap())).await;
+    assert_eq!(flow["name"], json!("nightly-etl"), "default flow name from the function");
+    assert_eq!(d["schedules"].as_array().unwrap().len(), 3);
+    let ids = schedule_ids(&d);
+
+    // Nothing changed: one read, no writes.
+    let (r, changes, made) = env.apply(&spec, &name, &uid, &mut state).await;
+    r.unwrap();
+    assert!(changes.is_empty(), "{changes:?}");
+    assert_eq!(made, vec!["GET deployment_by_name"]);
+
+    // One field: one PATCH naming just that field.
+    spec.deployment.description = Some("second".into());
+    let (r, changes, made) = env.apply(&spec, &name, &uid, &mut state).await;
+    r.unwrap();
+    assert_eq!(changes, vec![Change::Updated { fields: vec!["description".into()] }]);
+    assert_eq!(made, vec!["GET deployment_by_name", "PATCH deployment"]);
+    assert_eq!(env.deployment(&id).await.unwrap()["description"], json!("second"));
+
+    // Removing the concurrency limit clears it in Prefect.
+    spec.deployment.concurrency_limit = None;
+    env.apply(&spec, &name, &uid, &mut state).await.0.unwrap();
+    assert_eq!(env.deployment(&id).await.unwrap()["global_concurrency_limit"], json!(null));
+
+    // Schedules: change one, add one, remove one; the untouched keeps its id.
+    let scheds = spec.deployment.schedules.as_mut().unwrap();
+    scheds[1].cron = Some("30 7 * * *".into());
+    scheds.remove(2);
+    scheds.push(serde_json::from_value(json!({"slug": "extra", "interval": 900})).unwrap());
+    let (r, changes, made) = env.apply(&spec, &name, &uid, &mut state).await;
+    r.unwrap();
+    assert_eq!(
+        changes,
+        vec![Change::SchedulesChanged { created: vec!["extra".into()], updated: vec!["daily".into()], deleted: vec!["weekly".into()] }]
+    );
+    assert!(!made.iter().any(|m| m == "POST deployments"), "never the upsert: {made:?}");
+    let d = env.deployment(&id).await.unwrap();
+    let after = schedule_ids(&d);
+    assert_eq!(after["hourly"], ids["hourly"], "untouched schedule keeps its id");
+    assert_eq!(after["daily"], ids["daily"], "edited schedule is updated in place");
+    assert!(!after.contains_key("weekly"));
+    let daily = d["schedules"].as_array().unwrap().iter().find(|s| s["slug"] == "daily").unwrap();
+    assert_eq!(daily["schedule"]["cron"], json!("30 7 * * *"));
+    assert_eq!(daily["schedule"]["day_or"], json!(false));
+    // And it is stable again.
+    let (_, changes, made) = env.apply(&spec, &name, &uid, &mut state).await;
+    assert!(changes.is_empty(), "{changes:?} {made:?}");
+
+    // Drift: an edit made in Prefect is put back.
+    let r = env.raw.patch(format!("{}/deployments/{id}", env.url)).json(&json!({"description": "by hand", "paused": true})).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 204);
+    let (r, changes, _) = env.apply(&spec, &name, &uid, &mut state).await;
+    r.unwrap();
+    assert_eq!(changes, vec![Change::Updated { fields: vec!["description".into(), "paused".into()] }]);
+    let d = env.deployment(&id).await.unwrap();
+    assert_eq!((d["description"].clone(), d["paused"].clone()), (json!("second"), json!(false)));
+
+    // Drift: deleted in Prefect, created again (new id).
+    env.raw.delete(format!("{}/deployments/{id}", env.url)).send().await.unwrap();
+    let (r, changes, _) = env.apply(&spec, &name, &uid, &mut state).await;
+    r.unwrap();
+    let new_id = state.deployment_id.clone().unwrap();
+    assert_ne!(new_id, id);
+    assert_eq!(changes[0], Change::Created { id: new_id.clone() });
+    assert_eq!(env.deployment(&new_id).await.unwrap()["schedules"].as_array().unwrap().len(), 3);
+
+    // Status lost after a create (interrupted pass): recognised as ours, not a conflict.
+    let mut fresh = SyncState::default();
+    let (r, changes, _) = env.apply(&spec, &name, &uid, &mut fresh).await;
+    r.unwrap();
+    assert_eq!(fresh.deployment_id.as_deref(), Some(new_id.as_str()));
+    assert!(!changes.iter().any(|c| matches!(c, Change::Adopted { .. } | Change::Created { .. })), "{changes:?}");
+
+    // Renaming the deployment creates the new one and removes the old.
+    let renamed = unique("etl-renamed");
+    let (r, changes, _) = env.apply(&spec, &renamed, &uid, &mut state).await;
+    r.unwrap();
+    assert!(matches!(&changes[0], Change::Replaced { old_id, .. } if *old_id == new_id), "{changes:?}");
+    assert!(env.deployment(&new_id).await.is_none());
+    let (code, _) = env.get(&format!("/deployments/name/nightly-etl/{renamed}")).await;
+    assert_eq!(code, 200);
+}
+
+#[tokio::test]
+async fn triggers_are_applied_only_when_changed() {
+    let env = Env::new().await;
+    let pool = env.work_pool().await;
+    let name = unique("triggered");
+    let uid = unique("uid");
+    let mut spec = env.spec(&pool, json!({
+        "entrypoint": "flows/a.py:run",
+        "triggers": [
+            {"expect": ["prefect.flow-run.Completed"], "match": {"prefect.resource.id": "prefect.flow-run.*"}, "parameters": {"x": 1}},
+            {"name": "compound", "type": "compound", "require": "any", "within": 60, "triggers": [
+                {"expect": ["a.b"]}, {"expect": ["c.d"], "posture": "Reactive"}
+            ]},
+            {"name": "sequence", "type": "sequence", "within": 120, "triggers": [{"expect": ["e.f"]}, {"expect": ["g.h"]}]},
+            {"name": "quiet", "posture": "Proactive", "expect": ["heartbeat"], "within": 600, "enabled": false},
+        ],
+    }));
+    let mut state = SyncState::default();
+    env.apply(&spec, &name, &uid, &mut state).await.0.unwrap();
+    let id = state.deployment_id.clone().unwrap();
+    assert_eq!(state.automation_ids.len(), 4);
+    let (_, first) = env.get(&format!("/automations/{}", state.automation_ids[0])).await;
+    assert_eq!(first["name"], json!(format!("{name}__automation_1")));
+    assert_eq!(first["actions"][0]["deployment_id"], json!(id));
+    assert_eq!(first["actions"][0]["parameters"], json!({"x": 1}));
+    let (_, compound) = env.get(&format!("/automations/{}", state.automation_ids[1])).await;
+    assert_eq!(compound["trigger"]["type"], json!("compound"));
+    assert_eq!(compound["trigger"]["require"], json!("any"));
+    assert_eq!(compound["trigger"]["triggers"].as_array().unwrap().len(), 2);
+    let (_, quiet) = env.get(&format!("/automations/{}", state.automation_ids[3])).await;
+    assert_eq!(quiet["enabled"], json!(false));
+    assert_eq!(quiet["trigger"]["posture"], json!("Proactive"));
+
+    // Unchanged: not a single automation call.
+    let (r, _, made) = env.apply(&spec, &name, &uid, &mut state).await;
+    r.unwrap();
+    assert!(!made.iter().any(|m| m.contains("automation")), "{made:?}");
+
+    // Changed: the old set is gone, the new one is there.
+    let old_ids = state.automation_ids.clone();
+    spec.deployment.triggers.as_mut().unwrap().truncate(1);
+    spec.deployment.triggers.as_mut().unwrap()[0].parameters = Some(json!({"x": 2}));
+    let (r, changes, _) = env.apply(&spec, &name, &uid, &mut state).await;
+    r.unwrap();
+    assert!(changes.contains(&Change::AutomationsReplaced { count: 1 }), "{changes:?}");
+    for old in &old_ids {
+        assert!(!env.automation_exists(old).await);
+    }
+    assert_eq!(state.automation_ids.len(), 1);
+    let (_, a) = env.get(&format!("/automations/{}", state.automation_ids[0])).await;
+    assert_eq!(a["actions"][0]["parameters"], json!({"x": 2}));
+
+    // A metric trigger is Prefect Cloud only: the deployment stays applied, the trigger
+    // failure is reported.
+    spec.deployment.triggers = Some(vec![serde_json::from_value(json!({
+        "type": "metric", "metric": {"name": "lateness", "operator": ">", "threshold": 60}
+    })).unwrap()]);
+    spec.deployment.description = Some("still applied".into());
+    let (r, _, _) = env.apply(&spec, &name, &uid, &mut state).await;
+    assert!(matches!(r, Err(Error::AutomationFailed(_))), "{r:?}");
+    assert_eq!(env.deployment(&id).await.unwrap()["description"], json!("still applied"));
+    assert!(state.triggers_hash.is_none(), "a failed trigger set is retried");
+
+    // Deletion removes the automations and the deployment; a second delete is a no-op.
+    spec.deployment.triggers.as_mut().unwrap()[0] = serde_json::from_value(json!({"expect": ["x"]})).unwrap();
+    env.apply(&spec, &name, &uid, &mut state).await.0.unwrap();
+    let aid = state.automation_ids[0].clone();
+    let deleted = sync::delete(&env.client, &spec, &name, &uid, &state).await.unwrap();
+    assert_eq!(deleted.as_deref(), Some(id.as_str()));
+    assert!(env.deployment(&id).await.is_none());
+    assert!(!env.automation_exists(&aid).await);
+    sync::delete(&env.client, &spec, &name, &uid, &state).await.unwrap();
+}
+
+#[tokio::test]
+async fn conflict_and_adoption() {
+    let env = Env::new().await;
+    let pool = env.work_pool().await;
+    let name = unique("taken");
+    // Someone else's deployment of the same flow and name.
+    let flow_id = env.client.upsert_flow("job").await.unwrap();
+    let (code, theirs) = env.post("/deployments/", json!({"name": name, "flow_id": flow_id, "description": "theirs",
+        "schedules": [{"schedule": {"interval": 60}, "slug": "keep"}]})).await;
+    assert_eq!(code, 201);
+    let theirs_id = theirs["id"].as_str().unwrap().to_string();
+
+    let mut spec = env.spec(&pool, json!({"entrypoint": "j.py:job", "description": "ours",
+        "schedules": [{"slug": "keep", "interval": 60}]}));
+    let mut state = SyncState::default();
+    let (r, _, made) = env.apply(&spec, &name, "uid-1", &mut state).await;
+    assert!(matches!(&r, Err(Error::Conflict(m)) if m.contains("adoptExisting")), "{r:?}");
+    assert!(made.iter().all(|m| m.starts_with("GET")), "a conflict writes nothing: {made:?}");
+    assert_eq!(env.deployment(&theirs_id).await.unwrap()["description"], json!("theirs"));
+
+    spec.adopt_existing = Some(true);
+    let (r, changes, _) = env.apply(&spec, &name, "uid-1", &mut state).await;
+    r.unwrap();
+    assert_eq!(changes[0], Change::Adopted { id: theirs_id.clone() });
+    let d = env.deployment(&theirs_id).await.unwrap();
+    assert_eq!(d["description"], json!("ours"));
+    assert_eq!(d["schedules"].as_array().unwrap().len(), 1, "adoption keeps matching schedules");
+}
+
+#[tokio::test]
+async fn basic_auth_server() {
+    support::install_crypto();
+    let server = PrefectServer::start(Some("admin:s3cret"));
+    let calls = Arc::new(CallLog::default());
+    let anon = PrefectClient::new(http_client(), &server.url, None, calls.clone());
+    let err = anon.upsert_flow("f").await.unwrap_err();
+    assert!(matches!(err, Error::PrefectRejected(ref m) if m.contains("401")), "{err:?}");
+    let wrong = PrefectClient::new(http_client(), &server.url, Some(Auth::Basic("admin:nope".into())), calls.clone());
+    assert!(wrong.upsert_flow("f").await.is_err());
+    let authed = PrefectClient::new(http_client(), &server.url, Some(Auth::Basic("admin:s3cret".into())), calls);
+    authed.upsert_flow("f").await.unwrap();
+}

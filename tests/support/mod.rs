@@ -1,0 +1,281 @@
+//! Real servers for the tests and the demo: a Prefect 3.9.1 server and a kube-apiserver
+//! with etcd, provisioned by `scripts/test-assets.sh` and started on free loopback
+//! ports. Each server runs under a small shell watchdog that stops it when the test
+//! process exits, so no server outlives its test run. A server that cannot start makes
+//! the test fail with its log, never skip.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+pub struct Assets {
+    pub kube_dir: PathBuf,
+    pub prefect_bin: PathBuf,
+}
+
+/// Locates (and on first use provisions) the server binaries.
+pub fn assets() -> &'static Assets {
+    static ASSETS: OnceLock<Assets> = OnceLock::new();
+    ASSETS.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let out = Command::new("bash")
+            .arg(root.join("scripts/test-assets.sh"))
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run scripts/test-assets.sh");
+        assert!(out.status.success(), "scripts/test-assets.sh failed");
+        let line = String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or_default().to_string();
+        let get = |key: &str| -> PathBuf {
+            let start = line.find(&format!("{key}='")).unwrap_or_else(|| panic!("{key} missing in {line:?}")) + key.len() + 2;
+            let end = start + line[start..].find('\'').expect("closing quote");
+            PathBuf::from(&line[start..end])
+        };
+        Assets { kube_dir: get("KUBEBUILDER_ASSETS"), prefect_bin: get("PREFECT_BIN") }
+    })
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Starts `program args` in the background under a watchdog tied to this process.
+fn spawn_watched(program: &Path, args: &[String], envs: &[(&str, String)], log: &Path) -> Child {
+    let quoted: Vec<String> = std::iter::once(program.display().to_string())
+        .chain(args.iter().cloned())
+        .map(|a| format!("'{}'", a.replace('\'', "'\\''")))
+        .collect();
+    let script = format!(
+        "{cmd} > '{log}' 2>&1 & c=$!; trap 'kill $c 2>/dev/null; wait $c' EXIT TERM INT; \
+         while kill -0 {pid} 2>/dev/null && kill -0 $c 2>/dev/null; do sleep 0.3; done",
+        cmd = quoted.join(" "),
+        log = log.display(),
+        pid = std::process::id()
+    );
+    let mut cmd = Command::new("bash");
+    cmd.arg("-c").arg(script).stdin(Stdio::null());
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    cmd.spawn().expect("spawn watched process")
+}
+
+fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+/// Minimal HTTP GET over loopback (avoids needing an async runtime while starting).
+pub fn http_get(port: u16, path: &str, auth: Option<&str>) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    let auth = auth.map(|a| format!("Authorization: {a}\r\n")).unwrap_or_default();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n{auth}\r\n").ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let code = buf.split_whitespace().nth(1)?.parse().ok()?;
+    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Some((code, body))
+}
+
+pub struct PrefectServer {
+    pub url: String,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+    _child: Child,
+}
+
+impl PrefectServer {
+    /// Starts a Prefect server with its background services off (API only), optionally
+    /// with basic auth (`user:password`).
+    pub fn start(auth_string: Option<&str>) -> PrefectServer {
+        let a = assets();
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let log = dir.path().join("prefect.log");
+        let mut envs = vec![
+            ("PREFECT_HOME", dir.path().display().to_string()),
+            ("PREFECT_SERVER_ANALYTICS_ENABLED", "false".into()),
+            ("PREFECT_SERVER_UI_ENABLED", "false".into()),
+            ("PREFECT_LOGGING_LEVEL", "WARNING".into()),
+        ];
+        if let Some(s) = auth_string {
+            envs.push(("PREFECT_SERVER_API_AUTH_STRING", s.into()));
+        }
+        let args: Vec<String> = ["server", "start", "--host", "127.0.0.1", "--port", &port.to_string(), "--no-ui", "--analytics-off", "--no-services"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let child = spawn_watched(&a.prefect_bin, &args, &envs, &log);
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            if let Some((200, body)) = http_get(port, "/api/health", None) {
+                if body.trim() == "true" {
+                    break;
+                }
+            }
+            assert!(Instant::now() < deadline, "Prefect server did not become healthy; log:\n{}", tail(&log));
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        PrefectServer { url: format!("http://127.0.0.1:{port}/api"), port, _dir: dir, _child: child }
+    }
+
+    /// One server shared by all tests of a test binary.
+    pub fn shared() -> &'static PrefectServer {
+        static SERVER: OnceLock<PrefectServer> = OnceLock::new();
+        SERVER.get_or_init(|| PrefectServer::start(None))
+    }
+}
+
+pub struct ControlPlane {
+    pub kubeconfig: PathBuf,
+    pub url: String,
+    pub dir: tempfile::TempDir,
+    _etcd: Child,
+    _apiserver: Child,
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+impl ControlPlane {
+    pub fn start() -> ControlPlane {
+        let a = assets();
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let etcd_bin = {
+            let in_assets = a.kube_dir.join("etcd");
+            if in_assets.exists() { in_assets } else { etcd_bin_vendored::etcd_bin_path().expect("etcd for this platform").to_path_buf() }
+        };
+        let (etcd_port, peer_port, api_port) = (free_port(), free_port(), free_port());
+        let etcd_url = format!("http://127.0.0.1:{etcd_port}");
+        let etcd = spawn_watched(
+            &etcd_bin,
+            &[
+                format!("--data-dir={}", d.join("etcd").display()),
+                format!("--listen-client-urls={etcd_url}"),
+                format!("--advertise-client-urls={etcd_url}"),
+                format!("--listen-peer-urls=http://127.0.0.1:{peer_port}"),
+                format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}"),
+                format!("--initial-cluster=default=http://127.0.0.1:{peer_port}"),
+                "--unsafe-no-fsync".into(),
+            ],
+            &[],
+            &d.join("etcd.log"),
+        );
+
+        // Serving certificate (also the CA clients trust) and service-account keys.
+        run(Command::new("openssl").current_dir(d).args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-keyout", "server.key", "-out", "server.crt",
+            "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
+        ]));
+        run(Command::new("openssl").current_dir(d).args(["genrsa", "-out", "sa.key", "2048"]));
+        run(Command::new("openssl").current_dir(d).args(["rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub"]));
+        std::fs::write(d.join("tokens.csv"), "admin-token,admin,admin,system:masters\n").unwrap();
+
+        let version = Command::new(a.kube_dir.join("kube-apiserver")).arg("--version").output().expect("kube-apiserver --version");
+        let version = String::from_utf8_lossy(&version.stdout).to_string();
+        let minor: u32 = version.trim().trim_start_matches("Kubernetes v").split('.').nth(1).and_then(|m| m.parse().ok()).unwrap_or(20);
+        let mut args = vec![
+            format!("--etcd-servers={etcd_url}"),
+            format!("--secure-port={api_port}"),
+            "--bind-address=127.0.0.1".into(),
+            "--advertise-address=127.0.0.1".into(),
+            format!("--cert-dir={}", d.join("certs").display()),
+            format!("--tls-cert-file={}", d.join("server.crt").display()),
+            format!("--tls-private-key-file={}", d.join("server.key").display()),
+            format!("--service-account-key-file={}", d.join("sa.pub").display()),
+            format!("--service-account-signing-key-file={}", d.join("sa.key").display()),
+            "--service-account-issuer=https://kubernetes.default.svc".into(),
+            format!("--token-auth-file={}", d.join("tokens.csv").display()),
+            "--authorization-mode=RBAC".into(),
+            "--service-cluster-ip-range=10.96.0.0/24".into(),
+            "--allow-privileged=true".into(),
+        ];
+        if minor < 24 {
+            args.push("--insecure-port=0".into());
+        }
+        let log = d.join("kube-apiserver.log");
+        let apiserver = spawn_watched(&a.kube_dir.join("kube-apiserver"), &args, &[], &log);
+
+        let url = format!("https://127.0.0.1:{api_port}");
+        let kubeconfig = d.join("kubeconfig");
+        std::fs::write(
+            &kubeconfig,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {url}\n    certificate-authority: {ca}\nusers:\n- name: admin\n  user:\n    token: admin-token\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: admin\n    namespace: default\ncurrent-context: test\n",
+                ca = d.join("server.crt").display()
+            ),
+        )
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let ok = Command::new("kubectl")
+                .args(["--kubeconfig", kubeconfig.to_str().unwrap(), "get", "--raw", "/readyz"])
+                .output()
+                .map(|o| o.status.success())
+                .unwrap_or(false);
+            if ok {
+                break;
+            }
+            assert!(Instant::now() < deadline, "kube-apiserver did not become ready; log:\n{}\netcd log:\n{}", tail(&log), tail(&d.join("etcd.log")));
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        ControlPlane { kubeconfig, url, dir, _etcd: etcd, _apiserver: apiserver }
+    }
+
+    pub fn shared() -> &'static ControlPlane {
+        static CP: OnceLock<ControlPlane> = OnceLock::new();
+        CP.get_or_init(|| {
+            let cp = ControlPlane::start();
+            cp.kubectl_ok(&["apply", "--server-side", "-f", concat!(env!("CARGO_MANIFEST_DIR"), "/crds/prefectdeployments.prefect.io.yaml")]);
+            cp.kubectl_ok(&["wait", "--for=condition=Established", "crd/prefectdeployments.prefect.io", "--timeout=60s"]);
+            cp
+        })
+    }
+
+    /// Runs kubectl against this control plane; returns (success, stdout, stderr).
+    pub fn kubectl(&self, args: &[&str]) -> (bool, String, String) {
+        self.kubectl_stdin(args, None)
+    }
+
+    pub fn kubectl_stdin(&self, args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
+        let mut cmd = Command::new("kubectl");
+        cmd.arg("--kubeconfig").arg(&self.kubeconfig).args(args);
+        cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() }).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("kubectl");
+        if let Some(input) = stdin {
+            child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        }
+        let out = child.wait_with_output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    }
+
+    pub fn kubectl_ok(&self, args: &[&str]) -> String {
+        let (ok, out, err) = self.kubectl(args);
+        assert!(ok, "kubectl {args:?} failed: {err}");
+        out
+    }
+
+    pub async fn client(&self) -> kube::Client {
+        install_crypto();
+        let kc = kube::config::Kubeconfig::read_from(&self.kubeconfig).unwrap();
+        let config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await.unwrap();
+        kube::Client::try_from(config).unwrap()
+    }
+}
+
+pub fn install_crypto() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// A short random suffix for names, so tests sharing a server never collide.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{:08x}", fastrand::u32(..))
+}
