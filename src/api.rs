@@ -5,6 +5,9 @@
 //! Kubernetes camelCase. No field carries a schema `default`: defaults live in code, so
 //! the apiserver never adds fields a GitOps tool would then see as drift.
 
+// Several printcolumn(...) entries share `type_ = "string"`; that is not a mistake.
+#![allow(clippy::duplicated_attributes)]
+
 use std::collections::BTreeMap;
 
 use kube::CustomResource;
@@ -44,11 +47,36 @@ pub mod reason {
     namespaced,
     status = "PrefectDeploymentStatus",
     doc = "A Prefect deployment declared as a Kubernetes resource: the operator creates and keeps it in step in a Prefect server, with its schedules and trigger automations.",
-    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status", description = "Whether the deployment is applied in Prefect as declared"),
-    printcolumn(name = "Reason", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].reason", description = "Why the resource is (not) ready", priority = "1"),
-    printcolumn(name = "Deployment ID", type_ = "string", json_path = ".status.deploymentId", description = "The deployment's id in Prefect"),
-    printcolumn(name = "Work Pool", type_ = "string", json_path = ".spec.workPool.name", description = "The work pool that runs the deployment"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status",
+        description = "Whether the deployment is applied in Prefect as declared"
+    ),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason",
+        description = "Why the resource is (not) ready",
+        priority = "1"
+    ),
+    printcolumn(
+        name = "Deployment ID",
+        type_ = "string",
+        json_path = ".status.deploymentId",
+        description = "The deployment's id in Prefect"
+    ),
+    printcolumn(
+        name = "Work Pool",
+        type_ = "string",
+        json_path = ".spec.workPool.name",
+        description = "The work pool that runs the deployment"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct PrefectDeploymentSpec {
@@ -66,6 +94,7 @@ pub struct PrefectDeploymentSpec {
     /// What happens in Prefect when this resource is deleted. `Delete` (the default)
     /// removes the deployment and the automations it owns; `Orphan` leaves them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "deletion_policy_schema")]
     pub deletion_policy: Option<DeletionPolicy>,
     /// Take over a deployment of the same name that already exists in Prefect but was not
     /// created for this resource (for example one made by `prefect deploy` or by another
@@ -91,13 +120,21 @@ pub struct ServerSpec {
     /// Base URL of the Prefect API, including its `/api` suffix, e.g.
     /// `http://prefect-server.prefect.svc:4200/api`. With accountId and workspaceId it
     /// defaults to Prefect Cloud's API.
-    #[serde(default, skip_serializing_if = "Option::is_none", rename = "remoteApiUrl")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        rename = "remoteApiUrl"
+    )]
     pub remote_api_url: Option<String>,
     /// Prefect Cloud account id.
     #[serde(default, skip_serializing_if = "Option::is_none", rename = "accountId")]
     pub account_id: Option<String>,
     /// Prefect Cloud workspace id.
-    #[serde(default, skip_serializing_if = "Option::is_none", rename = "workspaceId")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        rename = "workspaceId"
+    )]
     pub workspace_id: Option<String>,
     /// Name of an in-cluster Prefect server's Service (port 4200).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -111,7 +148,11 @@ pub struct ServerSpec {
     pub api_key: Option<SecretValue>,
     /// `user:password` for HTTP basic auth, for self-hosted servers started with
     /// PREFECT_SERVER_API_AUTH_STRING.
-    #[serde(default, skip_serializing_if = "Option::is_none", rename = "authString")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        rename = "authString"
+    )]
     pub auth_string: Option<SecretValue>,
 }
 
@@ -354,10 +395,12 @@ pub struct TriggerCondition {
     /// `event` (default), `metric`, `compound` or `sequence`. Children may be `event` or
     /// `metric`.
     #[serde(default, skip_serializing_if = "Option::is_none", rename = "type")]
+    #[schemars(schema_with = "trigger_type_schema")]
     pub type_: Option<TriggerType>,
     /// Event triggers: `Reactive` fires when events arrive (default), `Proactive` when
     /// they do not arrive within `within` seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "posture_schema")]
     pub posture: Option<Posture>,
     /// Labels the event's resource must have, e.g. `{"prefect.resource.id": "prefect.flow-run.*"}`.
     #[serde(default, skip_serializing_if = "Option::is_none", rename = "match")]
@@ -470,6 +513,20 @@ pub struct Condition {
     /// The metadata.generation this condition was computed from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+}
+
+// Enums of optional fields are written out by hand: the derived schema lists `null` as
+// an allowed value, which kubectl's client-side validation rejects.
+fn deletion_policy_schema(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({"type": "string", "enum": ["Delete", "Orphan"]})
+}
+
+fn trigger_type_schema(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({"type": "string", "enum": ["event", "metric", "compound", "sequence"]})
+}
+
+fn posture_schema(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({"type": "string", "enum": ["Reactive", "Proactive"]})
 }
 
 fn free_object(_: &mut SchemaGenerator) -> Schema {

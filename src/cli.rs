@@ -7,7 +7,11 @@ use clap::{Parser, Subcommand};
 use crate::telemetry::LogFormat;
 
 #[derive(Parser, Debug)]
-#[command(name = "prefect-operator", version, about = "Keeps Prefect deployments in step with PrefectDeployment resources")]
+#[command(
+    name = "prefect-operator",
+    version,
+    about = "Keeps Prefect deployments in step with PrefectDeployment resources"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -34,7 +38,12 @@ pub struct RunArgs {
     #[arg(long, env = "PREFECT_OPERATOR_DEFAULT_RESYNC_INTERVAL", default_value = "5m", value_parser = parse_duration)]
     pub default_resync_interval: Duration,
     /// Log format.
-    #[arg(long, env = "PREFECT_OPERATOR_LOG_FORMAT", value_enum, default_value = "text")]
+    #[arg(
+        long,
+        env = "PREFECT_OPERATOR_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
     pub log_format: LogFormat,
 }
 
@@ -59,7 +68,9 @@ mod tests {
     #[test]
     fn run_defaults() {
         let cli = Cli::try_parse_from(["prefect-operator", "run"]).unwrap();
-        let Command::Run(args) = cli.command else { panic!("run expected") };
+        let Command::Run(args) = cli.command else {
+            panic!("run expected")
+        };
         assert_eq!(args.concurrency, 8);
         assert_eq!(args.default_resync_interval, Duration::from_secs(300));
         assert_eq!(args.log_format, LogFormat::Text);

@@ -107,7 +107,10 @@ pub fn deployment(spec: &PrefectDeploymentSpec, name: &str, owner_uid: &str) -> 
     );
     f.insert(
         "pull_steps".into(),
-        d.pull_steps.clone().map(Value::Array).unwrap_or(Value::Null),
+        d.pull_steps
+            .clone()
+            .map(Value::Array)
+            .unwrap_or(Value::Null),
     );
     let gcl = d.global_concurrency_limit.as_ref();
     f.insert(

@@ -23,7 +23,11 @@ async fn main() {
                 concurrency: args.concurrency,
                 default_resync: args.default_resync_interval,
             };
-            tracing::info!(namespace = opts.namespace.as_deref().unwrap_or("(all)"), concurrency = opts.concurrency, "starting");
+            tracing::info!(
+                namespace = opts.namespace.as_deref().unwrap_or("(all)"),
+                concurrency = opts.concurrency,
+                "starting"
+            );
             if let Err(msg) = reconcile::run(kube, opts).await {
                 eprintln!("prefect-operator: {msg}");
                 std::process::exit(1);

@@ -206,20 +206,32 @@ impl PrefectClient {
     }
 
     pub async fn health(&self) -> Result<(), Error> {
-        self.call(Method::GET, "health", "/health", None).await.map(|_| ())
+        self.call(Method::GET, "health", "/health", None)
+            .await
+            .map(|_| ())
     }
 
     /// `POST /flows/` is an upsert by name; returns the flow id.
     pub async fn upsert_flow(&self, name: &str) -> Result<String, Error> {
         let v = self
-            .call(Method::POST, "flows", "/flows/", Some(&serde_json::json!({"name": name})))
+            .call(
+                Method::POST,
+                "flows",
+                "/flows/",
+                Some(&serde_json::json!({"name": name})),
+            )
             .await?;
         id_of(&v)
     }
 
     pub async fn read_deployment(&self, id: &str) -> Result<Option<Value>, Error> {
-        self.call_opt(Method::GET, "deployment", &format!("/deployments/{id}"), None)
-            .await
+        self.call_opt(
+            Method::GET,
+            "deployment",
+            &format!("/deployments/{id}"),
+            None,
+        )
+        .await
     }
 
     pub async fn read_deployment_by_name(
@@ -246,16 +258,26 @@ impl PrefectClient {
     }
 
     pub async fn update_deployment(&self, id: &str, body: &Value) -> Result<(), Error> {
-        self.call(Method::PATCH, "deployment", &format!("/deployments/{id}"), Some(body))
-            .await
-            .map(|_| ())
+        self.call(
+            Method::PATCH,
+            "deployment",
+            &format!("/deployments/{id}"),
+            Some(body),
+        )
+        .await
+        .map(|_| ())
     }
 
     /// Returns false when the deployment was already gone.
     pub async fn delete_deployment(&self, id: &str) -> Result<bool, Error> {
-        self.call_opt(Method::DELETE, "deployment", &format!("/deployments/{id}"), None)
-            .await
-            .map(|v| v.is_some())
+        self.call_opt(
+            Method::DELETE,
+            "deployment",
+            &format!("/deployments/{id}"),
+            None,
+        )
+        .await
+        .map(|v| v.is_some())
     }
 
     pub async fn read_schedules(&self, deployment_id: &str) -> Result<Vec<Value>, Error> {
@@ -270,7 +292,11 @@ impl PrefectClient {
         Ok(v.as_array().cloned().unwrap_or_default())
     }
 
-    pub async fn create_schedules(&self, deployment_id: &str, bodies: &[Value]) -> Result<(), Error> {
+    pub async fn create_schedules(
+        &self,
+        deployment_id: &str,
+        bodies: &[Value],
+    ) -> Result<(), Error> {
         self.call(
             Method::POST,
             "schedules",
@@ -281,7 +307,12 @@ impl PrefectClient {
         .map(|_| ())
     }
 
-    pub async fn update_schedule(&self, deployment_id: &str, schedule_id: &str, body: &Value) -> Result<(), Error> {
+    pub async fn update_schedule(
+        &self,
+        deployment_id: &str,
+        schedule_id: &str,
+        body: &Value,
+    ) -> Result<(), Error> {
         self.call(
             Method::PATCH,
             "schedule",
@@ -292,7 +323,11 @@ impl PrefectClient {
         .map(|_| ())
     }
 
-    pub async fn delete_schedule(&self, deployment_id: &str, schedule_id: &str) -> Result<(), Error> {
+    pub async fn delete_schedule(
+        &self,
+        deployment_id: &str,
+        schedule_id: &str,
+    ) -> Result<(), Error> {
         self.call_opt(
             Method::DELETE,
             "schedule",
@@ -312,16 +347,29 @@ impl PrefectClient {
             Ok(v) => id_of(&v),
             // The trigger itself was refused (for example a metric trigger on a server
             // without Prefect Cloud's metrics): say so as a trigger problem.
-            Err(f) if f.status.is_client_error() && f.status != StatusCode::UNAUTHORIZED && f.status != StatusCode::FORBIDDEN => {
-                Err(Error::AutomationFailed(format!("{what}: {}: {}", f.status.as_u16(), f.summary)))
+            Err(f)
+                if f.status.is_client_error()
+                    && f.status != StatusCode::UNAUTHORIZED
+                    && f.status != StatusCode::FORBIDDEN =>
+            {
+                Err(Error::AutomationFailed(format!(
+                    "{what}: {}: {}",
+                    f.status.as_u16(),
+                    f.summary
+                )))
             }
             Err(f) => Err(failure_to_error(what, f)),
         }
     }
 
     pub async fn read_automation(&self, id: &str) -> Result<Option<Value>, Error> {
-        self.call_opt(Method::GET, "automation", &format!("/automations/{id}"), None)
-            .await
+        self.call_opt(
+            Method::GET,
+            "automation",
+            &format!("/automations/{id}"),
+            None,
+        )
+        .await
     }
 
     /// Deletes every automation owned by `resource`. A server without the automations
@@ -354,7 +402,9 @@ fn encode_segment(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => out.push(b as char),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                out.push(b as char)
+            }
             _ => out.push_str(&format!("%{b:02X}")),
         }
     }
@@ -376,7 +426,14 @@ fn short_transport(e: &reqwest::Error) -> String {
         cause = s.to_string();
         src = s.source();
     }
-    let url = e.url().map(|u| format!(" ({}://{})", u.scheme(), u.host_str().unwrap_or(""))).unwrap_or_default();
+    // Scheme, host and port only: never a path or query.
+    let url = e
+        .url()
+        .map(|u| {
+            let port = u.port().map(|p| format!(":{p}")).unwrap_or_default();
+            format!(" ({}://{}{port})", u.scheme(), u.host_str().unwrap_or(""))
+        })
+        .unwrap_or_default();
     truncate(&format!("{kind}{url}: {cause}"), 200)
 }
 
@@ -416,7 +473,11 @@ fn summarize(bytes: &[u8]) -> String {
                     .and_then(Value::as_array)
                     .map(|l| {
                         l.iter()
-                            .map(|p| p.as_str().map(str::to_string).unwrap_or_else(|| p.to_string()))
+                            .map(|p| {
+                                p.as_str()
+                                    .map(str::to_string)
+                                    .unwrap_or_else(|| p.to_string())
+                            })
                             .collect::<Vec<_>>()
                             .join(".")
                     })
@@ -426,7 +487,11 @@ fn summarize(bytes: &[u8]) -> String {
             })
             .collect();
         let more = list.len().saturating_sub(2);
-        let tail = if more > 0 { format!(" (and {more} more)") } else { String::new() };
+        let tail = if more > 0 {
+            format!(" (and {more} more)")
+        } else {
+            String::new()
+        };
         return truncate(&format!("{}{tail}", parts.join("; ")), 300);
     }
     if let Some(m) = v.get("exception_message").and_then(Value::as_str) {
@@ -452,7 +517,8 @@ mod tests {
         let many: Vec<Value> = (0..50)
             .map(|i| serde_json::json!({"loc": ["body", "schedules", i], "msg": "x".repeat(400)}))
             .collect();
-        let body = serde_json::json!({"exception_message": "Invalid request", "exception_detail": many});
+        let body =
+            serde_json::json!({"exception_message": "Invalid request", "exception_detail": many});
         let s = summarize(body.to_string().as_bytes());
         assert!(s.chars().count() <= 300, "{s}");
         assert!(s.starts_with("body.schedules.0: xxx"), "{s}");
@@ -460,7 +526,10 @@ mod tests {
 
     #[test]
     fn summarize_handler_errors() {
-        assert_eq!(summarize(br#"{"detail":"Deployment not found"}"#), "Deployment not found");
+        assert_eq!(
+            summarize(br#"{"detail":"Deployment not found"}"#),
+            "Deployment not found"
+        );
         assert_eq!(summarize(b"oops"), "oops");
     }
 

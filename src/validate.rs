@@ -54,7 +54,10 @@ pub fn validate(spec: &PrefectDeploymentSpec, resource_name: &str) -> Check {
 
 fn server(s: &ServerSpec) -> Check {
     let cloud = s.account_id.is_some() || s.workspace_id.is_some();
-    if cloud && (s.account_id.as_deref().unwrap_or("").is_empty() || s.workspace_id.as_deref().unwrap_or("").is_empty()) {
+    if cloud
+        && (s.account_id.as_deref().unwrap_or("").is_empty()
+            || s.workspace_id.as_deref().unwrap_or("").is_empty())
+    {
         return Err(problem(
             "spec.server",
             "accountId and workspaceId must be set together",
@@ -74,10 +77,7 @@ fn server(s: &ServerSpec) -> Check {
         ));
     }
     if s.api_key.is_some() && s.auth_string.is_some() {
-        return Err(problem(
-            "spec.server",
-            "set apiKey or authString, not both",
-        ));
+        return Err(problem("spec.server", "set apiKey or authString, not both"));
     }
     if let Some(k) = &s.api_key {
         secret_value(k, "spec.server.apiKey")?;
@@ -196,7 +196,10 @@ fn deployment(d: &DeploymentSpec, resource_name: &str) -> Check {
         if !slugs.insert(s.slug.as_str()) {
             return Err(problem(
                 format!("{field}.slug"),
-                format!("{:?} is used by an earlier schedule; slugs must be unique", s.slug),
+                format!(
+                    "{:?} is used by an earlier schedule; slugs must be unique",
+                    s.slug
+                ),
             ));
         }
         schedule(s, &field)?;
@@ -242,10 +245,7 @@ fn schedule(s: &Schedule, field: &str) -> Check {
         .filter(|k| **k)
         .count();
     if kinds != 1 {
-        return Err(problem(
-            field,
-            "set exactly one of interval, cron or rrule",
-        ));
+        return Err(problem(field, "set exactly one of interval, cron or rrule"));
     }
     if let Some(tz) = &s.timezone {
         timezone(tz).map_err(|m| problem(format!("{field}.timezone"), m))?;
@@ -347,7 +347,14 @@ pub fn cron_expression(expr: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn cron_item(item: &str, pos: usize, lo: u32, hi: u32, names: &[&str], base: u32) -> Result<(), String> {
+fn cron_item(
+    item: &str,
+    pos: usize,
+    lo: u32,
+    hi: u32,
+    names: &[&str],
+    base: u32,
+) -> Result<(), String> {
     let value = |s: &str| -> Result<u32, String> {
         if let Ok(n) = s.parse::<u32>() {
             return if (lo..=hi).contains(&n) {
@@ -435,7 +442,10 @@ pub fn normalize_rrule(rule: &str) -> String {
             lines.push(format!("RRULE:{line}"));
         }
     }
-    if !lines.iter().any(|l| l.to_ascii_uppercase().starts_with("DTSTART")) {
+    if !lines
+        .iter()
+        .any(|l| l.to_ascii_uppercase().starts_with("DTSTART"))
+    {
         lines.insert(0, "DTSTART:20200101T000000Z".to_string());
     }
     lines.join("\n")
@@ -444,14 +454,20 @@ pub fn normalize_rrule(rule: &str) -> String {
 fn trigger(t: &Trigger, field: &str) -> Check {
     if let Some(n) = &t.name {
         if n.trim().is_empty() {
-            return Err(problem(format!("{field}.name"), "must not be empty when set"));
+            return Err(problem(
+                format!("{field}.name"),
+                "must not be empty when set",
+            ));
         }
     }
     object_check(&format!("{field}.parameters"), &t.parameters)?;
     object_check(&format!("{field}.jobVariables"), &t.job_variables)?;
     if let Some(s) = t.schedule_after {
         if s < 0 {
-            return Err(problem(format!("{field}.scheduleAfter"), "must be 0 or more seconds"));
+            return Err(problem(
+                format!("{field}.scheduleAfter"),
+                "must be 0 or more seconds",
+            ));
         }
     }
     let kind = t.condition.type_.unwrap_or(TriggerType::Event);
@@ -467,8 +483,14 @@ fn trigger(t: &Trigger, field: &str) -> Check {
         }
         TriggerType::Compound | TriggerType::Sequence => {
             let c = &t.condition;
-            if c.posture.is_some() || c.match_.is_some() || c.match_related.is_some() || c.after.is_some()
-                || c.expect.is_some() || c.for_each.is_some() || c.threshold.is_some() || c.metric.is_some()
+            if c.posture.is_some()
+                || c.match_.is_some()
+                || c.match_related.is_some()
+                || c.after.is_some()
+                || c.expect.is_some()
+                || c.for_each.is_some()
+                || c.threshold.is_some()
+                || c.metric.is_some()
             {
                 return Err(problem(
                     field,
@@ -490,7 +512,10 @@ fn trigger(t: &Trigger, field: &str) -> Check {
                     ))
                 }
                 Some(w) if w < 0 => {
-                    return Err(problem(format!("{field}.within"), "must be 0 or more seconds"))
+                    return Err(problem(
+                        format!("{field}.within"),
+                        "must be 0 or more seconds",
+                    ))
                 }
                 _ => {}
             }
@@ -541,7 +566,9 @@ fn condition(c: &TriggerCondition, field: &str) -> Check {
     object_check(&format!("{field}.match"), &c.match_)?;
     if let Some(related) = &c.match_related {
         let ok = related.is_object()
-            || related.as_array().is_some_and(|a| a.iter().all(Value::is_object));
+            || related
+                .as_array()
+                .is_some_and(|a| a.iter().all(Value::is_object));
         if !ok {
             return Err(problem(
                 format!("{field}.matchRelated"),
@@ -551,7 +578,10 @@ fn condition(c: &TriggerCondition, field: &str) -> Check {
     }
     if let Some(w) = c.within {
         if w < 0 {
-            return Err(problem(format!("{field}.within"), "must be 0 or more seconds"));
+            return Err(problem(
+                format!("{field}.within"),
+                "must be 0 or more seconds",
+            ));
         }
     }
     match kind {
@@ -582,7 +612,12 @@ fn condition(c: &TriggerCondition, field: &str) -> Check {
                     "is required for metric triggers",
                 ));
             };
-            if c.posture.is_some() || c.after.is_some() || c.expect.is_some() || c.threshold.is_some() || c.within.is_some() {
+            if c.posture.is_some()
+                || c.after.is_some()
+                || c.expect.is_some()
+                || c.threshold.is_some()
+                || c.within.is_some()
+            {
                 return Err(problem(
                     field,
                     "a metric trigger takes metric, match and matchRelated only",

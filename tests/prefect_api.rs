@@ -26,24 +26,42 @@ impl Env {
         let server = PrefectServer::shared();
         let calls = Arc::new(CallLog::default());
         let client = PrefectClient::new(http_client(), &server.url, None, calls.clone());
-        Env { url: server.url.clone(), raw: reqwest::Client::new(), calls, client }
+        Env {
+            url: server.url.clone(),
+            raw: reqwest::Client::new(),
+            calls,
+            client,
+        }
     }
 
     async fn get(&self, path: &str) -> (u16, Value) {
-        let r = self.raw.get(format!("{}{path}", self.url)).send().await.unwrap();
+        let r = self
+            .raw
+            .get(format!("{}{path}", self.url))
+            .send()
+            .await
+            .unwrap();
         let code = r.status().as_u16();
         (code, r.json().await.unwrap_or(Value::Null))
     }
 
     async fn post(&self, path: &str, body: Value) -> (u16, Value) {
-        let r = self.raw.post(format!("{}{path}", self.url)).json(&body).send().await.unwrap();
+        let r = self
+            .raw
+            .post(format!("{}{path}", self.url))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
         let code = r.status().as_u16();
         (code, r.json().await.unwrap_or(Value::Null))
     }
 
     async fn work_pool(&self) -> String {
         let name = unique("pool");
-        let (code, _) = self.post("/work_pools/", json!({"name": name, "type": "process"})).await;
+        let (code, _) = self
+            .post("/work_pools/", json!({"name": name, "type": "process"}))
+            .await;
         assert_eq!(code, 201);
         name
     }
@@ -70,7 +88,13 @@ impl Env {
     }
 
     /// Runs one pass; returns the changes and the calls it made, by "METHOD endpoint".
-    async fn apply(&self, spec: &PrefectDeploymentSpec, name: &str, uid: &str, state: &mut SyncState) -> (Result<(), Error>, Vec<Change>, Vec<String>) {
+    async fn apply(
+        &self,
+        spec: &PrefectDeploymentSpec,
+        name: &str,
+        uid: &str,
+        state: &mut SyncState,
+    ) -> (Result<(), Error>, Vec<Change>, Vec<String>) {
         let before = self.calls.snapshot();
         let mut changes = Vec::new();
         let r = sync::apply(&self.client, spec, name, uid, state, &mut changes).await;
@@ -91,7 +115,12 @@ fn schedule_ids(d: &Value) -> std::collections::BTreeMap<String, String> {
         .as_array()
         .unwrap()
         .iter()
-        .map(|s| (s["slug"].as_str().unwrap().to_string(), s["id"].as_str().unwrap().to_string()))
+        .map(|s| {
+            (
+                s["slug"].as_str().unwrap().to_string(),
+                s["id"].as_str().unwrap().to_string(),
+            )
+        })
         .collect()
 }
 
@@ -103,27 +132,58 @@ async fn client_calls_against_real_server() {
     let pool = env.work_pool().await;
     let flow = unique("flow");
     let f1 = c.upsert_flow(&flow).await.unwrap();
-    assert_eq!(c.upsert_flow(&flow).await.unwrap(), f1, "flow upsert is idempotent");
+    assert_eq!(
+        c.upsert_flow(&flow).await.unwrap(),
+        f1,
+        "flow upsert is idempotent"
+    );
     let name = unique("dep");
-    assert!(c.read_deployment_by_name(&flow, &name).await.unwrap().is_none());
+    assert!(c
+        .read_deployment_by_name(&flow, &name)
+        .await
+        .unwrap()
+        .is_none());
     let id = c
         .create_deployment(&json!({"name": name, "flow_id": f1, "work_pool_name": pool, "schedules": [
             {"schedule": {"interval": 600, "timezone": "UTC"}, "slug": "a", "active": true, "parameters": {}}
         ]}))
         .await
         .unwrap();
-    let by_name = c.read_deployment_by_name(&flow, &name).await.unwrap().unwrap();
+    let by_name = c
+        .read_deployment_by_name(&flow, &name)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(by_name["id"], json!(id));
-    assert_eq!(c.read_deployment(&id).await.unwrap().unwrap()["name"], json!(name));
+    assert_eq!(
+        c.read_deployment(&id).await.unwrap().unwrap()["name"],
+        json!(name)
+    );
 
-    c.update_deployment(&id, &json!({"description": "hello"})).await.unwrap();
-    assert_eq!(env.deployment(&id).await.unwrap()["description"], json!("hello"));
+    c.update_deployment(&id, &json!({"description": "hello"}))
+        .await
+        .unwrap();
+    assert_eq!(
+        env.deployment(&id).await.unwrap()["description"],
+        json!("hello")
+    );
 
     let scheds = c.read_schedules(&id).await.unwrap();
     assert_eq!(scheds.len(), 1);
     let sid = scheds[0]["id"].as_str().unwrap().to_string();
-    c.update_schedule(&id, &sid, &json!({"schedule": {"interval": 1200, "timezone": "UTC"}, "slug": "a"})).await.unwrap();
-    c.create_schedules(&id, &[json!({"schedule": {"cron": "0 1 * * *", "timezone": "UTC"}, "slug": "b"})]).await.unwrap();
+    c.update_schedule(
+        &id,
+        &sid,
+        &json!({"schedule": {"interval": 1200, "timezone": "UTC"}, "slug": "a"}),
+    )
+    .await
+    .unwrap();
+    c.create_schedules(
+        &id,
+        &[json!({"schedule": {"cron": "0 1 * * *", "timezone": "UTC"}, "slug": "b"})],
+    )
+    .await
+    .unwrap();
     let scheds = c.read_schedules(&id).await.unwrap();
     assert_eq!(scheds.len(), 2);
     let a = scheds.iter().find(|s| s["slug"] == "a").unwrap();
@@ -144,12 +204,17 @@ async fn client_calls_against_real_server() {
     c.delete_owned_automations(&owner).await.unwrap();
 
     assert!(c.delete_deployment(&id).await.unwrap());
-    assert!(!c.delete_deployment(&id).await.unwrap(), "a second delete finds it gone");
+    assert!(
+        !c.delete_deployment(&id).await.unwrap(),
+        "a second delete finds it gone"
+    );
     assert!(c.read_deployment(&id).await.unwrap().is_none());
 
     // Errors are specific and short.
     let err = c
-        .create_deployment(&json!({"name": unique("d"), "flow_id": f1, "work_pool_name": "no-such-pool"}))
+        .create_deployment(
+            &json!({"name": unique("d"), "flow_id": f1, "work_pool_name": "no-such-pool"}),
+        )
         .await
         .unwrap_err();
     assert!(matches!(err, Error::WorkPoolNotFound(_)), "{err:?}");
@@ -159,8 +224,16 @@ async fn client_calls_against_real_server() {
         .unwrap_err();
     assert!(matches!(err, Error::PrefectRejected(_)), "{err:?}");
     assert!(err.to_string().len() <= 400, "{err}");
-    let dead = PrefectClient::new(http_client(), &format!("http://127.0.0.1:{}/api", support::free_port()), None, Arc::default());
-    assert!(matches!(dead.health().await.unwrap_err(), Error::PrefectUnreachable(_)));
+    let dead = PrefectClient::new(
+        http_client(),
+        &format!("http://127.0.0.1:{}/api", support::free_port()),
+        None,
+        Arc::default(),
+    );
+    assert!(matches!(
+        dead.health().await.unwrap_err(),
+        Error::PrefectUnreachable(_)
+    ));
 }
 
 #[tokio::test]
@@ -203,8 +276,14 @@ async fn create_noop_update_and_drift() {
     assert_eq!(d["work_pool_name"], json!(pool));
     assert_eq!(d["labels"]["team"], json!("data"));
     assert_eq!(d["flow_id"], json!(state.flow_id.clone().unwrap()));
-    let (_, flow) = env.get(&format!("/flows/{}", d["flow_id"].as_str().unwrap())).await;
-    assert_eq!(flow["name"], json!("nightly-etl"), "default flow name from the function");
+    let (_, flow) = env
+        .get(&format!("/flows/{}", d["flow_id"].as_str().unwrap()))
+        .await;
+    assert_eq!(
+        flow["name"],
+        json!("nightly-etl"),
+        "default flow name from the function"
+    );
     assert_eq!(d["schedules"].as_array().unwrap().len(), 3);
     let ids = schedule_ids(&d);
 
@@ -218,14 +297,25 @@ async fn create_noop_update_and_drift() {
     spec.deployment.description = Some("second".into());
     let (r, changes, made) = env.apply(&spec, &name, &uid, &mut state).await;
     r.unwrap();
-    assert_eq!(changes, vec![Change::Updated { fields: vec!["description".into()] }]);
+    assert_eq!(
+        changes,
+        vec![Change::Updated {
+            fields: vec!["description".into()]
+        }]
+    );
     assert_eq!(made, vec!["GET deployment_by_name", "PATCH deployment"]);
-    assert_eq!(env.deployment(&id).await.unwrap()["description"], json!("second"));
+    assert_eq!(
+        env.deployment(&id).await.unwrap()["description"],
+        json!("second")
+    );
 
     // Removing the concurrency limit clears it in Prefect.
     spec.deployment.concurrency_limit = None;
     env.apply(&spec, &name, &uid, &mut state).await.0.unwrap();
-    assert_eq!(env.deployment(&id).await.unwrap()["global_concurrency_limit"], json!(null));
+    assert_eq!(
+        env.deployment(&id).await.unwrap()["global_concurrency_limit"],
+        json!(null)
+    );
 
     // Schedules: change one, add one, remove one; the untouched keeps its id.
     let scheds = spec.deployment.schedules.as_mut().unwrap();
@@ -236,15 +326,33 @@ async fn create_noop_update_and_drift() {
     r.unwrap();
     assert_eq!(
         changes,
-        vec![Change::SchedulesChanged { created: vec!["extra".into()], updated: vec!["daily".into()], deleted: vec!["weekly".into()] }]
+        vec![Change::SchedulesChanged {
+            created: vec!["extra".into()],
+            updated: vec!["daily".into()],
+            deleted: vec!["weekly".into()]
+        }]
     );
-    assert!(!made.iter().any(|m| m == "POST deployments"), "never the upsert: {made:?}");
+    assert!(
+        !made.iter().any(|m| m == "POST deployments"),
+        "never the upsert: {made:?}"
+    );
     let d = env.deployment(&id).await.unwrap();
     let after = schedule_ids(&d);
-    assert_eq!(after["hourly"], ids["hourly"], "untouched schedule keeps its id");
-    assert_eq!(after["daily"], ids["daily"], "edited schedule is updated in place");
+    assert_eq!(
+        after["hourly"], ids["hourly"],
+        "untouched schedule keeps its id"
+    );
+    assert_eq!(
+        after["daily"], ids["daily"],
+        "edited schedule is updated in place"
+    );
     assert!(!after.contains_key("weekly"));
-    let daily = d["schedules"].as_array().unwrap().iter().find(|s| s["slug"] == "daily").unwrap();
+    let daily = d["schedules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["slug"] == "daily")
+        .unwrap();
     assert_eq!(daily["schedule"]["cron"], json!("30 7 * * *"));
     assert_eq!(daily["schedule"]["day_or"], json!(false));
     // And it is stable again.
@@ -252,37 +360,71 @@ async fn create_noop_update_and_drift() {
     assert!(changes.is_empty(), "{changes:?} {made:?}");
 
     // Drift: an edit made in Prefect is put back.
-    let r = env.raw.patch(format!("{}/deployments/{id}", env.url)).json(&json!({"description": "by hand", "paused": true})).send().await.unwrap();
+    let r = env
+        .raw
+        .patch(format!("{}/deployments/{id}", env.url))
+        .json(&json!({"description": "by hand", "paused": true}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status().as_u16(), 204);
     let (r, changes, _) = env.apply(&spec, &name, &uid, &mut state).await;
     r.unwrap();
-    assert_eq!(changes, vec![Change::Updated { fields: vec!["description".into(), "paused".into()] }]);
+    assert_eq!(
+        changes,
+        vec![Change::Updated {
+            fields: vec!["description".into(), "paused".into()]
+        }]
+    );
     let d = env.deployment(&id).await.unwrap();
-    assert_eq!((d["description"].clone(), d["paused"].clone()), (json!("second"), json!(false)));
+    assert_eq!(
+        (d["description"].clone(), d["paused"].clone()),
+        (json!("second"), json!(false))
+    );
 
     // Drift: deleted in Prefect, created again (new id).
-    env.raw.delete(format!("{}/deployments/{id}", env.url)).send().await.unwrap();
+    env.raw
+        .delete(format!("{}/deployments/{id}", env.url))
+        .send()
+        .await
+        .unwrap();
     let (r, changes, _) = env.apply(&spec, &name, &uid, &mut state).await;
     r.unwrap();
     let new_id = state.deployment_id.clone().unwrap();
     assert_ne!(new_id, id);
     assert_eq!(changes[0], Change::Created { id: new_id.clone() });
-    assert_eq!(env.deployment(&new_id).await.unwrap()["schedules"].as_array().unwrap().len(), 3);
+    assert_eq!(
+        env.deployment(&new_id).await.unwrap()["schedules"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
 
     // Status lost after a create (interrupted pass): recognised as ours, not a conflict.
     let mut fresh = SyncState::default();
     let (r, changes, _) = env.apply(&spec, &name, &uid, &mut fresh).await;
     r.unwrap();
     assert_eq!(fresh.deployment_id.as_deref(), Some(new_id.as_str()));
-    assert!(!changes.iter().any(|c| matches!(c, Change::Adopted { .. } | Change::Created { .. })), "{changes:?}");
+    assert!(
+        !changes
+            .iter()
+            .any(|c| matches!(c, Change::Adopted { .. } | Change::Created { .. })),
+        "{changes:?}"
+    );
 
     // Renaming the deployment creates the new one and removes the old.
     let renamed = unique("etl-renamed");
     let (r, changes, _) = env.apply(&spec, &renamed, &uid, &mut state).await;
     r.unwrap();
-    assert!(matches!(&changes[0], Change::Replaced { old_id, .. } if *old_id == new_id), "{changes:?}");
+    assert!(
+        matches!(&changes[0], Change::Replaced { old_id, .. } if *old_id == new_id),
+        "{changes:?}"
+    );
     assert!(env.deployment(&new_id).await.is_none());
-    let (code, _) = env.get(&format!("/deployments/name/nightly-etl/{renamed}")).await;
+    let (code, _) = env
+        .get(&format!("/deployments/name/nightly-etl/{renamed}"))
+        .await;
     assert_eq!(code, 200);
 }
 
@@ -307,15 +449,21 @@ async fn triggers_are_applied_only_when_changed() {
     env.apply(&spec, &name, &uid, &mut state).await.0.unwrap();
     let id = state.deployment_id.clone().unwrap();
     assert_eq!(state.automation_ids.len(), 4);
-    let (_, first) = env.get(&format!("/automations/{}", state.automation_ids[0])).await;
+    let (_, first) = env
+        .get(&format!("/automations/{}", state.automation_ids[0]))
+        .await;
     assert_eq!(first["name"], json!(format!("{name}__automation_1")));
     assert_eq!(first["actions"][0]["deployment_id"], json!(id));
     assert_eq!(first["actions"][0]["parameters"], json!({"x": 1}));
-    let (_, compound) = env.get(&format!("/automations/{}", state.automation_ids[1])).await;
+    let (_, compound) = env
+        .get(&format!("/automations/{}", state.automation_ids[1]))
+        .await;
     assert_eq!(compound["trigger"]["type"], json!("compound"));
     assert_eq!(compound["trigger"]["require"], json!("any"));
     assert_eq!(compound["trigger"]["triggers"].as_array().unwrap().len(), 2);
-    let (_, quiet) = env.get(&format!("/automations/{}", state.automation_ids[3])).await;
+    let (_, quiet) = env
+        .get(&format!("/automations/{}", state.automation_ids[3]))
+        .await;
     assert_eq!(quiet["enabled"], json!(false));
     assert_eq!(quiet["trigger"]["posture"], json!("Proactive"));
 
@@ -330,34 +478,51 @@ async fn triggers_are_applied_only_when_changed() {
     spec.deployment.triggers.as_mut().unwrap()[0].parameters = Some(json!({"x": 2}));
     let (r, changes, _) = env.apply(&spec, &name, &uid, &mut state).await;
     r.unwrap();
-    assert!(changes.contains(&Change::AutomationsReplaced { count: 1 }), "{changes:?}");
+    assert!(
+        changes.contains(&Change::AutomationsReplaced { count: 1 }),
+        "{changes:?}"
+    );
     for old in &old_ids {
         assert!(!env.automation_exists(old).await);
     }
     assert_eq!(state.automation_ids.len(), 1);
-    let (_, a) = env.get(&format!("/automations/{}", state.automation_ids[0])).await;
+    let (_, a) = env
+        .get(&format!("/automations/{}", state.automation_ids[0]))
+        .await;
     assert_eq!(a["actions"][0]["parameters"], json!({"x": 2}));
 
     // A metric trigger is Prefect Cloud only: the deployment stays applied, the trigger
     // failure is reported.
     spec.deployment.triggers = Some(vec![serde_json::from_value(json!({
         "type": "metric", "metric": {"name": "lateness", "operator": ">", "threshold": 60}
-    })).unwrap()]);
+    }))
+    .unwrap()]);
     spec.deployment.description = Some("still applied".into());
     let (r, _, _) = env.apply(&spec, &name, &uid, &mut state).await;
     assert!(matches!(r, Err(Error::AutomationFailed(_))), "{r:?}");
-    assert_eq!(env.deployment(&id).await.unwrap()["description"], json!("still applied"));
-    assert!(state.triggers_hash.is_none(), "a failed trigger set is retried");
+    assert_eq!(
+        env.deployment(&id).await.unwrap()["description"],
+        json!("still applied")
+    );
+    assert!(
+        state.triggers_hash.is_none(),
+        "a failed trigger set is retried"
+    );
 
     // Deletion removes the automations and the deployment; a second delete is a no-op.
-    spec.deployment.triggers.as_mut().unwrap()[0] = serde_json::from_value(json!({"expect": ["x"]})).unwrap();
+    spec.deployment.triggers.as_mut().unwrap()[0] =
+        serde_json::from_value(json!({"expect": ["x"]})).unwrap();
     env.apply(&spec, &name, &uid, &mut state).await.0.unwrap();
     let aid = state.automation_ids[0].clone();
-    let deleted = sync::delete(&env.client, &spec, &name, &uid, &state).await.unwrap();
+    let deleted = sync::delete(&env.client, &spec, &name, &uid, &state)
+        .await
+        .unwrap();
     assert_eq!(deleted.as_deref(), Some(id.as_str()));
     assert!(env.deployment(&id).await.is_none());
     assert!(!env.automation_exists(&aid).await);
-    sync::delete(&env.client, &spec, &name, &uid, &state).await.unwrap();
+    sync::delete(&env.client, &spec, &name, &uid, &state)
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -367,26 +532,52 @@ async fn conflict_and_adoption() {
     let name = unique("taken");
     // Someone else's deployment of the same flow and name.
     let flow_id = env.client.upsert_flow("job").await.unwrap();
-    let (code, theirs) = env.post("/deployments/", json!({"name": name, "flow_id": flow_id, "description": "theirs",
-        "schedules": [{"schedule": {"interval": 60}, "slug": "keep"}]})).await;
+    let (code, theirs) = env
+        .post(
+            "/deployments/",
+            json!({"name": name, "flow_id": flow_id, "description": "theirs",
+        "schedules": [{"schedule": {"interval": 60}, "slug": "keep"}]}),
+        )
+        .await;
     assert_eq!(code, 201);
     let theirs_id = theirs["id"].as_str().unwrap().to_string();
 
-    let mut spec = env.spec(&pool, json!({"entrypoint": "j.py:job", "description": "ours",
-        "schedules": [{"slug": "keep", "interval": 60}]}));
+    let mut spec = env.spec(
+        &pool,
+        json!({"entrypoint": "j.py:job", "description": "ours",
+        "schedules": [{"slug": "keep", "interval": 60}]}),
+    );
     let mut state = SyncState::default();
     let (r, _, made) = env.apply(&spec, &name, "uid-1", &mut state).await;
-    assert!(matches!(&r, Err(Error::Conflict(m)) if m.contains("adoptExisting")), "{r:?}");
-    assert!(made.iter().all(|m| m.starts_with("GET")), "a conflict writes nothing: {made:?}");
-    assert_eq!(env.deployment(&theirs_id).await.unwrap()["description"], json!("theirs"));
+    assert!(
+        matches!(&r, Err(Error::Conflict(m)) if m.contains("adoptExisting")),
+        "{r:?}"
+    );
+    assert!(
+        made.iter().all(|m| m.starts_with("GET")),
+        "a conflict writes nothing: {made:?}"
+    );
+    assert_eq!(
+        env.deployment(&theirs_id).await.unwrap()["description"],
+        json!("theirs")
+    );
 
     spec.adopt_existing = Some(true);
     let (r, changes, _) = env.apply(&spec, &name, "uid-1", &mut state).await;
     r.unwrap();
-    assert_eq!(changes[0], Change::Adopted { id: theirs_id.clone() });
+    assert_eq!(
+        changes[0],
+        Change::Adopted {
+            id: theirs_id.clone()
+        }
+    );
     let d = env.deployment(&theirs_id).await.unwrap();
     assert_eq!(d["description"], json!("ours"));
-    assert_eq!(d["schedules"].as_array().unwrap().len(), 1, "adoption keeps matching schedules");
+    assert_eq!(
+        d["schedules"].as_array().unwrap().len(),
+        1,
+        "adoption keeps matching schedules"
+    );
 }
 
 #[tokio::test]
@@ -396,9 +587,22 @@ async fn basic_auth_server() {
     let calls = Arc::new(CallLog::default());
     let anon = PrefectClient::new(http_client(), &server.url, None, calls.clone());
     let err = anon.upsert_flow("f").await.unwrap_err();
-    assert!(matches!(err, Error::PrefectRejected(ref m) if m.contains("401")), "{err:?}");
-    let wrong = PrefectClient::new(http_client(), &server.url, Some(Auth::Basic("admin:nope".into())), calls.clone());
+    assert!(
+        matches!(err, Error::PrefectRejected(ref m) if m.contains("401")),
+        "{err:?}"
+    );
+    let wrong = PrefectClient::new(
+        http_client(),
+        &server.url,
+        Some(Auth::Basic("admin:nope".into())),
+        calls.clone(),
+    );
     assert!(wrong.upsert_flow("f").await.is_err());
-    let authed = PrefectClient::new(http_client(), &server.url, Some(Auth::Basic("admin:s3cret".into())), calls);
+    let authed = PrefectClient::new(
+        http_client(),
+        &server.url,
+        Some(Auth::Basic("admin:s3cret".into())),
+        calls,
+    );
     authed.upsert_flow("f").await.unwrap();
 }

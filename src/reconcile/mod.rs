@@ -66,7 +66,14 @@ impl Context {
             .unwrap_or(self.default_resync)
     }
 
-    async fn event(&self, obj: &PrefectDeployment, type_: EventType, reason: &str, note: String, action: &str) {
+    async fn event(
+        &self,
+        obj: &PrefectDeployment,
+        type_: EventType,
+        reason: &str,
+        note: String,
+        action: &str,
+    ) {
         let ev = Event {
             type_,
             reason: reason.into(),
@@ -131,7 +138,10 @@ pub async fn reconcile(obj: Arc<PrefectDeployment>, ctx: Arc<Context>) -> Result
     match &result {
         Ok(_) => {
             ctx.failures.lock().expect("lock").remove(&oref);
-            tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, "reconciled");
+            tracing::debug!(
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "reconciled"
+            );
         }
         Err(e) => tracing::warn!(category = e.category(), error = %e, "reconcile failed"),
     }
@@ -196,7 +206,8 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
     .await;
 
     for c in &changes {
-        ctx.event(obj, EventType::Normal, c.reason(), c.message(), "Sync").await;
+        ctx.event(obj, EventType::Normal, c.reason(), c.message(), "Sync")
+            .await;
     }
     match outcome {
         Ok(base) => {
@@ -204,7 +215,10 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
             let cond = status::ready(old, true, reason::SYNCED, &message, generation);
             status::write(&api, obj, &status::build(&state, cond, generation)).await?;
             if let Some(g) = generation {
-                ctx.synced.lock().expect("lock").insert(oref, (g, Instant::now()));
+                ctx.synced
+                    .lock()
+                    .expect("lock")
+                    .insert(oref, (g, Instant::now()));
             }
             Ok(Action::requeue(jitter(resync)))
         }
@@ -219,7 +233,12 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
 async fn prefect_client(obj: &PrefectDeployment, ctx: &Context, ns: &str) -> Result<PrefectClient> {
     let base = server::base_url(&obj.spec.server, ns);
     let auth = server::credentials(&ctx.kube, ns, &obj.spec.server).await?;
-    Ok(PrefectClient::new(ctx.http.clone(), &base, auth, ctx.calls.clone()))
+    Ok(PrefectClient::new(
+        ctx.http.clone(),
+        &base,
+        auth,
+        ctx.calls.clone(),
+    ))
 }
 
 /// Ready=False with the error's reason; a Warning event when the reason or message is
@@ -238,7 +257,8 @@ async fn report_failure(
     let previous = old.and_then(|s| s.conditions.iter().find(|c| c.type_ == status::READY));
     let is_new = previous.is_none_or(|p| p.reason != cond.reason || p.message != cond.message);
     if is_new {
-        ctx.event(obj, EventType::Warning, e.reason(), message, "Sync").await;
+        ctx.event(obj, EventType::Warning, e.reason(), message, "Sync")
+            .await;
     }
     status::write(api, obj, &status::build(state, cond, generation)).await?;
     Ok(())
@@ -247,9 +267,21 @@ async fn report_failure(
 /// Finalizer edits are merge patches carrying the resourceVersion they were computed
 /// from, so a concurrent change to the list makes the patch fail (and retry) instead of
 /// being overwritten.
-async fn set_finalizers(obj: &PrefectDeployment, api: &Api<PrefectDeployment>, list: Vec<String>) -> Result<()> {
-    let patch = json!({"metadata": {"resourceVersion": obj.resource_version(), "finalizers": list}});
-    match api.patch(&obj.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await {
+async fn set_finalizers(
+    obj: &PrefectDeployment,
+    api: &Api<PrefectDeployment>,
+    list: Vec<String>,
+) -> Result<()> {
+    let patch =
+        json!({"metadata": {"resourceVersion": obj.resource_version(), "finalizers": list}});
+    match api
+        .patch(
+            &obj.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+    {
         Ok(_) => Ok(()),
         // Already gone: the object was deleted once the last finalizer went.
         Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
@@ -264,11 +296,20 @@ async fn add_finalizer(obj: &PrefectDeployment, api: &Api<PrefectDeployment>) ->
 }
 
 async fn remove_finalizer(obj: &PrefectDeployment, api: &Api<PrefectDeployment>) -> Result<()> {
-    let list = obj.finalizers().iter().filter(|f| *f != FINALIZER).cloned().collect();
+    let list = obj
+        .finalizers()
+        .iter()
+        .filter(|f| *f != FINALIZER)
+        .cloned()
+        .collect();
     set_finalizers(obj, api, list).await
 }
 
-async fn finalize(obj: &PrefectDeployment, ctx: &Context, api: &Api<PrefectDeployment>) -> Result<Action> {
+async fn finalize(
+    obj: &PrefectDeployment,
+    ctx: &Context,
+    api: &Api<PrefectDeployment>,
+) -> Result<Action> {
     if !obj.finalizers().iter().any(|f| f == FINALIZER) {
         return Ok(Action::await_change());
     }
@@ -277,28 +318,65 @@ async fn finalize(obj: &PrefectDeployment, ctx: &Context, api: &Api<PrefectDeplo
         let state = status::state_of(obj.status.as_ref());
         let result = async {
             let client = prefect_client(obj, ctx, &ns).await?;
-            sync::delete(&client, &obj.spec, &obj.deployment_name(), &obj.uid().unwrap_or_default(), &state).await
+            sync::delete(
+                &client,
+                &obj.spec,
+                &obj.deployment_name(),
+                &obj.uid().unwrap_or_default(),
+                &state,
+            )
+            .await
         }
         .await;
         match result {
             Ok(Some(id)) => {
-                ctx.event(obj, EventType::Normal, "Deleted", format!("Deleted Prefect deployment {id} and its automations"), "Delete").await;
+                ctx.event(
+                    obj,
+                    EventType::Normal,
+                    "Deleted",
+                    format!("Deleted Prefect deployment {id} and its automations"),
+                    "Delete",
+                )
+                .await;
             }
             Ok(None) => {}
             Err(e) => {
                 let generation = obj.meta().generation;
                 let msg = format!("Could not delete the Prefect deployment, will retry: {e}");
-                let cond = status::ready(obj.status.as_ref(), false, reason::CLEANUP_FAILED, &msg, generation);
-                let previous = obj.status.as_ref().and_then(|s| s.conditions.iter().find(|c| c.type_ == status::READY));
+                let cond = status::ready(
+                    obj.status.as_ref(),
+                    false,
+                    reason::CLEANUP_FAILED,
+                    &msg,
+                    generation,
+                );
+                let previous = obj
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.conditions.iter().find(|c| c.type_ == status::READY));
                 if previous.is_none_or(|p| p.message != cond.message) {
-                    ctx.event(obj, EventType::Warning, reason::CLEANUP_FAILED, msg, "Delete").await;
+                    ctx.event(
+                        obj,
+                        EventType::Warning,
+                        reason::CLEANUP_FAILED,
+                        msg,
+                        "Delete",
+                    )
+                    .await;
                 }
                 status::write(api, obj, &status::build(&state, cond, generation)).await?;
                 return Err(e);
             }
         }
     } else {
-        ctx.event(obj, EventType::Normal, "Orphaned", "deletionPolicy is Orphan: the Prefect deployment is left in place".into(), "Delete").await;
+        ctx.event(
+            obj,
+            EventType::Normal,
+            "Orphaned",
+            "deletionPolicy is Orphan: the Prefect deployment is left in place".into(),
+            "Delete",
+        )
+        .await;
     }
     remove_finalizer(obj, api).await?;
     Ok(Action::await_change())

@@ -15,7 +15,11 @@ const IN_CLUSTER_PORT: u16 = 4200;
 /// The Prefect API base URL the spec points at (pure).
 pub fn base_url(s: &ServerSpec, resource_namespace: &str) -> String {
     if let (Some(account), Some(workspace)) = (&s.account_id, &s.workspace_id) {
-        let base = s.remote_api_url.as_deref().unwrap_or(CLOUD_API).trim_end_matches('/');
+        let base = s
+            .remote_api_url
+            .as_deref()
+            .unwrap_or(CLOUD_API)
+            .trim_end_matches('/');
         if base.contains("/accounts/") {
             return base.to_string();
         }
@@ -29,15 +33,22 @@ pub fn base_url(s: &ServerSpec, resource_namespace: &str) -> String {
     format!("http://{name}.{ns}.svc:{IN_CLUSTER_PORT}/api")
 }
 
-pub async fn credentials(kube: &kube::Client, namespace: &str, s: &ServerSpec) -> Result<Option<Auth>> {
+pub async fn credentials(
+    kube: &kube::Client,
+    namespace: &str,
+    s: &ServerSpec,
+) -> Result<Option<Auth>> {
     if let Some(key) = &s.api_key {
-        return Ok(Some(Auth::Bearer(read(kube, namespace, key, "spec.server.apiKey").await?)));
+        return Ok(Some(Auth::Bearer(
+            read(kube, namespace, key, "spec.server.apiKey").await?,
+        )));
     }
     if let Some(auth) = &s.auth_string {
         let value = read(kube, namespace, auth, "spec.server.authString").await?;
         if !value.contains(':') {
             return Err(Error::InvalidSpec(
-                "spec.server.authString: the referenced value must have the form user:password".into(),
+                "spec.server.authString: the referenced value must have the form user:password"
+                    .into(),
             ));
         }
         return Ok(Some(Auth::Basic(value)));
@@ -45,29 +56,52 @@ pub async fn credentials(kube: &kube::Client, namespace: &str, s: &ServerSpec) -
     Ok(None)
 }
 
-async fn read(kube: &kube::Client, namespace: &str, v: &SecretValue, field: &str) -> Result<String> {
+async fn read(
+    kube: &kube::Client,
+    namespace: &str,
+    v: &SecretValue,
+    field: &str,
+) -> Result<String> {
     if let Some(value) = &v.value {
         return Ok(value.clone());
     }
-    let from = v.value_from.as_ref().ok_or_else(|| Error::InvalidSpec(format!("{field}: set value or valueFrom")))?;
+    let from = v
+        .value_from
+        .as_ref()
+        .ok_or_else(|| Error::InvalidSpec(format!("{field}: set value or valueFrom")))?;
     let (kind, r, value) = if let Some(r) = &from.secret_key_ref {
-        let secret = Api::<Secret>::namespaced(kube.clone(), namespace).get_opt(r.name.as_deref().unwrap_or_default()).await?;
+        let secret = Api::<Secret>::namespaced(kube.clone(), namespace)
+            .get_opt(r.name.as_deref().unwrap_or_default())
+            .await?;
         let Some(secret) = secret else {
-            return Err(Error::SecretNotFound(format!("{field}: Secret {:?} not found in namespace {namespace:?}", r.name)));
+            return Err(Error::SecretNotFound(format!(
+                "{field}: Secret {:?} not found in namespace {namespace:?}",
+                r.name
+            )));
         };
         let value = secret
             .data
-            .and_then(|d| d.get(&r.key).map(|b| String::from_utf8_lossy(&b.0).into_owned()))
+            .and_then(|d| {
+                d.get(&r.key)
+                    .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+            })
             .or_else(|| secret.string_data.and_then(|d| d.get(&r.key).cloned()));
         ("Secret", r, value)
     } else if let Some(r) = &from.config_map_key_ref {
-        let cm = Api::<ConfigMap>::namespaced(kube.clone(), namespace).get_opt(r.name.as_deref().unwrap_or_default()).await?;
+        let cm = Api::<ConfigMap>::namespaced(kube.clone(), namespace)
+            .get_opt(r.name.as_deref().unwrap_or_default())
+            .await?;
         let Some(cm) = cm else {
-            return Err(Error::SecretNotFound(format!("{field}: ConfigMap {:?} not found in namespace {namespace:?}", r.name)));
+            return Err(Error::SecretNotFound(format!(
+                "{field}: ConfigMap {:?} not found in namespace {namespace:?}",
+                r.name
+            )));
         };
         ("ConfigMap", r, cm.data.and_then(|d| d.get(&r.key).cloned()))
     } else {
-        return Err(Error::InvalidSpec(format!("{field}.valueFrom: set secretKeyRef or configMapKeyRef")));
+        return Err(Error::InvalidSpec(format!(
+            "{field}.valueFrom: set secretKeyRef or configMapKeyRef"
+        )));
     };
     match value {
         // A trailing newline is almost always an accident of `echo ... | kubectl create`.
@@ -85,13 +119,30 @@ mod tests {
 
     #[test]
     fn urls() {
-        let s = ServerSpec { remote_api_url: Some("http://h:4200/api/".into()), ..Default::default() };
+        let s = ServerSpec {
+            remote_api_url: Some("http://h:4200/api/".into()),
+            ..Default::default()
+        };
         assert_eq!(base_url(&s, "ns"), "http://h:4200/api");
-        let s = ServerSpec { account_id: Some("a".into()), workspace_id: Some("w".into()), ..Default::default() };
-        assert_eq!(base_url(&s, "ns"), "https://api.prefect.cloud/api/accounts/a/workspaces/w");
-        let s = ServerSpec { name: Some("prefect".into()), ..Default::default() };
+        let s = ServerSpec {
+            account_id: Some("a".into()),
+            workspace_id: Some("w".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            base_url(&s, "ns"),
+            "https://api.prefect.cloud/api/accounts/a/workspaces/w"
+        );
+        let s = ServerSpec {
+            name: Some("prefect".into()),
+            ..Default::default()
+        };
         assert_eq!(base_url(&s, "team"), "http://prefect.team.svc:4200/api");
-        let s = ServerSpec { name: Some("prefect".into()), namespace: Some("infra".into()), ..Default::default() };
+        let s = ServerSpec {
+            name: Some("prefect".into()),
+            namespace: Some("infra".into()),
+            ..Default::default()
+        };
         assert_eq!(base_url(&s, "team"), "http://prefect.infra.svc:4200/api");
     }
 }

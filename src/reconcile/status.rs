@@ -42,7 +42,11 @@ fn now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
-pub fn build(state: &SyncState, ready: Condition, generation: Option<i64>) -> PrefectDeploymentStatus {
+pub fn build(
+    state: &SyncState,
+    ready: Condition,
+    generation: Option<i64>,
+) -> PrefectDeploymentStatus {
     PrefectDeploymentStatus {
         deployment_id: state.deployment_id.clone(),
         flow_id: state.flow_id.clone(),
@@ -69,7 +73,11 @@ pub fn state_of(status: Option<&PrefectDeploymentStatus>) -> SyncState {
 }
 
 /// Writes `new` unless it equals what the object already has. Returns whether it wrote.
-pub async fn write(api: &Api<PrefectDeployment>, obj: &PrefectDeployment, new: &PrefectDeploymentStatus) -> Result<bool> {
+pub async fn write(
+    api: &Api<PrefectDeployment>,
+    obj: &PrefectDeployment,
+    new: &PrefectDeploymentStatus,
+) -> Result<bool> {
     if obj.status.as_ref() == Some(new) {
         return Ok(false);
     }
@@ -79,7 +87,11 @@ pub async fn write(api: &Api<PrefectDeployment>, obj: &PrefectDeployment, new: &
         "kind": "PrefectDeployment",
         "status": new,
     });
-    api.patch_status(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
-        .await?;
+    api.patch_status(
+        name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
     Ok(true)
 }

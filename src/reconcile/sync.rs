@@ -24,12 +24,27 @@ pub struct SyncState {
 /// Something the pass changed in Prefect, reported as a Kubernetes Event.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Change {
-    Created { id: String },
-    Adopted { id: String },
-    Replaced { old_id: String, new_id: String },
-    Updated { fields: Vec<String> },
-    SchedulesChanged { created: Vec<String>, updated: Vec<String>, deleted: Vec<String> },
-    AutomationsReplaced { count: usize },
+    Created {
+        id: String,
+    },
+    Adopted {
+        id: String,
+    },
+    Replaced {
+        old_id: String,
+        new_id: String,
+    },
+    Updated {
+        fields: Vec<String>,
+    },
+    SchedulesChanged {
+        created: Vec<String>,
+        updated: Vec<String>,
+        deleted: Vec<String>,
+    },
+    AutomationsReplaced {
+        count: usize,
+    },
 }
 
 impl Change {
@@ -52,9 +67,17 @@ impl Change {
                 "Name or flow changed: created Prefect deployment {new_id} and deleted {old_id}"
             ),
             Change::Updated { fields } => format!("Updated {}", fields.join(", ")),
-            Change::SchedulesChanged { created, updated, deleted } => {
+            Change::SchedulesChanged {
+                created,
+                updated,
+                deleted,
+            } => {
                 let mut parts = Vec::new();
-                for (verb, slugs) in [("created", created), ("updated", updated), ("deleted", deleted)] {
+                for (verb, slugs) in [
+                    ("created", created),
+                    ("updated", updated),
+                    ("deleted", deleted),
+                ] {
                     if !slugs.is_empty() {
                         parts.push(format!("{verb} {}", slugs.join(", ")));
                     }
@@ -81,7 +104,9 @@ pub async fn apply(
     let want = desired::deployment(spec, name, owner_uid);
     let adopt = spec.adopt_existing.unwrap_or(false);
 
-    let by_name = client.read_deployment_by_name(&want.flow_name, &want.name).await?;
+    let by_name = client
+        .read_deployment_by_name(&want.flow_name, &want.name)
+        .await?;
     let existing = match (by_name, state.deployment_id.clone()) {
         (Some(found), known) => {
             let found_id = str_field(&found, "id");
@@ -103,7 +128,9 @@ pub async fn apply(
                     retire(client, &old).await?;
                 }
                 if !ours {
-                    changes.push(Change::Adopted { id: found_id.clone() });
+                    changes.push(Change::Adopted {
+                        id: found_id.clone(),
+                    });
                 }
                 state.deployment_id = Some(found_id);
                 state.triggers_hash = None;
@@ -116,7 +143,10 @@ pub async fn apply(
             if client.read_deployment(&known).await?.is_some() {
                 let new_id = create(client, &want, state).await?;
                 retire(client, &known).await?;
-                changes.push(Change::Replaced { old_id: known, new_id });
+                changes.push(Change::Replaced {
+                    old_id: known,
+                    new_id,
+                });
             } else {
                 let id = create(client, &want, state).await?;
                 changes.push(Change::Created { id });
@@ -144,13 +174,22 @@ pub async fn apply(
         update_schedules(client, &id, &want.schedules, &actual, changes).await?;
     }
 
-    let id = state.deployment_id.clone().expect("deployment id is set above");
+    let id = state
+        .deployment_id
+        .clone()
+        .expect("deployment id is set above");
     apply_automations(client, spec, name, &id, state, changes).await
 }
 
-async fn create(client: &PrefectClient, want: &DesiredDeployment, state: &mut SyncState) -> Result<String> {
+async fn create(
+    client: &PrefectClient,
+    want: &DesiredDeployment,
+    state: &mut SyncState,
+) -> Result<String> {
     let flow_id = client.upsert_flow(&want.flow_name).await?;
-    let id = client.create_deployment(&want.create_body(&flow_id)).await?;
+    let id = client
+        .create_deployment(&want.create_body(&flow_id))
+        .await?;
     state.deployment_id = Some(id.clone());
     state.flow_id = Some(flow_id);
     state.automation_ids.clear();
@@ -186,7 +225,11 @@ async fn update_fields(
     }
     // Prefect checks parameters against the schema in the same request: send the three
     // together so a change to both is judged as a whole.
-    const PARAMS: [&str; 3] = ["parameters", "parameter_openapi_schema", "enforce_parameter_schema"];
+    const PARAMS: [&str; 3] = [
+        "parameters",
+        "parameter_openapi_schema",
+        "enforce_parameter_schema",
+    ];
     if PARAMS.iter().any(|k| patch.contains_key(*k)) {
         for k in PARAMS {
             patch.insert(k.into(), want.fields[k].clone());
@@ -221,12 +264,17 @@ async fn update_schedules(
     }
     let mut to_create = Vec::new();
     for w in want {
-        match actual.iter().find(|a| a.get("slug").and_then(Value::as_str) == Some(w.slug.as_str())) {
+        match actual
+            .iter()
+            .find(|a| a.get("slug").and_then(Value::as_str) == Some(w.slug.as_str()))
+        {
             Some(a) if schedule_same(&w.body, a) => {}
             // Updated in place: the schedule keeps its id and its runs are re-planned
             // by Prefect, rather than dropped with a delete.
             Some(a) => {
-                client.update_schedule(id, &str_field(a, "id"), &w.body).await?;
+                client
+                    .update_schedule(id, &str_field(a, "id"), &w.body)
+                    .await?;
                 updated.push(w.slug.clone());
             }
             None => {
@@ -239,7 +287,11 @@ async fn update_schedules(
         client.create_schedules(id, &to_create).await?;
     }
     if !(created.is_empty() && updated.is_empty() && deleted.is_empty()) {
-        changes.push(Change::SchedulesChanged { created, updated, deleted });
+        changes.push(Change::SchedulesChanged {
+            created,
+            updated,
+            deleted,
+        });
     }
     Ok(())
 }
@@ -271,7 +323,9 @@ async fn apply_automations(
     }
     state.triggers_hash = Some(hash);
     if had_any || !bodies.is_empty() {
-        changes.push(Change::AutomationsReplaced { count: bodies.len() });
+        changes.push(Change::AutomationsReplaced {
+            count: bodies.len(),
+        });
     }
     Ok(())
 }
@@ -294,7 +348,9 @@ pub async fn delete(
                 .read_deployment_by_name(&flow, name)
                 .await?
                 .filter(|d| {
-                    d.get("labels").and_then(|l| l.get(OWNER_LABEL)).and_then(Value::as_str)
+                    d.get("labels")
+                        .and_then(|l| l.get(OWNER_LABEL))
+                        .and_then(Value::as_str)
                         == Some(owner_uid)
                 })
                 .map(|d| str_field(&d, "id"))
@@ -307,7 +363,10 @@ pub async fn delete(
 }
 
 fn str_field(v: &Value, key: &str) -> String {
-    v.get(key).and_then(Value::as_str).unwrap_or_default().to_string()
+    v.get(key)
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string()
 }
 
 fn is_empty(v: &Value) -> bool {
@@ -327,10 +386,12 @@ pub fn same(a: &Value, b: &Value) -> bool {
     }
     match (a, b) {
         (Value::Number(x), Value::Number(y)) => x.as_f64() == y.as_f64(),
-        (Value::Object(x), Value::Object(y)) => x
-            .keys()
-            .chain(y.keys())
-            .all(|k| same(x.get(k).unwrap_or(&Value::Null), y.get(k).unwrap_or(&Value::Null))),
+        (Value::Object(x), Value::Object(y)) => x.keys().chain(y.keys()).all(|k| {
+            same(
+                x.get(k).unwrap_or(&Value::Null),
+                y.get(k).unwrap_or(&Value::Null),
+            )
+        }),
         (Value::Array(x), Value::Array(y)) => {
             x.len() == y.len() && x.iter().zip(y).all(|(p, q)| same(p, q))
         }
@@ -347,7 +408,10 @@ pub fn schedule_same(want: &Value, actual: &Value) -> bool {
             return false;
         }
     }
-    let (w, a) = (&want["schedule"], actual.get("schedule").unwrap_or(&Value::Null));
+    let (w, a) = (
+        &want["schedule"],
+        actual.get("schedule").unwrap_or(&Value::Null),
+    );
     let Some(w) = w.as_object() else { return false };
     w.iter().all(|(k, wv)| {
         let av = a.get(k).unwrap_or(&Value::Null);

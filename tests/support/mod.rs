@@ -28,18 +28,33 @@ pub fn assets() -> &'static Assets {
             .output()
             .expect("run scripts/test-assets.sh");
         assert!(out.status.success(), "scripts/test-assets.sh failed");
-        let line = String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or_default().to_string();
+        let line = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .to_string();
         let get = |key: &str| -> PathBuf {
-            let start = line.find(&format!("{key}='")).unwrap_or_else(|| panic!("{key} missing in {line:?}")) + key.len() + 2;
+            let start = line
+                .find(&format!("{key}='"))
+                .unwrap_or_else(|| panic!("{key} missing in {line:?}"))
+                + key.len()
+                + 2;
             let end = start + line[start..].find('\'').expect("closing quote");
             PathBuf::from(&line[start..end])
         };
-        Assets { kube_dir: get("KUBEBUILDER_ASSETS"), prefect_bin: get("PREFECT_BIN") }
+        Assets {
+            kube_dir: get("KUBEBUILDER_ASSETS"),
+            prefect_bin: get("PREFECT_BIN"),
+        }
     })
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Starts `program args` in the background under a watchdog tied to this process.
@@ -73,12 +88,17 @@ fn tail(path: &Path) -> String {
 pub fn http_get(port: u16, path: &str, auth: Option<&str>) -> Option<(u16, String)> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    let auth = auth.map(|a| format!("Authorization: {a}\r\n")).unwrap_or_default();
+    let auth = auth
+        .map(|a| format!("Authorization: {a}\r\n"))
+        .unwrap_or_default();
     write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n{auth}\r\n").ok()?;
     let mut buf = String::new();
     s.read_to_string(&mut buf).ok()?;
     let code = buf.split_whitespace().nth(1)?.parse().ok()?;
-    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Some((code, body))
 }
 
@@ -106,10 +126,20 @@ impl PrefectServer {
         if let Some(s) = auth_string {
             envs.push(("PREFECT_SERVER_API_AUTH_STRING", s.into()));
         }
-        let args: Vec<String> = ["server", "start", "--host", "127.0.0.1", "--port", &port.to_string(), "--no-ui", "--analytics-off", "--no-services"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let args: Vec<String> = [
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--no-ui",
+            "--analytics-off",
+            "--no-services",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         let child = spawn_watched(&a.prefect_bin, &args, &envs, &log);
         let deadline = Instant::now() + Duration::from_secs(90);
         loop {
@@ -118,10 +148,19 @@ impl PrefectServer {
                     break;
                 }
             }
-            assert!(Instant::now() < deadline, "Prefect server did not become healthy; log:\n{}", tail(&log));
+            assert!(
+                Instant::now() < deadline,
+                "Prefect server did not become healthy; log:\n{}",
+                tail(&log)
+            );
             std::thread::sleep(Duration::from_millis(250));
         }
-        PrefectServer { url: format!("http://127.0.0.1:{port}/api"), port, _dir: dir, _child: child }
+        PrefectServer {
+            url: format!("http://127.0.0.1:{port}/api"),
+            port,
+            _dir: dir,
+            _child: child,
+        }
     }
 
     /// One server shared by all tests of a test binary.
@@ -141,7 +180,11 @@ pub struct ControlPlane {
 
 fn run(cmd: &mut Command) {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 impl ControlPlane {
@@ -151,7 +194,13 @@ impl ControlPlane {
         let d = dir.path();
         let etcd_bin = {
             let in_assets = a.kube_dir.join("etcd");
-            if in_assets.exists() { in_assets } else { etcd_bin_vendored::etcd_bin_path().expect("etcd for this platform").to_path_buf() }
+            if in_assets.exists() {
+                in_assets
+            } else {
+                etcd_bin_vendored::etcd_bin_path()
+                    .expect("etcd for this platform")
+                    .to_path_buf()
+            }
         };
         let (etcd_port, peer_port, api_port) = (free_port(), free_port(), free_port());
         let etcd_url = format!("http://127.0.0.1:{etcd_port}");
@@ -170,18 +219,85 @@ impl ControlPlane {
             &d.join("etcd.log"),
         );
 
-        // Serving certificate (also the CA clients trust) and service-account keys.
+        // A throwaway CA, a serving certificate signed by it (rustls refuses a CA used as
+        // the server's own certificate), and service-account keys.
         run(Command::new("openssl").current_dir(d).args([
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-keyout", "server.key", "-out", "server.crt",
-            "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-subj",
+            "/CN=test-ca",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
         ]));
-        run(Command::new("openssl").current_dir(d).args(["genrsa", "-out", "sa.key", "2048"]));
-        run(Command::new("openssl").current_dir(d).args(["rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub"]));
-        std::fs::write(d.join("tokens.csv"), "admin-token,admin,admin,system:masters\n").unwrap();
+        run(Command::new("openssl").current_dir(d).args([
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ]));
+        std::fs::write(
+            d.join("server.ext"),
+            "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n",
+        )
+        .unwrap();
+        run(Command::new("openssl").current_dir(d).args([
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-out",
+            "server.crt",
+            "-extfile",
+            "server.ext",
+        ]));
+        run(Command::new("openssl")
+            .current_dir(d)
+            .args(["genrsa", "-out", "sa.key", "2048"]));
+        run(Command::new("openssl")
+            .current_dir(d)
+            .args(["rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub"]));
+        std::fs::write(
+            d.join("tokens.csv"),
+            "admin-token,admin,admin,system:masters\n",
+        )
+        .unwrap();
 
-        let version = Command::new(a.kube_dir.join("kube-apiserver")).arg("--version").output().expect("kube-apiserver --version");
+        let version = Command::new(a.kube_dir.join("kube-apiserver"))
+            .arg("--version")
+            .output()
+            .expect("kube-apiserver --version");
         let version = String::from_utf8_lossy(&version.stdout).to_string();
-        let minor: u32 = version.trim().trim_start_matches("Kubernetes v").split('.').nth(1).and_then(|m| m.parse().ok()).unwrap_or(20);
+        let minor: u32 = version
+            .trim()
+            .trim_start_matches("Kubernetes v")
+            .split('.')
+            .nth(1)
+            .and_then(|m| m.parse().ok())
+            .unwrap_or(20);
         let mut args = vec![
             format!("--etcd-servers={etcd_url}"),
             format!("--secure-port={api_port}"),
@@ -191,7 +307,10 @@ impl ControlPlane {
             format!("--tls-cert-file={}", d.join("server.crt").display()),
             format!("--tls-private-key-file={}", d.join("server.key").display()),
             format!("--service-account-key-file={}", d.join("sa.pub").display()),
-            format!("--service-account-signing-key-file={}", d.join("sa.key").display()),
+            format!(
+                "--service-account-signing-key-file={}",
+                d.join("sa.key").display()
+            ),
             "--service-account-issuer=https://kubernetes.default.svc".into(),
             format!("--token-auth-file={}", d.join("tokens.csv").display()),
             "--authorization-mode=RBAC".into(),
@@ -210,32 +329,62 @@ impl ControlPlane {
             &kubeconfig,
             format!(
                 "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {url}\n    certificate-authority: {ca}\nusers:\n- name: admin\n  user:\n    token: admin-token\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: admin\n    namespace: default\ncurrent-context: test\n",
-                ca = d.join("server.crt").display()
+                ca = d.join("ca.crt").display()
             ),
         )
         .unwrap();
         let deadline = Instant::now() + Duration::from_secs(90);
         loop {
             let ok = Command::new("kubectl")
-                .args(["--kubeconfig", kubeconfig.to_str().unwrap(), "get", "--raw", "/readyz"])
+                .args([
+                    "--kubeconfig",
+                    kubeconfig.to_str().unwrap(),
+                    "get",
+                    "--raw",
+                    "/readyz",
+                ])
                 .output()
                 .map(|o| o.status.success())
                 .unwrap_or(false);
             if ok {
                 break;
             }
-            assert!(Instant::now() < deadline, "kube-apiserver did not become ready; log:\n{}\netcd log:\n{}", tail(&log), tail(&d.join("etcd.log")));
+            assert!(
+                Instant::now() < deadline,
+                "kube-apiserver did not become ready; log:\n{}\netcd log:\n{}",
+                tail(&log),
+                tail(&d.join("etcd.log"))
+            );
             std::thread::sleep(Duration::from_millis(300));
         }
-        ControlPlane { kubeconfig, url, dir, _etcd: etcd, _apiserver: apiserver }
+        ControlPlane {
+            kubeconfig,
+            url,
+            dir,
+            _etcd: etcd,
+            _apiserver: apiserver,
+        }
     }
 
     pub fn shared() -> &'static ControlPlane {
         static CP: OnceLock<ControlPlane> = OnceLock::new();
         CP.get_or_init(|| {
             let cp = ControlPlane::start();
-            cp.kubectl_ok(&["apply", "--server-side", "-f", concat!(env!("CARGO_MANIFEST_DIR"), "/crds/prefectdeployments.prefect.io.yaml")]);
-            cp.kubectl_ok(&["wait", "--for=condition=Established", "crd/prefectdeployments.prefect.io", "--timeout=60s"]);
+            cp.kubectl_ok(&[
+                "apply",
+                "--server-side",
+                "-f",
+                concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/crds/prefectdeployments.prefect.io.yaml"
+                ),
+            ]);
+            cp.kubectl_ok(&[
+                "wait",
+                "--for=condition=Established",
+                "crd/prefectdeployments.prefect.io",
+                "--timeout=60s",
+            ]);
             cp
         })
     }
@@ -248,13 +397,28 @@ impl ControlPlane {
     pub fn kubectl_stdin(&self, args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
         let mut cmd = Command::new("kubectl");
         cmd.arg("--kubeconfig").arg(&self.kubeconfig).args(args);
-        cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() }).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("kubectl");
         if let Some(input) = stdin {
-            child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(input.as_bytes())
+                .unwrap();
         }
         let out = child.wait_with_output().unwrap();
-        (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into(),
+            String::from_utf8_lossy(&out.stderr).into(),
+        )
     }
 
     pub fn kubectl_ok(&self, args: &[&str]) -> String {
@@ -266,7 +430,9 @@ impl ControlPlane {
     pub async fn client(&self) -> kube::Client {
         install_crypto();
         let kc = kube::config::Kubeconfig::read_from(&self.kubeconfig).unwrap();
-        let config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await.unwrap();
+        let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+            .await
+            .unwrap();
         kube::Client::try_from(config).unwrap()
     }
 }

@@ -1,0 +1,571 @@
+//! The whole operator against a real kube-apiserver + etcd and a real Prefect server:
+//! the CRD from `crds/` installed with kubectl, the controller running in-process,
+//! resources applied with kubectl and kube-rs.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::{Api, ResourceExt};
+use prefect_operator::api::{PrefectDeployment, FINALIZER};
+use prefect_operator::reconcile::{self, Context};
+use serde_json::{json, Value};
+use support::{unique, ControlPlane, PrefectServer};
+
+struct Env {
+    cp: &'static ControlPlane,
+    prefect: &'static PrefectServer,
+    kube: kube::Client,
+    ns: String,
+    api: Api<PrefectDeployment>,
+    ctx: Arc<Context>,
+    raw: reqwest::Client,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Env {
+    /// A fresh namespace with a work pool in Prefect and an operator watching it.
+    async fn new(resync: Duration) -> (Env, String) {
+        if std::env::var_os("RUST_LOG").is_some() {
+            prefect_operator::telemetry::init(prefect_operator::telemetry::LogFormat::Text);
+        }
+        let cp = ControlPlane::shared();
+        let prefect = PrefectServer::shared();
+        let kube = cp.client().await;
+        let ns = unique("ns");
+        Api::<Namespace>::all(kube.clone())
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap(),
+            )
+            .await
+            .unwrap();
+        let api: Api<PrefectDeployment> = Api::namespaced(kube.clone(), &ns);
+        let ctx = Arc::new(Context::new(kube.clone(), resync));
+        let task = tokio::spawn(reconcile::controller(api.clone(), ctx.clone(), 4));
+        let raw = reqwest::Client::new();
+        let pool = unique("pool");
+        let r = raw
+            .post(format!("{}/work_pools/", prefect.url))
+            .json(&json!({"name": pool, "type": "process"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 201);
+        (
+            Env {
+                cp,
+                prefect,
+                kube,
+                ns,
+                api,
+                ctx,
+                raw,
+                task,
+            },
+            pool,
+        )
+    }
+
+    async fn prefect_get(&self, path: &str) -> (u16, Value) {
+        let r = self
+            .raw
+            .get(format!("{}{path}", self.prefect.url))
+            .send()
+            .await
+            .unwrap();
+        let code = r.status().as_u16();
+        (code, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Polls the resource until `pred` holds (60 s at most).
+    async fn wait_for(
+        &self,
+        name: &str,
+        what: &str,
+        pred: impl Fn(&PrefectDeployment) -> bool,
+    ) -> PrefectDeployment {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let obj = self.api.get_opt(name).await.unwrap();
+            if let Some(o) = &obj {
+                if pred(o) {
+                    return o.clone();
+                }
+            }
+            if tokio::time::Instant::now() > deadline {
+                panic!(
+                    "timed out waiting for {what}; last seen: {:#?}",
+                    obj.map(|o| o.status)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    async fn wait_gone(&self, name: &str) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while self.api.get_opt(name).await.unwrap().is_some() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{name} was not deleted"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    fn events(&self, name: &str) -> Vec<(String, String, String)> {
+        let out = self
+            .cp
+            .kubectl_ok(&["get", "events", "-n", &self.ns, "-o", "json"]);
+        let v: Value = serde_json::from_str(&out).unwrap();
+        v["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["involvedObject"]["name"] == name)
+            .map(|e| {
+                (
+                    e["type"].as_str().unwrap_or("").into(),
+                    e["reason"].as_str().unwrap_or("").into(),
+                    e["message"].as_str().unwrap_or("").into(),
+                )
+            })
+            .collect()
+    }
+}
+
+fn ready(o: &PrefectDeployment) -> Option<(String, String, String)> {
+    o.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+fn is_ready(o: &PrefectDeployment) -> bool {
+    ready(o).is_some_and(|r| r.0 == "True")
+        && o.status.as_ref().and_then(|s| s.observed_generation) == o.metadata.generation
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reference_manifest_applied_with_kubectl() {
+    let (env, pool) = Env::new(Duration::from_secs(300)).await;
+    let name = unique("etl");
+    // Only fields of PrefectHQ's published schema, in its spelling.
+    let manifest = |cron: &str| {
+        format!(
+            r#"apiVersion: prefect.io/v1
+kind: PrefectDeployment
+metadata:
+  name: {name}
+  namespace: {ns}
+spec:
+  server:
+    remoteApiUrl: {url}
+  workPool:
+    name: {pool}
+    workQueue: critical
+  deployment:
+    entrypoint: flows/etl.py:run_etl
+    flow_name: etl-flow
+    description: Nightly ETL
+    tags: [etl, nightly]
+    labels:
+      team: data
+    versionInfo:
+      type: git
+      version: 1a2b3c
+    path: /opt/flows
+    pullSteps:
+      - prefect.deployments.steps.set_working_directory:
+          directory: /opt/flows
+    parameters:
+      source: s3://bucket/in
+      retries: 3
+    parameterOpenApiSchema:
+      type: object
+      properties:
+        source: {{type: string}}
+        retries: {{type: integer}}
+    enforceParameterSchema: true
+    jobVariables:
+      env:
+        LOG_LEVEL: info
+    paused: false
+    concurrencyLimit: 1
+    schedules:
+      - slug: nightly
+        cron: "{cron}"
+        timezone: Europe/Berlin
+        day_or: true
+        active: true
+      - slug: every-ten-minutes
+        interval: 600
+        anchor_date: "2024-01-01T00:00:00Z"
+        timezone: UTC
+        max_scheduled_runs: 10
+      - slug: mondays
+        rrule: "FREQ=WEEKLY;BYDAY=MO;BYHOUR=9;BYMINUTE=0"
+        timezone: America/New_York
+  interval: 5m
+"#,
+            ns = env.ns,
+            url = env.prefect.url,
+        )
+    };
+    let (ok, _, err) = env
+        .cp
+        .kubectl_stdin(&["apply", "-f", "-"], Some(&manifest("0 2 * * *")));
+    assert!(ok, "kubectl apply: {err}");
+    let obj = env.wait_for(&name, "Ready", is_ready).await;
+    let (_, reason, _) = ready(&obj).unwrap();
+    assert_eq!(reason, "Synced");
+    assert!(obj.finalizers().contains(&FINALIZER.to_string()));
+    let status = obj.status.clone().unwrap();
+    let id = status
+        .deployment_id
+        .clone()
+        .expect("deploymentId in status");
+
+    let (code, d) = env
+        .prefect_get(&format!("/deployments/name/etl-flow/{name}"))
+        .await;
+    assert_eq!(code, 200, "{d}");
+    assert_eq!(d["id"], json!(id));
+    assert_eq!(d["flow_id"], json!(status.flow_id.clone().unwrap()));
+    assert_eq!(d["work_queue_name"], json!("critical"));
+    assert_eq!(
+        d["parameters"],
+        json!({"source": "s3://bucket/in", "retries": 3})
+    );
+    assert_eq!(d["enforce_parameter_schema"], json!(true));
+    assert_eq!(d["version"], json!("1a2b3c"));
+    assert_eq!(d["path"], json!("/opt/flows"));
+    let scheds = d["schedules"].as_array().unwrap();
+    assert_eq!(scheds.len(), 3);
+    let nightly_id = scheds.iter().find(|s| s["slug"] == "nightly").unwrap()["id"].clone();
+    let ten = scheds
+        .iter()
+        .find(|s| s["slug"] == "every-ten-minutes")
+        .unwrap();
+    assert_eq!(ten["max_scheduled_runs"], json!(10));
+    assert!(env
+        .events(&name)
+        .iter()
+        .any(|(t, r, _)| t == "Normal" && r == "Created"));
+
+    // kubectl wait works on the Ready condition.
+    env.cp.kubectl_ok(&[
+        "wait",
+        "-n",
+        &env.ns,
+        "--for=condition=Ready",
+        &format!("pd/{name}"),
+        "--timeout=30s",
+    ]);
+    let table = env.cp.kubectl_ok(&["get", "pd", "-n", &env.ns]);
+    assert!(
+        table.contains(&id) && table.contains(&pool) && table.contains("True"),
+        "{table}"
+    );
+
+    // Change the cron with kubectl: the schedule is updated in place.
+    let (ok, _, err) = env
+        .cp
+        .kubectl_stdin(&["apply", "-f", "-"], Some(&manifest("30 3 * * *")));
+    assert!(ok, "{err}");
+    env.wait_for(&name, "generation 2 Ready", |o| {
+        is_ready(o) && o.metadata.generation == Some(2)
+    })
+    .await;
+    let (_, d) = env.prefect_get(&format!("/deployments/{id}")).await;
+    let nightly = d["schedules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["slug"] == "nightly")
+        .unwrap()
+        .clone();
+    assert_eq!(nightly["schedule"]["cron"], json!("30 3 * * *"));
+    assert_eq!(nightly["id"], nightly_id);
+
+    // The operator never writes spec, labels or annotations: a re-apply is a no-op.
+    let (ok, out, err) = env
+        .cp
+        .kubectl_stdin(&["diff", "-f", "-"], Some(&manifest("30 3 * * *")));
+    assert!(ok, "kubectl diff shows changes: {out}{err}");
+
+    // Delete: the deployment goes from Prefect, then the resource goes.
+    env.cp.kubectl_ok(&[
+        "delete",
+        "pd",
+        "-n",
+        &env.ns,
+        &name,
+        "--wait=true",
+        "--timeout=60s",
+    ]);
+    env.wait_gone(&name).await;
+    assert_eq!(env.prefect_get(&format!("/deployments/{id}")).await.0, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_spec_is_reported_and_not_sent() {
+    let (env, pool) = Env::new(Duration::from_secs(300)).await;
+    let name = unique("bad");
+    let pd: PrefectDeployment = serde_json::from_value(json!({
+        "apiVersion": "prefect.io/v1", "kind": "PrefectDeployment",
+        "metadata": {"name": name},
+        "spec": {
+            "server": {"remoteApiUrl": env.prefect.url},
+            "workPool": {"name": pool},
+            "deployment": {"entrypoint": "f.py:flow_fn", "schedules": [
+                {"slug": "ok", "interval": 60},
+                {"slug": "typo", "cron": "0 0 9 * * *"}
+            ]}
+        }
+    }))
+    .unwrap();
+    env.api.create(&PostParams::default(), &pd).await.unwrap();
+    let obj = env
+        .wait_for(&name, "InvalidSpec", |o| {
+            ready(o).is_some_and(|r| r.1 == "InvalidSpec")
+        })
+        .await;
+    let (status, _, message) = ready(&obj).unwrap();
+    assert_eq!(status, "False");
+    assert!(
+        message.starts_with("spec.deployment.schedules[1].cron:"),
+        "{message}"
+    );
+    assert!(message.contains("6 fields"), "{message}");
+    assert_eq!(
+        env.prefect_get(&format!("/deployments/name/flow-fn/{name}"))
+            .await
+            .0,
+        404,
+        "nothing sent to Prefect"
+    );
+    assert!(env
+        .events(&name)
+        .iter()
+        .any(|(t, r, _)| t == "Warning" && r == "InvalidSpec"));
+
+    // Fixing the spec makes it Ready.
+    let patch = json!({"spec": {"deployment": {"schedules": [{"slug": "ok", "interval": 60}, {"slug": "typo", "cron": "0 9 * * *"}]}}});
+    env.api
+        .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    let obj = env.wait_for(&name, "Ready after fix", is_ready).await;
+    assert!(obj.status.unwrap().deployment_id.is_some());
+    assert_eq!(
+        env.prefect_get(&format!("/deployments/name/flow-fn/{name}"))
+            .await
+            .0,
+        200
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_secret_then_created() {
+    let (env, pool) = Env::new(Duration::from_secs(300)).await;
+    let name = unique("auth");
+    let pd: PrefectDeployment = serde_json::from_value(json!({
+        "apiVersion": "prefect.io/v1", "kind": "PrefectDeployment",
+        "metadata": {"name": name},
+        "spec": {
+            "server": {"remoteApiUrl": env.prefect.url, "authString": {"valueFrom": {"secretKeyRef": {"name": "prefect-auth", "key": "auth"}}}},
+            "workPool": {"name": pool},
+            "deployment": {"entrypoint": "f.py:secured"}
+        }
+    }))
+    .unwrap();
+    env.api.create(&PostParams::default(), &pd).await.unwrap();
+    let obj = env
+        .wait_for(&name, "SecretNotFound", |o| {
+            ready(o).is_some_and(|r| r.1 == "SecretNotFound")
+        })
+        .await;
+    let (_, _, message) = ready(&obj).unwrap();
+    assert!(message.contains("prefect-auth"), "{message}");
+
+    let secret: Secret = serde_json::from_value(
+        json!({"metadata": {"name": "prefect-auth"}, "stringData": {"auth": "admin:pass\n"}}),
+    )
+    .unwrap();
+    Api::<Secret>::namespaced(env.kube.clone(), &env.ns)
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+    env.wait_for(&name, "Ready once the Secret exists", is_ready)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn triggers_orphan_policy_and_unreachable_cleanup() {
+    let (env, pool) = Env::new(Duration::from_secs(300)).await;
+    let name = unique("orphan");
+    let pd: PrefectDeployment = serde_json::from_value(json!({
+        "apiVersion": "prefect.io/v1", "kind": "PrefectDeployment",
+        "metadata": {"name": name},
+        "spec": {
+            "server": {"remoteApiUrl": env.prefect.url},
+            "workPool": {"name": pool},
+            "deletionPolicy": "Orphan",
+            "deployment": {"entrypoint": "f.py:kept", "triggers": [
+                {"expect": ["prefect.flow-run.Failed"]},
+                {"type": "compound", "require": 2, "within": 300, "triggers": [{"expect": ["a"]}, {"expect": ["b"]}]}
+            ]}
+        }
+    }))
+    .unwrap();
+    env.api.create(&PostParams::default(), &pd).await.unwrap();
+    let obj = env.wait_for(&name, "Ready", is_ready).await;
+    let status = obj.status.unwrap();
+    let id = status.deployment_id.unwrap();
+    let automations = status.automation_ids.unwrap();
+    assert_eq!(automations.len(), 2);
+    for a in &automations {
+        let (code, body) = env.prefect_get(&format!("/automations/{a}")).await;
+        assert_eq!(code, 200);
+        assert_eq!(body["actions"][0]["deployment_id"], json!(id));
+    }
+    env.api
+        .delete(&name, &DeleteParams::default())
+        .await
+        .unwrap();
+    env.wait_gone(&name).await;
+    assert_eq!(
+        env.prefect_get(&format!("/deployments/{id}")).await.0,
+        200,
+        "Orphan leaves the deployment"
+    );
+    assert_eq!(
+        env.prefect_get(&format!("/automations/{}", automations[0]))
+            .await
+            .0,
+        200
+    );
+
+    // Prefect unreachable at deletion: the finalizer stays and the resource says why.
+    let dead = unique("dead");
+    let pd: PrefectDeployment = serde_json::from_value(json!({
+        "apiVersion": "prefect.io/v1", "kind": "PrefectDeployment",
+        "metadata": {"name": dead, "finalizers": [FINALIZER]},
+        "spec": {
+            "server": {"remoteApiUrl": format!("http://127.0.0.1:{}/api", support::free_port())},
+            "workPool": {"name": pool},
+            "deployment": {"entrypoint": "f.py:never"}
+        }
+    }))
+    .unwrap();
+    env.api.create(&PostParams::default(), &pd).await.unwrap();
+    env.wait_for(&dead, "PrefectUnreachable", |o| {
+        ready(o).is_some_and(|r| r.1 == "PrefectUnreachable")
+    })
+    .await;
+    env.api
+        .delete(&dead, &DeleteParams::default())
+        .await
+        .unwrap();
+    let obj = env
+        .wait_for(&dead, "CleanupFailed", |o| {
+            ready(o).is_some_and(|r| r.1 == "CleanupFailed")
+        })
+        .await;
+    assert!(obj.finalizers().contains(&FINALIZER.to_string()));
+    // Switching to Orphan lets it go.
+    env.api
+        .patch(
+            &dead,
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"spec": {"deletionPolicy": "Orphan"}})),
+        )
+        .await
+        .unwrap();
+    env.wait_gone(&dead).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steady_state_writes_nothing() {
+    let (env, pool) = Env::new(Duration::from_secs(300)).await;
+    let name = unique("steady");
+    let pd: PrefectDeployment = serde_json::from_value(json!({
+        "apiVersion": "prefect.io/v1", "kind": "PrefectDeployment",
+        "metadata": {"name": name},
+        "spec": {
+            "server": {"remoteApiUrl": env.prefect.url},
+            "workPool": {"name": pool},
+            "interval": "10s",
+            "deployment": {"entrypoint": "f.py:steady", "parameters": {"a": 1},
+                "schedules": [{"slug": "s", "cron": "*/5 * * * *"}],
+                "triggers": [{"expect": ["x.y"]}]}
+        }
+    }))
+    .unwrap();
+    env.api.create(&PostParams::default(), &pd).await.unwrap();
+    let obj = env.wait_for(&name, "Ready", is_ready).await;
+    let rv = obj.resource_version();
+    let writes = env.ctx.calls.writes();
+    let reads = |ctx: &Context| {
+        ctx.calls
+            .snapshot()
+            .get(&("GET".to_string(), "deployment_by_name"))
+            .copied()
+            .unwrap_or(0)
+    };
+    let reads_before = reads(&env.ctx);
+    // Long enough for at least one resync (10 s, +-10% jitter).
+    tokio::time::sleep(Duration::from_secs(14)).await;
+    assert!(
+        reads(&env.ctx) > reads_before,
+        "a resync compared with Prefect"
+    );
+    assert_eq!(
+        env.ctx.calls.writes(),
+        writes,
+        "no Prefect writes in steady state: {:?}",
+        env.ctx.calls.snapshot()
+    );
+    assert_eq!(
+        env.api.get(&name).await.unwrap().resource_version(),
+        rv,
+        "no status writes in steady state"
+    );
+
+    // Drift made in Prefect is repaired by the resync.
+    let id = obj.status.unwrap().deployment_id.unwrap();
+    let r = env
+        .raw
+        .patch(format!("{}/deployments/{id}", env.prefect.url))
+        .json(&json!({"parameters": {"a": 2}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 204);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, d) = env.prefect_get(&format!("/deployments/{id}")).await;
+        if d["parameters"] == json!({"a": 1}) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "drift not repaired: {}",
+            d["parameters"]
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
