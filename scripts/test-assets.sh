@@ -20,15 +20,14 @@ log() { echo "[test-assets] $*" >&2; }
 
 # ---------------------------------------------------------------- Prefect
 VENV="$CACHE/prefect-$PREFECT_VERSION"
-if [ ! -x "$VENV/bin/prefect" ] || ! "$VENV/bin/python" -c "import prefect,sys; sys.exit(prefect.__version__!='$PREFECT_VERSION')" 2>/dev/null; then
+# The marker is written last, so an interrupted install is redone rather than trusted.
+if [ ! -f "$VENV/.complete" ]; then
   log "installing prefect==$PREFECT_VERSION into $VENV"
   rm -rf "$VENV"
-  python3 -m venv "$VENV.tmp"
-  "$VENV.tmp/bin/pip" install --quiet "prefect==$PREFECT_VERSION" >&2
-  # venv scripts embed their own path: rebuild in place rather than moving the tmp dir
-  rm -rf "$VENV.tmp"
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install --quiet "prefect==$PREFECT_VERSION" >&2
+  "$VENV/bin/python" -c "import prefect, sys; sys.exit(prefect.__version__ != '$PREFECT_VERSION')"
+  touch "$VENV/.complete"
 fi
 
 # ---------------------------------------------------------------- kube-apiserver

@@ -113,9 +113,13 @@ impl PrefectServer {
     /// Starts a Prefect server with its background services off (API only), optionally
     /// with basic auth (`user:password`).
     pub fn start(auth_string: Option<&str>) -> PrefectServer {
+        Self::start_on(free_port(), auth_string)
+    }
+
+    pub fn start_on(port: u16, auth_string: Option<&str>) -> PrefectServer {
         let a = assets();
         let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
+        assert!(TcpListener::bind(("127.0.0.1", port)).is_ok(), "port {port} is in use");
         let log = dir.path().join("prefect.log");
         let mut envs = vec![
             ("PREFECT_HOME", dir.path().display().to_string()),
