@@ -31,12 +31,22 @@ async fn main() {
         .send()
         .await
         .expect("create work pool");
-    assert!(r.status().is_success() || r.status().as_u16() == 409, "work pool: {}", r.status());
+    assert!(
+        r.status().is_success() || r.status().as_u16() == 409,
+        "work pool: {}",
+        r.status()
+    );
 
     eprintln!("==> running the operator");
     let kube = cp.client().await;
     tokio::spawn(async move {
-        let opts = RunOptions { namespace: None, concurrency: 8, default_resync: Duration::from_secs(300) };
+        let opts = RunOptions {
+            namespaces: vec![],
+            concurrency: 8,
+            default_resync: Duration::from_secs(300),
+            admin_addr: None,
+            leader_election: None,
+        };
         if let Err(e) = reconcile::run(kube, opts).await {
             eprintln!("operator stopped: {e}");
             std::process::exit(1);
@@ -46,28 +56,70 @@ async fn main() {
     eprintln!("==> kubectl apply -f examples/");
     let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/");
     println!("{}", cp.kubectl_ok(&["apply", "-f", examples]));
-    let wait = cp.kubectl(&["wait", "--for=condition=Ready", "pd", "--all", "-A", "--timeout=120s"]);
-    println!("\n$ kubectl get pd -A -o wide\n{}", cp.kubectl_ok(&["get", "pd", "-A", "-o", "wide"]));
+    let wait = cp.kubectl(&[
+        "wait",
+        "--for=condition=Ready",
+        "pd",
+        "--all",
+        "-A",
+        "--timeout=120s",
+    ]);
+    println!(
+        "\n$ kubectl get pd -A -o wide\n{}",
+        cp.kubectl_ok(&["get", "pd", "-A", "-o", "wide"])
+    );
 
-    let r = http.post(format!("{}/deployments/filter", prefect.url)).json(&json!({})).send().await.unwrap();
+    let r = http
+        .post(format!("{}/deployments/filter", prefect.url))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
     let deployments: Value = r.json().await.unwrap();
     println!("Deployments as Prefect sees them ({}):", prefect.url);
     for d in deployments.as_array().into_iter().flatten() {
-        println!("- {} (id {}), work pool {}, paused {}", d["name"].as_str().unwrap_or(""), d["id"].as_str().unwrap_or(""), d["work_pool_name"], d["paused"]);
+        println!(
+            "- {} (id {}), work pool {}, paused {}",
+            d["name"].as_str().unwrap_or(""),
+            d["id"].as_str().unwrap_or(""),
+            d["work_pool_name"],
+            d["paused"]
+        );
         for s in d["schedules"].as_array().into_iter().flatten() {
-            println!("    schedule {}: {} (active {})", s["slug"].as_str().unwrap_or(""), s["schedule"], s["active"]);
+            println!(
+                "    schedule {}: {} (active {})",
+                s["slug"].as_str().unwrap_or(""),
+                s["schedule"],
+                s["active"]
+            );
         }
     }
-    let automations: Value = http.post(format!("{}/automations/filter", prefect.url)).json(&json!({})).send().await.unwrap().json().await.unwrap();
+    let automations: Value = http
+        .post(format!("{}/automations/filter", prefect.url))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     for a in automations.as_array().into_iter().flatten() {
-        println!("- automation {:?} -> {}", a["name"].as_str().unwrap_or(""), a["actions"][0]["deployment_id"]);
+        println!(
+            "- automation {:?} -> {}",
+            a["name"].as_str().unwrap_or(""),
+            a["actions"][0]["deployment_id"]
+        );
     }
     if !wait.0 {
         eprintln!("not every PrefectDeployment became Ready: {}", wait.2);
         std::process::exit(1);
     }
     if keep {
-        println!("\nexport KUBECONFIG={}\nPrefect API: {}\nCtrl-C to stop.", cp.kubeconfig.display(), prefect.url);
+        println!(
+            "\nexport KUBECONFIG={}\nPrefect API: {}\nCtrl-C to stop.",
+            cp.kubeconfig.display(),
+            prefect.url
+        );
         tokio::signal::ctrl_c().await.ok();
     }
 }

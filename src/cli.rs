@@ -27,9 +27,9 @@ pub enum Command {
 
 #[derive(clap::Args, Debug)]
 pub struct RunArgs {
-    /// Watch only this namespace (default: all namespaces).
-    #[arg(long, env = "PREFECT_OPERATOR_NAMESPACE")]
-    pub namespace: Option<String>,
+    /// Watch only these namespaces, comma-separated (default: all namespaces).
+    #[arg(long, env = "PREFECT_OPERATOR_NAMESPACE", value_delimiter = ',')]
+    pub namespace: Vec<String>,
     /// How many resources are reconciled in parallel.
     #[arg(long, env = "PREFECT_OPERATOR_CONCURRENCY", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..))]
     pub concurrency: u16,
@@ -45,6 +45,47 @@ pub struct RunArgs {
         default_value = "text"
     )]
     pub log_format: LogFormat,
+    /// Address of the /livez, /readyz and /metrics server.
+    #[arg(
+        long,
+        env = "PREFECT_OPERATOR_ADMIN_ADDR",
+        default_value = "0.0.0.0:8080"
+    )]
+    pub admin_addr: std::net::SocketAddr,
+    /// Reconcile only while holding a Lease, so several replicas can run safely.
+    #[arg(
+        long,
+        env = "PREFECT_OPERATOR_LEADER_ELECTION",
+        default_value_t = false
+    )]
+    pub leader_election: bool,
+    /// Namespace of the Lease (default: POD_NAMESPACE, else `default`).
+    #[arg(long, env = "PREFECT_OPERATOR_LEADER_ELECTION_NAMESPACE")]
+    pub leader_election_namespace: Option<String>,
+    /// Name of the Lease.
+    #[arg(
+        long,
+        env = "PREFECT_OPERATOR_LEADER_ELECTION_LEASE",
+        default_value = "prefect-operator"
+    )]
+    pub leader_election_lease: String,
+}
+
+impl RunArgs {
+    /// This replica's identity in the Lease: the pod name where known.
+    pub fn identity() -> String {
+        let host = std::env::var("POD_NAME")
+            .or_else(|_| std::env::var("HOSTNAME"))
+            .unwrap_or_else(|_| "prefect-operator".into());
+        format!("{host}-{}", std::process::id())
+    }
+
+    pub fn lease_namespace(&self) -> String {
+        self.leader_election_namespace
+            .clone()
+            .or_else(|| std::env::var("POD_NAMESPACE").ok())
+            .unwrap_or_else(|| "default".into())
+    }
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {

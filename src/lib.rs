@@ -4,9 +4,12 @@
 //! `api` (the resource) -> `validate` (pure) -> `desired` (pure: the Prefect payloads)
 //! -> `prefect` (HTTP client) -> `reconcile` (apply, status, finalizer).
 
+pub mod admin;
 pub mod api;
 pub mod cli;
 pub mod desired;
+pub mod leader;
+pub mod metrics;
 pub mod prefect;
 pub mod reconcile;
 pub mod telemetry;

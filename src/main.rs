@@ -1,5 +1,6 @@
 use clap::Parser;
-use prefect_operator::cli::{Cli, Command};
+use prefect_operator::cli::{Cli, Command, RunArgs};
+use prefect_operator::leader::LeaseConfig;
 use prefect_operator::reconcile::{self, RunOptions};
 
 #[tokio::main]
@@ -18,14 +19,24 @@ async fn main() {
                     std::process::exit(1);
                 }
             };
+            let leader_election = args.leader_election.then(|| {
+                LeaseConfig::new(
+                    &args.lease_namespace(),
+                    &args.leader_election_lease,
+                    &RunArgs::identity(),
+                )
+            });
             let opts = RunOptions {
-                namespace: args.namespace,
+                namespaces: args.namespace,
                 concurrency: args.concurrency,
                 default_resync: args.default_resync_interval,
+                admin_addr: Some(args.admin_addr),
+                leader_election,
             };
             tracing::info!(
-                namespace = opts.namespace.as_deref().unwrap_or("(all)"),
+                namespaces = ?opts.namespaces,
                 concurrency = opts.concurrency,
+                leader_election = opts.leader_election.is_some(),
                 "starting"
             );
             if let Err(msg) = reconcile::run(kube, opts).await {

@@ -13,6 +13,9 @@ use std::time::Duration;
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
 
+use prometheus_client::metrics::family::Family;
+
+use crate::metrics::{duration_histogram, HistogramFamily, RequestLabels};
 use crate::Error;
 
 /// The API version Prefect 3.x clients announce.
@@ -38,19 +41,46 @@ impl std::fmt::Debug for Auth {
     }
 }
 
-/// Counts of requests sent, by method and endpoint (a fixed set of names, never ids),
-/// for metrics, tests and benchmarks.
-#[derive(Default, Debug)]
-pub struct CallLog(Mutex<BTreeMap<(String, &'static str), u64>>);
+/// Requests sent, by method and endpoint (a fixed set of names, never ids): counts for
+/// tests and benchmarks, durations by status code for the metrics endpoint.
+pub struct CallLog {
+    counts: Mutex<BTreeMap<(String, &'static str), u64>>,
+    pub durations: HistogramFamily<RequestLabels>,
+}
+
+impl Default for CallLog {
+    fn default() -> Self {
+        Self {
+            counts: Mutex::default(),
+            durations: Family::new_with_constructor(duration_histogram),
+        }
+    }
+}
+
+impl std::fmt::Debug for CallLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("CallLog").field(&self.snapshot()).finish()
+    }
+}
 
 impl CallLog {
     fn record(&self, method: &Method, endpoint: &'static str) {
-        let mut m = self.0.lock().expect("call log lock");
+        let mut m = self.counts.lock().expect("call log lock");
         *m.entry((method.to_string(), endpoint)).or_default() += 1;
     }
 
+    fn observe(&self, method: &Method, endpoint: &'static str, code: u16, elapsed: Duration) {
+        self.durations
+            .get_or_create(&RequestLabels {
+                method: method.to_string(),
+                endpoint,
+                code,
+            })
+            .observe(elapsed.as_secs_f64());
+    }
+
     pub fn snapshot(&self) -> BTreeMap<(String, &'static str), u64> {
-        self.0.lock().expect("call log lock").clone()
+        self.counts.lock().expect("call log lock").clone()
     }
 
     /// Requests that change something in Prefect.
@@ -131,7 +161,12 @@ impl PrefectClient {
                 req = req.json(b);
             }
             self.calls.record(&method, endpoint);
-            let retry_in = match req.send().await {
+            let started = std::time::Instant::now();
+            let sent = req.send().await;
+            let code = sent.as_ref().map(|r| r.status().as_u16()).unwrap_or(0);
+            self.calls
+                .observe(&method, endpoint, code, started.elapsed());
+            let retry_in = match sent {
                 Ok(resp) => {
                     let status = resp.status();
                     let retry_after = resp

@@ -426,13 +426,14 @@ pub fn rrule_expression(rule: &str) -> Result<(), String> {
         ));
     }
     let text = normalize_rrule(rule);
-    rrule::RRuleSet::from_str(&text)
-        .map(|_| ())
-        .map_err(|e| {
-            let e = e.to_string();
-            let e = e.strip_prefix("RRule parsing error: ").unwrap_or(&e).to_string();
-            format!("{rule:?} is not a valid RFC 5545 rule: {e}")
-        })
+    rrule::RRuleSet::from_str(&text).map(|_| ()).map_err(|e| {
+        let e = e.to_string();
+        let e = e
+            .strip_prefix("RRule parsing error: ")
+            .unwrap_or(&e)
+            .to_string();
+        format!("{rule:?} is not a valid RFC 5545 rule: {e}")
+    })
 }
 
 /// Adds what the `rrule` crate needs but Prefect does not: an `RRULE:` property name

@@ -54,13 +54,22 @@ impl Env {
         let task = tokio::spawn(reconcile::controller(api.clone(), ctx.clone(), 4));
         let raw = reqwest::Client::new();
         let pool = unique("pool");
-        let r = raw
-            .post(format!("{}/work_pools/", prefect.url))
-            .json(&json!({"name": pool, "type": "process"}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status().as_u16(), 201);
+        // Retry the 503s SQLite gives under parallel load.
+        let mut code = 0;
+        for _ in 0..5 {
+            let r = raw
+                .post(format!("{}/work_pools/", prefect.url))
+                .json(&json!({"name": pool, "type": "process"}))
+                .send()
+                .await
+                .unwrap();
+            code = r.status().as_u16();
+            if code != 503 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        assert_eq!(code, 201);
         (
             Env {
                 cp,

@@ -9,7 +9,9 @@ use prefect_operator::validate::validate;
 use serde_json::{json, Value};
 
 fn fixture(name: &str) -> Value {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_yaml::from_str(&text).unwrap()
 }
@@ -33,7 +35,8 @@ fn merge(target: &mut Value, patch: &Value) {
 fn check_desired(file: &str) {
     let f = fixture(file);
     let pd: PrefectDeployment = serde_json::from_value(f["resource"].clone()).unwrap();
-    validate(&pd.spec, &pd.metadata.name.clone().unwrap()).unwrap_or_else(|p| panic!("{file}: fixture must be valid: {p}"));
+    validate(&pd.spec, &pd.metadata.name.clone().unwrap())
+        .unwrap_or_else(|p| panic!("{file}: fixture must be valid: {p}"));
     let name = pd.deployment_name();
     let uid = pd.metadata.uid.clone().unwrap();
     let want = desired::deployment(&pd.spec, &name, &uid);
@@ -41,7 +44,11 @@ fn check_desired(file: &str) {
     assert_eq!(json!(want.flow_name), exp["flowName"], "{file}: flow name");
     assert_eq!(json!(want.name), exp["name"], "{file}: deployment name");
     if !exp["create"].is_null() {
-        assert_eq!(want.create_body("FLOW_ID"), exp["create"], "{file}: create body");
+        assert_eq!(
+            want.create_body("FLOW_ID"),
+            exp["create"],
+            "{file}: create body"
+        );
     }
     if !exp["schedules"].is_null() {
         let got: Vec<Value> = want.schedules.iter().map(|s| s.body.clone()).collect();
@@ -49,9 +56,16 @@ fn check_desired(file: &str) {
     }
     let id = f["deploymentId"].as_str().unwrap();
     let automations = desired::automations(&pd.spec.deployment, &name, id);
-    assert_eq!(Value::Array(automations.clone()), exp["automations"], "{file}: automations");
+    assert_eq!(
+        Value::Array(automations.clone()),
+        exp["automations"],
+        "{file}: automations"
+    );
     // The fingerprint follows content only.
-    assert_eq!(desired::fingerprint(&automations), desired::fingerprint(&automations.clone()));
+    assert_eq!(
+        desired::fingerprint(&automations),
+        desired::fingerprint(&automations.clone())
+    );
 }
 
 #[test]
@@ -76,9 +90,19 @@ fn fingerprint_changes_with_any_trigger_field() {
     let base = desired::fingerprint(&desired::automations(&pd.spec.deployment, "reactive", "d1"));
     let mut changed = pd.spec.deployment.clone();
     changed.triggers.as_mut().unwrap()[1].condition.within = Some(601);
-    assert_ne!(base, desired::fingerprint(&desired::automations(&changed, "reactive", "d1")));
-    assert_ne!(base, desired::fingerprint(&desired::automations(&pd.spec.deployment, "reactive", "d2")), "a new deployment id re-applies");
-    assert_eq!(base, desired::fingerprint(&desired::automations(&pd.spec.deployment, "reactive", "d1")));
+    assert_ne!(
+        base,
+        desired::fingerprint(&desired::automations(&changed, "reactive", "d1"))
+    );
+    assert_ne!(
+        base,
+        desired::fingerprint(&desired::automations(&pd.spec.deployment, "reactive", "d2")),
+        "a new deployment id re-applies"
+    );
+    assert_eq!(
+        base,
+        desired::fingerprint(&desired::automations(&pd.spec.deployment, "reactive", "d1"))
+    );
 }
 
 #[test]
@@ -125,8 +149,10 @@ fn examples_are_valid() {
             if v["kind"] != "PrefectDeployment" {
                 continue;
             }
-            let pd: PrefectDeployment = serde_json::from_value(v).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-            validate(&pd.spec, &pd.metadata.name.clone().unwrap()).unwrap_or_else(|p| panic!("{}: {p}", path.display()));
+            let pd: PrefectDeployment =
+                serde_json::from_value(v).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            validate(&pd.spec, &pd.metadata.name.clone().unwrap())
+                .unwrap_or_else(|p| panic!("{}: {p}", path.display()));
             seen += 1;
         }
     }

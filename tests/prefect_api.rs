@@ -45,16 +45,23 @@ impl Env {
         (code, r.json().await.unwrap_or(Value::Null))
     }
 
+    /// POST with plain reqwest, retrying the 503s SQLite gives under parallel load.
     async fn post(&self, path: &str, body: Value) -> (u16, Value) {
-        let r = self
-            .raw
-            .post(format!("{}{path}", self.url))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        let code = r.status().as_u16();
-        (code, r.json().await.unwrap_or(Value::Null))
+        for _ in 0..5 {
+            let r = self
+                .raw
+                .post(format!("{}{path}", self.url))
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            let code = r.status().as_u16();
+            if code != 503 {
+                return (code, r.json().await.unwrap_or(Value::Null));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        }
+        panic!("Prefect kept answering 503 to POST {path}");
     }
 
     async fn work_pool(&self) -> String {

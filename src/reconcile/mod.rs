@@ -6,6 +6,7 @@ pub mod status;
 pub mod sync;
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,7 +19,10 @@ use kube::runtime::watcher;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
+use crate::admin::Health;
 use crate::api::{reason, DeletionPolicy, PrefectDeployment, FINALIZER};
+use crate::leader::{Elector, LeaseConfig};
+use crate::metrics::{Metrics, ReconcileLabels};
 use crate::prefect::{CallLog, PrefectClient};
 use crate::validate::{parse_go_duration, validate};
 use crate::{Error, Result};
@@ -35,6 +39,7 @@ pub struct Context {
     /// One connection pool for every Prefect server.
     pub http: reqwest::Client,
     pub calls: Arc<CallLog>,
+    pub metrics: Arc<Metrics>,
     recorder: Recorder,
     default_resync: Duration,
     /// Consecutive failures per object, for exponential backoff; cleared on success.
@@ -46,11 +51,23 @@ pub struct Context {
 
 impl Context {
     pub fn new(kube: kube::Client, default_resync: Duration) -> Self {
+        let calls = Arc::new(CallLog::default());
+        let metrics = Arc::new(Metrics::new(calls.durations.clone()));
+        Self::with_metrics(kube, default_resync, calls, metrics)
+    }
+
+    pub fn with_metrics(
+        kube: kube::Client,
+        default_resync: Duration,
+        calls: Arc<CallLog>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             recorder: Recorder::new(kube.clone(), Reporter::from(REPORTER)),
             kube,
             http: crate::prefect::http_client(),
-            calls: Arc::new(CallLog::default()),
+            calls,
+            metrics,
             default_resync,
             failures: Mutex::default(),
             synced: Mutex::default(),
@@ -89,39 +106,125 @@ impl Context {
 
 /// Options for `run`.
 pub struct RunOptions {
-    pub namespace: Option<String>,
+    /// Namespaces to watch; empty means all.
+    pub namespaces: Vec<String>,
     pub concurrency: u16,
     pub default_resync: Duration,
+    /// Where to serve /livez, /readyz and /metrics.
+    pub admin_addr: Option<std::net::SocketAddr>,
+    /// Set to run only while holding this lease.
+    pub leader_election: Option<LeaseConfig>,
 }
 
-/// Runs the controller until SIGTERM/SIGINT.
+/// Runs the operator until SIGTERM/SIGINT. An error is a message for the person
+/// starting it (missing CRD, missing permissions).
 pub async fn run(kube: kube::Client, opts: RunOptions) -> std::result::Result<(), String> {
-    let api: Api<PrefectDeployment> = match &opts.namespace {
-        Some(ns) => Api::namespaced(kube.clone(), ns),
-        None => Api::all(kube.clone()),
-    };
-    if let Err(e) = api.list(&kube::api::ListParams::default().limit(1)).await {
-        return Err(format!(
-            "cannot list PrefectDeployments ({e}). Is the CRD installed? Install it with: kubectl apply --server-side -f crds/prefectdeployments.prefect.io.yaml (or `prefect-operator crd | kubectl apply --server-side -f -`)"
-        ));
+    let calls = Arc::new(CallLog::default());
+    let metrics = Arc::new(Metrics::new(calls.durations.clone()));
+    let health = Arc::new(Health::default());
+    if let Some(addr) = opts.admin_addr {
+        let bound = crate::admin::serve(addr, health.clone(), metrics.clone())
+            .await
+            .map_err(|e| format!("cannot serve the admin endpoints on {addr}: {e}"))?;
+        tracing::info!(%bound, "serving /livez, /readyz and /metrics");
     }
-    let ctx = Arc::new(Context::new(kube, opts.default_resync));
-    controller(api, ctx, opts.concurrency).await;
+    let apis: Vec<Api<PrefectDeployment>> = if opts.namespaces.is_empty() {
+        vec![Api::all(kube.clone())]
+    } else {
+        opts.namespaces
+            .iter()
+            .map(|ns| Api::namespaced(kube.clone(), ns))
+            .collect()
+    };
+    for api in &apis {
+        preflight(api).await?;
+    }
+
+    let mut elector = None;
+    if let Some(cfg) = opts.leader_election {
+        // A standby is healthy and ready; it just does not reconcile.
+        health.ready.store(true, Ordering::Relaxed);
+        tracing::info!(lease = %cfg.name, namespace = %cfg.namespace, identity = %cfg.identity, "waiting to become leader");
+        let mut e = Elector::new(kube.clone(), cfg);
+        e.acquire().await;
+        tracing::info!("became leader");
+        elector = Some(e);
+    }
+    metrics.leader.set(1);
+
+    let ctx = Arc::new(Context::with_metrics(
+        kube,
+        opts.default_resync,
+        calls,
+        metrics.clone(),
+    ));
+    let controllers = apis.into_iter().map(|api| {
+        let c = build(api, opts.concurrency);
+        let store = c.store();
+        let health = health.clone();
+        tokio::spawn(async move {
+            if store.wait_until_ready().await.is_ok() {
+                health.ready.store(true, Ordering::Relaxed);
+            }
+        });
+        drive(c, ctx.clone())
+    });
+    let all = futures::future::join_all(controllers);
+    match &mut elector {
+        Some(e) => {
+            tokio::select! {
+                _ = all => {}
+                _ = e.keep() => {
+                    // Another replica may already be acting: stop at once rather than
+                    // finish in-flight work.
+                    tracing::error!("lost the leader lease; exiting");
+                    std::process::exit(1);
+                }
+            }
+            e.release().await;
+        }
+        None => {
+            all.await;
+        }
+    }
+    metrics.leader.set(0);
     Ok(())
 }
 
-/// The controller loop over `api`, with a caller-supplied context (tests use this).
-pub async fn controller(api: Api<PrefectDeployment>, ctx: Arc<Context>, concurrency: u16) {
+/// Checks the CRD is installed and may be listed, with a message saying what to do.
+async fn preflight(api: &Api<PrefectDeployment>) -> std::result::Result<(), String> {
+    match api.list(&kube::api::ListParams::default().limit(1)).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Err(
+            "the PrefectDeployment CRD (prefectdeployments.prefect.io) is not installed. Install it with: kubectl apply --server-side -f crds/prefectdeployments.prefect.io.yaml (or: prefect-operator crd | kubectl apply --server-side -f -)".into(),
+        ),
+        Err(kube::Error::Api(s)) if s.code == 403 => Err(format!(
+            "not allowed to list PrefectDeployments ({}). Grant the operator's ServiceAccount the RBAC rules of the Helm chart",
+            s.message
+        )),
+        Err(e) => Err(format!("cannot list PrefectDeployments: {e}")),
+    }
+}
+
+fn build(api: Api<PrefectDeployment>, concurrency: u16) -> Controller<PrefectDeployment> {
     Controller::new(api, watcher::Config::default().any_semantic())
         .with_config(ControllerConfig::default().concurrency(concurrency))
         .shutdown_on_signal()
-        .run(reconcile, error_policy, ctx)
+}
+
+async fn drive(c: Controller<PrefectDeployment>, ctx: Arc<Context>) {
+    c.run(reconcile, error_policy, ctx)
         .for_each(|res| async move {
             if let Err(e) = res {
                 tracing::debug!(error = %e, "reconcile did not complete");
             }
         })
         .await;
+}
+
+/// The controller loop over `api`, with a caller-supplied context (tests use this).
+pub async fn controller(api: Api<PrefectDeployment>, ctx: Arc<Context>, concurrency: u16) {
+    drive(build(api, concurrency), ctx).await;
 }
 
 fn jitter(d: Duration) -> Duration {
@@ -135,6 +238,20 @@ pub async fn reconcile(obj: Arc<PrefectDeployment>, ctx: Arc<Context>) -> Result
     let started = Instant::now();
     let oref = ObjectRef::from_obj(&*obj);
     let result = reconcile_inner(&obj, &ctx).await;
+    let labels = match &result {
+        Ok(_) => ReconcileLabels {
+            result: "ok",
+            category: "",
+        },
+        Err(e) => ReconcileLabels {
+            result: "error",
+            category: e.category(),
+        },
+    };
+    ctx.metrics.reconciles.get_or_create(&labels).inc();
+    ctx.metrics
+        .reconcile_duration
+        .observe(started.elapsed().as_secs_f64());
     match &result {
         Ok(_) => {
             ctx.failures.lock().expect("lock").remove(&oref);
@@ -214,6 +331,7 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
             let message = format!("Deployment {name} is applied in Prefect at {base}");
             let cond = status::ready(old, true, reason::SYNCED, &message, generation);
             status::write(&api, obj, &status::build(&state, cond, generation)).await?;
+            ctx.metrics.set_ready(&uid, Some("True"));
             if let Some(g) = generation {
                 ctx.synced
                     .lock()
@@ -260,6 +378,8 @@ async fn report_failure(
         ctx.event(obj, EventType::Warning, e.reason(), message, "Sync")
             .await;
     }
+    ctx.metrics
+        .set_ready(&obj.uid().unwrap_or_default(), Some("False"));
     status::write(api, obj, &status::build(state, cond, generation)).await?;
     Ok(())
 }
@@ -379,5 +499,6 @@ async fn finalize(
         .await;
     }
     remove_finalizer(obj, api).await?;
+    ctx.metrics.set_ready(&obj.uid().unwrap_or_default(), None);
     Ok(Action::await_change())
 }

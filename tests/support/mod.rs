@@ -119,7 +119,10 @@ impl PrefectServer {
     pub fn start_on(port: u16, auth_string: Option<&str>) -> PrefectServer {
         let a = assets();
         let dir = tempfile::tempdir().unwrap();
-        assert!(TcpListener::bind(("127.0.0.1", port)).is_ok(), "port {port} is in use");
+        assert!(
+            TcpListener::bind(("127.0.0.1", port)).is_ok(),
+            "port {port} is in use"
+        );
         let log = dir.path().join("prefect.log");
         let mut envs = vec![
             ("PREFECT_HOME", dir.path().display().to_string()),
