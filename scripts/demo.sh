@@ -5,5 +5,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 eval "$(bash scripts/test-assets.sh)"
-export KUBEBUILDER_ASSETS PREFECT_BIN
+export KUBEBUILDER_ASSETS PREFECT_BIN HELM_BIN
 exec cargo run --quiet --example demo -- "$@"

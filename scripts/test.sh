@@ -5,8 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 eval "$(bash scripts/test-assets.sh)"
-export KUBEBUILDER_ASSETS PREFECT_BIN
+export KUBEBUILDER_ASSETS PREFECT_BIN HELM_BIN
 
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
 cargo test --all-targets
+bash scripts/build-static.sh

@@ -153,6 +153,36 @@ impl Env {
     }
 }
 
+/// Argo CD's view of the live object: runs the repo's health check on `kubectl get -o
+/// yaml` output (kept under target/argocd-captures/ as fixtures for tests/argocd.rs).
+fn argocd_health(env: &Env, name: &str, capture_as: &str) -> (String, String) {
+    let yaml = env
+        .cp
+        .kubectl_ok(&["get", "pd", "-n", &env.ns, name, "-o", "yaml"]);
+    let root = env!("CARGO_MANIFEST_DIR");
+    let dir = std::path::Path::new(root).join("target/argocd-captures");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("{capture_as}.yaml"));
+    std::fs::write(&path, &yaml).unwrap();
+    let out = std::process::Command::new("lua5.4")
+        .arg(format!("{root}/tests/argocd/run.lua"))
+        .arg(format!("{root}/argocd/prefectdeployment-health.lua"))
+        .arg(&path)
+        .output()
+        .expect("lua5.4 (installed by scripts/test-assets.sh)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let mut lines = text.lines();
+    (
+        lines.next().unwrap_or("").to_string(),
+        lines.next().unwrap_or("").to_string(),
+    )
+}
+
 fn ready(o: &PrefectDeployment) -> Option<(String, String, String)> {
     o.status
         .as_ref()?
@@ -240,6 +270,7 @@ spec:
     let obj = env.wait_for(&name, "Ready", is_ready).await;
     let (_, reason, _) = ready(&obj).unwrap();
     assert_eq!(reason, "Synced");
+    assert_eq!(argocd_health(&env, &name, "healthy-ready").0, "Healthy");
     assert!(obj.finalizers().contains(&FINALIZER.to_string()));
     let status = obj.status.clone().unwrap();
     let id = status
@@ -360,6 +391,10 @@ async fn invalid_spec_is_reported_and_not_sent() {
     );
     assert!(message.contains("6 fields"), "{message}");
     assert_eq!(
+        argocd_health(&env, &name, "degraded-invalid-spec").0,
+        "Degraded"
+    );
+    assert_eq!(
         env.prefect_get(&format!("/deployments/name/flow-fn/{name}"))
             .await
             .0,
@@ -408,7 +443,14 @@ async fn missing_secret_then_created() {
         })
         .await;
     let (_, _, message) = ready(&obj).unwrap();
-    assert!(message.contains("prefect-auth"), "{message}");
+    assert!(
+        message.contains(r#"Secret "prefect-auth" not found"#),
+        "{message}"
+    );
+    assert_eq!(
+        argocd_health(&env, &name, "degraded-secret-not-found").0,
+        "Degraded"
+    );
 
     let secret: Secret = serde_json::from_value(
         json!({"metadata": {"name": "prefect-auth"}, "stringData": {"auth": "admin:pass\n"}}),
@@ -485,6 +527,10 @@ async fn triggers_orphan_policy_and_unreachable_cleanup() {
         ready(o).is_some_and(|r| r.1 == "PrefectUnreachable")
     })
     .await;
+    assert_eq!(
+        argocd_health(&env, &dead, "progressing-unreachable").0,
+        "Progressing"
+    );
     env.api
         .delete(&dead, &DeleteParams::default())
         .await
@@ -496,6 +542,9 @@ async fn triggers_orphan_policy_and_unreachable_cleanup() {
         .await;
     assert!(obj.finalizers().contains(&FINALIZER.to_string()));
     // Switching to Orphan lets it go.
+    let (health, message) = argocd_health(&env, &dead, "progressing-deleting");
+    assert_eq!(health, "Progressing");
+    assert!(message.starts_with("Being deleted"), "{message}");
     env.api
         .patch(
             &dead,
@@ -576,5 +625,45 @@ async fn steady_state_writes_nothing() {
             d["parameters"]
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_explain_describes_every_schedule_field() {
+    let cp = ControlPlane::shared();
+    // The apiserver publishes a new CRD's OpenAPI a moment after it is established.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let out = loop {
+        let (ok, out, err) =
+            cp.kubectl(&["explain", "prefectdeployment.spec.deployment.schedules"]);
+        if ok {
+            break out;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "kubectl explain: {err}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    for (field, words) in [
+        ("slug", "unique"),
+        ("interval", "Seconds between runs"),
+        ("anchor_date", "RFC 3339"),
+        ("cron", "five-field cron"),
+        ("day_or", "day-of-week"),
+        ("rrule", "RFC 5545"),
+        ("timezone", "IANA time zone"),
+        ("active", "inactive schedule"),
+        ("max_scheduled_runs", "1 to 50"),
+        ("parameters", "Parameter values"),
+    ] {
+        let at = out
+            .find(&format!("{field}\t"))
+            .or_else(|| out.find(&format!("{field} ")));
+        assert!(at.is_some(), "{field} missing from kubectl explain:\n{out}");
+        assert!(
+            out.contains(words),
+            "description of {field} ({words:?}) missing:\n{out}"
+        );
     }
 }

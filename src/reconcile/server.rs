@@ -69,46 +69,46 @@ async fn read(
         .value_from
         .as_ref()
         .ok_or_else(|| Error::InvalidSpec(format!("{field}: set value or valueFrom")))?;
-    let (kind, r, value) = if let Some(r) = &from.secret_key_ref {
+    let (kind, r) = match (&from.secret_key_ref, &from.config_map_key_ref) {
+        (Some(r), _) => ("Secret", r),
+        (None, Some(r)) => ("ConfigMap", r),
+        (None, None) => {
+            return Err(Error::InvalidSpec(format!(
+                "{field}.valueFrom: set secretKeyRef or configMapKeyRef"
+            )))
+        }
+    };
+    let name = r.name.as_deref().unwrap_or_default();
+    let not_found = || {
+        Error::SecretNotFound(format!(
+            "{field}: {kind} {name:?} not found in namespace {namespace:?}"
+        ))
+    };
+    let value = if kind == "Secret" {
         let secret = Api::<Secret>::namespaced(kube.clone(), namespace)
-            .get_opt(r.name.as_deref().unwrap_or_default())
-            .await?;
-        let Some(secret) = secret else {
-            return Err(Error::SecretNotFound(format!(
-                "{field}: Secret {:?} not found in namespace {namespace:?}",
-                r.name
-            )));
-        };
-        let value = secret
+            .get_opt(name)
+            .await?
+            .ok_or_else(not_found)?;
+        secret
             .data
             .and_then(|d| {
                 d.get(&r.key)
                     .map(|b| String::from_utf8_lossy(&b.0).into_owned())
             })
-            .or_else(|| secret.string_data.and_then(|d| d.get(&r.key).cloned()));
-        ("Secret", r, value)
-    } else if let Some(r) = &from.config_map_key_ref {
-        let cm = Api::<ConfigMap>::namespaced(kube.clone(), namespace)
-            .get_opt(r.name.as_deref().unwrap_or_default())
-            .await?;
-        let Some(cm) = cm else {
-            return Err(Error::SecretNotFound(format!(
-                "{field}: ConfigMap {:?} not found in namespace {namespace:?}",
-                r.name
-            )));
-        };
-        ("ConfigMap", r, cm.data.and_then(|d| d.get(&r.key).cloned()))
+            .or_else(|| secret.string_data.and_then(|d| d.get(&r.key).cloned()))
     } else {
-        return Err(Error::InvalidSpec(format!(
-            "{field}.valueFrom: set secretKeyRef or configMapKeyRef"
-        )));
+        let cm = Api::<ConfigMap>::namespaced(kube.clone(), namespace)
+            .get_opt(name)
+            .await?
+            .ok_or_else(not_found)?;
+        cm.data.and_then(|d| d.get(&r.key).cloned())
     };
     match value {
         // A trailing newline is almost always an accident of `echo ... | kubectl create`.
         Some(v) if !v.trim().is_empty() => Ok(v.trim_end_matches(['\n', '\r']).to_string()),
         _ => Err(Error::SecretNotFound(format!(
-            "{field}: {kind} {:?} has no key {:?} (or it is empty)",
-            r.name, r.key
+            "{field}: {kind} {name:?} has no key {:?} (or it is empty)",
+            r.key
         ))),
     }
 }

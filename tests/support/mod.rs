@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 pub struct Assets {
     pub kube_dir: PathBuf,
     pub prefect_bin: PathBuf,
+    pub helm: PathBuf,
 }
 
 /// Locates (and on first use provisions) the server binaries.
@@ -45,6 +46,7 @@ pub fn assets() -> &'static Assets {
         Assets {
             kube_dir: get("KUBEBUILDER_ASSETS"),
             prefect_bin: get("PREFECT_BIN"),
+            helm: get("HELM_BIN"),
         }
     })
 }
@@ -86,12 +88,26 @@ fn tail(path: &Path) -> String {
 
 /// Minimal HTTP GET over loopback (avoids needing an async runtime while starting).
 pub fn http_get(port: u16, path: &str, auth: Option<&str>) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     let auth = auth
         .map(|a| format!("Authorization: {a}\r\n"))
         .unwrap_or_default();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n{auth}\r\n").ok()?;
+    http(
+        port,
+        &format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n{auth}\r\n"),
+    )
+}
+
+/// Minimal HTTP POST of a JSON body over loopback.
+pub fn http_post_json(port: u16, path: &str, body: &serde_json::Value) -> Option<(u16, String)> {
+    let body = body.to_string();
+    let head = format!("POST {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n", body.len());
+    http(port, &format!("{head}{body}"))
+}
+
+fn http(port: u16, request: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    s.write_all(request.as_bytes()).ok()?;
     let mut buf = String::new();
     s.read_to_string(&mut buf).ok()?;
     let code = buf.split_whitespace().nth(1)?.parse().ok()?;
@@ -446,6 +462,20 @@ impl ControlPlane {
 
 pub fn install_crypto() {
     let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Creates a process work pool in Prefect (retrying the 503s SQLite gives under load).
+pub fn create_pool(prefect: &PrefectServer) -> String {
+    let pool = unique("pool");
+    let body = serde_json::json!({"name": pool, "type": "process"});
+    for _ in 0..10 {
+        match http_post_json(prefect.port, "/api/work_pools/", &body) {
+            Some((201, _)) => return pool,
+            Some((503, _)) | None => std::thread::sleep(Duration::from_millis(300)),
+            Some((code, text)) => panic!("creating work pool: {code} {text}"),
+        }
+    }
+    panic!("Prefect kept failing to create a work pool");
 }
 
 /// A short random suffix for names, so tests sharing a server never collide.

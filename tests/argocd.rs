@@ -1,0 +1,57 @@
+//! The Argo CD health check against objects captured from real test runs
+//! (tests/fixtures/argocd/<expected status>-<state>.yaml), in Lua 5.4 and, where
+//! installed, Lua 5.1 (the dialect Argo CD's gopher-lua speaks).
+
+use std::path::Path;
+use std::process::Command;
+
+fn health(lua: &str, object: &Path) -> (String, String) {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let out = Command::new(lua)
+        .arg(format!("{root}/tests/argocd/run.lua"))
+        .arg(format!("{root}/argocd/prefectdeployment-health.lua"))
+        .arg(object)
+        .output()
+        .unwrap_or_else(|e| panic!("{lua}: {e} (scripts/test-assets.sh installs it)"));
+    assert!(
+        out.status.success(),
+        "{lua} {}: {}",
+        object.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let mut lines = text.lines();
+    (
+        lines.next().unwrap_or("").into(),
+        lines.next().unwrap_or("").into(),
+    )
+}
+
+#[test]
+fn health_of_captured_objects() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/argocd");
+    let mut seen = std::collections::BTreeSet::new();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let stem = path.file_stem().unwrap().to_string_lossy().to_string();
+        let want = match stem.split('-').next().unwrap() {
+            "healthy" => "Healthy",
+            "degraded" => "Degraded",
+            "progressing" => "Progressing",
+            other => panic!("fixture {stem}: unknown expected status {other}"),
+        };
+        for lua in ["lua5.4", "lua5.1"] {
+            if lua == "lua5.1" && Command::new("lua5.1").arg("-v").output().is_err() {
+                continue;
+            }
+            let (status, message) = health(lua, &path);
+            assert_eq!(status, want, "{lua} {stem}: {message}");
+        }
+        seen.insert(want);
+    }
+    assert_eq!(
+        seen.len(),
+        3,
+        "fixtures cover Healthy, Degraded and Progressing"
+    );
+}

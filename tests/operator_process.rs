@@ -1,0 +1,654 @@
+//! The operator as users run it: the real binary as a separate process, installed with
+//! the real Helm chart's RBAC, with leader election, against the real apiserver and
+//! Prefect. Covers what only shows at that level: permissions, hand-over between
+//! replicas, metrics and probes, secrets kept out of logs, the missing-CRD message.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use support::{create_pool, http_get, unique, ControlPlane, PrefectServer};
+
+const BIN: &str = env!("CARGO_BIN_EXE_prefect-operator");
+const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/prefect-operator");
+
+fn helm() -> PathBuf {
+    support::assets().helm.clone()
+}
+
+fn helm_run(args: &[&str]) -> String {
+    let out = Command::new(helm()).args(args).output().expect("helm");
+    assert!(
+        out.status.success(),
+        "helm {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// `helm template` output as a list of objects.
+fn template(set: &[&str]) -> Vec<Value> {
+    let mut args = vec!["template", "rel", CHART, "--namespace", "ops"];
+    for s in set {
+        args.push("--set");
+        args.push(s);
+    }
+    let text = helm_run(&args);
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|d| <Value as serde::Deserialize>::deserialize(d).unwrap())
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+fn of_kind<'a>(objs: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    objs.iter().filter(|o| o["kind"] == kind).collect()
+}
+
+fn container(objs: &[Value]) -> Value {
+    of_kind(objs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0].clone()
+}
+
+fn args(objs: &[Value]) -> Vec<String> {
+    container(objs)["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn chart_lints_and_renders_secure_defaults() {
+    helm_run(&["lint", CHART]);
+    let chart: Value =
+        serde_yaml::from_str(&std::fs::read_to_string(format!("{CHART}/Chart.yaml")).unwrap())
+            .unwrap();
+    let objs = template(&[]);
+
+    let c = container(&objs);
+    assert_eq!(
+        c["image"],
+        json!(format!(
+            "prefect-operator:{}",
+            chart["appVersion"].as_str().unwrap()
+        )),
+        "tag defaults to appVersion"
+    );
+    let sc = &c["securityContext"];
+    assert_eq!(sc["allowPrivilegeEscalation"], json!(false));
+    assert_eq!(sc["readOnlyRootFilesystem"], json!(true));
+    assert_eq!(sc["capabilities"]["drop"], json!(["ALL"]));
+    let pod = &of_kind(&objs, "Deployment")[0]["spec"]["template"]["spec"];
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], json!(true));
+    assert_eq!(
+        pod["securityContext"]["seccompProfile"]["type"],
+        json!("RuntimeDefault")
+    );
+    assert!(
+        c["resources"]["requests"]["memory"].is_string()
+            && c["resources"]["limits"]["memory"].is_string()
+    );
+    assert_eq!(c["livenessProbe"]["httpGet"]["path"], json!("/livez"));
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], json!("/readyz"));
+    assert!(
+        !args(&objs)
+            .iter()
+            .any(|a| a.starts_with("--leader-election")),
+        "one replica: no election"
+    );
+    assert_eq!(of_kind(&objs, "ClusterRole").len(), 1);
+    assert!(of_kind(&objs, "Role").is_empty());
+    assert_eq!(of_kind(&objs, "Service").len(), 1);
+
+    // No rule anywhere lists or watches Secrets; they are only read by name.
+    for o in objs
+        .iter()
+        .filter(|o| o["kind"] == "ClusterRole" || o["kind"] == "Role")
+    {
+        for rule in o["rules"].as_array().unwrap() {
+            let res = rule["resources"].as_array().unwrap();
+            if res.iter().any(|r| r == "secrets") {
+                assert_eq!(rule["verbs"], json!(["get"]), "{rule}");
+            }
+        }
+    }
+
+    let objs = template(&["replicaCount=2"]);
+    let a = args(&objs);
+    assert!(a.contains(&"--leader-election".to_string()), "{a:?}");
+    assert!(
+        a.contains(&"--leader-election-namespace=ops".to_string()),
+        "{a:?}"
+    );
+    let roles = of_kind(&objs, "Role");
+    assert_eq!(roles.len(), 1);
+    assert!(roles[0]["rules"].to_string().contains("leases"));
+
+    let objs = template(&["watchNamespaces={team-a,team-b}"]);
+    assert!(
+        of_kind(&objs, "ClusterRole").is_empty() && of_kind(&objs, "ClusterRoleBinding").is_empty(),
+        "namespaced mode has no cluster-wide RBAC"
+    );
+    let roles = of_kind(&objs, "Role");
+    let namespaces: Vec<&str> = roles
+        .iter()
+        .map(|r| r["metadata"]["namespace"].as_str().unwrap())
+        .collect();
+    assert_eq!(namespaces, vec!["team-a", "team-b"]);
+    assert_eq!(of_kind(&objs, "RoleBinding").len(), 2);
+    assert!(args(&objs).contains(&"--namespace=team-a,team-b".to_string()));
+    // The same rules, from one definition.
+    let cluster = template(&[]);
+    assert_eq!(
+        roles[0]["rules"],
+        of_kind(&cluster, "ClusterRole")[0]["rules"]
+    );
+
+    let objs = template(&[
+        "metrics.serviceMonitor.enabled=true",
+        "networkPolicy.enabled=true",
+        "image.tag=1.2.3",
+    ]);
+    assert_eq!(of_kind(&objs, "ServiceMonitor").len(), 1);
+    assert_eq!(of_kind(&objs, "NetworkPolicy").len(), 1);
+    assert_eq!(container(&objs)["image"], json!("prefect-operator:1.2.3"));
+
+    let chart_crd =
+        std::fs::read_to_string(format!("{CHART}/crds/prefectdeployments.prefect.io.yaml"))
+            .unwrap();
+    let crd = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/crds/prefectdeployments.prefect.io.yaml"
+    ))
+    .unwrap();
+    assert!(chart_crd == crd, "charts/prefect-operator/crds/ must be a copy of crds/: cp crds/*.yaml charts/prefect-operator/crds/");
+}
+
+/// The operator binary running as a separate process, killed on drop.
+struct Operator {
+    child: Child,
+    log: PathBuf,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Operator {
+    fn start(kubeconfig: &Path, extra: &[&str], rust_log: &str) -> Operator {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("operator.log");
+        let port = support::free_port();
+        let file = std::fs::File::create(&log).unwrap();
+        let child = Command::new(BIN)
+            .arg("run")
+            .arg(format!("--admin-addr=127.0.0.1:{port}"))
+            .args(extra)
+            .env("KUBECONFIG", kubeconfig)
+            .env("RUST_LOG", rust_log)
+            .env_remove("PREFECT_OPERATOR_NAMESPACE")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        Operator {
+            child,
+            log,
+            port,
+            _dir: dir,
+        }
+    }
+
+    fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn metrics(&self) -> String {
+        http_get(self.port, "/metrics", None)
+            .map(|(_, b)| b)
+            .unwrap_or_default()
+    }
+
+    /// Sum of a metric's samples whose line contains every filter.
+    fn metric_sum(&self, name: &str, filters: &[&str]) -> f64 {
+        self.metrics()
+            .lines()
+            .filter(|l| l.starts_with(name) && filters.iter().all(|f| l.contains(f)))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    fn is_leader(&self) -> bool {
+        self.metrics()
+            .lines()
+            .any(|l| l == "prefect_operator_leader 1")
+    }
+
+    /// Prefect requests other than GET made by this process.
+    fn prefect_writes(&self) -> f64 {
+        let all = self.metric_sum(
+            "prefect_operator_prefect_request_duration_seconds_count",
+            &[],
+        );
+        let gets = self.metric_sum(
+            "prefect_operator_prefect_request_duration_seconds_count",
+            &["method=\"GET\""],
+        );
+        all - gets
+    }
+
+    fn wait_until(&mut self, what: &str, timeout: Duration, f: impl Fn(&Operator) -> bool) {
+        let deadline = Instant::now() + timeout;
+        while !f(self) {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "operator exited ({status}) while waiting for {what}:\n{}",
+                    self.logs()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}:\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "operator did not exit:\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A kubeconfig for a ServiceAccount, with a token from the TokenRequest API.
+fn kubeconfig_for(cp: &ControlPlane, namespace: &str, sa: &str) -> PathBuf {
+    let token = cp.kubectl_ok(&["create", "token", sa, "-n", namespace, "--duration=1h"]);
+    let admin = std::fs::read_to_string(&cp.kubeconfig).unwrap();
+    let text = admin.replace("token: admin-token", &format!("token: {}", token.trim()));
+    let path = cp.dir.path().join(format!("kubeconfig-{namespace}-{sa}"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn pd_manifest(
+    name: &str,
+    ns: &str,
+    prefect: &PrefectServer,
+    pool: &str,
+    server_extra: &str,
+    description: &str,
+) -> String {
+    format!(
+        r#"apiVersion: prefect.io/v1
+kind: PrefectDeployment
+metadata:
+  name: {name}
+  namespace: {ns}
+spec:
+  server:
+    remoteApiUrl: {url}
+{server_extra}
+  workPool:
+    name: {pool}
+  deployment:
+    entrypoint: flows/x.py:{fn_name}
+    description: "{description}"
+    schedules:
+      - slug: hourly
+        cron: "0 * * * *"
+    triggers:
+      - expect: [example.event]
+"#,
+        url = prefect.url,
+        fn_name = name.replace('-', "_"),
+    )
+}
+
+fn wait_ready(cp: &ControlPlane, ns: &str, name: &str, generation: i64) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (ok, out, _) = cp.kubectl(&["get", "pd", "-n", ns, name, "-o", "json"]);
+        if ok {
+            let v: Value = serde_json::from_str(&out).unwrap();
+            let ready = v["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True");
+            if ready && v["status"]["observedGeneration"] == json!(generation) {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{ns}/{name} not Ready at generation {generation}: {}",
+                v["status"]
+            );
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+#[test]
+fn chart_rbac_is_exactly_enough() {
+    let cp = ControlPlane::shared();
+    let prefect = PrefectServer::shared();
+    let pool = create_pool(prefect);
+    let ops = unique("ops");
+    // Two replicas: the chart turns leader election on and grants the Lease.
+    helm_run(&[
+        "install",
+        "rbac",
+        CHART,
+        "--namespace",
+        &ops,
+        "--create-namespace",
+        "--set",
+        "replicaCount=2",
+        "--kubeconfig",
+        cp.kubeconfig.to_str().unwrap(),
+    ]);
+    let sa = "rbac-prefect-operator";
+    let kubeconfig = kubeconfig_for(cp, &ops, sa);
+
+    let mut op = Operator::start(
+        &kubeconfig,
+        &[
+            "--leader-election",
+            &format!("--leader-election-namespace={ops}"),
+        ],
+        "info",
+    );
+    op.wait_until("leadership", Duration::from_secs(30), |o| o.is_leader());
+    op.wait_until("/readyz", Duration::from_secs(30), |o| {
+        http_get(o.port, "/readyz", None).is_some_and(|(c, _)| c == 200)
+    });
+    assert_eq!(http_get(op.port, "/livez", None).map(|(c, _)| c), Some(200));
+
+    let ns = unique("work");
+    cp.kubectl_ok(&["create", "namespace", &ns]);
+    cp.kubectl_ok(&[
+        "create",
+        "secret",
+        "generic",
+        "prefect-auth",
+        "-n",
+        &ns,
+        "--from-literal=auth=user:pass",
+    ]);
+    let name = "rbac-cycle";
+    let auth =
+        "    authString:\n      valueFrom:\n        secretKeyRef: {name: prefect-auth, key: auth}";
+    let (ok, _, err) = cp.kubectl_stdin(
+        &["apply", "-f", "-"],
+        Some(&pd_manifest(name, &ns, prefect, &pool, auth, "one")),
+    );
+    assert!(ok, "{err}");
+    let v = wait_ready(cp, &ns, name, 1);
+    let id = v["status"]["deploymentId"].as_str().unwrap().to_string();
+    let (ok, _, err) = cp.kubectl_stdin(
+        &["apply", "-f", "-"],
+        Some(&pd_manifest(name, &ns, prefect, &pool, auth, "two")),
+    );
+    assert!(ok, "{err}");
+    wait_ready(cp, &ns, name, 2);
+    let events = cp.kubectl_ok(&["get", "events", "-n", &ns, "-o", "json"]);
+    assert!(
+        events.contains("Created Prefect deployment"),
+        "events were recorded with the chart's RBAC"
+    );
+    cp.kubectl_ok(&["delete", "pd", "-n", &ns, name, "--timeout=60s"]);
+    let port = prefect.port;
+    let (code, _) = http_get(port, &format!("/api/deployments/{id}"), None).unwrap();
+    assert_eq!(code, 404, "deleted from Prefect");
+    let logs = op.logs();
+    assert!(
+        !logs.contains("forbidden") && !logs.contains("Forbidden"),
+        "no permission errors:\n{logs}"
+    );
+    assert!(
+        op.metric_sum("prefect_operator_reconciles_total", &["result=\"ok\""]) >= 3.0,
+        "{}",
+        op.metrics()
+    );
+    drop(op);
+
+    // The same binary without the chart's RBAC fails at once, saying why.
+    cp.kubectl_ok(&["create", "serviceaccount", "no-rbac", "-n", &ops]);
+    let bare = kubeconfig_for(cp, &ops, "no-rbac");
+    let mut op = Operator::start(&bare, &[], "info");
+    let status = op.wait_exit(Duration::from_secs(30));
+    assert!(!status.success());
+    let logs = op.logs();
+    assert!(
+        logs.contains("not allowed to list PrefectDeployments") && logs.contains("RBAC"),
+        "{logs}"
+    );
+}
+
+#[test]
+fn leader_hand_over_without_double_writes() {
+    let cp = ControlPlane::shared();
+    let prefect = PrefectServer::shared();
+    let pool = create_pool(prefect);
+    let ns = unique("ha");
+    cp.kubectl_ok(&["create", "namespace", &ns]);
+    let lease = format!("--leader-election-lease={}", unique("lease"));
+    let le = [
+        "--leader-election",
+        "--leader-election-namespace=default",
+        lease.as_str(),
+    ];
+    let ns_arg = format!("--namespace={ns}");
+    let args: Vec<&str> = le.iter().copied().chain([ns_arg.as_str()]).collect();
+    let mut a = Operator::start(&cp.kubeconfig, &args, "info");
+    a.wait_until("first replica leads", Duration::from_secs(30), |o| {
+        o.is_leader()
+    });
+    let mut b = Operator::start(&cp.kubeconfig, &args, "info");
+    b.wait_until("standby ready", Duration::from_secs(30), |o| {
+        http_get(o.port, "/readyz", None).is_some_and(|(c, _)| c == 200)
+    });
+    assert!(!b.is_leader());
+
+    let (ok, _, err) = cp.kubectl_stdin(
+        &["apply", "-f", "-"],
+        Some(&pd_manifest("first", &ns, prefect, &pool, "", "first one")),
+    );
+    assert!(ok, "{err}");
+    wait_ready(cp, &ns, "first", 1);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        b.metric_sum("prefect_operator_reconciles_total", &[]),
+        0.0,
+        "the standby does not reconcile"
+    );
+    assert_eq!(b.prefect_writes(), 0.0);
+    assert!(a.prefect_writes() > 0.0);
+
+    // Kill the leader without letting it release the lease: the standby must wait for
+    // it to expire (15 s), then take over.
+    let killed = Instant::now();
+    a.child.kill().unwrap();
+    a.child.wait().unwrap();
+    b.wait_until("take-over", Duration::from_secs(25), |o| o.is_leader());
+    let took = killed.elapsed();
+    println!("take-over after {:.1} s", took.as_secs_f64());
+    // The new leader re-checks the existing resource: reads only.
+    b.wait_until(
+        "first resync by the new leader",
+        Duration::from_secs(20),
+        |o| o.metric_sum("prefect_operator_reconciles_total", &["result=\"ok\""]) >= 1.0,
+    );
+    assert_eq!(
+        b.prefect_writes(),
+        0.0,
+        "no Prefect writes for an unchanged resource after hand-over:\n{}",
+        b.metrics()
+    );
+
+    let (ok, _, err) = cp.kubectl_stdin(
+        &["apply", "-f", "-"],
+        Some(&pd_manifest(
+            "second",
+            &ns,
+            prefect,
+            &pool,
+            "",
+            "second one",
+        )),
+    );
+    assert!(ok, "{err}");
+    wait_ready(cp, &ns, "second", 1);
+    assert!(b.prefect_writes() > 0.0);
+}
+
+#[test]
+fn secrets_never_reach_logs_events_or_status() {
+    let cp = ControlPlane::shared();
+    let prefect = PrefectServer::shared();
+    let pool = create_pool(prefect);
+    let ns = unique("sec");
+    cp.kubectl_ok(&["create", "namespace", &ns]);
+    let api_key = "pnu_TOPSECRET_inline_4242";
+    let password = "TOPSECRET-password-9898";
+    cp.kubectl_ok(&[
+        "create",
+        "secret",
+        "generic",
+        "creds",
+        "-n",
+        &ns,
+        &format!("--from-literal=auth=admin:{password}"),
+    ]);
+    let mut op = Operator::start(
+        &cp.kubeconfig,
+        &[&format!("--namespace={ns}"), "--log-format=json"],
+        "debug",
+    );
+    let inline = format!("    apiKey:\n      value: {api_key}");
+    let from_secret =
+        "    authString:\n      valueFrom:\n        secretKeyRef: {name: creds, key: auth}"
+            .to_string();
+    for (name, extra) in [("inline-key", inline), ("secret-auth", from_secret)] {
+        let (ok, _, err) = cp.kubectl_stdin(
+            &["apply", "-f", "-"],
+            Some(&pd_manifest(name, &ns, prefect, &pool, &extra, "s")),
+        );
+        assert!(ok, "{err}");
+        wait_ready(cp, &ns, name, 1);
+    }
+    // A failure path too: a Secret key that does not exist.
+    let missing =
+        "    authString:\n      valueFrom:\n        secretKeyRef: {name: creds, key: nope}";
+    let (ok, _, err) = cp.kubectl_stdin(
+        &["apply", "-f", "-"],
+        Some(&pd_manifest(
+            "missing-key",
+            &ns,
+            prefect,
+            &pool,
+            missing,
+            "s",
+        )),
+    );
+    assert!(ok, "{err}");
+    std::thread::sleep(Duration::from_secs(3));
+    op.wait_until("some debug logs", Duration::from_secs(10), |o| {
+        o.logs().lines().count() > 5
+    });
+
+    let logs = op.logs();
+    let events = cp.kubectl_ok(&["get", "events", "-n", &ns, "-o", "json"]);
+    let statuses = cp.kubectl_ok(&["get", "pd", "-n", &ns, "-o", "jsonpath={.items[*].status}"]);
+    assert!(statuses.contains("SecretNotFound"), "{statuses}");
+    for secret in [api_key, password] {
+        assert!(!logs.contains(secret), "secret in logs");
+        assert!(!events.contains(secret), "secret in events");
+        assert!(!statuses.contains(secret), "secret in status");
+    }
+    // JSON logs are one object per line.
+    for line in logs.lines().filter(|l| l.starts_with('{')) {
+        serde_json::from_str::<Value>(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+    }
+}
+
+#[test]
+fn missing_crd_and_crd_upgrade() {
+    // A control plane of its own, without the CRD.
+    let cp = ControlPlane::start();
+    let mut op = Operator::start(&cp.kubeconfig, &[], "info");
+    let status = op.wait_exit(Duration::from_secs(30));
+    assert!(!status.success());
+    let logs = op.logs();
+    assert!(
+        logs.contains("CRD")
+            && logs
+                .contains("kubectl apply --server-side -f crds/prefectdeployments.prefect.io.yaml"),
+        "{logs}"
+    );
+
+    // An older CRD (today's without the fields added since: deletionPolicy,
+    // adoptExisting, status.triggersHash), then the current one over it, then again.
+    let ours = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/crds/prefectdeployments.prefect.io.yaml"
+    );
+    let mut old: Value = serde_yaml::from_str(&std::fs::read_to_string(ours).unwrap()).unwrap();
+    let schema = &mut old["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"];
+    schema["spec"]["properties"]
+        .as_object_mut()
+        .unwrap()
+        .remove("deletionPolicy");
+    schema["spec"]["properties"]
+        .as_object_mut()
+        .unwrap()
+        .remove("adoptExisting");
+    schema["status"]["properties"]
+        .as_object_mut()
+        .unwrap()
+        .remove("triggersHash");
+    let (ok, _, err) = cp.kubectl_stdin(
+        &["apply", "--server-side", "-f", "-"],
+        Some(&serde_json::to_string(&old).unwrap()),
+    );
+    assert!(ok, "{err}");
+    cp.kubectl_ok(&[
+        "wait",
+        "--for=condition=Established",
+        "crd/prefectdeployments.prefect.io",
+        "--timeout=60s",
+    ]);
+    cp.kubectl_ok(&["apply", "--server-side", "--force-conflicts", "-f", ours]);
+    cp.kubectl_ok(&["apply", "--server-side", "-f", ours]);
+    cp.kubectl_ok(&[
+        "wait",
+        "--for=condition=Established",
+        "crd/prefectdeployments.prefect.io",
+        "--timeout=60s",
+    ]);
+    let served = cp.kubectl_ok(&["get", "crd", "prefectdeployments.prefect.io", "-o", "jsonpath={.spec.versions[0].schema.openAPIV3Schema.properties.spec.properties.deletionPolicy.enum}"]);
+    assert!(
+        served.contains("Orphan"),
+        "our schema is served after the upgrade: {served}"
+    );
+}
