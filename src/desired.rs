@@ -155,13 +155,25 @@ pub fn deployment(spec: &PrefectDeploymentSpec, name: &str, owner_uid: &str) -> 
 }
 
 impl DesiredDeployment {
-    /// The `POST /deployments/` body for a first create. Schedules are not in it: that
-    /// endpoint drops `max_scheduled_runs`, the schedules sub-resource keeps it.
+        /// Whether the schedules can go in the create body (one request fewer). Not when one
+    /// sets `max_scheduled_runs`: that endpoint drops it, the schedules sub-resource
+    /// keeps it.
+    pub fn schedules_in_create_body(&self) -> bool {
+        self.schedules
+            .iter()
+            .all(|s| s.body["max_scheduled_runs"].is_null())
+    }
+
+    /// The `POST /deployments/` body for a first create.
     pub fn create_body(&self, flow_id: &str) -> Value {
         let mut body = self.fields.clone();
         body.insert("name".into(), Value::String(self.name.clone()));
         body.insert("flow_id".into(), Value::String(flow_id.into()));
         body.insert("labels".into(), Value::Object(self.labels.clone()));
+        if self.schedules_in_create_body() {
+            let schedules = self.schedules.iter().map(|s| s.body.clone()).collect();
+            body.insert("schedules".into(), Value::Array(schedules));
+        }
         Value::Object(body)
     }
 }

@@ -132,7 +132,12 @@ impl PrefectServer {
         Self::start_on(free_port(), auth_string)
     }
 
-    pub fn start_on(port: u16, auth_string: Option<&str>) -> PrefectServer {
+        pub fn start_on(port: u16, auth_string: Option<&str>) -> PrefectServer {
+        Self::start_with(port, auth_string, false)
+    }
+
+    /// `services`: run Prefect's background services (scheduler, triggers) too.
+    pub fn start_with(port: u16, auth_string: Option<&str>, services: bool) -> PrefectServer {
         let a = assets();
         let dir = tempfile::tempdir().unwrap();
         assert!(
@@ -161,8 +166,9 @@ impl PrefectServer {
             "--no-services",
         ]
         .iter()
-        .map(|s| s.to_string())
-        .collect();
+            .filter(|s| !services || **s != "--no-services")
+            .map(|s| s.to_string())
+            .collect();
         let child = spawn_watched(&a.prefect_bin, &args, &envs, &log);
         let deadline = Instant::now() + Duration::from_secs(90);
         loop {
@@ -191,6 +197,18 @@ impl PrefectServer {
         static SERVER: OnceLock<PrefectServer> = OnceLock::new();
         SERVER.get_or_init(|| PrefectServer::start(None))
     }
+}
+
+impl Drop for PrefectServer {
+    fn drop(&mut self) {
+        stop_watched(&mut self._child);
+    }
+}
+
+/// SIGTERM to a watchdog makes it stop its server and wait for it.
+fn stop_watched(child: &mut Child) {
+    let _ = Command::new("kill").arg(child.id().to_string()).status();
+    let _ = child.wait();
 }
 
 pub struct ControlPlane {
@@ -457,6 +475,13 @@ impl ControlPlane {
             .await
             .unwrap();
         kube::Client::try_from(config).unwrap()
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        stop_watched(&mut self._apiserver);
+        stop_watched(&mut self._etcd);
     }
 }
 
