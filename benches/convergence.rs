@@ -63,7 +63,7 @@ struct Row {
     change_ms: f64,
     change_calls: BTreeMap<String, f64>,
     restart_secs: f64,
-    restart_writes: f64,
+        restart_writes: u64,
     restart_k8s_writes: usize,
     rss_mib: f64,
     cpu_secs: f64,
@@ -201,8 +201,8 @@ fn diff(after: &BTreeMap<String, f64>, before: &BTreeMap<String, f64>) -> BTreeM
         .collect()
 }
 
-fn writes(calls: &BTreeMap<String, f64>) -> f64 {
-    calls.iter().filter(|(k, _)| !k.starts_with("GET ")).map(|(_, v)| v).sum()
+fn writes(calls: &BTreeMap<String, f64>) -> u64 {
+    calls.iter().filter(|(k, _)| !k.starts_with("GET ")).map(|(_, v)| *v as u64).sum()
 }
 
 fn reads_by_name(calls: &BTreeMap<String, f64>) -> f64 {
@@ -236,7 +236,7 @@ async fn operator_round(
     cp: &ControlPlane,
     n: usize,
     services: bool,
-) -> (f64, (f64, f64, f64), Steady, f64, BTreeMap<String, f64>, (f64, f64, usize), (f64, f64)) {
+) -> (f64, (f64, f64, f64), Steady, f64, BTreeMap<String, f64>, (f64, u64, usize), (f64, f64)) {
     let prefect = PrefectServer::start_with(support::free_port(), None, services);
     let pool = create_pool(&prefect);
     let kube = cp.client().await;
