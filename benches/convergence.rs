@@ -37,7 +37,11 @@ fn main() {
         .split(',')
         .filter_map(|s| s.trim().parse().ok())
         .collect();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let cp = ControlPlane::shared();
         let mut rows = Vec::new();
@@ -63,7 +67,7 @@ struct Row {
     change_ms: f64,
     change_calls: BTreeMap<String, f64>,
     restart_secs: f64,
-        restart_writes: u64,
+    restart_writes: u64,
     restart_k8s_writes: usize,
     rss_mib: f64,
     cpu_secs: f64,
@@ -76,8 +80,12 @@ struct Steady {
 }
 
 async fn round(cp: &ControlPlane, n: usize, services: bool) -> Row {
-    eprintln!("== N={n}, Prefect services {}", if services { "on" } else { "off" });
-    let (op_secs, latency, steady, change_ms, change_calls, restart, cost) = operator_round(cp, n, services).await;
+    eprintln!(
+        "== N={n}, Prefect services {}",
+        if services { "on" } else { "off" }
+    );
+    let (op_secs, latency, steady, change_ms, change_calls, restart, cost) =
+        operator_round(cp, n, services).await;
     eprintln!("   operator: {op_secs:.1} s");
     let python_secs = python_round(n, services);
     eprintln!("   python apply(): {python_secs:.1} s");
@@ -109,7 +117,7 @@ fn manifest(i: usize, ns: &str, url: &str, pool: &str) -> PrefectDeployment {
         "parameterOpenApiSchema": {"type": "object", "properties": {"index": {"type": "integer"}, "label": {"type": "string"}}},
         "schedules": [{"slug": "hourly", "cron": format!("{} * * * *", i % 60)}],
     });
-    if i % 4 == 0 {
+    if i.is_multiple_of(4) {
         deployment["triggers"] = json!([{"expect": ["bench.event"]}]);
     }
     serde_json::from_value(json!({
@@ -123,7 +131,9 @@ fn manifest(i: usize, ns: &str, url: &str, pool: &str) -> PrefectDeployment {
 fn is_ready(o: &PrefectDeployment) -> bool {
     let Some(s) = &o.status else { return false };
     s.observed_generation == o.metadata.generation
-        && s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True")
+        && s.conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True")
 }
 
 struct OperatorProcess {
@@ -135,7 +145,12 @@ impl OperatorProcess {
     fn start(cp: &ControlPlane, ns: &str) -> Self {
         let port = support::free_port();
         let child = Command::new(BIN)
-            .args(["run", &format!("--namespace={ns}"), &format!("--admin-addr=127.0.0.1:{port}"), &format!("--default-resync-interval={RESYNC}")])
+            .args([
+                "run",
+                &format!("--namespace={ns}"),
+                &format!("--admin-addr=127.0.0.1:{port}"),
+                &format!("--default-resync-interval={RESYNC}"),
+            ])
             .env("KUBECONFIG", &cp.kubeconfig)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
@@ -153,15 +168,28 @@ impl OperatorProcess {
 
     /// Prefect request counts by "METHOD endpoint".
     fn calls(&self) -> BTreeMap<String, f64> {
-        let text = http_get(self.port, "/metrics", None).map(|(_, b)| b).unwrap_or_default();
+        let text = http_get(self.port, "/metrics", None)
+            .map(|(_, b)| b)
+            .unwrap_or_default();
         let mut out = BTreeMap::new();
-        for line in text.lines().filter(|l| l.starts_with("prefect_operator_prefect_request_duration_seconds_count{")) {
+        for line in text
+            .lines()
+            .filter(|l| l.starts_with("prefect_operator_prefect_request_duration_seconds_count{"))
+        {
             let label = |k: &str| -> String {
-                let start = line.find(&format!("{k}=\"")).map(|i| i + k.len() + 2).unwrap_or(0);
+                let start = line
+                    .find(&format!("{k}=\""))
+                    .map(|i| i + k.len() + 2)
+                    .unwrap_or(0);
                 line[start..].split('"').next().unwrap_or("").to_string()
             };
-            let value: f64 = line.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
-            *out.entry(format!("{} {}", label("method"), label("endpoint"))).or_default() += value;
+            let value: f64 = line
+                .rsplit(' ')
+                .next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0.0);
+            *out.entry(format!("{} {}", label("method"), label("endpoint")))
+                .or_default() += value;
         }
         out
     }
@@ -180,7 +208,12 @@ impl OperatorProcess {
         // Fields after the command name (which is in parentheses): utime is 14th, stime 15th.
         let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
         let fields: Vec<&str> = after.split_whitespace().collect();
-        let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        let ticks = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
         let clk = 100.0; // USER_HZ on Linux
         (hwm_kb / 1024.0, (ticks(11) + ticks(12)) / clk)
     }
@@ -202,7 +235,11 @@ fn diff(after: &BTreeMap<String, f64>, before: &BTreeMap<String, f64>) -> BTreeM
 }
 
 fn writes(calls: &BTreeMap<String, f64>) -> u64 {
-    calls.iter().filter(|(k, _)| !k.starts_with("GET ")).map(|(_, v)| *v as u64).sum()
+    calls
+        .iter()
+        .filter(|(k, _)| !k.starts_with("GET "))
+        .map(|(_, v)| *v as u64)
+        .sum()
 }
 
 fn reads_by_name(calls: &BTreeMap<String, f64>) -> f64 {
@@ -215,7 +252,12 @@ async fn resource_versions(api: &Api<PrefectDeployment>) -> HashMap<String, Stri
         .unwrap()
         .items
         .into_iter()
-        .map(|o| (o.metadata.name.unwrap(), o.metadata.resource_version.unwrap()))
+        .map(|o| {
+            (
+                o.metadata.name.unwrap(),
+                o.metadata.resource_version.unwrap(),
+            )
+        })
         .collect()
 }
 
@@ -236,7 +278,15 @@ async fn operator_round(
     cp: &ControlPlane,
     n: usize,
     services: bool,
-) -> (f64, (f64, f64, f64), Steady, f64, BTreeMap<String, f64>, (f64, u64, usize), (f64, f64)) {
+) -> (
+    f64,
+    (f64, f64, f64),
+    Steady,
+    f64,
+    BTreeMap<String, f64>,
+    (f64, u64, usize),
+    (f64, f64),
+) {
     let prefect = PrefectServer::start_with(support::free_port(), None, services);
     let pool = create_pool(&prefect);
     let kube = cp.client().await;
@@ -269,13 +319,24 @@ async fn operator_round(
                 ready_at.insert(name, Instant::now());
             }
         }
-        assert!(Instant::now() < deadline, "only {}/{n} Ready after 10 min", ready_at.len());
+        assert!(
+            Instant::now() < deadline,
+            "only {}/{n} Ready after 10 min",
+            ready_at.len()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let op_secs = started.elapsed().as_secs_f64();
-    let mut lat: Vec<f64> = ready_at.iter().map(|(k, t)| t.duration_since(created[k]).as_secs_f64()).collect();
+    let mut lat: Vec<f64> = ready_at
+        .iter()
+        .map(|(k, t)| t.duration_since(created[k]).as_secs_f64())
+        .collect();
     lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let latency = (percentile(&lat, 0.5), percentile(&lat, 0.95), *lat.last().unwrap());
+    let latency = (
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.95),
+        *lat.last().unwrap(),
+    );
 
     // Steady state: nothing changed; wait for every resource to be re-read once.
     let calls0 = op.calls();
@@ -283,7 +344,10 @@ async fn operator_round(
     let t0 = Instant::now();
     let deadline = Instant::now() + Duration::from_secs(300);
     while reads_by_name(&diff(&op.calls(), &calls0)) < n as f64 {
-        assert!(Instant::now() < deadline, "resync did not cover every resource");
+        assert!(
+            Instant::now() < deadline,
+            "resync did not cover every resource"
+        );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     let steady = Steady {
@@ -295,8 +359,11 @@ async fn operator_round(
     // One change: a new cron on one resource.
     let before = op.calls();
     let t = Instant::now();
-    let patch = json!({"spec": {"deployment": {"schedules": [{"slug": "hourly", "cron": "17 3 * * *"}]}}});
-    api.patch("bench-1", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    let patch =
+        json!({"spec": {"deployment": {"schedules": [{"slug": "hourly", "cron": "17 3 * * *"}]}}});
+    api.patch("bench-1", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
     loop {
         let o = api.get("bench-1").await.unwrap();
         if is_ready(&o) && o.metadata.generation == Some(2) {
@@ -315,15 +382,33 @@ async fn operator_round(
     op = OperatorProcess::start(cp, &ns);
     let t = Instant::now();
     while reads_by_name(&op.calls()) < n as f64 {
-        assert!(t.elapsed() < Duration::from_secs(600), "restart did not re-check everything");
+        assert!(
+            t.elapsed() < Duration::from_secs(600),
+            "restart did not re-check everything"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let restart_secs = t.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let restart = (restart_secs, writes(&op.calls()), changed(&rv0, &resource_versions(&api).await));
+    let restart = (
+        restart_secs,
+        writes(&op.calls()),
+        changed(&rv0, &resource_versions(&api).await),
+    );
     let second_cost = op.cost();
-    let cost = (first_cost.0.max(second_cost.0), first_cost.1 + second_cost.1);
-    (op_secs, latency, steady, change_ms, change_calls, restart, cost)
+    let cost = (
+        first_cost.0.max(second_cost.0),
+        first_cost.1 + second_cost.1,
+    );
+    (
+        op_secs,
+        latency,
+        steady,
+        change_ms,
+        change_calls,
+        restart,
+        cost,
+    )
 }
 
 /// Prefect's Python `RunnerDeployment.apply()` in a loop, on a fresh database.
@@ -333,7 +418,10 @@ fn python_round(n: usize, services: bool) -> f64 {
     let python = support::assets().prefect_bin.with_file_name("python");
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(python)
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/benches/python_apply.py"))
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/benches/python_apply.py"
+        ))
         .arg(n.to_string())
         .arg(&pool)
         .env("PREFECT_API_URL", &prefect.url)
@@ -341,9 +429,18 @@ fn python_round(n: usize, services: bool) -> f64 {
         .env("PREFECT_LOGGING_LEVEL", "ERROR")
         .output()
         .unwrap();
-    assert!(out.status.success(), "python apply loop: {}", String::from_utf8_lossy(&out.stderr));
-    let line = String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or_default().to_string();
-    let v: Value = serde_json::from_str(&line).unwrap_or_else(|_| panic!("unexpected output: {line}"));
+    assert!(
+        out.status.success(),
+        "python apply loop: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .to_string();
+    let v: Value =
+        serde_json::from_str(&line).unwrap_or_else(|_| panic!("unexpected output: {line}"));
     v["seconds"].as_f64().unwrap()
 }
 
@@ -356,7 +453,7 @@ async fn floor_round(n: usize, services: bool) -> f64 {
     let post = |path: String, body: Value| {
         let (http, url) = (http.clone(), url.clone());
         async move {
-                        // Retry what any client must: 503s and reset connections.
+            // Retry what any client must: 503s and reset connections.
             loop {
                 match http.post(format!("{url}{path}")).json(&body).send().await {
                     Ok(r) if r.status().as_u16() != 503 => {
@@ -386,7 +483,7 @@ async fn floor_round(n: usize, services: bool) -> f64 {
                     }),
                 )
                 .await;
-                if i % 4 == 0 {
+                if i.is_multiple_of(4) {
                     let id = dep["id"].as_str().unwrap();
                     post(
                         "/automations/".into(),
@@ -407,7 +504,11 @@ fn fmt_calls(calls: &BTreeMap<String, f64>) -> String {
     if calls.is_empty() {
         return "none".into();
     }
-    calls.iter().map(|(k, v)| format!("{k} x{v}")).collect::<Vec<_>>().join(", ")
+    calls
+        .iter()
+        .map(|(k, v)| format!("{k} x{v}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn report(rows: &[Row], binary_size: u64) {
@@ -415,7 +516,11 @@ fn report(rows: &[Row], binary_size: u64) {
     println!("| N | Prefect services | operator res/s | latency p50 / p95 / max (s) | Python apply() res/s | floor res/s | operator/floor | operator/Python |");
     println!("|---|---|---|---|---|---|---|---|");
     for r in rows {
-        let (op, py, fl) = (r.n as f64 / r.op_secs, r.n as f64 / r.python_secs, r.n as f64 / r.floor_secs);
+        let (op, py, fl) = (
+            r.n as f64 / r.op_secs,
+            r.n as f64 / r.python_secs,
+            r.n as f64 / r.floor_secs,
+        );
         println!(
             "| {} | {} | {op:.1} | {:.1} / {:.1} / {:.1} | {py:.1} | {fl:.1} | {:.2}x | {:.2}x |",
             r.n,
@@ -449,7 +554,15 @@ fn report(rows: &[Row], binary_size: u64) {
     }
     println!();
     for r in rows {
-        println!("N={} services={}: Prefect calls for one cron change: {}", r.n, r.services, fmt_calls(&r.change_calls));
+        println!(
+            "N={} services={}: Prefect calls for one cron change: {}",
+            r.n,
+            r.services,
+            fmt_calls(&r.change_calls)
+        );
     }
-    println!("release binary: {binary_size} bytes ({:.1} MiB)", binary_size as f64 / 1048576.0);
+    println!(
+        "release binary: {binary_size} bytes ({:.1} MiB)",
+        binary_size as f64 / 1048576.0
+    );
 }

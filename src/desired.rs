@@ -155,7 +155,7 @@ pub fn deployment(spec: &PrefectDeploymentSpec, name: &str, owner_uid: &str) -> 
 }
 
 impl DesiredDeployment {
-        /// Whether the schedules can go in the create body (one request fewer). Not when one
+    /// Whether the schedules can go in the create body (one request fewer). Not when one
     /// sets `max_scheduled_runs`: that endpoint drops it, the schedules sub-resource
     /// keeps it.
     pub fn schedules_in_create_body(&self) -> bool {

@@ -53,23 +53,7 @@ impl Env {
         let ctx = Arc::new(Context::new(kube.clone(), resync));
         let task = tokio::spawn(reconcile::controller(api.clone(), ctx.clone(), 4));
         let raw = reqwest::Client::new();
-        let pool = unique("pool");
-        // Retry the 503s SQLite gives under parallel load.
-        let mut code = 0;
-        for _ in 0..5 {
-            let r = raw
-                .post(format!("{}/work_pools/", prefect.url))
-                .json(&json!({"name": pool, "type": "process"}))
-                .send()
-                .await
-                .unwrap();
-            code = r.status().as_u16();
-            if code != 503 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        }
-        assert_eq!(code, 201);
+        let pool = support::create_pool(prefect);
         (
             Env {
                 cp,
@@ -181,6 +165,20 @@ fn argocd_health(env: &Env, name: &str, capture_as: &str) -> (String, String) {
         lines.next().unwrap_or("").to_string(),
         lines.next().unwrap_or("").to_string(),
     )
+}
+
+/// A PrefectDeployment against the shared Prefect server and `pool`, with `spec` merged
+/// over the server and work pool.
+fn resource(env: &Env, pool: &str, name: &str, spec: Value) -> PrefectDeployment {
+    let mut full = json!({"server": {"remoteApiUrl": env.prefect.url}, "workPool": {"name": pool}});
+    for (k, v) in spec.as_object().unwrap() {
+        full[k] = v.clone();
+    }
+    serde_json::from_value(json!({
+        "apiVersion": "prefect.io/v1", "kind": "PrefectDeployment",
+        "metadata": {"name": name}, "spec": full,
+    }))
+    .unwrap()
 }
 
 fn ready(o: &PrefectDeployment) -> Option<(String, String, String)> {
@@ -364,19 +362,17 @@ spec:
 async fn invalid_spec_is_reported_and_not_sent() {
     let (env, pool) = Env::new(Duration::from_secs(300)).await;
     let name = unique("bad");
-    let pd: PrefectDeployment = serde_json::from_value(json!({
-        "apiVersion": "prefect.io/v1", "kind": "PrefectDeployment",
-        "metadata": {"name": name},
-        "spec": {
-            "server": {"remoteApiUrl": env.prefect.url},
-            "workPool": {"name": pool},
+    let pd = resource(
+        &env,
+        &pool,
+        &name,
+        json!({
             "deployment": {"entrypoint": "f.py:flow_fn", "schedules": [
                 {"slug": "ok", "interval": 60},
                 {"slug": "typo", "cron": "0 0 9 * * *"}
             ]}
-        }
-    }))
-    .unwrap();
+        }),
+    );
     env.api.create(&PostParams::default(), &pd).await.unwrap();
     let obj = env
         .wait_for(&name, "InvalidSpec", |o| {
@@ -426,16 +422,15 @@ async fn invalid_spec_is_reported_and_not_sent() {
 async fn missing_secret_then_created() {
     let (env, pool) = Env::new(Duration::from_secs(300)).await;
     let name = unique("auth");
-    let pd: PrefectDeployment = serde_json::from_value(json!({
-        "apiVersion": "prefect.io/v1", "kind": "PrefectDeployment",
-        "metadata": {"name": name},
-        "spec": {
+    let pd = resource(
+        &env,
+        &pool,
+        &name,
+        json!({
             "server": {"remoteApiUrl": env.prefect.url, "authString": {"valueFrom": {"secretKeyRef": {"name": "prefect-auth", "key": "auth"}}}},
-            "workPool": {"name": pool},
             "deployment": {"entrypoint": "f.py:secured"}
-        }
-    }))
-    .unwrap();
+        }),
+    );
     env.api.create(&PostParams::default(), &pd).await.unwrap();
     let obj = env
         .wait_for(&name, "SecretNotFound", |o| {
@@ -468,20 +463,18 @@ async fn missing_secret_then_created() {
 async fn triggers_orphan_policy_and_unreachable_cleanup() {
     let (env, pool) = Env::new(Duration::from_secs(300)).await;
     let name = unique("orphan");
-    let pd: PrefectDeployment = serde_json::from_value(json!({
-        "apiVersion": "prefect.io/v1", "kind": "PrefectDeployment",
-        "metadata": {"name": name},
-        "spec": {
-            "server": {"remoteApiUrl": env.prefect.url},
-            "workPool": {"name": pool},
+    let pd = resource(
+        &env,
+        &pool,
+        &name,
+        json!({
             "deletionPolicy": "Orphan",
             "deployment": {"entrypoint": "f.py:kept", "triggers": [
                 {"expect": ["prefect.flow-run.Failed"]},
                 {"type": "compound", "require": 2, "within": 300, "triggers": [{"expect": ["a"]}, {"expect": ["b"]}]}
             ]}
-        }
-    }))
-    .unwrap();
+        }),
+    );
     env.api.create(&PostParams::default(), &pd).await.unwrap();
     let obj = env.wait_for(&name, "Ready", is_ready).await;
     let status = obj.status.unwrap();
@@ -512,16 +505,16 @@ async fn triggers_orphan_policy_and_unreachable_cleanup() {
 
     // Prefect unreachable at deletion: the finalizer stays and the resource says why.
     let dead = unique("dead");
-    let pd: PrefectDeployment = serde_json::from_value(json!({
-        "apiVersion": "prefect.io/v1", "kind": "PrefectDeployment",
-        "metadata": {"name": dead, "finalizers": [FINALIZER]},
-        "spec": {
+    let mut pd = resource(
+        &env,
+        &pool,
+        &dead,
+        json!({
             "server": {"remoteApiUrl": format!("http://127.0.0.1:{}/api", support::free_port())},
-            "workPool": {"name": pool},
             "deployment": {"entrypoint": "f.py:never"}
-        }
-    }))
-    .unwrap();
+        }),
+    );
+    pd.metadata.finalizers = Some(vec![FINALIZER.to_string()]);
     env.api.create(&PostParams::default(), &pd).await.unwrap();
     env.wait_for(&dead, "PrefectUnreachable", |o| {
         ready(o).is_some_and(|r| r.1 == "PrefectUnreachable")
@@ -560,19 +553,17 @@ async fn triggers_orphan_policy_and_unreachable_cleanup() {
 async fn steady_state_writes_nothing() {
     let (env, pool) = Env::new(Duration::from_secs(300)).await;
     let name = unique("steady");
-    let pd: PrefectDeployment = serde_json::from_value(json!({
-        "apiVersion": "prefect.io/v1", "kind": "PrefectDeployment",
-        "metadata": {"name": name},
-        "spec": {
-            "server": {"remoteApiUrl": env.prefect.url},
-            "workPool": {"name": pool},
+    let pd = resource(
+        &env,
+        &pool,
+        &name,
+        json!({
             "interval": "10s",
             "deployment": {"entrypoint": "f.py:steady", "parameters": {"a": 1},
                 "schedules": [{"slug": "s", "cron": "*/5 * * * *"}],
                 "triggers": [{"expect": ["x.y"]}]}
-        }
-    }))
-    .unwrap();
+        }),
+    );
     env.api.create(&PostParams::default(), &pd).await.unwrap();
     let obj = env.wait_for(&name, "Ready", is_ready).await;
     let rv = obj.resource_version();

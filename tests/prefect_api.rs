@@ -65,12 +65,7 @@ impl Env {
     }
 
     async fn work_pool(&self) -> String {
-        let name = unique("pool");
-        let (code, _) = self
-            .post("/work_pools/", json!({"name": name, "type": "process"}))
-            .await;
-        assert_eq!(code, 201);
-        name
+        support::create_pool(PrefectServer::shared())
     }
 
     async fn deployment(&self, id: &str) -> Option<Value> {

@@ -265,7 +265,11 @@ pub async fn reconcile(obj: Arc<PrefectDeployment>, ctx: Arc<Context>) -> Result
     result
 }
 
-pub fn error_policy(obj: Arc<PrefectDeployment>, _err: &Error, ctx: Arc<Context>) -> Action {
+pub fn error_policy(obj: Arc<PrefectDeployment>, err: &Error, ctx: Arc<Context>) -> Action {
+    if err.needs_spec_change() {
+        // Retrying cannot help; the next generation of the spec wakes us.
+        return Action::await_change();
+    }
     let oref = ObjectRef::from_obj(&*obj);
     let mut failures = ctx.failures.lock().expect("lock");
     let n = failures.entry(oref).or_insert(0);
@@ -298,9 +302,9 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
     if let Err(problem) = validate(&obj.spec, &obj.name_any()) {
         let msg = problem.to_string();
         let state = status::state_of(old);
-        report_failure(obj, ctx, &api, &state, &Error::InvalidSpec(msg)).await?;
-        // A person has to change the spec; the next generation wakes us.
-        return Ok(Action::await_change());
+        let err = Error::InvalidSpec(msg);
+        report_failure(obj, ctx, &api, &state, &err).await?;
+        return Err(err);
     }
 
     // Our own finalizer and status writes come back as watch events for the same

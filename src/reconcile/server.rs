@@ -46,7 +46,8 @@ pub async fn credentials(
     if let Some(auth) = &s.auth_string {
         let value = read(kube, namespace, auth, "spec.server.authString").await?;
         if !value.contains(':') {
-            return Err(Error::InvalidSpec(
+            // The Secret, not the spec, needs fixing: keep retrying until it is.
+            return Err(Error::SecretNotFound(
                 "spec.server.authString: the referenced value must have the form user:password"
                     .into(),
             ));

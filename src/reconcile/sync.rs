@@ -159,7 +159,7 @@ pub async fn apply(
             None
         }
     };
-        let created = existing.is_none();
+    let created = existing.is_none();
     if created && !want.schedules_in_create_body() {
         let id = state.deployment_id.clone().expect("set by create");
         let bodies: Vec<Value> = want.schedules.iter().map(|s| s.body.clone()).collect();
@@ -177,7 +177,7 @@ pub async fn apply(
         .deployment_id
         .clone()
         .expect("deployment id is set above");
-        apply_automations(client, spec, name, &id, created, state, changes).await
+    apply_automations(client, spec, name, &id, created, state, changes).await
 }
 
 async fn create(
@@ -299,7 +299,7 @@ async fn apply_automations(
     client: &PrefectClient,
     spec: &PrefectDeploymentSpec,
     name: &str,
-        id: &str,
+    id: &str,
     just_created: bool,
     state: &mut SyncState,
     changes: &mut Vec<Change>,
@@ -309,7 +309,7 @@ async fn apply_automations(
     if state.triggers_hash.as_deref() == Some(hash.as_str()) {
         return Ok(());
     }
-        // Anything owned by the deployment goes, including automations a previous run (or
+    // Anything owned by the deployment goes, including automations a previous run (or
     // Prefect's own `apply()`) created, so the set in Prefect is exactly the spec's. A
     // deployment created in this very pass has a new id that nothing can own yet.
     if !just_created {

@@ -132,7 +132,7 @@ impl PrefectServer {
         Self::start_on(free_port(), auth_string)
     }
 
-        pub fn start_on(port: u16, auth_string: Option<&str>) -> PrefectServer {
+    pub fn start_on(port: u16, auth_string: Option<&str>) -> PrefectServer {
         Self::start_with(port, auth_string, false)
     }
 
@@ -166,9 +166,9 @@ impl PrefectServer {
             "--no-services",
         ]
         .iter()
-            .filter(|s| !services || **s != "--no-services")
-            .map(|s| s.to_string())
-            .collect();
+        .filter(|s| !services || **s != "--no-services")
+        .map(|s| s.to_string())
+        .collect();
         let child = spawn_watched(&a.prefect_bin, &args, &envs, &log);
         let deadline = Instant::now() + Duration::from_secs(90);
         loop {
