@@ -194,6 +194,58 @@ impl OperatorProcess {
         out
     }
 
+    /// Where a reconcile's time goes: mean duration of each kind of Prefect request and
+    /// of a whole reconcile pass, in milliseconds, with counts.
+    fn profile(&self) -> Vec<(String, f64, f64)> {
+        let text = http_get(self.port, "/metrics", None)
+            .map(|(_, b)| b)
+            .unwrap_or_default();
+        let mut sums: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+        for line in text.lines() {
+            let (series, value) = match line.rsplit_once(' ') {
+                Some((s, v)) => (s, v.parse::<f64>().unwrap_or(0.0)),
+                None => continue,
+            };
+            let key_of = |s: &str| -> Option<(String, bool)> {
+                let (name, labels) = s.split_once('{').unwrap_or((s, ""));
+                let is_sum = name.ends_with("_sum");
+                if !(is_sum || name.ends_with("_count")) {
+                    return None;
+                }
+                let base = name.trim_end_matches("_sum").trim_end_matches("_count");
+                let label = |k: &str| {
+                    labels
+                        .split(&format!("{k}=\""))
+                        .nth(1)
+                        .and_then(|r| r.split('"').next())
+                        .unwrap_or("")
+                        .to_string()
+                };
+                match base {
+                    "prefect_operator_prefect_request_duration_seconds" => {
+                        Some((format!("{} {}", label("method"), label("endpoint")), is_sum))
+                    }
+                    "prefect_operator_reconcile_duration_seconds" => {
+                        Some(("reconcile pass".into(), is_sum))
+                    }
+                    _ => None,
+                }
+            };
+            if let Some((key, is_sum)) = key_of(series) {
+                let e = sums.entry(key).or_default();
+                if is_sum {
+                    e.0 += value;
+                } else {
+                    e.1 += value;
+                }
+            }
+        }
+        sums.into_iter()
+            .filter(|(_, (_, c))| *c > 0.0)
+            .map(|(k, (s, c))| (k, s / c * 1000.0, c))
+            .collect()
+    }
+
     /// Peak RSS (MiB) and CPU seconds so far.
     fn cost(&self) -> (f64, f64) {
         let pid = self.child.id();
@@ -327,6 +379,10 @@ async fn operator_round(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let op_secs = started.elapsed().as_secs_f64();
+    eprintln!("   cold convergence profile (mean ms, count):");
+    for (what, mean_ms, count) in op.profile() {
+        eprintln!("     {what:<32} {mean_ms:>8.1} ms  x{count}");
+    }
     let mut lat: Vec<f64> = ready_at
         .iter()
         .map(|(k, t)| t.duration_since(created[k]).as_secs_f64())
