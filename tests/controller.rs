@@ -70,14 +70,7 @@ impl Env {
     }
 
     async fn prefect_get(&self, path: &str) -> (u16, Value) {
-        let r = self
-            .raw
-            .get(format!("{}{path}", self.prefect.url))
-            .send()
-            .await
-            .unwrap();
-        let code = r.status().as_u16();
-        (code, r.json().await.unwrap_or(Value::Null))
+        support::prefect_get(&self.raw, &format!("{}{path}", self.prefect.url)).await
     }
 
     /// Polls the resource until `pred` holds (60 s at most).

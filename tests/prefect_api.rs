@@ -35,14 +35,7 @@ impl Env {
     }
 
     async fn get(&self, path: &str) -> (u16, Value) {
-        let r = self
-            .raw
-            .get(format!("{}{path}", self.url))
-            .send()
-            .await
-            .unwrap();
-        let code = r.status().as_u16();
-        (code, r.json().await.unwrap_or(Value::Null))
+        support::prefect_get(&self.raw, &format!("{}{path}", self.url)).await
     }
 
     /// POST with plain reqwest, retrying the 503s SQLite gives under parallel load.

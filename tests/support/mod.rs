@@ -503,6 +503,20 @@ pub fn create_pool(prefect: &PrefectServer) -> String {
     panic!("Prefect kept failing to create a work pool");
 }
 
+/// GET a Prefect URL and decode the JSON answer, retrying the 503s SQLite gives under
+/// parallel load.
+pub async fn prefect_get(client: &reqwest::Client, url: &str) -> (u16, serde_json::Value) {
+    for _ in 0..10 {
+        let r = client.get(url).send().await.unwrap();
+        let code = r.status().as_u16();
+        if code != 503 {
+            return (code, r.json().await.unwrap_or(serde_json::Value::Null));
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    panic!("Prefect kept answering 503 to GET {url}");
+}
+
 /// A short random suffix for names, so tests sharing a server never collide.
 pub fn unique(prefix: &str) -> String {
     format!("{prefix}-{:08x}", fastrand::u32(..))
