@@ -20,7 +20,9 @@ use crate::Error;
 
 /// The API version Prefect 3.x clients announce.
 const API_VERSION: &str = "0.8.4";
-const MAX_ATTEMPTS: u32 = 5;
+// With the backoff below, about 11 s of retries: enough to ride out SQLite lock contention
+// without reporting a transient failure on the resource.
+const MAX_ATTEMPTS: u32 = 8;
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
 
 #[derive(Clone)]

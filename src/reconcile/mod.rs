@@ -44,8 +44,9 @@ pub struct Context {
     default_resync: Duration,
     /// Consecutive failures per object, for exponential backoff; cleared on success.
     failures: Mutex<HashMap<ObjectRef<PrefectDeployment>, u32>>,
-    /// Generation last synced successfully and when, per object. Our own status write
-    /// comes back as a watch event; this lets that echo skip the Prefect round trip.
+        /// Generation last synced successfully and when the next drift check is due, per
+    /// object. Our own writes come back as watch events; this lets those echoes skip the
+    /// Prefect round trip.
     synced: Mutex<HashMap<ObjectRef<PrefectDeployment>, (i64, Instant)>>,
 }
 
@@ -310,10 +311,11 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
     // Our own finalizer and status writes come back as watch events for the same
     // generation, possibly before the cache shows the new status. The spec is unchanged
     // since the last successful pass, so there is nothing to do until the resync is due.
-    let last = ctx.synced.lock().expect("lock").get(&oref).copied();
-    if let (Some(g), Some((synced_gen, at))) = (generation, last) {
-        if synced_gen == g && at.elapsed() < resync {
-            return Ok(Action::requeue(resync.saturating_sub(at.elapsed())));
+        let last = ctx.synced.lock().expect("lock").get(&oref).copied();
+    if let (Some(g), Some((synced_gen, due))) = (generation, last) {
+        let now = Instant::now();
+        if synced_gen == g && now < due {
+            return Ok(Action::requeue(due - now));
         }
     }
 
@@ -336,13 +338,14 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
             let cond = status::ready(old, true, reason::SYNCED, &message, generation);
             status::write(&api, obj, &status::build(&state, cond, generation)).await?;
             ctx.metrics.set_ready(&uid, Some("True"));
+                        let next = jitter(resync);
             if let Some(g) = generation {
                 ctx.synced
                     .lock()
                     .expect("lock")
-                    .insert(oref, (g, Instant::now()));
+                    .insert(oref, (g, Instant::now() + next));
             }
-            Ok(Action::requeue(jitter(resync)))
+            Ok(Action::requeue(next))
         }
         Err(e) => {
             ctx.synced.lock().expect("lock").remove(&oref);
