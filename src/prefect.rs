@@ -20,9 +20,11 @@ use crate::Error;
 
 /// The API version Prefect 3.x clients announce.
 const API_VERSION: &str = "0.8.4";
-// With the backoff below, about 11 s of retries: enough to ride out SQLite lock contention
-// without reporting a transient failure on the resource.
+// Busy answers (429/502/503/504) get up to 8 attempts, about 20 s with the backoff below:
+// enough to ride out SQLite lock contention without reporting a transient failure on the
+// resource. A server that cannot be reached at all is reported after 3.
 const MAX_ATTEMPTS: u32 = 8;
+const MAX_ATTEMPTS_UNREACHABLE: u32 = 3;
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
 
 #[derive(Clone)]
@@ -201,7 +203,7 @@ impl PrefectClient {
                         .unwrap_or_else(|| backoff(attempt))
                 }
                 Err(e) => {
-                    if attempt >= MAX_ATTEMPTS {
+                    if attempt >= MAX_ATTEMPTS_UNREACHABLE {
                         return Err(Error::PrefectUnreachable(short_transport(&e)));
                     }
                     backoff(attempt)
@@ -423,11 +425,11 @@ impl PrefectClient {
     }
 }
 
-/// 100 ms, 200 ms, 400 ms, 800 ms (+ up to 100 ms of jitter). The benchmark showed a
-/// third of cold-start deployment creates meeting SQLite's transient 503: a short first
-/// wait keeps those from dominating convergence time.
+/// 400 ms, 800 ms, 1.6 s, ... up to 5 s (+ up to 100 ms of jitter). Measured in the
+/// benchmark: under SQLite lock contention a shorter first wait only adds load (more
+/// 503s, lower throughput).
 fn backoff(attempt: u32) -> Duration {
-    let base = Duration::from_millis(100) * 2u32.pow(attempt.saturating_sub(1).min(5));
+    let base = Duration::from_millis(200) * 2u32.pow(attempt.min(5));
     base.min(Duration::from_secs(5)) + Duration::from_millis(fastrand::u64(0..100))
 }
 

@@ -44,7 +44,7 @@ pub struct Context {
     default_resync: Duration,
     /// Consecutive failures per object, for exponential backoff; cleared on success.
     failures: Mutex<HashMap<ObjectRef<PrefectDeployment>, u32>>,
-        /// Generation last synced successfully and when the next drift check is due, per
+    /// Generation last synced successfully and when the next drift check is due, per
     /// object. Our own writes come back as watch events; this lets those echoes skip the
     /// Prefect round trip.
     synced: Mutex<HashMap<ObjectRef<PrefectDeployment>, (i64, Instant)>>,
@@ -311,7 +311,7 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
     // Our own finalizer and status writes come back as watch events for the same
     // generation, possibly before the cache shows the new status. The spec is unchanged
     // since the last successful pass, so there is nothing to do until the resync is due.
-        let last = ctx.synced.lock().expect("lock").get(&oref).copied();
+    let last = ctx.synced.lock().expect("lock").get(&oref).copied();
     if let (Some(g), Some((synced_gen, due))) = (generation, last) {
         let now = Instant::now();
         if synced_gen == g && now < due {
@@ -338,7 +338,7 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
             let cond = status::ready(old, true, reason::SYNCED, &message, generation);
             status::write(&api, obj, &status::build(&state, cond, generation)).await?;
             ctx.metrics.set_ready(&uid, Some("True"));
-                        let next = jitter(resync);
+            let next = jitter(resync);
             if let Some(g) = generation {
                 ctx.synced
                     .lock()
