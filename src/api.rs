@@ -23,7 +23,7 @@ pub const FINALIZER: &str = "prefect.io/deployment-cleanup";
 /// health checks, alerts) match on them.
 pub mod reason {
     pub const SYNCED: &str = "Synced";
-    pub const PROGRESSING: &str = "Progressing";
+
     pub const INVALID_SPEC: &str = "InvalidSpec";
     pub const SECRET_NOT_FOUND: &str = "SecretNotFound";
     pub const PREFECT_UNREACHABLE: &str = "PrefectUnreachable";
@@ -31,7 +31,7 @@ pub mod reason {
     pub const WORK_POOL_NOT_FOUND: &str = "WorkPoolNotFound";
     pub const CONFLICT: &str = "Conflict";
     pub const AUTOMATION_FAILED: &str = "AutomationFailed";
-    pub const DELETING: &str = "Deleting";
+
     pub const CLEANUP_FAILED: &str = "CleanupFailed";
     pub const KUBERNETES_ERROR: &str = "KubernetesError";
 }
@@ -104,7 +104,7 @@ pub struct PrefectDeploymentSpec {
     pub adopt_existing: Option<bool>,
 }
 
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum DeletionPolicy {
     #[default]
     Delete,
@@ -434,7 +434,7 @@ pub struct TriggerCondition {
     pub metric: Option<MetricQuery>,
 }
 
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum TriggerType {
     Event,
@@ -443,7 +443,7 @@ pub enum TriggerType {
     Sequence,
 }
 
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Posture {
     Reactive,
     Proactive,
