@@ -652,3 +652,75 @@ fn missing_crd_and_crd_upgrade() {
         "our schema is served after the upgrade: {served}"
     );
 }
+
+#[test]
+fn chart_namespaced_mode_rbac_is_enough() {
+    let cp = ControlPlane::shared();
+    let prefect = PrefectServer::shared();
+    let pool = create_pool(prefect);
+    let ops = unique("ops-ns");
+    let team = unique("team");
+    cp.kubectl_ok(&["create", "namespace", &team]);
+    let watch = format!("watchNamespaces={{{team}}}");
+    helm_run(&[
+        "install",
+        "scoped",
+        CHART,
+        "--namespace",
+        &ops,
+        "--create-namespace",
+        "--skip-crds",
+        "--set",
+        &watch,
+        "--kubeconfig",
+        cp.kubeconfig.to_str().unwrap(),
+    ]);
+    // Only namespaced RBAC was installed.
+    let (_, bindings, _) = cp.kubectl(&["get", "clusterrolebinding", "scoped-prefect-operator"]);
+    assert!(
+        bindings.is_empty(),
+        "namespaced mode must not create cluster-wide bindings"
+    );
+    let kubeconfig = kubeconfig_for(cp, &ops, "scoped-prefect-operator");
+
+    let mut op = Operator::start(&kubeconfig, &[&format!("--namespace={team}")], "info");
+    op.wait_until("/readyz", Duration::from_secs(30), |o| {
+        http_get(o.port, "/readyz", None).is_some_and(|(c, _)| c == 200)
+    });
+    let (ok, _, err) = cp.kubectl_stdin(
+        &["apply", "-f", "-"],
+        Some(&pd_manifest(
+            "scoped-cycle",
+            &team,
+            prefect,
+            &pool,
+            "",
+            "scoped",
+        )),
+    );
+    assert!(ok, "{err}");
+    let v = wait_ready(cp, &team, "scoped-cycle", 1);
+    let id = v["status"]["deploymentId"].as_str().unwrap().to_string();
+    cp.kubectl_ok(&["delete", "pd", "-n", &team, "scoped-cycle", "--timeout=60s"]);
+    assert_eq!(
+        http_get(prefect.port, &format!("/api/deployments/{id}"), None).map(|(c, _)| c),
+        Some(404)
+    );
+    let logs = op.logs();
+    assert!(
+        !logs.contains("forbidden") && !logs.contains("Forbidden"),
+        "{logs}"
+    );
+    drop(op);
+
+    // The same identity may not watch a namespace the chart was not told about.
+    let other = unique("other");
+    cp.kubectl_ok(&["create", "namespace", &other]);
+    let mut op = Operator::start(&kubeconfig, &[&format!("--namespace={other}")], "info");
+    assert!(!op.wait_exit(Duration::from_secs(30)).success());
+    assert!(
+        op.logs().contains("not allowed to list PrefectDeployments"),
+        "{}",
+        op.logs()
+    );
+}

@@ -164,8 +164,24 @@ pub async fn run(kube: kube::Client, opts: RunOptions) -> std::result::Result<()
         let store = c.store();
         let health = health.clone();
         tokio::spawn(async move {
-            if store.wait_until_ready().await.is_ok() {
-                health.ready.store(true, Ordering::Relaxed);
+            // The store's readiness signal wakes only its most recent waiter, and the
+            // controller itself waits on it too: poll again every half second rather
+            // than wait once and never be woken.
+            loop {
+                let wait =
+                    tokio::time::timeout(Duration::from_millis(500), store.wait_until_ready());
+                match wait.await {
+                    Ok(Ok(())) => {
+                        tracing::info!("first watch list synced; ready");
+                        health.ready.store(true, Ordering::Relaxed);
+                        break;
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "watch ended before its first list");
+                        break;
+                    }
+                    Err(_) => continue,
+                }
             }
         });
         drive(c, ctx.clone())
