@@ -54,15 +54,6 @@ impl Context {
     pub fn new(kube: kube::Client, default_resync: Duration) -> Self {
         let calls = Arc::new(CallLog::default());
         let metrics = Arc::new(Metrics::new(calls.durations.clone()));
-        Self::with_metrics(kube, default_resync, calls, metrics)
-    }
-
-    pub fn with_metrics(
-        kube: kube::Client,
-        default_resync: Duration,
-        calls: Arc<CallLog>,
-        metrics: Arc<Metrics>,
-    ) -> Self {
         Self {
             recorder: Recorder::new(kube.clone(), Reporter::from(REPORTER)),
             kube,
@@ -120,8 +111,8 @@ pub struct RunOptions {
 /// Runs the operator until SIGTERM/SIGINT. An error is a message for the person
 /// starting it (missing CRD, missing permissions).
 pub async fn run(kube: kube::Client, opts: RunOptions) -> std::result::Result<(), String> {
-    let calls = Arc::new(CallLog::default());
-    let metrics = Arc::new(Metrics::new(calls.durations.clone()));
+    let ctx = Arc::new(Context::new(kube.clone(), opts.default_resync));
+    let metrics = ctx.metrics.clone();
     let health = Arc::new(Health::default());
     if let Some(addr) = opts.admin_addr {
         let bound = crate::admin::serve(addr, health.clone(), metrics.clone())
@@ -153,16 +144,12 @@ pub async fn run(kube: kube::Client, opts: RunOptions) -> std::result::Result<()
     }
     metrics.leader.set(1);
 
-    let ctx = Arc::new(Context::with_metrics(
-        kube,
-        opts.default_resync,
-        calls,
-        metrics.clone(),
-    ));
+    // Ready once every watch (one per namespace) has listed.
+    let unsynced = Arc::new(std::sync::atomic::AtomicUsize::new(apis.len()));
     let controllers = apis.into_iter().map(|api| {
         let c = build(api, opts.concurrency);
         let store = c.store();
-        let health = health.clone();
+        let (health, unsynced) = (health.clone(), unsynced.clone());
         tokio::spawn(async move {
             // The store's readiness signal wakes only its most recent waiter, and the
             // controller itself waits on it too: poll again every half second rather
@@ -172,8 +159,10 @@ pub async fn run(kube: kube::Client, opts: RunOptions) -> std::result::Result<()
                     tokio::time::timeout(Duration::from_millis(500), store.wait_until_ready());
                 match wait.await {
                     Ok(Ok(())) => {
-                        tracing::info!("first watch list synced; ready");
-                        health.ready.store(true, Ordering::Relaxed);
+                        if unsynced.fetch_sub(1, Ordering::AcqRel) == 1 {
+                            tracing::info!("first watch list synced; ready");
+                            health.ready.store(true, Ordering::Relaxed);
+                        }
                         break;
                     }
                     Ok(Err(e)) => {
@@ -391,14 +380,25 @@ async fn report_failure(
     state: &SyncState,
     e: &Error,
 ) -> Result<()> {
+    report_not_ready(obj, ctx, api, state, e.reason(), e.to_string(), "Sync").await
+}
+
+async fn report_not_ready(
+    obj: &PrefectDeployment,
+    ctx: &Context,
+    api: &Api<PrefectDeployment>,
+    state: &SyncState,
+    reason: &str,
+    message: String,
+    action: &str,
+) -> Result<()> {
     let generation = obj.meta().generation;
     let old = obj.status.as_ref();
-    let message = e.to_string();
-    let cond = status::ready(old, false, e.reason(), &message, generation);
+    let cond = status::ready(old, false, reason, &message, generation);
     let previous = old.and_then(|s| s.conditions.iter().find(|c| c.type_ == status::READY));
     let is_new = previous.is_none_or(|p| p.reason != cond.reason || p.message != cond.message);
     if is_new {
-        ctx.event(obj, EventType::Warning, e.reason(), message, "Sync")
+        ctx.event(obj, EventType::Warning, reason, message, action)
             .await;
     }
     ctx.metrics
@@ -484,30 +484,9 @@ async fn finalize(
             }
             Ok(None) => {}
             Err(e) => {
-                let generation = obj.meta().generation;
                 let msg = format!("Could not delete the Prefect deployment, will retry: {e}");
-                let cond = status::ready(
-                    obj.status.as_ref(),
-                    false,
-                    reason::CLEANUP_FAILED,
-                    &msg,
-                    generation,
-                );
-                let previous = obj
-                    .status
-                    .as_ref()
-                    .and_then(|s| s.conditions.iter().find(|c| c.type_ == status::READY));
-                if previous.is_none_or(|p| p.message != cond.message) {
-                    ctx.event(
-                        obj,
-                        EventType::Warning,
-                        reason::CLEANUP_FAILED,
-                        msg,
-                        "Delete",
-                    )
-                    .await;
-                }
-                status::write(api, obj, &status::build(&state, cond, generation)).await?;
+                report_not_ready(obj, ctx, api, &state, reason::CLEANUP_FAILED, msg, "Delete")
+                    .await?;
                 return Err(e);
             }
         }
