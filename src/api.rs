@@ -314,11 +314,14 @@ pub struct Schedule {
     /// Identifies the schedule within the deployment; unique. The operator matches
     /// schedules to Prefect's by slug.
     pub slug: String,
-    /// Seconds between runs (greater than 0).
+    /// Time between runs: seconds (greater than 0), or an ISO 8601 duration such as
+    /// `PT1H30M` or `P1D`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub interval: Option<i64>,
+    #[schemars(schema_with = "int_or_string")]
+    pub interval: Option<Value>,
     /// For interval schedules: the instant runs are counted from (RFC 3339, e.g.
-    /// `2024-01-01T00:00:00Z`).
+    /// `2024-01-01T00:00:00Z`). Without an offset it is read in the schedule's timezone.
+    /// Defaults to the time Prefect first stores the schedule.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub anchor_date: Option<String>,
     /// A five-field cron expression such as `0 9 * * 1-5`.

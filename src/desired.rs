@@ -8,7 +8,7 @@ use crate::api::{
     DeploymentSpec, Posture, PrefectDeploymentSpec, Schedule, Trigger, TriggerCondition,
     TriggerType,
 };
-use crate::validate::parse_anchor_date;
+use crate::validate::{interval_seconds, parse_anchor_date, timezone};
 
 /// The Prefect label that marks a deployment as created for one Kubernetes resource
 /// (its metadata.uid), so an interrupted create is recognised as ours on the next pass
@@ -180,11 +180,20 @@ impl DesiredDeployment {
 
 fn schedule(s: &Schedule) -> DesiredSchedule {
     let tz = s.timezone.clone().unwrap_or_else(|| "UTC".into());
-    let inner = if let Some(interval) = s.interval {
-        let mut o = json!({"interval": interval, "timezone": tz});
+    let inner = if let Some(interval) = &s.interval {
+        let seconds = interval_seconds(interval).unwrap_or(0.0);
+        // Whole seconds go out as integers, as the manifest most likely wrote them.
+        let seconds = if seconds.fract() == 0.0 {
+            json!(seconds as i64)
+        } else {
+            json!(seconds)
+        };
+        let mut o = json!({"interval": seconds, "timezone": tz});
         if let Some(anchor) = &s.anchor_date {
-            // Sent with an explicit offset so Prefect never has to guess.
-            let anchor = parse_anchor_date(anchor)
+            // Sent with an explicit offset so Prefect never has to guess: a naive time is
+            // read in the schedule's zone (Prefect alone would read it as UTC).
+            let zone = timezone(&tz).unwrap_or(chrono_tz::Tz::UTC);
+            let anchor = parse_anchor_date(anchor, zone)
                 .map(|t| t.to_rfc3339())
                 .unwrap_or_else(|_| anchor.clone());
             o["anchor_date"] = Value::String(anchor);

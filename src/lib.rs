@@ -2,7 +2,8 @@
 //!
 //! The data goes through these steps, one module each:
 //! `api` (the resource) -> `validate` (pure) -> `desired` (pure: the Prefect payloads)
-//! -> `prefect` (HTTP client) -> `reconcile` (apply, status, finalizer).
+//! -> `prefect` (HTTP client) -> `reconcile` (apply, status, finalizer); `preview` (pure)
+//! computes the next runs that status shows.
 
 pub mod admin;
 pub mod api;
@@ -11,6 +12,7 @@ pub mod desired;
 pub mod leader;
 pub mod metrics;
 pub mod prefect;
+pub mod preview;
 pub mod reconcile;
 pub mod telemetry;
 pub mod validate;

@@ -247,9 +247,6 @@ fn schedule(s: &Schedule, field: &str) -> Check {
     if kinds != 1 {
         return Err(problem(field, "set exactly one of interval, cron or rrule"));
     }
-    if let Some(tz) = &s.timezone {
-        timezone(tz).map_err(|m| problem(format!("{field}.timezone"), m))?;
-    }
     if let Some(n) = s.max_scheduled_runs {
         if !(1..=50).contains(&n) {
             return Err(problem(
@@ -259,19 +256,25 @@ fn schedule(s: &Schedule, field: &str) -> Check {
         }
     }
     object_check(&format!("{field}.parameters"), &s.parameters)?;
-    if let Some(interval) = s.interval {
-        if interval <= 0 {
+    let tz = match &s.timezone {
+        Some(tz) => timezone(tz).map_err(|m| problem(format!("{field}.timezone"), m))?,
+        None => chrono_tz::Tz::UTC,
+    };
+    if let Some(interval) = &s.interval {
+        interval_seconds(interval).map_err(|m| problem(format!("{field}.interval"), m))?;
+    }
+    if let Some(anchor) = &s.anchor_date {
+        if s.interval.is_none() {
             return Err(problem(
-                format!("{field}.interval"),
-                "must be a positive number of seconds",
+                format!("{field}.anchor_date"),
+                "is only for interval schedules",
             ));
         }
-        if let Some(anchor) = &s.anchor_date {
-            parse_anchor_date(anchor).map_err(|m| problem(format!("{field}.anchor_date"), m))?;
-        }
+        parse_anchor_date(anchor, tz).map_err(|m| problem(format!("{field}.anchor_date"), m))?;
     }
     if let Some(cron) = &s.cron {
-        cron_expression(cron).map_err(|m| problem(format!("{field}.cron"), m))?;
+        cron_expression(cron, s.day_or.unwrap_or(true))
+            .map_err(|m| problem(format!("{field}.cron"), m))?;
     }
     if let Some(rrule) = &s.rrule {
         rrule_expression(rrule).map_err(|m| problem(format!("{field}.rrule"), m))?;
@@ -283,137 +286,142 @@ pub fn timezone(tz: &str) -> Result<chrono_tz::Tz, String> {
     chrono_tz::Tz::from_str(tz).map_err(|_| format!("{tz:?} is not an IANA time zone name"))
 }
 
-/// RFC 3339, or a date-time without offset (which Prefect reads as UTC).
-pub fn parse_anchor_date(s: &str) -> Result<chrono::DateTime<chrono::FixedOffset>, String> {
+/// RFC 3339, or a date-time without offset, which is read in the schedule's zone `tz`
+/// (Prefect itself would read it as UTC; the operator sends it with an explicit offset).
+pub fn parse_anchor_date(
+    s: &str,
+    tz: chrono_tz::Tz,
+) -> Result<chrono::DateTime<chrono::FixedOffset>, String> {
     if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
         return Ok(t);
     }
-    for fmt in ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%d"] {
+    for fmt in [
+        "%Y-%m-%dT%H:%M:%S%.f",
+        "%Y-%m-%d %H:%M:%S%.f",
+        "%Y-%m-%dT%H:%M",
+    ] {
         if let Ok(t) = chrono::NaiveDateTime::parse_from_str(s, fmt) {
-            return Ok(t.and_utc().fixed_offset());
+            return Ok(crate::preview::resolve_forward(tz, t).fixed_offset());
         }
-        if let Ok(d) = chrono::NaiveDate::parse_from_str(s, fmt) {
-            return Ok(d.and_hms_opt(0, 0, 0).unwrap().and_utc().fixed_offset());
-        }
+    }
+    if let Ok(d) = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d") {
+        let t = d.and_hms_opt(0, 0, 0).expect("midnight exists");
+        return Ok(crate::preview::resolve_forward(tz, t).fixed_offset());
     }
     Err(format!(
         "{s:?} is not a date-time; use RFC 3339, e.g. 2024-01-01T00:00:00Z"
     ))
 }
 
-/// Cron as Prefect (croniter) reads it: five fields or a macro. Six fields are refused:
-/// Prefect accepts them but reads the sixth as seconds, which fires far more often than
-/// anyone writing them means.
-pub fn cron_expression(expr: &str) -> Result<(), String> {
-    let trimmed = expr.trim();
-    if trimmed.starts_with('@') {
-        return match trimmed {
-            "@yearly" | "@annually" | "@monthly" | "@weekly" | "@daily" | "@midnight"
-            | "@hourly" => Ok(()),
-            _ => Err(format!("{trimmed:?} is not a known cron macro")),
-        };
-    }
-    let fields: Vec<&str> = trimmed.split_whitespace().collect();
-    match fields.len() {
-        5 => {}
-        6 => {
-            return Err(format!(
-                "{trimmed:?} has 6 fields; Prefect would read the last one as seconds. Use 5 fields: minute hour day-of-month month day-of-week"
-            ))
-        }
-        n => {
-            return Err(format!(
-                "{trimmed:?} has {n} fields; expected 5: minute hour day-of-month month day-of-week"
-            ))
-        }
-    }
-    const MONTHS: [&str; 12] = [
-        "jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec",
-    ];
-    const DAYS: [&str; 7] = ["sun", "mon", "tue", "wed", "thu", "fri", "sat"];
-    let specs: [(&str, u32, u32, &[&str], u32); 5] = [
-        ("minute", 0, 59, &[], 0),
-        ("hour", 0, 23, &[], 0),
-        ("day-of-month", 1, 31, &[], 0),
-        ("month", 1, 12, &MONTHS, 1),
-        ("day-of-week", 0, 7, &DAYS, 0),
-    ];
-    for (i, (field, (name, lo, hi, names, name_base))) in fields.iter().zip(specs).enumerate() {
-        for item in field.split(',') {
-            cron_item(item, i, lo, hi, names, name_base)
-                .map_err(|m| format!("{name} field {field:?}: {m}"))?;
-        }
+/// Cron as Prefect (croniter) reads it: five fields or a macro. Refused although Prefect
+/// takes them: six fields (Prefect reads the sixth as seconds, firing far more often
+/// than meant) and expressions that match no date at all.
+pub fn cron_expression(expr: &str, day_or: bool) -> Result<(), String> {
+    let cron = crate::preview::Cron::parse(expr, day_or)?;
+    if !cron.ever_fires() {
+        return Err(format!(
+            "{:?} never fires: no date matches its day-of-month, month and day-of-week",
+            expr.trim()
+        ));
     }
     Ok(())
 }
 
-fn cron_item(
-    item: &str,
-    pos: usize,
-    lo: u32,
-    hi: u32,
-    names: &[&str],
-    base: u32,
-) -> Result<(), String> {
-    let value = |s: &str| -> Result<u32, String> {
-        if let Ok(n) = s.parse::<u32>() {
-            return if (lo..=hi).contains(&n) {
-                Ok(n)
-            } else {
-                Err(format!("{n} is outside {lo}-{hi}"))
-            };
-        }
-        names
-            .iter()
-            .position(|n| n.eq_ignore_ascii_case(s))
-            .map(|p| p as u32 + base)
-            .ok_or_else(|| format!("{s:?} is not a number in {lo}-{hi}"))
-    };
-    if item.is_empty() {
-        return Err("empty list item".into());
-    }
-    // Day-of-month: `L` (last day). Day-of-week: `5L` (last Friday), `1#2` (second Monday).
-    if pos == 2 && item.eq_ignore_ascii_case("l") {
-        return Ok(());
-    }
-    if pos == 4 {
-        if let Some((d, n)) = item.split_once('#') {
-            value(d)?;
-            return match n.parse::<u32>() {
-                Ok(1..=5) => Ok(()),
-                _ => Err(format!("{item:?}: the number after # must be 1-5")),
-            };
-        }
-        if let Some(d) = item.strip_suffix(['L', 'l']) {
-            if !d.is_empty() {
-                value(d)?;
-                return Ok(());
-            }
-        }
-    }
-    let range = match item.split_once('/') {
-        Some((r, s)) => match s.parse::<u32>() {
-            Ok(n) if n > 0 => r,
-            _ => return Err(format!("{item:?}: step must be a positive number")),
+/// An interval as Prefect takes it: seconds (a positive number), or a duration string
+/// in ISO 8601 (`PT1H30M`, `P1D`, `P2W`) or `[D day[s], ]HH:MM:SS` form. Years and
+/// months are refused: Prefect would count them as 365 and 30 days, which is not what
+/// "every month" means (use cron or rrule for calendar months).
+pub fn interval_seconds(v: &Value) -> Result<f64, String> {
+    let secs = match v {
+        Value::Number(n) => n.as_f64().unwrap_or(0.0),
+        Value::String(s) => match s.trim().parse::<f64>() {
+            Ok(n) => n,
+            Err(_) => duration_string(s.trim())?,
         },
-        None => item,
+        _ => return Err("must be a number of seconds or a duration such as PT1H".into()),
     };
-    if range == "*" || range == "?" {
-        return Ok(());
+    if secs.is_nan() || secs <= 0.0 || !secs.is_finite() {
+        return Err(format!("{v} must be a positive interval"));
     }
-    match range.split_once('-') {
-        Some((a, b)) => {
-            let (a, b) = (value(a)?, value(b)?);
-            // croniter accepts wrap-around ranges only for day-of-week
-            if a > b && pos != 4 {
-                return Err(format!("range {range:?} runs backwards"));
+    Ok(secs)
+}
+
+fn duration_string(s: &str) -> Result<f64, String> {
+    let bad = || {
+        format!(
+            "{s:?} is not an interval; use seconds or an ISO 8601 duration such as PT1H30M or P1D"
+        )
+    };
+    if let Some(rest) = s.strip_prefix(['P', 'p']) {
+        let (date, time) = match rest.split_once(['T', 't']) {
+            Some((d, t)) => (d, Some(t)),
+            None => (rest, None),
+        };
+        let mut total = 0.0;
+        let mut any = false;
+        for (part, units) in [(date, "YMWD"), (time.unwrap_or(""), "HMS")] {
+            let mut num = String::new();
+            for c in part.chars() {
+                if c.is_ascii_digit() || c == '.' {
+                    num.push(c);
+                    continue;
+                }
+                let u = c.to_ascii_uppercase();
+                if !units.contains(u) || num.is_empty() {
+                    return Err(bad());
+                }
+                let n: f64 = num.parse().map_err(|_| bad())?;
+                num.clear();
+                any = true;
+                total += n * match (units, u) {
+                    ("YMWD", 'Y') | ("YMWD", 'M') => {
+                        return Err(format!(
+                            "{s:?}: years and months are not fixed lengths (Prefect would count 365 and 30 days); use a cron or rrule schedule for calendar months"
+                        ))
+                    }
+                    ("YMWD", 'W') => 604_800.0,
+                    ("YMWD", 'D') => 86_400.0,
+                    ("HMS", 'H') => 3600.0,
+                    ("HMS", 'M') => 60.0,
+                    _ => 1.0,
+                };
+            }
+            if !num.is_empty() {
+                return Err(bad());
             }
         }
-        None => {
-            value(range)?;
+        if !any || time == Some("") {
+            return Err(bad());
         }
+        return Ok(total);
     }
-    Ok(())
+    // `[D day[s], ]HH:MM:SS[.f]`
+    let (days, clock) = match s.split_once(',') {
+        Some((d, c)) => (d.trim(), c.trim()),
+        None => ("", s),
+    };
+    let days: f64 = if days.is_empty() {
+        0.0
+    } else {
+        days.trim_end_matches("days")
+            .trim_end_matches("day")
+            .trim_end_matches('d')
+            .trim()
+            .parse()
+            .map_err(|_| bad())?
+    };
+    let parts: Vec<&str> = clock.split(':').collect();
+    if parts.len() < 2 || parts.len() > 3 {
+        return Err(bad());
+    }
+    let mut total = 0.0;
+    for p in &parts {
+        total = total * 60.0 + p.parse::<f64>().map_err(|_| bad())?;
+    }
+    if parts.len() == 2 {
+        total *= 60.0; // HH:MM
+    }
+    Ok(days * 86_400.0 + total)
 }
 
 /// An RFC 5545 recurrence rule as Prefect (dateutil) reads it: with or without an
