@@ -67,6 +67,12 @@ pub mod reason {
         description = "The deployment's id in Prefect"
     ),
     printcolumn(
+        name = "Next Run",
+        type_ = "string",
+        json_path = ".status.nextRun",
+        description = "The earliest upcoming scheduled run"
+    ),
+    printcolumn(
         name = "Work Pool",
         type_ = "string",
         json_path = ".spec.workPool.name",
@@ -495,6 +501,24 @@ pub struct PrefectDeploymentStatus {
     /// changes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub triggers_hash: Option<String>,
+    /// The next runs of each schedule, as Prefect's scheduler creates them. Empty for an
+    /// inactive schedule or a paused deployment. Refreshed once the first one has passed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedules: Option<Vec<ScheduleStatus>>,
+    /// The earliest upcoming run of any schedule (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_run: Option<String>,
+}
+
+/// Upcoming runs of one schedule.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ScheduleStatus {
+    /// The schedule's slug.
+    pub slug: String,
+    /// The next (up to) three fire times, RFC 3339 with the schedule zone's offset.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub next_runs: Vec<String>,
 }
 
 /// A condition in the Kubernetes API convention.

@@ -15,10 +15,13 @@ use chrono::{
 use chrono_tz::Tz;
 use serde_json::Value;
 
+use crate::api::ScheduleStatus;
 use crate::validate::{parse_anchor_date, timezone};
 
 /// Checks at most this many candidate times per schedule (Prefect checks 1000).
 const MAX_CANDIDATES: usize = 1000;
+/// How many upcoming runs status shows per schedule.
+pub const RUNS_SHOWN: usize = 3;
 
 /// The next `n` fire times at or after `after` of a Prefect schedule body (the inner
 /// `{"cron"|"interval"|"rrule", "timezone", ...}` object), in the schedule's zone.
@@ -51,6 +54,56 @@ pub fn next_runs(
         .ok_or("interval schedule has no anchor_date")?;
     let anchor = parse_anchor_date(anchor, tz)?.with_timezone(&Utc);
     interval_runs(seconds, anchor, tz, after, n)
+}
+
+/// The status preview of a deployment's schedules: for each `(slug, schedule entry)` of
+/// the desired `DeploymentScheduleCreate` bodies, its next `RUNS_SHOWN` runs after `now`,
+/// and the earliest of all. An interval schedule without anchor_date is anchored where
+/// Prefect anchored it (`seen`: the schedules Prefect reported), else on the first run
+/// shown before (`previous`), which is a point of the same series.
+pub fn schedules_preview(
+    desired: &[(String, Value)],
+    paused: bool,
+    seen: &[Value],
+    previous: &[ScheduleStatus],
+    now: DateTime<Utc>,
+) -> (Vec<ScheduleStatus>, Option<String>) {
+    let mut out = Vec::new();
+    let mut earliest: Option<DateTime<Tz>> = None;
+    for (slug, entry) in desired {
+        let active = entry.get("active").and_then(Value::as_bool).unwrap_or(true);
+        let mut schedule = entry.get("schedule").cloned().unwrap_or(Value::Null);
+        if schedule.get("interval").is_some() && schedule.get("anchor_date").is_none() {
+            let from_prefect = seen
+                .iter()
+                .find(|s| s.get("slug").and_then(Value::as_str) == Some(slug.as_str()))
+                .and_then(|s| s.pointer("/schedule/anchor_date"))
+                .cloned();
+            let from_status = previous
+                .iter()
+                .find(|p| &p.slug == slug)
+                .and_then(|p| p.next_runs.first())
+                .map(|t| Value::String(t.clone()));
+            if let Some(anchor) = from_prefect.or(from_status) {
+                schedule["anchor_date"] = anchor;
+            }
+        }
+        let runs = if paused || !active {
+            Vec::new()
+        } else {
+            next_runs(&schedule, now, RUNS_SHOWN).unwrap_or_default()
+        };
+        if let Some(first) = runs.first() {
+            if earliest.is_none_or(|e| first < &e) {
+                earliest = Some(*first);
+            }
+        }
+        out.push(ScheduleStatus {
+            slug: slug.clone(),
+            next_runs: runs.iter().map(format).collect(),
+        });
+    }
+    (out, earliest.as_ref().map(format))
 }
 
 /// Wall-clock time to instant as cron (and Prefect's interval arithmetic) resolve it: in
@@ -604,10 +657,11 @@ fn advanced_start(
     Some(default + Duration::seconds(elapsed / period * period))
 }
 
-/// RFC 3339 with the zone's offset, seconds precision: what status shows.
+/// RFC 3339 with the zone's offset: what status shows. Fractions of a second appear
+/// only when the schedule has them (an anchor Prefect took from its clock).
 pub fn format(t: &DateTime<Tz>) -> String {
     t.fixed_offset()
-        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
 }
 
 #[cfg(test)]

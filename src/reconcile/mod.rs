@@ -319,8 +319,13 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
     let last = ctx.synced.lock().expect("lock").get(&oref).copied();
     if let (Some(g), Some((synced_gen, due))) = (generation, last) {
         let now = Instant::now();
-        if synced_gen == g && now < due {
-            return Ok(Action::requeue(due - now));
+        // A next run shown in status that has passed makes a full pass due now, which
+        // rewrites the preview from fresh data (a partial status write here could
+        // resurrect stale conditions from the cache).
+        let shown = preview_wait(old.and_then(|s| s.next_run.as_deref()));
+        if synced_gen == g && now < due && shown != Some(Duration::ZERO) {
+            let wait = shown.map_or(due - now, |w| w.min(due - now));
+            return Ok(Action::requeue(wait));
         }
     }
 
@@ -341,7 +346,9 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
         Ok(base) => {
             let message = format!("Deployment {name} is applied in Prefect at {base}");
             let cond = status::ready(old, true, reason::SYNCED, &message, generation);
-            status::write(&api, obj, &status::build(&state, cond, generation)).await?;
+            let preview = preview_of(obj, &state.schedules_seen);
+            let refresh = preview_wait(preview.1.as_deref());
+            status::write(&api, obj, &status::build(&state, cond, generation, preview)).await?;
             ctx.metrics.set_ready(&uid, Some("True"));
             let next = jitter(resync);
             if let Some(g) = generation {
@@ -350,7 +357,7 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
                     .expect("lock")
                     .insert(oref, (g, Instant::now() + next));
             }
-            Ok(Action::requeue(next))
+            Ok(Action::requeue(refresh.map_or(next, |r| r.min(next))))
         }
         Err(e) => {
             ctx.synced.lock().expect("lock").remove(&oref);
@@ -358,6 +365,41 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
             Err(e)
         }
     }
+}
+
+/// The next-run preview for status, from the spec and the schedules Prefect reported.
+fn preview_of(obj: &PrefectDeployment, seen: &[serde_json::Value]) -> status::Preview {
+    let want = crate::desired::deployment(&obj.spec, &obj.deployment_name(), "");
+    if want.schedules.is_empty() {
+        return (None, None);
+    }
+    let desired: Vec<(String, serde_json::Value)> = want
+        .schedules
+        .iter()
+        .map(|s| (s.slug.clone(), s.body.clone()))
+        .collect();
+    let previous = obj
+        .status
+        .as_ref()
+        .and_then(|s| s.schedules.as_deref())
+        .unwrap_or_default();
+    let paused = obj.spec.deployment.paused.unwrap_or(false);
+    let (list, next) =
+        crate::preview::schedules_preview(&desired, paused, seen, previous, chrono::Utc::now());
+    (Some(list), next)
+}
+
+/// How long until the next run shown in status passes (zero once it has); `None` when
+/// nothing is shown.
+fn preview_wait(next_run: Option<&str>) -> Option<Duration> {
+    let t = chrono::DateTime::parse_from_rfc3339(next_run?).ok()?;
+    let left = t.with_timezone(&chrono::Utc) - chrono::Utc::now();
+    // One second past the run, so the recomputed preview no longer contains it.
+    Some(
+        (left + chrono::Duration::seconds(1))
+            .to_std()
+            .unwrap_or(Duration::ZERO),
+    )
 }
 
 async fn prefect_client(obj: &PrefectDeployment, ctx: &Context, ns: &str) -> Result<PrefectClient> {
@@ -403,7 +445,8 @@ async fn report_not_ready(
     }
     ctx.metrics
         .set_ready(&obj.uid().unwrap_or_default(), Some("False"));
-    status::write(api, obj, &status::build(state, cond, generation)).await?;
+    let preview = status::kept_preview(old);
+    status::write(api, obj, &status::build(state, cond, generation, preview)).await?;
     Ok(())
 }
 

@@ -6,7 +6,7 @@ use kube::Api;
 use serde_json::json;
 
 use super::sync::SyncState;
-use crate::api::{Condition, PrefectDeployment, PrefectDeploymentStatus};
+use crate::api::{Condition, PrefectDeployment, PrefectDeploymentStatus, ScheduleStatus};
 use crate::prefect::truncate;
 use crate::Result;
 
@@ -46,6 +46,7 @@ pub fn build(
     state: &SyncState,
     ready: Condition,
     generation: Option<i64>,
+    preview: Preview,
 ) -> PrefectDeploymentStatus {
     PrefectDeploymentStatus {
         deployment_id: state.deployment_id.clone(),
@@ -58,7 +59,18 @@ pub fn build(
             Some(state.automation_ids.clone())
         },
         triggers_hash: state.triggers_hash.clone(),
+        schedules: preview.0,
+        next_run: preview.1,
     }
+}
+
+/// The next-run part of status: per-schedule runs and the earliest of them.
+pub type Preview = (Option<Vec<ScheduleStatus>>, Option<String>);
+
+/// What a failed pass keeps: the preview last shown.
+pub fn kept_preview(old: Option<&PrefectDeploymentStatus>) -> Preview {
+    old.map(|s| (s.schedules.clone(), s.next_run.clone()))
+        .unwrap_or_default()
 }
 
 pub fn state_of(status: Option<&PrefectDeploymentStatus>) -> SyncState {
@@ -68,6 +80,7 @@ pub fn state_of(status: Option<&PrefectDeploymentStatus>) -> SyncState {
             flow_id: s.flow_id.clone(),
             automation_ids: s.automation_ids.clone().unwrap_or_default(),
             triggers_hash: s.triggers_hash.clone(),
+            schedules_seen: Vec::new(),
         })
         .unwrap_or_default()
 }

@@ -19,6 +19,9 @@ pub struct SyncState {
     pub flow_id: Option<String>,
     pub automation_ids: Vec<String>,
     pub triggers_hash: Option<String>,
+    /// The schedules as Prefect reported them in this pass (not kept in status): the
+    /// source of anchor dates Prefect chose itself, for the next-run preview.
+    pub schedules_seen: Vec<Value>,
 }
 
 /// Something the pass changed in Prefect, reported as a Kubernetes Event.
@@ -160,23 +163,40 @@ pub async fn apply(
         }
     };
     let created = existing.is_none();
-    if created && !want.schedules_in_create_body() {
-        let id = state.deployment_id.clone().expect("set by create");
-        let bodies: Vec<Value> = want.schedules.iter().map(|s| s.body.clone()).collect();
-        client.create_schedules(&id, &bodies).await?;
-    }
-
-    if let Some(actual) = existing {
-        let id = str_field(&actual, "id");
-        state.flow_id = Some(str_field(&actual, "flow_id"));
-        update_fields(client, &id, &want, &actual, changes).await?;
-        update_schedules(client, &id, &want.schedules, &actual, changes).await?;
-    }
-
     let id = state
         .deployment_id
         .clone()
         .expect("deployment id is set above");
+    if created && !want.schedules_in_create_body() {
+        let bodies: Vec<Value> = want.schedules.iter().map(|s| s.body.clone()).collect();
+        client.create_schedules(&id, &bodies).await?;
+    }
+
+    let written: Vec<String> = match &existing {
+        Some(actual) => {
+            state.flow_id = Some(str_field(actual, "flow_id"));
+            state.schedules_seen = schedules_of(actual);
+            update_fields(client, &id, &want, actual, changes).await?;
+            update_schedules(client, &id, &want.schedules, actual, changes).await?
+        }
+        None => want.schedules.iter().map(|s| s.slug.clone()).collect(),
+    };
+    // Prefect anchors an interval schedule without anchor_date at the moment it stores
+    // it; read that back once so the preview shows the runs Prefect will create.
+    let unanchored = |s: &&DesiredSchedule| {
+        s.body.pointer("/schedule/interval").is_some()
+            && s.body.pointer("/schedule/anchor_date").is_none()
+    };
+    if want
+        .schedules
+        .iter()
+        .filter(unanchored)
+        .any(|s| written.contains(&s.slug))
+    {
+        if let Some(d) = client.read_deployment(&id).await? {
+            state.schedules_seen = schedules_of(&d);
+        }
+    }
     apply_automations(client, spec, name, &id, created, state, changes).await
 }
 
@@ -246,7 +266,7 @@ async fn update_schedules(
     want: &[DesiredSchedule],
     actual: &Value,
     changes: &mut Vec<Change>,
-) -> Result<()> {
+) -> Result<Vec<String>> {
     let actual: Vec<&Value> = actual
         .get("schedules")
         .and_then(Value::as_array)
@@ -285,6 +305,7 @@ async fn update_schedules(
     if !to_create.is_empty() {
         client.create_schedules(id, &to_create).await?;
     }
+    let written = created.iter().chain(&updated).cloned().collect();
     if !(created.is_empty() && updated.is_empty() && deleted.is_empty()) {
         changes.push(Change::SchedulesChanged {
             created,
@@ -292,7 +313,15 @@ async fn update_schedules(
             deleted,
         });
     }
-    Ok(())
+    Ok(written)
+}
+
+fn schedules_of(deployment: &Value) -> Vec<Value> {
+    deployment
+        .get("schedules")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default()
 }
 
 async fn apply_automations(

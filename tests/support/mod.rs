@@ -138,6 +138,20 @@ impl PrefectServer {
 
     /// `services`: run Prefect's background services (scheduler, triggers) too.
     pub fn start_with(port: u16, auth_string: Option<&str>, services: bool) -> PrefectServer {
+        Self::launch(port, auth_string, services, &[])
+    }
+
+    /// Services on, with extra `PREFECT_*` settings (for example the scheduler's).
+    pub fn start_with_settings(settings: &[(&'static str, &str)]) -> PrefectServer {
+        Self::launch(free_port(), None, true, settings)
+    }
+
+    fn launch(
+        port: u16,
+        auth_string: Option<&str>,
+        services: bool,
+        settings: &[(&'static str, &str)],
+    ) -> PrefectServer {
         let a = assets();
         let dir = tempfile::tempdir().unwrap();
         assert!(
@@ -154,6 +168,7 @@ impl PrefectServer {
         if let Some(s) = auth_string {
             envs.push(("PREFECT_SERVER_API_AUTH_STRING", s.into()));
         }
+        envs.extend(settings.iter().map(|(k, v)| (*k, v.to_string())));
         let args: Vec<String> = [
             "server",
             "start",
