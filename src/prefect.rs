@@ -47,8 +47,12 @@ impl std::fmt::Debug for Auth {
 
 /// Requests sent, by method and endpoint (a fixed set of names, never ids): counts for
 /// tests and benchmarks, durations by status code for the metrics endpoint.
+const RECENT_CALLS: usize = 256;
+
 pub struct CallLog {
     counts: Mutex<BTreeMap<(String, &'static str), u64>>,
+    /// The latest calls in order (bounded), for tests and debugging of call sequences.
+    recent: Mutex<std::collections::VecDeque<String>>,
     pub durations: HistogramFamily<RequestLabels>,
 }
 
@@ -56,6 +60,7 @@ impl Default for CallLog {
     fn default() -> Self {
         Self {
             counts: Mutex::default(),
+            recent: Mutex::default(),
             durations: Family::new_with_constructor(duration_histogram),
         }
     }
@@ -71,6 +76,22 @@ impl CallLog {
     fn record(&self, method: &Method, endpoint: &'static str) {
         let mut m = self.counts.lock().expect("call log lock");
         *m.entry((method.to_string(), endpoint)).or_default() += 1;
+        drop(m);
+        let mut recent = self.recent.lock().expect("call log lock");
+        if recent.len() == RECENT_CALLS {
+            recent.pop_front();
+        }
+        recent.push_back(format!("{method} {endpoint}"));
+    }
+
+    /// The latest calls (at most 256), oldest first, as "METHOD endpoint".
+    pub fn recent(&self) -> Vec<String> {
+        self.recent
+            .lock()
+            .expect("call log lock")
+            .iter()
+            .cloned()
+            .collect()
     }
 
     fn observe(&self, method: &Method, endpoint: &'static str, code: u16, elapsed: Duration) {
@@ -409,6 +430,31 @@ impl PrefectClient {
             None,
         )
         .await
+    }
+
+    /// Deletes one automation; one already gone counts as deleted.
+    pub async fn delete_automation(&self, id: &str) -> Result<(), Error> {
+        self.call_opt(
+            Method::DELETE,
+            "automation",
+            &format!("/automations/{id}"),
+            None,
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Automations that mention `resource` (owned by it or merely referring to it).
+    pub async fn automations_related_to(&self, resource: &str) -> Result<Vec<Value>, Error> {
+        let v = self
+            .call_opt(
+                Method::GET,
+                "automations_related_to",
+                &format!("/automations/related-to/{}", encode_segment(resource)),
+                None,
+            )
+            .await?;
+        Ok(v.and_then(|v| v.as_array().cloned()).unwrap_or_default())
     }
 
     /// Deletes every automation owned by `resource`. A server without the automations

@@ -462,17 +462,33 @@ async fn triggers_are_applied_only_when_changed() {
     assert_eq!(quiet["enabled"], json!(false));
     assert_eq!(quiet["trigger"]["posture"], json!("Proactive"));
 
-    // Unchanged: not a single automation call.
+    // Unchanged: not a single automation call, also for an operator that restarted and
+    // knows only what status recorded.
     let (r, _, made) = env.apply(&spec, &name, &uid, &mut state).await;
     r.unwrap();
     assert!(!made.iter().any(|m| m.contains("automation")), "{made:?}");
+    let mut restarted = SyncState {
+        deployment_id: state.deployment_id.clone(),
+        flow_id: state.flow_id.clone(),
+        automation_ids: state.automation_ids.clone(),
+        triggers_hash: state.triggers_hash.clone(),
+        ..SyncState::default()
+    };
+    let (r, _, made) = env.apply(&spec, &name, &uid, &mut restarted).await;
+    r.unwrap();
+    assert!(!made.iter().any(|m| m.contains("automation")), "{made:?}");
 
-    // Changed: the old set is gone, the new one is there.
+    // Changed: the new set is created first, then the old one deleted by its ids.
     let old_ids = state.automation_ids.clone();
     spec.deployment.triggers.as_mut().unwrap().truncate(1);
     spec.deployment.triggers.as_mut().unwrap()[0].parameters = Some(json!({"x": 2}));
     let (r, changes, _) = env.apply(&spec, &name, &uid, &mut state).await;
     r.unwrap();
+    let made = env.calls.recent();
+    let first_delete = made.iter().position(|m| m == "DELETE automation").unwrap();
+    let last_create = made.iter().rposition(|m| m == "POST automations").unwrap();
+    assert!(last_create < first_delete, "create first: {made:?}");
+    assert!(!made.iter().any(|m| m.contains("owned_by")), "{made:?}");
     assert!(
         changes.contains(&Change::AutomationsReplaced { count: 1 }),
         "{changes:?}"
@@ -486,27 +502,58 @@ async fn triggers_are_applied_only_when_changed() {
         .await;
     assert_eq!(a["actions"][0]["parameters"], json!({"x": 2}));
 
-    // A metric trigger is Prefect Cloud only: the deployment stays applied, the trigger
-    // failure is reported.
-    spec.deployment.triggers = Some(vec![serde_json::from_value(json!({
-        "type": "metric", "metric": {"name": "lateness", "operator": ">", "threshold": 60}
-    }))
-    .unwrap()]);
+    // A metric trigger is Prefect Cloud only. The new set is created before the old one
+    // goes: the event trigger made first is taken back, the old automation keeps
+    // working, the deployment itself is still applied, and the message says why.
+    let working = state.automation_ids.clone();
+    let working_hash = state.triggers_hash.clone();
+    spec.deployment.triggers = Some(vec![
+        serde_json::from_value(json!({"expect": ["y"]})).unwrap(),
+        serde_json::from_value(json!({
+            "type": "metric", "metric": {"name": "lateness", "operator": ">", "threshold": 60}
+        }))
+        .unwrap(),
+    ]);
     spec.deployment.description = Some("still applied".into());
-    let (r, _, _) = env.apply(&spec, &name, &uid, &mut state).await;
-    assert!(matches!(r, Err(Error::AutomationFailed(_))), "{r:?}");
+    let (r, _, made) = env.apply(&spec, &name, &uid, &mut state).await;
+    match &r {
+        Err(Error::AutomationFailed(m)) => {
+            assert!(
+                m.starts_with(
+                    "spec.deployment.triggers[1]: metric triggers exist only on Prefect Cloud"
+                ),
+                "{m}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
     assert_eq!(
         env.deployment(&id).await.unwrap()["description"],
         json!("still applied")
     );
+    assert_eq!(
+        state.automation_ids, working,
+        "the working set is still recorded"
+    );
+    assert_eq!(state.triggers_hash, working_hash);
     assert!(
-        state.triggers_hash.is_none(),
-        "a failed trigger set is retried"
+        env.automation_exists(&working[0]).await,
+        "the working automation survives"
+    );
+    assert!(made.contains(&"DELETE automation".to_string()), "{made:?}");
+    let (_, related) = env
+        .get(&format!("/automations/related-to/prefect.deployment.{id}"))
+        .await;
+    assert_eq!(
+        related.as_array().unwrap().len(),
+        1,
+        "nothing of the refused set is left: {related}"
     );
 
     // Deletion removes the automations and the deployment; a second delete is a no-op.
-    spec.deployment.triggers.as_mut().unwrap()[0] =
-        serde_json::from_value(json!({"expect": ["x"]})).unwrap();
+    spec.deployment.triggers = Some(vec![
+        serde_json::from_value(json!({"expect": ["x"]})).unwrap()
+    ]);
     env.apply(&spec, &name, &uid, &mut state).await.0.unwrap();
     let aid = state.automation_ids[0].clone();
     let deleted = sync::delete(&env.client, &spec, &name, &uid, &state)
@@ -557,9 +604,30 @@ async fn conflict_and_adoption() {
         json!("theirs")
     );
 
+    // Their tool (Prefect's own apply() does this) gave the deployment an automation.
+    let (code, their_automation) = env
+        .post(
+            "/automations/",
+            json!({"name": "theirs", "trigger": {"type": "event", "expect": ["x"], "posture": "Reactive", "threshold": 1, "within": 0},
+                "actions": [{"type": "run-deployment", "source": "selected", "deployment_id": theirs_id}],
+                "owner_resource": format!("prefect.deployment.{theirs_id}")}),
+        )
+        .await;
+    assert_eq!(code, 201);
+    let their_automation = their_automation["id"].as_str().unwrap().to_string();
+
     spec.adopt_existing = Some(true);
+    spec.deployment.triggers = Some(vec![
+        serde_json::from_value(json!({"expect": ["ours"]})).unwrap()
+    ]);
     let (r, changes, _) = env.apply(&spec, &name, "uid-1", &mut state).await;
     r.unwrap();
+    assert!(
+        !env.automation_exists(&their_automation).await,
+        "the automation made for the deployment by another tool is replaced"
+    );
+    assert_eq!(state.automation_ids.len(), 1);
+    assert!(env.automation_exists(&state.automation_ids[0]).await);
     assert_eq!(
         changes[0],
         Change::Adopted {

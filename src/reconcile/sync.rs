@@ -7,7 +7,7 @@
 
 use serde_json::{Map, Value};
 
-use crate::api::PrefectDeploymentSpec;
+use crate::api::{PrefectDeploymentSpec, TriggerType};
 use crate::desired::{self, DesiredDeployment, DesiredSchedule, OWNER_LABEL};
 use crate::prefect::PrefectClient;
 use crate::{Error, Result};
@@ -137,6 +137,7 @@ pub async fn apply(
                 }
                 state.deployment_id = Some(found_id);
                 state.triggers_hash = None;
+                state.automation_ids.clear();
             }
             Some(found)
         }
@@ -336,30 +337,110 @@ async fn apply_automations(
     let bodies = desired::automations(&spec.deployment, name, id);
     let hash = desired::fingerprint(&bodies);
     if state.triggers_hash.as_deref() == Some(hash.as_str()) {
+        // Unchanged: no automation call at all, unless an earlier replacement could not
+        // finish deleting the previous set (kept after the current ids).
+        if state.automation_ids.len() > bodies.len() {
+            for old in state.automation_ids[bodies.len()..].to_vec() {
+                client.delete_automation(&old).await?;
+                state.automation_ids.retain(|x| x != &old);
+            }
+        }
         return Ok(());
     }
-    // Anything owned by the deployment goes, including automations a previous run (or
-    // Prefect's own `apply()`) created, so the set in Prefect is exactly the spec's. A
-    // deployment created in this very pass has a new id that nothing can own yet.
-    if !just_created {
+    // The set being replaced: the ids we recorded. On a first apply to a deployment
+    // that already existed, the automations another tool (Prefect's own `apply()`, a
+    // previous install) made to run this deployment. A deployment created in this very
+    // pass has a new id that nothing can refer to yet.
+    let previous: Vec<String> = if just_created {
+        Vec::new()
+    } else if state.triggers_hash.is_some() || !state.automation_ids.is_empty() {
+        state.automation_ids.clone()
+    } else {
         client
-            .delete_owned_automations(&desired::owner_resource(id))
-            .await?;
+            .automations_related_to(&desired::owner_resource(id))
+            .await?
+            .iter()
+            .filter(|a| runs_deployment(a, id))
+            .map(|a| str_field(a, "id"))
+            .collect()
+    };
+
+    // Create the new set first; the previous one keeps working until all are accepted.
+    let mut created = Vec::new();
+    for (i, body) in bodies.iter().enumerate() {
+        match client.create_automation(body).await {
+            Ok(new) => created.push(new),
+            Err(e) => {
+                // Take back what this attempt made; the previous set stays as it was.
+                for new in &created {
+                    let _ = client.delete_automation(new).await;
+                }
+                return Err(trigger_error(spec, i, e));
+            }
+        }
     }
-    let had_any = !state.automation_ids.is_empty();
-    state.automation_ids.clear();
-    state.triggers_hash = None;
-    for body in &bodies {
-        let created = client.create_automation(body).await?;
-        state.automation_ids.push(created);
-    }
+    // Recorded before the old set goes, so an interruption below leaves the new set
+    // known and the leftovers (listed after it) to be deleted on the next pass.
+    let leftovers: Vec<String> = previous
+        .iter()
+        .filter(|p| !created.contains(p))
+        .cloned()
+        .collect();
+    state.automation_ids = created.iter().chain(&leftovers).cloned().collect();
     state.triggers_hash = Some(hash);
-    if had_any || !bodies.is_empty() {
+    for old in &leftovers {
+        client.delete_automation(old).await?;
+        state.automation_ids.retain(|x| x != old);
+    }
+    if !previous.is_empty() || !bodies.is_empty() {
         changes.push(Change::AutomationsReplaced {
             count: bodies.len(),
         });
     }
     Ok(())
+}
+
+/// Whether an automation's actions run deployment `id`.
+fn runs_deployment(automation: &Value, id: &str) -> bool {
+    automation
+        .get("actions")
+        .and_then(Value::as_array)
+        .is_some_and(|actions| {
+            actions.iter().any(|a| {
+                a.get("type").and_then(Value::as_str) == Some("run-deployment")
+                    && a.get("deployment_id").and_then(Value::as_str) == Some(id)
+            })
+        })
+}
+
+/// Names the trigger Prefect refused; for a metric trigger, says plainly that only
+/// Prefect Cloud has them.
+fn trigger_error(spec: &PrefectDeploymentSpec, index: usize, e: Error) -> Error {
+    let Error::AutomationFailed(detail) = e else {
+        return e;
+    };
+    let field = format!("spec.deployment.triggers[{index}]");
+    let trigger = spec
+        .deployment
+        .triggers
+        .as_deref()
+        .and_then(|t| t.get(index));
+    let metric = trigger.is_some_and(|t| {
+        t.condition.type_ == Some(TriggerType::Metric)
+            || t.triggers
+                .iter()
+                .flatten()
+                .any(|c| c.type_ == Some(TriggerType::Metric))
+    });
+    if metric {
+        Error::AutomationFailed(format!(
+            "{field}: metric triggers exist only on Prefect Cloud and this server refused it; the deployment is applied, its previous automations are kept ({detail})"
+        ))
+    } else {
+        Error::AutomationFailed(format!(
+            "{field}: Prefect refused the automation; the previous automations are kept ({detail})"
+        ))
+    }
 }
 
 /// Deletes what the resource created: its automations, then the deployment. A
