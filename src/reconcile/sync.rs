@@ -340,9 +340,12 @@ async fn apply_automations(
         // Unchanged: no automation call at all, unless an earlier replacement could not
         // finish deleting the previous set (kept after the current ids).
         if state.automation_ids.len() > bodies.len() {
-            for old in state.automation_ids[bodies.len()..].to_vec() {
-                client.delete_automation(&old).await?;
-                state.automation_ids.retain(|x| x != &old);
+            let extra = state.automation_ids.split_off(bodies.len());
+            for (k, old) in extra.iter().enumerate() {
+                if let Err(e) = client.delete_automation(old).await {
+                    state.automation_ids.extend_from_slice(&extra[k..]);
+                    return Err(e);
+                }
             }
         }
         return Ok(());
