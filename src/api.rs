@@ -215,15 +215,26 @@ pub struct WorkPoolSpec {
 
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "!has(oldSelf.flow_name) || (has(self.flow_name) && self.flow_name == oldSelf.flow_name)",
+        "message": "flow_name cannot be changed or removed once set: a Prefect deployment belongs to one flow (create a new resource for another flow)"
+    }
+]))]
 pub struct DeploymentSpec {
     /// Name of the deployment in Prefect. Defaults to metadata.name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     /// Where the flow function is: `path/to/file.py:function` (or `module.path:function`).
+    #[schemars(length(min = 3, max = 1024), extend("x-kubernetes-validations" = [{
+        "rule": "self.matches('^[^:]+:[A-Za-z_][A-Za-z0-9_]*([.][A-Za-z_][A-Za-z0-9_]*)*$')",
+        "message": "entrypoint must have the form path/to/file.py:function"
+    }]))]
     pub entrypoint: String,
     /// Name of the flow in Prefect. Defaults to the function name from the entrypoint with
     /// `_` replaced by `-`, as Prefect names flows.
     #[serde(default, skip_serializing_if = "Option::is_none", rename = "flow_name")]
+    #[schemars(length(min = 1, max = 256))]
     pub flow_name: Option<String>,
     /// Free-text description shown in the Prefect UI.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -277,11 +288,16 @@ pub struct DeploymentSpec {
     pub global_concurrency_limit: Option<GlobalConcurrencyLimit>,
     /// When the deployment runs. Schedules are matched to Prefect's by slug, so editing
     /// one keeps the runs already scheduled by the others.
+    // A map list keyed by slug: the apiserver itself refuses duplicate slugs (on every
+    // version, without a CEL rule whose cost grows with the square of the list), and
+    // server-side apply merges schedules by slug.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 100), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["slug"]))]
     pub schedules: Option<Vec<Schedule>>,
     /// Events that start this deployment. Each trigger becomes one Prefect automation
     /// owned by the deployment.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 50))]
     pub triggers: Option<Vec<Trigger>>,
 }
 
@@ -316,14 +332,33 @@ pub struct GlobalConcurrencyLimit {
 
 /// One schedule: exactly one of `interval`, `cron` or `rrule`.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "(has(self.interval) ? 1 : 0) + (has(self.cron) ? 1 : 0) + (has(self.rrule) ? 1 : 0) == 1",
+        "message": "a schedule needs exactly one of interval, cron or rrule"
+    },
+    {
+        "rule": "!has(self.interval) || !(string(self.interval).startsWith('-') || string(self.interval) == '0')",
+        "message": "interval must be a positive number of seconds (or an ISO 8601 duration such as PT1H)"
+    },
+    {
+        "rule": "!has(self.anchor_date) || has(self.interval)",
+        "message": "anchor_date is only for interval schedules"
+    },
+    {
+        "rule": "!has(self.day_or) || has(self.cron)",
+        "message": "day_or is only for cron schedules"
+    }
+]))]
 pub struct Schedule {
     /// Identifies the schedule within the deployment; unique. The operator matches
     /// schedules to Prefect's by slug.
+    #[schemars(length(min = 1, max = 256))]
     pub slug: String,
     /// Time between runs: seconds (greater than 0), or an ISO 8601 duration such as
     /// `PT1H30M` or `P1D`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "int_or_string")]
+    #[schemars(schema_with = "short_int_or_string")]
     pub interval: Option<Value>,
     /// For interval schedules: the instant runs are counted from (RFC 3339, e.g.
     /// `2024-01-01T00:00:00Z`). Without an offset it is read in the schedule's timezone.
@@ -337,8 +372,10 @@ pub struct Schedule {
     /// when either matches (true, the cron default) or only when both match (false).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub day_or: Option<bool>,
-    /// An RFC 5545 recurrence rule, e.g. `FREQ=WEEKLY;BYDAY=MO,WE;BYHOUR=8`.
+    /// An RFC 5545 recurrence rule, e.g. `FREQ=WEEKLY;BYDAY=MO,WE;BYHOUR=8`. At most 6500
+    /// characters, as in Prefect.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 6500))]
     pub rrule: Option<String>,
     /// IANA time zone the schedule is read in, e.g. `Europe/Berlin`. Defaults to UTC.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -361,6 +398,28 @@ pub struct Schedule {
 /// deployment metrics (Prefect Cloud only).
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "!has(self.type) || !(self.type in ['compound', 'sequence']) || (has(self.within) && has(self.triggers) && size(self.triggers) > 0)",
+        "message": "compound and sequence triggers need within and at least one child trigger"
+    },
+    {
+        "rule": "!has(self.require) || (has(self.type) && self.type == 'compound')",
+        "message": "require is only for compound triggers"
+    },
+    {
+        "rule": "!has(self.require) || string(self.require) in ['any', 'all'] || (string(self.require).matches('^[0-9]+$') && int(string(self.require)) >= 1 && has(self.triggers) && int(string(self.require)) <= size(self.triggers))",
+        "message": "require must be any, all, or a number from 1 to the number of child triggers"
+    },
+    {
+        "rule": "!has(self.posture) || self.posture != 'Proactive' || (has(self.within) && self.within >= 10)",
+        "message": "a Proactive trigger needs within of at least 10 seconds"
+    },
+    {
+        "rule": "has(self.type) && self.type == 'metric' ? has(self.metric) : !has(self.metric)",
+        "message": "metric is required for metric triggers and only allowed on them"
+    }
+]))]
 pub struct Trigger {
     /// Name of the automation. Defaults to `<deployment name>__automation_<n>`, n counting
     /// from 1 in list order, as Prefect's own client names them.
@@ -389,10 +448,24 @@ pub struct Trigger {
     pub condition: TriggerCondition,
     /// How many of the child triggers must fire (compound only): a number, `any` or `all`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "int_or_string")]
+    #[schemars(schema_with = "short_int_or_string")]
     pub require: Option<Value>,
     /// Child triggers of a compound or sequence trigger (event or metric triggers).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 50), extend("x-kubernetes-validations" = [
+        {
+            "rule": "self.all(c, !has(c.type) || c.type in ['event', 'metric'])",
+            "message": "child triggers must be event or metric triggers"
+        },
+        {
+            "rule": "self.all(c, !has(c.posture) || c.posture != 'Proactive' || (has(c.within) && c.within >= 10))",
+            "message": "a Proactive trigger needs within of at least 10 seconds"
+        },
+        {
+            "rule": "self.all(c, has(c.type) && c.type == 'metric' ? has(c.metric) : !has(c.metric))",
+            "message": "metric is required for metric triggers and only allowed on them"
+        }
+    ]))]
     pub triggers: Option<Vec<TriggerCondition>>,
 }
 
@@ -469,10 +542,12 @@ pub struct MetricQuery {
     pub threshold: f64,
     /// Seconds of history the metric is computed over (at least 300). Defaults to 300.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 300))]
     pub range: Option<i64>,
     /// Seconds the comparison must hold before the trigger fires (at least 300).
     /// Defaults to 300.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 300))]
     pub firing_for: Option<i64>,
 }
 
@@ -568,8 +643,10 @@ fn list_of_free_objects(_: &mut SchemaGenerator) -> Schema {
     json_schema!({"type": "array", "items": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}})
 }
 
-fn int_or_string(_: &mut SchemaGenerator) -> Schema {
-    json_schema!({"x-kubernetes-int-or-string": true})
+/// A number or a short string. The bound keeps the cost of the CEL rules that read the
+/// value within what the apiserver accepts.
+fn short_int_or_string(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({"x-kubernetes-int-or-string": true, "maxLength": 64})
 }
 
 fn date_time(_: &mut SchemaGenerator) -> Schema {

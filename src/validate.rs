@@ -272,6 +272,12 @@ fn schedule(s: &Schedule, field: &str) -> Check {
         }
         parse_anchor_date(anchor, tz).map_err(|m| problem(format!("{field}.anchor_date"), m))?;
     }
+    if s.day_or.is_some() && s.cron.is_none() {
+        return Err(problem(
+            format!("{field}.day_or"),
+            "is only for cron schedules",
+        ));
+    }
     if let Some(cron) = &s.cron {
         cron_expression(cron, s.day_or.unwrap_or(true))
             .map_err(|m| problem(format!("{field}.cron"), m))?;

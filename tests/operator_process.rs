@@ -602,8 +602,9 @@ fn missing_crd_and_crd_upgrade() {
     let logs = op.logs();
     assert!(
         logs.contains("CRD")
-            && logs
-                .contains("kubectl apply --server-side -f crds/prefectdeployments.prefect.io.yaml"),
+            && logs.contains(
+                "kubectl apply --validate=false -f crds/prefectdeployments.prefect.io.yaml"
+            ),
         "{logs}"
     );
 
@@ -628,7 +629,7 @@ fn missing_crd_and_crd_upgrade() {
         .unwrap()
         .remove("triggersHash");
     let (ok, _, err) = cp.kubectl_stdin(
-        &["apply", "--server-side", "-f", "-"],
+        &["apply", "--validate=false", "-f", "-"],
         Some(&serde_json::to_string(&old).unwrap()),
     );
     assert!(ok, "{err}");
@@ -638,8 +639,8 @@ fn missing_crd_and_crd_upgrade() {
         "crd/prefectdeployments.prefect.io",
         "--timeout=60s",
     ]);
-    cp.kubectl_ok(&["apply", "--server-side", "--force-conflicts", "-f", ours]);
-    cp.kubectl_ok(&["apply", "--server-side", "-f", ours]);
+    cp.kubectl_ok(&["apply", "--validate=false", "-f", ours]);
+    cp.kubectl_ok(&["apply", "--validate=false", "-f", ours]);
     cp.kubectl_ok(&[
         "wait",
         "--for=condition=Established",

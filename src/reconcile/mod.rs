@@ -202,7 +202,7 @@ async fn preflight(api: &Api<PrefectDeployment>) -> std::result::Result<(), Stri
     match api.list(&kube::api::ListParams::default().limit(1)).await {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(s)) if s.code == 404 => Err(
-            "the PrefectDeployment CRD (prefectdeployments.prefect.io) is not installed. Install it with: kubectl apply --server-side -f crds/prefectdeployments.prefect.io.yaml (or: prefect-operator crd | kubectl apply --server-side -f -)".into(),
+            "the PrefectDeployment CRD (prefectdeployments.prefect.io) is not installed. Install it with: kubectl apply --validate=false -f crds/prefectdeployments.prefect.io.yaml (or: prefect-operator crd | kubectl apply --validate=false -f -)".into(),
         ),
         Err(kube::Error::Api(s)) if s.code == 403 => Err(format!(
             "not allowed to list PrefectDeployments ({}). Grant the operator's ServiceAccount the RBAC rules of the Helm chart",

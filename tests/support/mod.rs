@@ -426,9 +426,13 @@ impl ControlPlane {
         static CP: OnceLock<ControlPlane> = OnceLock::new();
         CP.get_or_init(|| {
             let cp = ControlPlane::start();
+            // The install command the README gives. Client-side apply without validation:
+            // apiservers before 1.25 do not know x-kubernetes-validations, so kubectl's
+            // check and server-side apply's typed patch refuse it, while a plain write is
+            // stored (without the rules, which such servers do not run anyway).
             cp.kubectl_ok(&[
                 "apply",
-                "--server-side",
+                "--validate=false",
                 "-f",
                 concat!(
                     env!("CARGO_MANIFEST_DIR"),

@@ -1,0 +1,444 @@
+//! Admission-time checks: the CRD's OpenAPI bounds and CEL rules (x-kubernetes-validations).
+//!
+//! The CEL rules are evaluated here with kube-cel, which compiles and runs them the way
+//! the apiserver does (including transition rules with oldSelf), against valid manifests
+//! that must pass and broken ones that must fail with the rule's message. The OpenAPI
+//! bounds are checked by the real apiserver. The test apiserver built here (1.20) drops
+//! CEL rules; where KUBEBUILDER_ASSETS supplies 1.25 or newer, the same broken manifests
+//! are also applied with kubectl and must be rejected with the same messages.
+
+mod support;
+
+use std::path::Path;
+
+use kube_cel::{compile_schema, estimate_rule_cost, Validator};
+use serde_json::{json, Value};
+use support::{unique, ControlPlane};
+
+const CRD: &str = include_str!("../crds/prefectdeployments.prefect.io.yaml");
+
+/// The CRD's schema, with the rules adapted to one known difference of kube-cel 0.8 from
+/// the apiserver: the apiserver exposes a property such as `anchor_date` to CEL under
+/// its own name (it escapes only `__`, `.`, `-` and `/`), kube-cel renames it
+/// `anchor__date`. The rules are written for the apiserver; here each field name after
+/// a `.` gets kube-cel's spelling, and nothing else changes.
+fn schema() -> Value {
+    let crd: Value = serde_yaml::from_str(CRD).unwrap();
+    let mut schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"].clone();
+    adapt_rules(&mut schema);
+    schema
+}
+
+fn adapt_rules(node: &mut Value) {
+    match node {
+        Value::Object(map) => {
+            if let Some(Value::Array(rules)) = map.get_mut("x-kubernetes-validations") {
+                for r in rules {
+                    let text = r["rule"].as_str().unwrap().to_string();
+                    r["rule"] = json!(kube_cel_spelling(&text));
+                }
+            }
+            map.values_mut().for_each(adapt_rules);
+        }
+        Value::Array(items) => items.iter_mut().for_each(adapt_rules),
+        _ => {}
+    }
+}
+
+fn kube_cel_spelling(rule: &str) -> String {
+    let mut out = String::new();
+    let mut chars = rule.chars().peekable();
+    let mut in_string = false;
+    while let Some(c) = chars.next() {
+        out.push(c);
+        if c == '\'' {
+            in_string = !in_string;
+        }
+        if c == '.' && !in_string && chars.peek().is_some_and(|n| n.is_ascii_alphabetic()) {
+            while let Some(&n) = chars.peek() {
+                if !(n.is_ascii_alphanumeric() || n == '_') {
+                    break;
+                }
+                out.push_str(if n == '_' { "__" } else { &rule[0..0] });
+                if n != '_' {
+                    out.push(n);
+                }
+                chars.next();
+            }
+        }
+    }
+    out
+}
+
+fn base() -> Value {
+    json!({
+        "apiVersion": "prefect.io/v1",
+        "kind": "PrefectDeployment",
+        "metadata": {"name": "cel"},
+        "spec": {
+            "server": {"remoteApiUrl": "http://prefect:4200/api"},
+            "workPool": {"name": "pool"},
+            "deployment": {"entrypoint": "flows/a.py:main"},
+        },
+    })
+}
+
+fn with_deployment(patch: Value) -> Value {
+    let mut o = base();
+    for (k, v) in patch.as_object().unwrap() {
+        o["spec"]["deployment"][k] = v.clone();
+    }
+    o
+}
+
+/// Broken manifests and the one message each must be rejected with.
+fn broken() -> Vec<(Value, &'static str)> {
+    let sched = |s: Value| with_deployment(json!({"schedules": [s]}));
+    let trig = |t: Value| with_deployment(json!({"triggers": [t]}));
+    vec![
+        (
+            sched(json!({"slug": "a"})),
+            "a schedule needs exactly one of interval, cron or rrule",
+        ),
+        (
+            sched(json!({"slug": "a", "interval": 60, "cron": "* * * * *"})),
+            "a schedule needs exactly one of interval, cron or rrule",
+        ),
+        (
+            sched(json!({"slug": "a", "cron": "0 * * * *", "rrule": "FREQ=DAILY"})),
+            "a schedule needs exactly one of interval, cron or rrule",
+        ),
+        (
+            sched(json!({"slug": "a", "interval": 0})),
+            "interval must be a positive number of seconds (or an ISO 8601 duration such as PT1H)",
+        ),
+        (
+            sched(json!({"slug": "a", "interval": -60})),
+            "interval must be a positive number of seconds (or an ISO 8601 duration such as PT1H)",
+        ),
+        (
+            sched(json!({"slug": "a", "cron": "0 9 * * *", "anchor_date": "2024-01-01T00:00:00Z"})),
+            "anchor_date is only for interval schedules",
+        ),
+        (
+            sched(json!({"slug": "a", "interval": 60, "day_or": false})),
+            "day_or is only for cron schedules",
+        ),
+        (
+            with_deployment(json!({"entrypoint": "flows/a.py"})),
+            "entrypoint must have the form path/to/file.py:function",
+        ),
+        (
+            with_deployment(json!({"entrypoint": "flows/a.py:1main"})),
+            "entrypoint must have the form path/to/file.py:function",
+        ),
+        (
+            trig(json!({"type": "compound", "triggers": [{"expect": ["a"]}]})),
+            "compound and sequence triggers need within and at least one child trigger",
+        ),
+        (
+            trig(json!({"type": "sequence", "within": 60, "triggers": []})),
+            "compound and sequence triggers need within and at least one child trigger",
+        ),
+        (
+            trig(
+                json!({"type": "sequence", "within": 60, "require": 1, "triggers": [{"expect": ["a"]}]}),
+            ),
+            "require is only for compound triggers",
+        ),
+        (
+            trig(
+                json!({"type": "compound", "within": 60, "require": 3, "triggers": [{"expect": ["a"]}, {"expect": ["b"]}]}),
+            ),
+            "require must be any, all, or a number from 1 to the number of child triggers",
+        ),
+        (
+            trig(
+                json!({"type": "compound", "within": 60, "require": 0, "triggers": [{"expect": ["a"]}]}),
+            ),
+            "require must be any, all, or a number from 1 to the number of child triggers",
+        ),
+        (
+            trig(
+                json!({"type": "compound", "within": 60, "require": "most", "triggers": [{"expect": ["a"]}]}),
+            ),
+            "require must be any, all, or a number from 1 to the number of child triggers",
+        ),
+        (
+            trig(json!({"posture": "Proactive", "expect": ["a"], "within": 5})),
+            "a Proactive trigger needs within of at least 10 seconds",
+        ),
+        (
+            trig(json!({"posture": "Proactive", "expect": ["a"]})),
+            "a Proactive trigger needs within of at least 10 seconds",
+        ),
+        (
+            trig(
+                json!({"type": "compound", "within": 60, "triggers": [{"posture": "Proactive", "expect": ["a"], "within": 1}]}),
+            ),
+            "a Proactive trigger needs within of at least 10 seconds",
+        ),
+        (
+            trig(json!({"type": "sequence", "within": 60, "triggers": [{"type": "compound"}]})),
+            "child triggers must be event or metric triggers",
+        ),
+        (
+            trig(json!({"type": "metric"})),
+            "metric is required for metric triggers and only allowed on them",
+        ),
+        (
+            trig(
+                json!({"expect": ["a"], "metric": {"name": "lateness", "operator": ">", "threshold": 1}}),
+            ),
+            "metric is required for metric triggers and only allowed on them",
+        ),
+        (
+            trig(json!({"type": "compound", "within": 60, "triggers": [{"type": "metric"}]})),
+            "metric is required for metric triggers and only allowed on them",
+        ),
+    ]
+}
+
+/// Manifests that must pass every rule.
+fn accepted() -> Vec<Value> {
+    let mut out = vec![
+        base(),
+        with_deployment(json!({"schedules": [
+            {"slug": "a", "interval": 60, "anchor_date": "2024-01-01T00:00:00Z"},
+            {"slug": "b", "interval": "PT1H"},
+            {"slug": "c", "cron": "0 9 * * 1-5", "day_or": false, "timezone": "Europe/Berlin"},
+            {"slug": "d", "rrule": "FREQ=DAILY"},
+        ]})),
+        with_deployment(json!({"entrypoint": "my_pkg.flows:etl.run", "flow_name": "etl"})),
+        with_deployment(json!({"triggers": [
+            {"expect": ["a"]},
+            {"posture": "Proactive", "expect": ["a"], "within": 10},
+            {"type": "compound", "within": 60, "require": "any", "triggers": [{"expect": ["a"]}, {"type": "metric", "metric": {"name": "lateness", "operator": ">", "threshold": 1}}]},
+            {"type": "compound", "within": 0, "require": 2, "triggers": [{"expect": ["a"]}, {"expect": ["b"]}]},
+            {"type": "sequence", "within": 60, "triggers": [{"expect": ["a"]}, {"posture": "Proactive", "expect": ["b"], "within": 30}]},
+            {"type": "metric", "metric": {"name": "duration", "operator": ">=", "threshold": 5, "range": 300, "firingFor": 600}},
+        ]})),
+    ];
+    // Every example and fixture manifest in the repository.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for file in ["examples/etl.yaml", "examples/reference-schema.yaml"] {
+        let text = std::fs::read_to_string(root.join(file)).unwrap();
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let v: Value = serde::Deserialize::deserialize(doc).unwrap();
+            if v["kind"] == json!("PrefectDeployment") {
+                out.push(v);
+            }
+        }
+    }
+    for file in ["minimal.yaml", "full.yaml", "triggers.yaml"] {
+        let text = std::fs::read_to_string(root.join("tests/fixtures/desired").join(file)).unwrap();
+        let v: Value = serde_yaml::from_str(&text).unwrap();
+        out.push(v["resource"].clone());
+    }
+    out
+}
+
+fn messages(object: &Value, old: Option<&Value>) -> Vec<String> {
+    match Validator::new().validate(&schema(), object, old) {
+        Ok(()) => Vec::new(),
+        Err(errors) => errors.into_vec().into_iter().map(|e| e.message).collect(),
+    }
+}
+
+#[test]
+fn every_rule_compiles_within_the_cost_budget() {
+    let compiled = compile_schema(&schema());
+    let errors: Vec<String> = compiled
+        .compilation_errors()
+        .iter()
+        .map(|e| format!("{e:?}"))
+        .collect();
+    assert!(errors.is_empty(), "{errors:#?}");
+    // The apiserver refuses a CRD whose rules may cost too much; every string and list
+    // a rule walks has a bound. Check each rule against the schema node it sits on.
+    let mut rules = 0;
+    let mut warnings = Vec::new();
+    walk(&schema(), &mut |node| {
+        let compiled = compile_schema(node);
+        for r in node["x-kubernetes-validations"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            rules += 1;
+            let rule = r["rule"].as_str().unwrap();
+            warnings.extend(
+                estimate_rule_cost(rule, &compiled)
+                    .into_iter()
+                    .map(|w| format!("{rule}: {w:?}")),
+            );
+        }
+    });
+    assert!(warnings.is_empty(), "{warnings:#?}");
+    assert!(
+        rules >= 14,
+        "expected the CRD to carry the CEL rules, found {rules}"
+    );
+}
+
+fn walk(node: &Value, f: &mut dyn FnMut(&Value)) {
+    if node.get("x-kubernetes-validations").is_some() {
+        f(node);
+    }
+    for child in node["properties"].as_object().into_iter().flatten() {
+        walk(child.1, f);
+    }
+    if node.get("items").is_some() {
+        walk(&node["items"], f);
+    }
+}
+
+#[test]
+fn broken_manifests_fail_with_their_message() {
+    let cases = broken();
+    assert!(cases.len() >= 20, "{}", cases.len());
+    for (object, message) in cases {
+        let got = messages(&object, None);
+        assert_eq!(
+            got,
+            vec![message.to_string()],
+            "{}",
+            object["spec"]["deployment"]
+        );
+    }
+}
+
+#[test]
+fn valid_manifests_pass() {
+    let all = accepted();
+    assert!(all.len() >= 9, "{}", all.len());
+    for object in all {
+        let got = messages(&object, None);
+        assert!(got.is_empty(), "{}: {got:?}", object["metadata"]["name"]);
+    }
+}
+
+#[test]
+fn flow_name_cannot_change_once_set() {
+    let old = with_deployment(json!({"flow_name": "etl"}));
+    let renamed = with_deployment(json!({"flow_name": "other"}));
+    let removed = base();
+    let message = "flow_name cannot be changed or removed once set: a Prefect deployment belongs to one flow (create a new resource for another flow)";
+    assert_eq!(messages(&renamed, Some(&old)), vec![message.to_string()]);
+    assert_eq!(messages(&removed, Some(&old)), vec![message.to_string()]);
+    // Unchanged, or set for the first time: allowed.
+    assert!(messages(&old, Some(&old)).is_empty());
+    assert!(messages(&old, Some(&removed)).is_empty());
+}
+
+fn server_minor(cp: &ControlPlane) -> u32 {
+    let out = cp.kubectl_ok(&["version", "-o", "json"]);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    v["serverVersion"]["minor"]
+        .as_str()
+        .unwrap()
+        .trim_end_matches('+')
+        .parse()
+        .unwrap()
+}
+
+fn apply(cp: &ControlPlane, ns: &str, object: &Value) -> (bool, String) {
+    let mut object = object.clone();
+    object["metadata"] = json!({"name": unique("adm"), "namespace": ns});
+    let (ok, _, err) = cp.kubectl_stdin(
+        &["apply", "--server-side", "-f", "-"],
+        Some(&object.to_string()),
+    );
+    (ok, err)
+}
+
+/// The OpenAPI bounds are enforced by every apiserver, including the 1.20 one here.
+#[test]
+fn apiserver_enforces_openapi_bounds() {
+    let cp = ControlPlane::shared();
+    let ns = unique("adm");
+    cp.kubectl_ok(&["create", "namespace", &ns]);
+    let sched = |s: Value| with_deployment(json!({"schedules": [s]}));
+    let trig = |t: Value| with_deployment(json!({"triggers": [t]}));
+    let mut policy = base();
+    policy["spec"]["deletionPolicy"] = json!("Keep");
+    let cases = [
+        (
+            sched(json!({"slug": "a", "interval": 60, "max_scheduled_runs": 0})),
+            "max_scheduled_runs",
+        ),
+        (
+            sched(json!({"slug": "a", "interval": 60, "max_scheduled_runs": 51})),
+            "max_scheduled_runs",
+        ),
+        (sched(json!({"slug": "", "interval": 60})), "slug"),
+        (
+            trig(
+                json!({"type": "metric", "metric": {"name": "lateness", "operator": ">", "threshold": 1, "range": 60}}),
+            ),
+            "range",
+        ),
+        (
+            trig(
+                json!({"type": "metric", "metric": {"name": "lateness", "operator": ">", "threshold": 1, "firingFor": 299}}),
+            ),
+            "firingFor",
+        ),
+        (
+            trig(json!({"expect": ["a"], "scheduleAfter": -1})),
+            "scheduleAfter",
+        ),
+        (trig(json!({"expect": ["a"], "within": -1})), "within"),
+        (policy, "deletionPolicy"),
+        (
+            with_deployment(
+                json!({"schedules": [{"slug": "a", "interval": 60}, {"slug": "a", "cron": "0 * * * *"}]}),
+            ),
+            "Duplicate value",
+        ),
+    ];
+    for (object, field) in cases {
+        let (ok, err) = apply(cp, &ns, &object);
+        assert!(!ok && err.contains(field), "{field}: {err}");
+    }
+    for object in accepted() {
+        let (ok, err) = apply(cp, &ns, &object);
+        assert!(ok, "{}: {err}", object["metadata"]["name"]);
+    }
+}
+
+/// CEL rules in the apiserver itself: only where the apiserver enforces them (1.25+).
+#[test]
+fn apiserver_enforces_cel_rules_where_supported() {
+    let cp = ControlPlane::shared();
+    let minor = server_minor(cp);
+    if minor < 25 {
+        eprintln!(
+            "SKIPPED: the test apiserver is 1.{minor}, which drops x-kubernetes-validations; \
+             set KUBEBUILDER_ASSETS to a 1.25+ kube-apiserver to run the CEL rules in the apiserver \
+             (they are evaluated by kube-cel in the other tests of this file)"
+        );
+        return;
+    }
+    let ns = unique("cel");
+    cp.kubectl_ok(&["create", "namespace", &ns]);
+    for (object, message) in broken() {
+        let (ok, err) = apply(cp, &ns, &object);
+        assert!(!ok && err.contains(message), "{message}: {err}");
+    }
+    // flow_name is immutable once set.
+    let mut object = with_deployment(json!({"flow_name": "etl"}));
+    object["metadata"]["name"] = json!(unique("imm"));
+    object["metadata"]["namespace"] = json!(ns);
+    let (ok, _, err) = cp.kubectl_stdin(
+        &["apply", "--server-side", "-f", "-"],
+        Some(&object.to_string()),
+    );
+    assert!(ok, "{err}");
+    object["spec"]["deployment"]["flow_name"] = json!("other");
+    let (ok, _, err) = cp.kubectl_stdin(
+        &["apply", "--server-side", "-f", "-"],
+        Some(&object.to_string()),
+    );
+    assert!(!ok && err.contains("flow_name cannot be changed"), "{err}");
+}
