@@ -631,7 +631,7 @@ async fn kubectl_explain_describes_every_schedule_field() {
     };
     for (field, words) in [
         ("slug", "unique"),
-        ("interval", "Seconds between runs"),
+        ("interval", "Time between runs"),
         ("anchor_date", "RFC 3339"),
         ("cron", "five-field cron"),
         ("day_or", "day-of-week"),
