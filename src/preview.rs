@@ -161,7 +161,7 @@ pub struct Cron {
     weekdays: [bool; 7],
     /// `(weekday, n)`: the n-th such weekday of the month (`1#2`).
     nth_weekdays: Vec<(u32, u32)>,
-    /// Weekdays given as "the last one of the month" (`5L`).
+    /// Weekdays given as "the last one of the month" (`L5`).
     last_weekdays: Vec<u32>,
     day_or: bool,
     days_restricted: bool,
@@ -276,7 +276,8 @@ impl Cron {
                     _ => Err(format!("{item:?}: the number after # must be 1-5")),
                 };
             }
-            if let Some(d) = item.strip_suffix(['L', 'l']) {
+            // croniter writes "last Friday of the month" as `L5` (not `5L`).
+            if let Some(d) = item.strip_prefix(['L', 'l']) {
                 if !d.is_empty() {
                     let d = value(d)? % 7;
                     self.last_weekdays.push(d);
@@ -569,7 +570,7 @@ fn rrule_runs(
 /// schedule's zone without converting them. Without a DTSTART, Prefect's default
 /// (2020-01-01 00:00) is used; for minutely and secondly rules without COUNT it is moved
 /// forward by whole periods, as Prefect does, so the walk does not start in 2020.
-fn wall_clock_rrule(rule: &str, now_wall: NaiveDateTime) -> String {
+pub(crate) fn wall_clock_rrule(rule: &str, now_wall: NaiveDateTime) -> String {
     let mut lines: Vec<String> = Vec::new();
     let mut has_start = false;
     for line in rule.trim().lines().map(str::trim).filter(|l| !l.is_empty()) {
@@ -649,7 +650,7 @@ fn advanced_start(
     if period <= 0 {
         return None;
     }
-    let target = now - Duration::days(1);
+    let target = now.checked_sub_signed(Duration::days(1))?;
     let elapsed = (target - default).num_seconds();
     if elapsed <= 0 {
         return None;

@@ -207,7 +207,114 @@ fn deployment(d: &DeploymentSpec, resource_name: &str) -> Check {
     for (i, t) in d.triggers.iter().flatten().enumerate() {
         trigger(t, &format!("spec.deployment.triggers[{i}]"))?;
     }
+    parameters(d)
+}
+
+/// With an enforced parameter schema, every set of parameters a run can get must pass
+/// it: the deployment's, each schedule's merged over them (Prefect itself never checks
+/// these), and each trigger's (values templated from the event are checked when the
+/// trigger fires, so they are left out here).
+fn parameters(d: &DeploymentSpec) -> Check {
+    let Some(schema) = &d.parameter_open_api_schema else {
+        return Ok(());
+    };
+    if !d.enforce_parameter_schema.unwrap_or(true) {
+        return Ok(());
+    }
+    let validator = parameter_validator(schema)
+        .map_err(|m| problem("spec.deployment.parameterOpenApiSchema", m))?;
+    let base = d
+        .parameters
+        .clone()
+        .unwrap_or_else(|| Value::Object(Default::default()));
+    check_parameters(&validator, &base, "spec.deployment.parameters")?;
+    for (i, s) in d.schedules.iter().flatten().enumerate() {
+        if let Some(Value::Object(own)) = &s.parameters {
+            let mut merged = base.clone();
+            for (k, v) in own {
+                merged[k] = v.clone();
+            }
+            check_parameters(
+                &validator,
+                &merged,
+                &format!("spec.deployment.schedules[{i}].parameters"),
+            )?;
+        }
+    }
+    for (i, t) in d.triggers.iter().flatten().enumerate() {
+        if let Some(Value::Object(own)) = &t.parameters {
+            let fixed: serde_json::Map<String, Value> = own
+                .iter()
+                .filter(|(_, v)| !is_templated(v))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            check_parameters(
+                &validator,
+                &Value::Object(fixed),
+                &format!("spec.deployment.triggers[{i}].parameters"),
+            )?;
+        }
+    }
     Ok(())
+}
+
+/// A value Prefect fills in later: a Jinja template or a placeholder object.
+fn is_templated(v: &Value) -> bool {
+    match v {
+        Value::String(s) => s.contains("{{") || s.contains("{%"),
+        Value::Object(o) => o.contains_key("__prefect_kind"),
+        _ => false,
+    }
+}
+
+/// The schema as Prefect's server applies it when it creates a deployment: missing
+/// required parameters are allowed, formats are not checked, the latest draft (2020-12)
+/// unless the schema names another. (Prefect's update path also lets an optional
+/// parameter be null; the create path does not, and a deployment must stay creatable.)
+pub fn parameter_validator(schema: &Value) -> Result<jsonschema::Validator, String> {
+    let mut prepared = schema.clone();
+    drop_required(&mut prepared);
+    let mut options = jsonschema::options().should_validate_formats(false);
+    if prepared.get("$schema").is_none() {
+        options = options.with_draft(jsonschema::Draft::Draft202012);
+    }
+    options
+        .build(&prepared)
+        .map_err(|e| format!("is not a valid JSON Schema: {e}"))
+}
+
+fn drop_required(node: &mut Value) {
+    match node {
+        Value::Object(map) => {
+            if map.get("required").is_some_and(Value::is_array) {
+                map.remove("required");
+            }
+            map.values_mut().for_each(drop_required);
+        }
+        Value::Array(items) => items.iter_mut().for_each(drop_required),
+        _ => {}
+    }
+}
+
+fn check_parameters(validator: &jsonschema::Validator, params: &Value, field: &str) -> Check {
+    match validator.iter_errors(params).next() {
+        None => Ok(()),
+        Some(e) => {
+            let mut path = String::new();
+            for part in e.instance_path().as_str().split('/').skip(1) {
+                if part.parse::<usize>().is_ok() {
+                    path.push_str(&format!("[{part}]"));
+                } else {
+                    path.push('.');
+                    path.push_str(part);
+                }
+            }
+            Err(problem(
+                format!("{field}{path}"),
+                format!("{e} (parameterOpenApiSchema)"),
+            ))
+        }
+    }
 }
 
 fn entrypoint(e: &str) -> Check {
@@ -439,7 +546,9 @@ pub fn rrule_expression(rule: &str) -> Result<(), String> {
             rule.len()
         ));
     }
-    let text = normalize_rrule(rule);
+    // Checked in the form the preview computes runs from (dates as wall-clock times, a
+    // default DTSTART), so an accepted rule always yields a preview.
+    let text = crate::preview::wall_clock_rrule(rule, chrono::NaiveDateTime::MIN);
     rrule::RRuleSet::from_str(&text).map(|_| ()).map_err(|e| {
         let e = e.to_string();
         let e = e
@@ -448,26 +557,6 @@ pub fn rrule_expression(rule: &str) -> Result<(), String> {
             .to_string();
         format!("{rule:?} is not a valid RFC 5545 rule: {e}")
     })
-}
-
-/// Adds what the `rrule` crate needs but Prefect does not: an `RRULE:` property name
-/// and a DTSTART.
-pub fn normalize_rrule(rule: &str) -> String {
-    let mut lines: Vec<String> = Vec::new();
-    for line in rule.trim().lines().map(str::trim).filter(|l| !l.is_empty()) {
-        if line.contains(':') {
-            lines.push(line.to_string());
-        } else {
-            lines.push(format!("RRULE:{line}"));
-        }
-    }
-    if !lines
-        .iter()
-        .any(|l| l.to_ascii_uppercase().starts_with("DTSTART"))
-    {
-        lines.insert(0, "DTSTART:20200101T000000Z".to_string());
-    }
-    lines.join("\n")
 }
 
 fn trigger(t: &Trigger, field: &str) -> Check {
