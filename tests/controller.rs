@@ -311,15 +311,57 @@ spec:
         "{table}"
     );
 
+    // Status previews the next three runs of each schedule, in its zone, and the
+    // earliest of all is a column of `kubectl get`.
+    let preview = status.schedules.clone().expect("schedules in status");
+    assert_eq!(preview.len(), 3, "{preview:?}");
+    for p in &preview {
+        assert_eq!(p.next_runs.len(), 3, "{p:?}");
+    }
+    let nightly_runs = &preview
+        .iter()
+        .find(|p| p.slug == "nightly")
+        .unwrap()
+        .next_runs;
+    assert!(
+        nightly_runs
+            .iter()
+            .all(|t| t.contains("T02:00:00+01:00") || t.contains("T02:00:00+02:00")),
+        "{nightly_runs:?}"
+    );
+    let instant = |t: &str| chrono::DateTime::parse_from_rfc3339(t).unwrap();
+    let earliest = preview
+        .iter()
+        .map(|p| instant(&p.next_runs[0]))
+        .min()
+        .unwrap();
+    let next_run = status.next_run.clone().expect("nextRun in status");
+    assert_eq!(instant(&next_run), earliest);
+    assert!(
+        table.contains("NEXT RUN") && table.contains(&next_run),
+        "{table}"
+    );
+
     // Change the cron with kubectl: the schedule is updated in place.
     let (ok, _, err) = env
         .cp
         .kubectl_stdin(&["apply", "-f", "-"], Some(&manifest("30 3 * * *")));
     assert!(ok, "{err}");
-    env.wait_for(&name, "generation 2 Ready", |o| {
-        is_ready(o) && o.metadata.generation == Some(2)
-    })
-    .await;
+    let obj = env
+        .wait_for(&name, "generation 2 Ready", |o| {
+            is_ready(o) && o.metadata.generation == Some(2)
+        })
+        .await;
+    let preview = obj.status.unwrap().schedules.unwrap();
+    let nightly_runs = &preview
+        .iter()
+        .find(|p| p.slug == "nightly")
+        .unwrap()
+        .next_runs;
+    assert!(
+        nightly_runs.iter().all(|t| t.contains("T03:30:00+0")),
+        "the preview follows the new cron: {nightly_runs:?}"
+    );
     let (_, d) = env.prefect_get(&format!("/deployments/{id}")).await;
     let nightly = d["schedules"]
         .as_array()
