@@ -444,12 +444,37 @@ async fn invalid_spec_is_reported_and_not_sent() {
         .await
         .unwrap();
     let obj = env.wait_for(&name, "Ready after fix", is_ready).await;
-    assert!(obj.status.unwrap().deployment_id.is_some());
-    assert_eq!(
-        env.prefect_get(&format!("/deployments/name/flow-fn/{name}"))
-            .await
-            .0,
-        200
+    let id = obj.status.unwrap().deployment_id.unwrap();
+    let (code, before) = env.prefect_get(&format!("/deployments/{id}")).await;
+    assert_eq!(code, 200);
+
+    // Breaking a working resource (a cron that can never fire, which Prefect would
+    // accept) leaves the deployment in Prefect exactly as it was.
+    let patch = json!({"spec": {"deployment": {"schedules": [{"slug": "ok", "interval": 60}, {"slug": "typo", "cron": "0 0 31 2 *"}]}}});
+    env.api
+        .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    let obj = env
+        .wait_for(&name, "InvalidSpec again", |o| {
+            ready(o).is_some_and(|r| r.1 == "InvalidSpec") && o.metadata.generation == Some(3)
+        })
+        .await;
+    let (_, _, message) = ready(&obj).unwrap();
+    assert!(
+        message.starts_with("spec.deployment.schedules[1].cron:")
+            && message.contains("never fires"),
+        "{message}"
+    );
+    assert!(!message.contains('\n'), "one line: {message}");
+    let (_, after) = env.prefect_get(&format!("/deployments/{id}")).await;
+    assert_eq!(after["schedules"], before["schedules"]);
+    assert_eq!(after["updated"], before["updated"], "not written at all");
+    let kept = obj.status.unwrap().schedules.unwrap();
+    let typo = &kept.iter().find(|p| p.slug == "typo").unwrap().next_runs;
+    assert!(
+        !typo.is_empty() && typo.iter().all(|t| t.contains("T09:00:00")),
+        "the preview of what still runs is kept: {typo:?}"
     );
 }
 
