@@ -213,7 +213,21 @@ async fn preflight(api: &Api<PrefectDeployment>) -> std::result::Result<(), Stri
 }
 
 fn build(api: Api<PrefectDeployment>, concurrency: u16) -> Controller<PrefectDeployment> {
-    Controller::new(api, watcher::Config::default().any_semantic())
+    use kube::runtime::WatchStreamExt;
+    let (reader, writer) = kube::runtime::reflector::store();
+    // The cache keeps every watched object; managedFields and kubectl's last-applied
+    // copy of the manifest are the bulk of one and nothing here reads them.
+    let objects = kube::runtime::watcher(api, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .modify(|pd: &mut PrefectDeployment| {
+            pd.metadata.managed_fields = None;
+            if let Some(a) = pd.metadata.annotations.as_mut() {
+                a.remove("kubectl.kubernetes.io/last-applied-configuration");
+            }
+        })
+        .reflect(writer)
+        .applied_objects();
+    Controller::for_stream(objects, reader)
         .with_config(ControllerConfig::default().concurrency(concurrency))
         .shutdown_on_signal()
 }
