@@ -34,6 +34,9 @@ pub mod reason {
 
     pub const CLEANUP_FAILED: &str = "CleanupFailed";
     pub const KUBERNETES_ERROR: &str = "KubernetesError";
+    /// A bug in the operator met while handling this resource; other resources are
+    /// not affected, and the pass is retried with backoff.
+    pub const INTERNAL_ERROR: &str = "InternalError";
 }
 
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -594,6 +597,10 @@ pub struct ScheduleStatus {
     /// The next (up to) three fire times, RFC 3339 with the schedule zone's offset.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub next_runs: Vec<String>,
+    /// Why no runs are shown for a schedule that has some: its rule takes more steps to
+    /// reach them than the preview allows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 /// A condition in the Kubernetes API convention.

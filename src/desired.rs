@@ -4,11 +4,9 @@
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
-use crate::api::{
-    DeploymentSpec, Posture, PrefectDeploymentSpec, Schedule, Trigger, TriggerCondition,
-    TriggerType,
-};
-use crate::validate::{interval_seconds, parse_anchor_date, timezone};
+use crate::api::{DeploymentSpec, Posture, Trigger, TriggerCondition, TriggerType};
+use crate::schedule::{zone, Rule};
+use crate::validate::{ValidSchedule, ValidSpec};
 
 /// The Prefect label that marks a deployment as created for one Kubernetes resource
 /// (its metadata.uid), so an interrupted create is recognised as ours on the next pass
@@ -63,7 +61,9 @@ pub fn flow_name(d: &DeploymentSpec) -> String {
     func.replace('_', "-")
 }
 
-pub fn deployment(spec: &PrefectDeploymentSpec, name: &str, owner_uid: &str) -> DesiredDeployment {
+/// The deployment a validated spec describes, labelled as made for resource `owner_uid`.
+pub fn deployment(valid: &ValidSpec, owner_uid: &str) -> DesiredDeployment {
+    let spec = valid.spec;
     let d = &spec.deployment;
     let mut f = Map::new();
     let opt_str = |v: &Option<String>| v.clone().map(Value::String).unwrap_or(Value::Null);
@@ -146,11 +146,11 @@ pub fn deployment(spec: &PrefectDeploymentSpec, name: &str, owner_uid: &str) -> 
     labels.insert(OWNER_LABEL.into(), Value::String(owner_uid.into()));
 
     DesiredDeployment {
-        flow_name: flow_name(d),
-        name: name.to_string(),
+        flow_name: valid.flow_name.clone(),
+        name: valid.name.clone(),
         fields: f,
         labels,
-        schedules: d.schedules.iter().flatten().map(schedule).collect(),
+        schedules: valid.schedules.iter().map(schedule).collect(),
     }
 }
 
@@ -178,37 +178,26 @@ impl DesiredDeployment {
     }
 }
 
-fn schedule(s: &Schedule) -> DesiredSchedule {
-    let tz = s.timezone.clone().unwrap_or_else(|| "UTC".into());
-    let inner = if let Some(interval) = &s.interval {
-        let seconds = interval_seconds(interval).unwrap_or(0.0);
-        // Whole seconds go out as integers, as the manifest most likely wrote them.
-        let seconds = if seconds.fract() == 0.0 {
-            json!(seconds as i64)
-        } else {
-            json!(seconds)
-        };
-        let mut o = json!({"interval": seconds, "timezone": tz});
-        if let Some(anchor) = &s.anchor_date {
-            // Sent with an explicit offset so Prefect never has to guess: a naive time is
-            // read in the schedule's zone (Prefect alone would read it as UTC).
-            let zone = timezone(&tz).unwrap_or(chrono_tz::Tz::UTC);
-            let anchor = parse_anchor_date(anchor, zone)
-                .map(|t| t.to_rfc3339())
-                .unwrap_or_else(|_| anchor.clone());
-            o["anchor_date"] = Value::String(anchor);
+fn schedule(s: &ValidSchedule) -> DesiredSchedule {
+    let tz = s.tz_name.clone();
+    let inner = match &s.rule {
+        Rule::Interval { every, anchor } => {
+            let mut o = json!({"interval": every.to_json(), "timezone": tz});
+            if let Some(anchor) = anchor {
+                // Sent with an explicit offset so Prefect never has to guess: a naive
+                // time was read in the schedule's zone (Prefect alone would read UTC).
+                o["anchor_date"] = Value::String(zone::format_anchor(anchor));
+            }
+            o
         }
-        o
-    } else if let Some(cron) = &s.cron {
-        json!({"cron": cron.trim(), "timezone": tz, "day_or": s.day_or.unwrap_or(true)})
-    } else {
-        json!({"rrule": s.rrule.clone().unwrap_or_default(), "timezone": tz})
+        Rule::Cron(_) => json!({"cron": s.text, "timezone": tz, "day_or": s.day_or}),
+        Rule::RRule(_) => json!({"rrule": s.text, "timezone": tz}),
     };
     DesiredSchedule {
         slug: s.slug.clone(),
         body: json!({
             "schedule": inner,
-            "active": s.active.unwrap_or(true),
+            "active": s.active,
             "max_scheduled_runs": s.max_scheduled_runs,
             "parameters": s.parameters.clone().unwrap_or_else(|| json!({})),
             "slug": s.slug,

@@ -3,7 +3,8 @@
 //! The data goes through these steps, one module each:
 //! `api` (the resource) -> `validate` (pure) -> `desired` (pure: the Prefect payloads)
 //! -> `prefect` (HTTP client) -> `reconcile` (apply, status, finalizer); `preview` (pure)
-//! computes the next runs that status shows.
+//! computes the next runs that status shows; `schedule` (pure) is the time language
+//! both validation and preview use.
 
 pub mod admin;
 pub mod api;
@@ -14,6 +15,7 @@ pub mod metrics;
 pub mod prefect;
 pub mod preview;
 pub mod reconcile;
+pub mod schedule;
 pub mod telemetry;
 pub mod validate;
 
@@ -40,6 +42,9 @@ pub enum Error {
     AutomationFailed(String),
     #[error("Kubernetes API error: {0}")]
     Kube(#[from] kube::Error),
+    /// A bug: a panic caught at the reconcile boundary. Only this resource is affected.
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -56,6 +61,7 @@ impl Error {
             Error::Conflict(_) => reason::CONFLICT,
             Error::AutomationFailed(_) => reason::AUTOMATION_FAILED,
             Error::Kube(_) => reason::KUBERNETES_ERROR,
+            Error::Internal(_) => reason::INTERNAL_ERROR,
         }
     }
 
@@ -70,6 +76,7 @@ impl Error {
             Error::Conflict(_) => "conflict",
             Error::AutomationFailed(_) => "automation_failed",
             Error::Kube(_) => "kubernetes",
+            Error::Internal(_) => "internal",
         }
     }
 

@@ -2,20 +2,32 @@
 //! problem with the path of the field it is about, so a person can fix it from the
 //! condition message alone.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
-use std::str::FromStr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use chrono_tz::Tz;
 use serde_json::Value;
+use sha2::{Digest, Sha256};
 
 use crate::api::{
     DeploymentSpec, Posture, PrefectDeploymentSpec, Schedule, SecretValue, ServerSpec, Trigger,
     TriggerCondition, TriggerType,
 };
+use crate::schedule::{cron::Cron, interval, rrule, zone, Rule};
 
-/// The longest rrule Prefect stores.
-pub const MAX_RRULE_LEN: usize = 6500;
+pub use crate::schedule::rrule::MAX_LEN as MAX_RRULE_LEN;
+/// Limits on a parameter schema, so that compiling and running it stays within a few
+/// MiB and milliseconds: nesting depth, JSON values in it, serialized size.
+pub const MAX_SCHEMA_DEPTH: usize = 32;
+pub const MAX_SCHEMA_NODES: usize = 20_000;
+pub const MAX_SCHEMA_BYTES: usize = 256 * 1024;
+/// Backtracking steps one `pattern` may take on one value (look-around and
+/// back-references need a backtracking engine; the rest runs in linear time).
+const REGEX_BACKTRACK_LIMIT: usize = 20_000;
+/// Compiled parameter validators kept across passes, keyed by schema hash.
+const VALIDATOR_CACHE: usize = 64;
 /// Characters Prefect refuses in flow and deployment names.
 const BANNED_NAME_CHARS: [char; 5] = ['/', '%', '&', '>', '<'];
 
@@ -40,16 +52,60 @@ fn problem(field: impl Into<String>, message: impl Into<String>) -> Problem {
     }
 }
 
+/// A spec that passed validation, with every piece the next steps need already parsed.
+/// Only `validate` makes one, so nothing downstream meets an invalid spec.
+#[derive(Debug, Clone)]
+pub struct ValidSpec<'a> {
+    pub spec: &'a PrefectDeploymentSpec,
+    /// The Prefect deployment name (spec.deployment.name, else the resource's name).
+    pub name: String,
+    pub flow_name: String,
+    pub schedules: Vec<ValidSchedule>,
+    /// spec.interval, parsed.
+    pub resync: Option<Duration>,
+}
+
+/// One schedule, parsed.
+#[derive(Debug, Clone)]
+pub struct ValidSchedule {
+    pub slug: String,
+    pub rule: Rule,
+    pub tz: Tz,
+    /// The zone as Prefect is sent it: the manifest's name, or UTC.
+    pub tz_name: String,
+    /// The cron or rrule text as Prefect is sent it (empty for intervals).
+    pub text: String,
+    pub day_or: bool,
+    pub active: bool,
+    pub max_scheduled_runs: Option<i64>,
+    pub parameters: Option<Value>,
+}
+
 /// Validates the whole spec; `resource_name` stands in for an unset deployment name.
-pub fn validate(spec: &PrefectDeploymentSpec, resource_name: &str) -> Check {
+pub fn validate<'a>(
+    spec: &'a PrefectDeploymentSpec,
+    resource_name: &str,
+) -> Result<ValidSpec<'a>, Problem> {
     server(&spec.server)?;
     if spec.work_pool.name.trim().is_empty() {
         return Err(problem("spec.workPool.name", "must not be empty"));
     }
-    if let Some(interval) = &spec.interval {
-        parse_go_duration(interval).map_err(|m| problem("spec.interval", m))?;
-    }
-    deployment(&spec.deployment, resource_name)
+    let resync = match &spec.interval {
+        Some(i) => Some(parse_go_duration(i).map_err(|m| problem("spec.interval", m))?),
+        None => None,
+    };
+    let schedules = deployment(&spec.deployment, resource_name)?;
+    Ok(ValidSpec {
+        spec,
+        name: spec
+            .deployment
+            .name
+            .clone()
+            .unwrap_or_else(|| resource_name.to_string()),
+        flow_name: crate::desired::flow_name(&spec.deployment),
+        schedules,
+        resync,
+    })
 }
 
 fn server(s: &ServerSpec) -> Check {
@@ -143,7 +199,7 @@ fn object_check(field: &str, v: &Option<Value>) -> Check {
     }
 }
 
-fn deployment(d: &DeploymentSpec, resource_name: &str) -> Check {
+fn deployment(d: &DeploymentSpec, resource_name: &str) -> Result<Vec<ValidSchedule>, Problem> {
     let name = d.name.as_deref().unwrap_or(resource_name);
     name_check("spec.deployment.name", name)?;
     entrypoint(&d.entrypoint)?;
@@ -191,6 +247,7 @@ fn deployment(d: &DeploymentSpec, resource_name: &str) -> Check {
         }
     }
     let mut slugs = HashSet::new();
+    let mut schedules = Vec::new();
     for (i, s) in d.schedules.iter().flatten().enumerate() {
         let field = format!("spec.deployment.schedules[{i}]");
         if !slugs.insert(s.slug.as_str()) {
@@ -202,18 +259,19 @@ fn deployment(d: &DeploymentSpec, resource_name: &str) -> Check {
                 ),
             ));
         }
-        schedule(s, &field)?;
+        schedules.push(schedule(s, &field)?);
     }
     for (i, t) in d.triggers.iter().flatten().enumerate() {
         trigger(t, &format!("spec.deployment.triggers[{i}]"))?;
     }
-    parameters(d)
+    parameters(d)?;
+    Ok(schedules)
 }
 
 /// With an enforced parameter schema, every set of parameters a run can get must pass
 /// it: the deployment's, each schedule's merged over them (Prefect itself never checks
 /// these), and each trigger's (values templated from the event are checked when the
-/// trigger fires, so they are left out here).
+/// trigger fires, so they are left out here). Each distinct set is checked once.
 fn parameters(d: &DeploymentSpec) -> Check {
     let Some(schema) = &d.parameter_open_api_schema else {
         return Ok(());
@@ -227,15 +285,21 @@ fn parameters(d: &DeploymentSpec) -> Check {
         .parameters
         .clone()
         .unwrap_or_else(|| Value::Object(Default::default()));
-    check_parameters(&validator, &base, "spec.deployment.parameters")?;
+    let mut checked = HashSet::new();
+    let mut check = |params: &Value, field: &str| -> Check {
+        if checked.insert(Sha256::digest(params.to_string().as_bytes())) {
+            check_parameters(&validator, params, field)?;
+        }
+        Ok(())
+    };
+    check(&base, "spec.deployment.parameters")?;
     for (i, s) in d.schedules.iter().flatten().enumerate() {
         if let Some(Value::Object(own)) = &s.parameters {
             let mut merged = base.clone();
             for (k, v) in own {
                 merged[k] = v.clone();
             }
-            check_parameters(
-                &validator,
+            check(
                 &merged,
                 &format!("spec.deployment.schedules[{i}].parameters"),
             )?;
@@ -248,8 +312,7 @@ fn parameters(d: &DeploymentSpec) -> Check {
                 .filter(|(_, v)| !is_templated(v))
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect();
-            check_parameters(
-                &validator,
+            check(
                 &Value::Object(fixed),
                 &format!("spec.deployment.triggers[{i}].parameters"),
             )?;
@@ -271,16 +334,96 @@ fn is_templated(v: &Value) -> bool {
 /// required parameters are allowed, formats are not checked, the latest draft (2020-12)
 /// unless the schema names another. (Prefect's update path also lets an optional
 /// parameter be null; the create path does not, and a deployment must stay creatable.)
-pub fn parameter_validator(schema: &Value) -> Result<jsonschema::Validator, String> {
+/// Schemas over the size limits are refused before compiling; compiled validators are
+/// kept by schema hash, so an unchanged schema is compiled once, not on every pass.
+pub fn parameter_validator(schema: &Value) -> Result<Arc<jsonschema::Validator>, String> {
+    schema_within_limits(schema)?;
+    let text = schema.to_string();
+    if text.len() > MAX_SCHEMA_BYTES {
+        return Err(format!(
+            "is {} KiB; at most {} KiB is accepted",
+            text.len() / 1024,
+            MAX_SCHEMA_BYTES / 1024
+        ));
+    }
+    let key: [u8; 32] = Sha256::digest(text.as_bytes()).into();
+    if let Some(v) = validators().lock().expect("lock").get(&key) {
+        return Ok(v.clone());
+    }
     let mut prepared = schema.clone();
     drop_required(&mut prepared);
-    let mut options = jsonschema::options().should_validate_formats(false);
+    let patterns = jsonschema::PatternOptions::fancy_regex()
+        .backtrack_limit(REGEX_BACKTRACK_LIMIT)
+        .size_limit(1 << 20)
+        .dfa_size_limit(1 << 20);
+    let mut options = jsonschema::options()
+        .should_validate_formats(false)
+        .with_pattern_options(patterns);
     if prepared.get("$schema").is_none() {
         options = options.with_draft(jsonschema::Draft::Draft202012);
     }
-    options
-        .build(&prepared)
-        .map_err(|e| format!("is not a valid JSON Schema: {e}"))
+    let validator = Arc::new(
+        options
+            .build(&prepared)
+            .map_err(|e| format!("is not a valid JSON Schema: {e}"))?,
+    );
+    validators().lock().expect("lock").put(key, validator.clone());
+    Ok(validator)
+}
+
+/// A small cache that forgets the oldest entry when full.
+#[derive(Default)]
+struct Validators {
+    map: HashMap<[u8; 32], Arc<jsonschema::Validator>>,
+    order: VecDeque<[u8; 32]>,
+}
+
+impl Validators {
+    fn get(&self, key: &[u8; 32]) -> Option<&Arc<jsonschema::Validator>> {
+        self.map.get(key)
+    }
+
+    fn put(&mut self, key: [u8; 32], v: Arc<jsonschema::Validator>) {
+        if self.map.insert(key, v).is_none() {
+            self.order.push_back(key);
+        }
+        while self.order.len() > VALIDATOR_CACHE {
+            if let Some(old) = self.order.pop_front() {
+                self.map.remove(&old);
+            }
+        }
+    }
+}
+
+fn validators() -> &'static Mutex<Validators> {
+    static CACHE: std::sync::OnceLock<Mutex<Validators>> = std::sync::OnceLock::new();
+    CACHE.get_or_init(Mutex::default)
+}
+
+/// Depth and size of a schema, measured without recursion (a hostile schema may nest
+/// deeper than the stack allows) and stopping at the first limit crossed.
+fn schema_within_limits(schema: &Value) -> Result<(), String> {
+    let mut stack = vec![(schema, 1usize)];
+    let mut nodes = 0usize;
+    while let Some((v, depth)) = stack.pop() {
+        nodes += 1;
+        if nodes > MAX_SCHEMA_NODES {
+            return Err(format!(
+                "has more than {MAX_SCHEMA_NODES} values; at most {MAX_SCHEMA_NODES} are accepted"
+            ));
+        }
+        if depth > MAX_SCHEMA_DEPTH {
+            return Err(format!(
+                "nests deeper than {MAX_SCHEMA_DEPTH} levels; at most {MAX_SCHEMA_DEPTH} are accepted"
+            ));
+        }
+        match v {
+            Value::Object(m) => stack.extend(m.values().map(|c| (c, depth + 1))),
+            Value::Array(a) => stack.extend(a.iter().map(|c| (c, depth + 1))),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 fn drop_required(node: &mut Value) {
@@ -309,10 +452,13 @@ fn check_parameters(validator: &jsonschema::Validator, params: &Value, field: &s
                     path.push_str(part);
                 }
             }
-            Err(problem(
-                format!("{field}{path}"),
-                format!("{e} (parameterOpenApiSchema)"),
-            ))
+            let message = match e.kind() {
+                jsonschema::error::ValidationErrorKind::BacktrackLimitExceeded { .. } => {
+                    "a pattern of parameterOpenApiSchema takes too many backtracking steps on this value to check; simplify the pattern (look-arounds and back-references backtrack)".to_string()
+                }
+                _ => format!("{e} (parameterOpenApiSchema)"),
+            };
+            Err(problem(format!("{field}{path}"), message))
         }
     }
 }
@@ -343,7 +489,8 @@ fn is_identifier(s: &str) -> bool {
         && chars.all(|c| c == '_' || c.is_alphanumeric())
 }
 
-fn schedule(s: &Schedule, field: &str) -> Check {
+/// One schedule, parsed into the typed value the next steps use.
+pub fn schedule(s: &Schedule, field: &str) -> Result<ValidSchedule, Problem> {
     if s.slug.trim().is_empty() {
         return Err(problem(format!("{field}.slug"), "must not be empty"));
     }
@@ -364,20 +511,14 @@ fn schedule(s: &Schedule, field: &str) -> Check {
     }
     object_check(&format!("{field}.parameters"), &s.parameters)?;
     let tz = match &s.timezone {
-        Some(tz) => timezone(tz).map_err(|m| problem(format!("{field}.timezone"), m))?,
-        None => chrono_tz::Tz::UTC,
+        Some(tz) => zone::timezone(tz).map_err(|m| problem(format!("{field}.timezone"), m))?,
+        None => Tz::UTC,
     };
-    if let Some(interval) = &s.interval {
-        interval_seconds(interval).map_err(|m| problem(format!("{field}.interval"), m))?;
-    }
-    if let Some(anchor) = &s.anchor_date {
-        if s.interval.is_none() {
-            return Err(problem(
-                format!("{field}.anchor_date"),
-                "is only for interval schedules",
-            ));
-        }
-        parse_anchor_date(anchor, tz).map_err(|m| problem(format!("{field}.anchor_date"), m))?;
+    if s.anchor_date.is_some() && s.interval.is_none() {
+        return Err(problem(
+            format!("{field}.anchor_date"),
+            "is only for interval schedules",
+        ));
     }
     if s.day_or.is_some() && s.cron.is_none() {
         return Err(problem(
@@ -385,178 +526,50 @@ fn schedule(s: &Schedule, field: &str) -> Check {
             "is only for cron schedules",
         ));
     }
-    if let Some(cron) = &s.cron {
-        cron_expression(cron, s.day_or.unwrap_or(true))
-            .map_err(|m| problem(format!("{field}.cron"), m))?;
-    }
-    if let Some(rrule) = &s.rrule {
-        rrule_expression(rrule).map_err(|m| problem(format!("{field}.rrule"), m))?;
-    }
-    Ok(())
-}
-
-pub fn timezone(tz: &str) -> Result<chrono_tz::Tz, String> {
-    chrono_tz::Tz::from_str(tz).map_err(|_| format!("{tz:?} is not an IANA time zone name"))
-}
-
-/// RFC 3339, or a date-time without offset, which is read in the schedule's zone `tz`
-/// (Prefect itself would read it as UTC; the operator sends it with an explicit offset).
-pub fn parse_anchor_date(
-    s: &str,
-    tz: chrono_tz::Tz,
-) -> Result<chrono::DateTime<chrono::FixedOffset>, String> {
-    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
-        return Ok(t);
-    }
-    for fmt in [
-        "%Y-%m-%dT%H:%M:%S%.f",
-        "%Y-%m-%d %H:%M:%S%.f",
-        "%Y-%m-%dT%H:%M",
-    ] {
-        if let Ok(t) = chrono::NaiveDateTime::parse_from_str(s, fmt) {
-            return Ok(crate::preview::resolve_forward(tz, t).fixed_offset());
-        }
-    }
-    if let Ok(d) = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d") {
-        let t = d.and_hms_opt(0, 0, 0).expect("midnight exists");
-        return Ok(crate::preview::resolve_forward(tz, t).fixed_offset());
-    }
-    Err(format!(
-        "{s:?} is not a date-time; use RFC 3339, e.g. 2024-01-01T00:00:00Z"
-    ))
+    let day_or = s.day_or.unwrap_or(true);
+    let (rule, text) = if let Some(v) = &s.interval {
+        let every = interval::parse(v).map_err(|m| problem(format!("{field}.interval"), m))?;
+        let anchor = match &s.anchor_date {
+            Some(a) => Some(
+                zone::parse_anchor_date(a, tz)
+                    .map_err(|m| problem(format!("{field}.anchor_date"), m))?,
+            ),
+            None => None,
+        };
+        (Rule::Interval { every, anchor }, String::new())
+    } else if let Some(c) = &s.cron {
+        let cron = cron_expression(c, day_or).map_err(|m| problem(format!("{field}.cron"), m))?;
+        (Rule::Cron(cron), c.trim().to_string())
+    } else {
+        let text = s.rrule.clone().unwrap_or_default();
+        let r = rrule::parse(&text).map_err(|m| problem(format!("{field}.rrule"), m))?;
+        (Rule::RRule(r), text)
+    };
+    Ok(ValidSchedule {
+        slug: s.slug.clone(),
+        rule,
+        tz,
+        tz_name: s.timezone.clone().unwrap_or_else(|| "UTC".into()),
+        text,
+        day_or,
+        active: s.active.unwrap_or(true),
+        max_scheduled_runs: s.max_scheduled_runs,
+        parameters: s.parameters.clone(),
+    })
 }
 
 /// Cron as Prefect (croniter) reads it: five fields or a macro. Refused although Prefect
 /// takes them: six fields (Prefect reads the sixth as seconds, firing far more often
 /// than meant) and expressions that match no date at all.
-pub fn cron_expression(expr: &str, day_or: bool) -> Result<(), String> {
-    let cron = crate::preview::Cron::parse(expr, day_or)?;
+pub fn cron_expression(expr: &str, day_or: bool) -> Result<Cron, String> {
+    let cron = Cron::parse(expr, day_or)?;
     if !cron.ever_fires() {
         return Err(format!(
             "{:?} never fires: no date matches its day-of-month, month and day-of-week",
             expr.trim()
         ));
     }
-    Ok(())
-}
-
-/// An interval as Prefect takes it: seconds (a positive number), or a duration string
-/// in ISO 8601 (`PT1H30M`, `P1D`, `P2W`) or `[D day[s], ]HH:MM:SS` form. Years and
-/// months are refused: Prefect would count them as 365 and 30 days, which is not what
-/// "every month" means (use cron or rrule for calendar months).
-pub fn interval_seconds(v: &Value) -> Result<f64, String> {
-    let secs = match v {
-        Value::Number(n) => n.as_f64().unwrap_or(0.0),
-        Value::String(s) => match s.trim().parse::<f64>() {
-            Ok(n) => n,
-            Err(_) => duration_string(s.trim())?,
-        },
-        _ => return Err("must be a number of seconds or a duration such as PT1H".into()),
-    };
-    if secs.is_nan() || secs <= 0.0 || !secs.is_finite() {
-        return Err(format!("{v} must be a positive interval"));
-    }
-    Ok(secs)
-}
-
-fn duration_string(s: &str) -> Result<f64, String> {
-    let bad = || {
-        format!(
-            "{s:?} is not an interval; use seconds or an ISO 8601 duration such as PT1H30M or P1D"
-        )
-    };
-    if let Some(rest) = s.strip_prefix(['P', 'p']) {
-        let (date, time) = match rest.split_once(['T', 't']) {
-            Some((d, t)) => (d, Some(t)),
-            None => (rest, None),
-        };
-        let mut total = 0.0;
-        let mut any = false;
-        for (part, units) in [(date, "YMWD"), (time.unwrap_or(""), "HMS")] {
-            let mut num = String::new();
-            for c in part.chars() {
-                if c.is_ascii_digit() || c == '.' {
-                    num.push(c);
-                    continue;
-                }
-                let u = c.to_ascii_uppercase();
-                if !units.contains(u) || num.is_empty() {
-                    return Err(bad());
-                }
-                let n: f64 = num.parse().map_err(|_| bad())?;
-                num.clear();
-                any = true;
-                total += n * match (units, u) {
-                    ("YMWD", 'Y') | ("YMWD", 'M') => {
-                        return Err(format!(
-                            "{s:?}: years and months are not fixed lengths (Prefect would count 365 and 30 days); use a cron or rrule schedule for calendar months"
-                        ))
-                    }
-                    ("YMWD", 'W') => 604_800.0,
-                    ("YMWD", 'D') => 86_400.0,
-                    ("HMS", 'H') => 3600.0,
-                    ("HMS", 'M') => 60.0,
-                    _ => 1.0,
-                };
-            }
-            if !num.is_empty() {
-                return Err(bad());
-            }
-        }
-        if !any || time == Some("") {
-            return Err(bad());
-        }
-        return Ok(total);
-    }
-    // `[D day[s], ]HH:MM:SS[.f]`
-    let (days, clock) = match s.split_once(',') {
-        Some((d, c)) => (d.trim(), c.trim()),
-        None => ("", s),
-    };
-    let days: f64 = if days.is_empty() {
-        0.0
-    } else {
-        days.trim_end_matches("days")
-            .trim_end_matches("day")
-            .trim_end_matches('d')
-            .trim()
-            .parse()
-            .map_err(|_| bad())?
-    };
-    let parts: Vec<&str> = clock.split(':').collect();
-    if parts.len() < 2 || parts.len() > 3 {
-        return Err(bad());
-    }
-    let mut total = 0.0;
-    for p in &parts {
-        total = total * 60.0 + p.parse::<f64>().map_err(|_| bad())?;
-    }
-    if parts.len() == 2 {
-        total *= 60.0; // HH:MM
-    }
-    Ok(days * 86_400.0 + total)
-}
-
-/// An RFC 5545 recurrence rule as Prefect (dateutil) reads it: with or without an
-/// `RRULE:` prefix and a DTSTART line.
-pub fn rrule_expression(rule: &str) -> Result<(), String> {
-    if rule.len() > MAX_RRULE_LEN {
-        return Err(format!(
-            "is {} characters; Prefect allows at most {MAX_RRULE_LEN}",
-            rule.len()
-        ));
-    }
-    // Checked in the form the preview computes runs from (dates as wall-clock times, a
-    // default DTSTART), so an accepted rule always yields a preview.
-    let text = crate::preview::wall_clock_rrule(rule, chrono::NaiveDateTime::MIN);
-    rrule::RRuleSet::from_str(&text).map(|_| ()).map_err(|e| {
-        let e = e.to_string();
-        let e = e
-            .strip_prefix("RRule parsing error: ")
-            .unwrap_or(&e)
-            .to_string();
-        format!("{rule:?} is not a valid RFC 5545 rule: {e}")
-    })
+    Ok(cron)
 }
 
 fn trigger(t: &Trigger, field: &str) -> Check {
@@ -760,9 +773,12 @@ fn condition(c: &TriggerCondition, field: &str) -> Check {
 }
 
 /// Parses a Go-style duration (`90s`, `5m`, `1h30m`, `500ms`), as PrefectHQ's operator
-/// accepts for spec.interval.
+/// accepts for spec.interval, up to Go's longest duration (about 292 years).
 pub fn parse_go_duration(s: &str) -> Result<Duration, String> {
     let err = || format!("{s:?} is not a duration such as 30s, 5m or 1h30m");
+    let too_long = || format!("{s:?} is longer than the longest duration Go allows (2562047h)");
+    // i64 nanoseconds, as Go's time.Duration.
+    let max = Duration::from_nanos(i64::MAX as u64);
     let mut rest = s.trim();
     if rest.is_empty() {
         return Err(err());
@@ -787,7 +803,11 @@ pub fn parse_go_duration(s: &str) -> Result<Duration, String> {
             "h" => 3600.0,
             _ => return Err(err()),
         };
-        total += Duration::from_secs_f64(n * secs);
+        let term = Duration::try_from_secs_f64(n * secs).map_err(|_| too_long())?;
+        total = total
+            .checked_add(term)
+            .filter(|t| *t <= max)
+            .ok_or_else(too_long)?;
         rest = tail;
     }
     Ok(total)

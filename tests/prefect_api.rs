@@ -9,6 +9,7 @@ use std::sync::Arc;
 use prefect_operator::api::PrefectDeploymentSpec;
 use prefect_operator::prefect::{http_client, Auth, CallLog, PrefectClient};
 use prefect_operator::reconcile::sync::{self, Change, SyncState};
+use prefect_operator::validate::validate;
 use prefect_operator::Error;
 use serde_json::{json, Value};
 use support::{unique, PrefectServer};
@@ -92,7 +93,10 @@ impl Env {
     ) -> (Result<(), Error>, Vec<Change>, Vec<String>) {
         let before = self.calls.snapshot();
         let mut changes = Vec::new();
-        let r = sync::apply(&self.client, spec, name, uid, state, &mut changes).await;
+        let r = match validate(spec, name) {
+            Ok(valid) => sync::apply(&self.client, &valid, uid, state, &mut changes).await,
+            Err(p) => Err(Error::InvalidSpec(p.to_string())),
+        };
         let after = self.calls.snapshot();
         let mut made = Vec::new();
         for ((m, e), n) in &after {

@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use prefect_operator::api::PrefectDeploymentSpec;
-use prefect_operator::desired;
 use prefect_operator::prefect::{http_client, CallLog, PrefectClient};
 use prefect_operator::preview::schedules_preview;
+use prefect_operator::validate::validate;
 use prefect_operator::reconcile::sync::{self, SyncState};
 use serde_json::{json, Value};
 use support::{unique, PrefectServer};
@@ -130,17 +130,12 @@ async fn preview_matches_the_runs_prefects_scheduler_creates() {
         .unwrap();
         let name = unique("sched");
         let mut state = SyncState::default();
-        sync::apply(&client, &spec, &name, "uid", &mut state, &mut Vec::new())
+        let valid = validate(&spec, &name).unwrap_or_else(|p| panic!("{}: {p}", case.what));
+        sync::apply(&client, &valid, "uid", &mut state, &mut Vec::new())
             .await
             .unwrap_or_else(|e| panic!("{}: {e}", case.what));
-        let want = desired::deployment(&spec, &name, "uid");
-        let desired: Vec<(String, Value)> = want
-            .schedules
-            .iter()
-            .map(|s| (s.slug.clone(), s.body.clone()))
-            .collect();
         let (preview, _) = schedules_preview(
-            &desired,
+            &valid.schedules,
             case.paused,
             &state.schedules_seen,
             &[],

@@ -24,13 +24,15 @@ use crate::api::{reason, DeletionPolicy, PrefectDeployment, FINALIZER};
 use crate::leader::{Elector, LeaseConfig};
 use crate::metrics::{Metrics, ReconcileLabels};
 use crate::prefect::{CallLog, PrefectClient};
-use crate::validate::{parse_go_duration, validate};
+use crate::validate::{validate, ValidSchedule};
 use crate::{Error, Result};
 
 use sync::SyncState;
 
 /// Shortest drift-check interval a resource may ask for.
 const MIN_RESYNC: Duration = Duration::from_secs(10);
+/// Longest: a drift check at least daily, whatever the spec says.
+const MAX_RESYNC: Duration = Duration::from_secs(24 * 3600);
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
 const REPORTER: &str = "prefect-operator";
 
@@ -66,13 +68,10 @@ impl Context {
         }
     }
 
-    fn resync_for(&self, obj: &PrefectDeployment) -> Duration {
-        obj.spec
-            .interval
-            .as_deref()
-            .and_then(|i| parse_go_duration(i).ok())
-            .map(|d| d.max(MIN_RESYNC))
+    fn resync(&self, asked: Option<Duration>) -> Duration {
+        asked
             .unwrap_or(self.default_resync)
+            .clamp(MIN_RESYNC, MAX_RESYNC)
     }
 
     async fn event(
@@ -255,9 +254,18 @@ fn jitter(d: Duration) -> Duration {
 
 #[tracing::instrument(skip_all, fields(namespace = obj.namespace().unwrap_or_default(), name = obj.name_any()))]
 pub async fn reconcile(obj: Arc<PrefectDeployment>, ctx: Arc<Context>) -> Result<Action> {
+    use futures::FutureExt;
     let started = Instant::now();
     let oref = ObjectRef::from_obj(&*obj);
-    let result = reconcile_inner(&obj, &ctx).await;
+    // A panic stays this resource's problem: reported on it, retried with backoff, and
+    // never unwound into the controller that serves every other resource.
+    let result = match std::panic::AssertUnwindSafe(reconcile_inner(&obj, &ctx))
+        .catch_unwind()
+        .await
+    {
+        Ok(r) => r,
+        Err(panic) => Err(internal_error(&obj, &ctx, panic_text(&*panic)).await),
+    };
     let labels = match &result {
         Ok(_) => ReconcileLabels {
             result: "ok",
@@ -283,6 +291,30 @@ pub async fn reconcile(obj: Arc<PrefectDeployment>, ctx: Arc<Context>) -> Result
         Err(e) => tracing::warn!(category = e.category(), error = %e, "reconcile failed"),
     }
     result
+}
+
+/// The message of a caught panic, kept short.
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    let text = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic".into());
+    crate::prefect::truncate(&text, 200)
+}
+
+/// Reports a caught panic on the object (Ready=False, reason InternalError, an Event)
+/// and returns the error the retry policy sees.
+async fn internal_error(obj: &PrefectDeployment, ctx: &Context, text: String) -> Error {
+    tracing::error!(error = %text, "reconcile panicked; only this resource is affected");
+    let err = Error::Internal(format!("the operator failed on this resource ({text}); retrying with backoff"));
+    let ns = obj.namespace().unwrap_or_default();
+    let api: Api<PrefectDeployment> = Api::namespaced(ctx.kube.clone(), &ns);
+    let state = status::state_of(obj.status.as_ref());
+    if let Err(e) = report_failure(obj, ctx, &api, &state, &err).await {
+        tracing::warn!(error = %e, "could not report the internal error");
+    }
+    err
 }
 
 pub fn error_policy(obj: Arc<PrefectDeployment>, err: &Error, ctx: Arc<Context>) -> Action {
@@ -314,18 +346,20 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
     }
 
     let generation = obj.meta().generation;
-    let name = obj.deployment_name();
     let uid = obj.uid().unwrap_or_default();
     let old = obj.status.as_ref();
-    let resync = ctx.resync_for(obj);
 
-    if let Err(problem) = validate(&obj.spec, &obj.name_any()) {
-        let msg = problem.to_string();
-        let state = status::state_of(old);
-        let err = Error::InvalidSpec(msg);
-        report_failure(obj, ctx, &api, &state, &err).await?;
-        return Err(err);
-    }
+    let valid = match validate(&obj.spec, &obj.name_any()) {
+        Ok(v) => v,
+        Err(problem) => {
+            let state = status::state_of(old);
+            let err = Error::InvalidSpec(problem.to_string());
+            report_failure(obj, ctx, &api, &state, &err).await?;
+            return Err(err);
+        }
+    };
+    let name = valid.name.clone();
+    let resync = ctx.resync(valid.resync);
 
     // Our own finalizer and status writes come back as watch events for the same
     // generation, possibly before the cache shows the new status. The spec is unchanged
@@ -347,7 +381,7 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
     let mut changes = Vec::new();
     let outcome = async {
         let client = prefect_client(obj, ctx, &ns).await?;
-        sync::apply(&client, &obj.spec, &name, &uid, &mut state, &mut changes).await?;
+        sync::apply(&client, &valid, &uid, &mut state, &mut changes).await?;
         Ok::<_, Error>(client.base_url().to_string())
     }
     .await;
@@ -360,7 +394,7 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
         Ok(base) => {
             let message = format!("Deployment {name} is applied in Prefect at {base}");
             let cond = status::ready(old, true, reason::SYNCED, &message, generation);
-            let preview = preview_of(obj, &state.schedules_seen);
+            let preview = preview_of(obj, &valid.schedules, &state.schedules_seen).await?;
             let refresh = preview_wait(preview.1.as_deref());
             status::write(&api, obj, &status::build(&state, cond, generation, preview)).await?;
             ctx.metrics.set_ready(&uid, Some("True"));
@@ -381,26 +415,34 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
     }
 }
 
-/// The next-run preview for status, from the spec and the schedules Prefect reported.
-fn preview_of(obj: &PrefectDeployment, seen: &[serde_json::Value]) -> status::Preview {
-    let want = crate::desired::deployment(&obj.spec, &obj.deployment_name(), "");
-    if want.schedules.is_empty() {
-        return (None, None);
+/// The next-run preview for status, from the validated schedules and the schedules
+/// Prefect reported. Computed on a blocking thread: it is budgeted, but still CPU work
+/// that must not hold up other reconciles or the leader lease on the async workers.
+async fn preview_of(
+    obj: &PrefectDeployment,
+    schedules: &[ValidSchedule],
+    seen: &[serde_json::Value],
+) -> Result<status::Preview> {
+    if schedules.is_empty() {
+        return Ok((None, None));
     }
-    let desired: Vec<(String, serde_json::Value)> = want
-        .schedules
-        .iter()
-        .map(|s| (s.slug.clone(), s.body.clone()))
-        .collect();
+    let schedules = schedules.to_vec();
+    let seen = seen.to_vec();
     let previous = obj
         .status
         .as_ref()
-        .and_then(|s| s.schedules.as_deref())
+        .and_then(|s| s.schedules.clone())
         .unwrap_or_default();
     let paused = obj.spec.deployment.paused.unwrap_or(false);
-    let (list, next) =
-        crate::preview::schedules_preview(&desired, paused, seen, previous, chrono::Utc::now());
-    (Some(list), next)
+    let (list, next) = tokio::task::spawn_blocking(move || {
+        crate::preview::schedules_preview(&schedules, paused, &seen, &previous, chrono::Utc::now())
+    })
+    .await
+    .map_err(|e| match e.try_into_panic() {
+        Ok(panic) => Error::Internal(format!("next-run preview failed: {}", panic_text(&*panic))),
+        Err(e) => Error::Internal(format!("next-run preview did not finish: {e}")),
+    })?;
+    Ok((Some(list), next))
 }
 
 /// How long until the next run shown in status passes (zero once it has); `None` when

@@ -10,6 +10,7 @@ use serde_json::{Map, Value};
 use crate::api::{PrefectDeploymentSpec, TriggerType};
 use crate::desired::{self, DesiredDeployment, DesiredSchedule, OWNER_LABEL};
 use crate::prefect::PrefectClient;
+use crate::validate::ValidSpec;
 use crate::{Error, Result};
 
 /// What the operator remembers between passes (mirrors the status fields).
@@ -98,13 +99,13 @@ impl Change {
 /// record progress even when a later step fails).
 pub async fn apply(
     client: &PrefectClient,
-    spec: &PrefectDeploymentSpec,
-    name: &str,
+    valid: &ValidSpec<'_>,
     owner_uid: &str,
     state: &mut SyncState,
     changes: &mut Vec<Change>,
 ) -> Result<()> {
-    let want = desired::deployment(spec, name, owner_uid);
+    let (spec, name) = (valid.spec, valid.name.as_str());
+    let want = desired::deployment(valid, owner_uid);
     let adopt = spec.adopt_existing.unwrap_or(false);
 
     let by_name = client
