@@ -97,8 +97,13 @@ pub struct PrefectDeploymentSpec {
     pub deployment: DeploymentSpec,
     /// How often the operator re-reads the deployment from Prefect to repair changes made
     /// there by hand, as a duration such as `30s`, `5m` or `1h`. Defaults to the operator's
-    /// --default-resync-interval; values under 10s are raised to 10s.
+    /// --default-resync-interval; values under 10s are raised to 10s, values over 24h
+    /// lowered to 24h.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 64),
+        regex(pattern = r"^(([0-9]+[.]?[0-9]*|[.][0-9]+)(ns|us|µs|ms|s|m|h))+$")
+    )]
     pub interval: Option<String>,
     /// What happens in Prefect when this resource is deleted. `Delete` (the default)
     /// removes the deployment and the automations it owns; `Orphan` leaves them.
@@ -134,9 +139,11 @@ pub struct ServerSpec {
         skip_serializing_if = "Option::is_none",
         rename = "remoteApiUrl"
     )]
+    #[schemars(length(max = 2048))]
     pub remote_api_url: Option<String>,
     /// Prefect Cloud account id.
     #[serde(default, skip_serializing_if = "Option::is_none", rename = "accountId")]
+    #[schemars(length(max = 64))]
     pub account_id: Option<String>,
     /// Prefect Cloud workspace id.
     #[serde(
@@ -144,12 +151,15 @@ pub struct ServerSpec {
         skip_serializing_if = "Option::is_none",
         rename = "workspaceId"
     )]
+    #[schemars(length(max = 64))]
     pub workspace_id: Option<String>,
     /// Name of an in-cluster Prefect server's Service (port 4200).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
     pub name: Option<String>,
     /// Namespace of that Service; defaults to this resource's namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 63))]
     pub namespace: Option<String>,
     /// API key sent as a Bearer token (Prefect Cloud, or a server behind a proxy that
     /// expects one).
@@ -173,6 +183,7 @@ pub struct SecretValue {
     /// The credential itself. Prefer valueFrom: an inline value is visible to anyone who
     /// can read the resource.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 4096))]
     pub value: Option<String>,
     /// Where to read the credential from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -194,8 +205,10 @@ pub struct ValueFrom {
 pub struct KeyRef {
     /// Name of the Secret or ConfigMap.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
     pub name: Option<String>,
     /// The key whose value is the credential.
+    #[schemars(length(max = 253))]
     pub key: String,
     /// Accepted for compatibility; a credential that is referenced is always required.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -206,13 +219,16 @@ pub struct KeyRef {
 #[serde(rename_all = "camelCase")]
 pub struct WorkPoolSpec {
     /// Name of the Prefect work pool. It must exist in Prefect.
+    #[schemars(length(max = 256))]
     pub name: String,
     /// Accepted for compatibility with PrefectHQ's operator; not used.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 63))]
     pub namespace: Option<String>,
     /// Work queue within the pool; Prefect creates it when it does not exist yet.
     /// Defaults to the pool's default queue.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256))]
     pub work_queue: Option<String>,
 }
 
@@ -227,6 +243,7 @@ pub struct WorkPoolSpec {
 pub struct DeploymentSpec {
     /// Name of the deployment in Prefect. Defaults to metadata.name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256))]
     pub name: Option<String>,
     /// Where the flow function is: `path/to/file.py:function` (or `module.path:function`).
     #[schemars(length(min = 3, max = 1024), extend("x-kubernetes-validations" = [{
@@ -241,9 +258,11 @@ pub struct DeploymentSpec {
     pub flow_name: Option<String>,
     /// Free-text description shown in the Prefect UI.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 65536))]
     pub description: Option<String>,
     /// Tags for filtering deployments in Prefect.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256), inner(length(max = 256)))]
     pub tags: Option<Vec<String>>,
     /// Key-value labels set on the deployment when it is created. Prefect's API cannot
     /// change labels afterwards.
@@ -254,6 +273,7 @@ pub struct DeploymentSpec {
     pub version_info: Option<VersionInfo>,
     /// Working directory the flow runs from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 4096))]
     pub path: Option<String>,
     /// Steps a worker runs to fetch the flow's code (git_clone, pull_from_s3, ...), in
     /// Prefect's prefect.yaml form.
@@ -308,9 +328,11 @@ pub struct DeploymentSpec {
 pub struct VersionInfo {
     /// Kind of version, for example `git`.
     #[serde(default, skip_serializing_if = "Option::is_none", rename = "type")]
+    #[schemars(length(max = 256))]
     pub type_: Option<String>,
     /// The version string, for example a commit sha or a release tag.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
     pub version: Option<String>,
 }
 
@@ -318,6 +340,7 @@ pub struct VersionInfo {
 #[serde(rename_all = "camelCase")]
 pub struct GlobalConcurrencyLimit {
     /// Name of the limit (informational).
+    #[schemars(length(max = 256))]
     pub name: String,
     /// Number of concurrent runs allowed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -327,9 +350,11 @@ pub struct GlobalConcurrencyLimit {
     pub active: Option<bool>,
     /// ENQUEUE (wait for a slot) or CANCEL_NEW (cancel the new run).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
     pub collision_strategy: Option<String>,
     /// Accepted for compatibility; not used.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
     pub slot_decay_per_second: Option<String>,
 }
 
@@ -367,9 +392,11 @@ pub struct Schedule {
     /// `2024-01-01T00:00:00Z`). Without an offset it is read in the schedule's timezone.
     /// Defaults to the time Prefect first stores the schedule.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
     pub anchor_date: Option<String>,
     /// A five-field cron expression such as `0 9 * * 1-5`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256))]
     pub cron: Option<String>,
     /// For cron schedules: when both day-of-month and day-of-week are restricted, run
     /// when either matches (true, the cron default) or only when both match (false).
@@ -382,6 +409,7 @@ pub struct Schedule {
     pub rrule: Option<String>,
     /// IANA time zone the schedule is read in, e.g. `Europe/Berlin`. Defaults to UTC.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
     pub timezone: Option<String>,
     /// An inactive schedule is kept but creates no runs. Defaults to true.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -427,9 +455,11 @@ pub struct Trigger {
     /// Name of the automation. Defaults to `<deployment name>__automation_<n>`, n counting
     /// from 1 in list order, as Prefect's own client names them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256))]
     pub name: Option<String>,
     /// Description of the automation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 65536))]
     pub description: Option<String>,
     /// A disabled trigger's automation exists but does not fire. Defaults to true.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -498,12 +528,15 @@ pub struct TriggerCondition {
     pub match_related: Option<Value>,
     /// Event names that must have been seen before this trigger counts events.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256), inner(length(max = 1024)))]
     pub after: Option<Vec<String>>,
     /// Event names this trigger counts (or expects, when Proactive).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256), inner(length(max = 1024)))]
     pub expect: Option<Vec<String>>,
     /// Resource labels to count events separately by, e.g. `prefect.resource.id`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256), inner(length(max = 1024)))]
     pub for_each: Option<Vec<String>>,
     /// Number of events needed to fire. Defaults to 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -538,8 +571,10 @@ pub enum Posture {
 #[serde(rename_all = "camelCase")]
 pub struct MetricQuery {
     /// `lateness`, `duration` or `successes`.
+    #[schemars(length(max = 64))]
     pub name: String,
     /// Comparison with the threshold: `<`, `<=`, `>` or `>=`.
+    #[schemars(length(max = 8))]
     pub operator: String,
     /// Value the metric is compared with.
     pub threshold: f64,

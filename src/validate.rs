@@ -25,7 +25,10 @@ pub const MAX_SCHEMA_NODES: usize = 20_000;
 pub const MAX_SCHEMA_BYTES: usize = 256 * 1024;
 /// Backtracking steps one `pattern` may take on one value (look-around and
 /// back-references need a backtracking engine; the rest runs in linear time).
-const REGEX_BACKTRACK_LIMIT: usize = 20_000;
+const REGEX_BACKTRACK_LIMIT: usize = 5_000;
+/// Wall time all parameter checks of one spec may take together: a backstop for many
+/// long values against a costly pattern (each check is bounded, their number is not).
+const PARAMETER_CHECK_TIME: Duration = Duration::from_secs(1);
 /// Compiled parameter validators kept across passes, keyed by schema hash.
 const VALIDATOR_CACHE: usize = 64;
 /// Characters Prefect refuses in flow and deployment names.
@@ -286,7 +289,14 @@ fn parameters(d: &DeploymentSpec) -> Check {
         .clone()
         .unwrap_or_else(|| Value::Object(Default::default()));
     let mut checked = HashSet::new();
+    let deadline = std::time::Instant::now() + PARAMETER_CHECK_TIME;
     let mut check = |params: &Value, field: &str| -> Check {
+        if std::time::Instant::now() > deadline {
+            return Err(problem(
+                field,
+                "checking the parameters against parameterOpenApiSchema takes more than a second; simplify the schema's patterns or shorten the values",
+            ));
+        }
         if checked.insert(Sha256::digest(params.to_string().as_bytes())) {
             check_parameters(&validator, params, field)?;
         }
@@ -367,7 +377,10 @@ pub fn parameter_validator(schema: &Value) -> Result<Arc<jsonschema::Validator>,
             .build(&prepared)
             .map_err(|e| format!("is not a valid JSON Schema: {e}"))?,
     );
-    validators().lock().expect("lock").put(key, validator.clone());
+    validators()
+        .lock()
+        .expect("lock")
+        .put(key, validator.clone());
     Ok(validator)
 }
 

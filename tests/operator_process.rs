@@ -725,3 +725,114 @@ fn chart_namespaced_mode_rbac_is_enough() {
         op.logs()
     );
 }
+
+/// Hostile manifests from the corpus (`tests/fixtures/hostile/`), applied with kubectl to
+/// the real apiserver while the operator runs: each is refused by the apiserver or
+/// reported on its own resource, the process stays up throughout, and a good resource
+/// applied after them becomes Ready.
+#[test]
+fn hostile_manifests_do_not_stop_the_operator() {
+    let cp = ControlPlane::shared();
+    let prefect = PrefectServer::shared();
+    let pool = create_pool(prefect);
+    let ns = unique("hostile");
+    cp.kubectl_ok(&["create", "namespace", &ns]);
+    let mut op = Operator::start(&cp.kubeconfig, &[&format!("--namespace={ns}")], "info");
+
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hostile");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect();
+    files.sort();
+    let manifests: Vec<(String, Value)> = files
+        .iter()
+        .map(|p| {
+            let entry: Value = serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+            let name = p.file_stem().unwrap().to_string_lossy().to_string();
+            (name, entry["spec"].clone())
+        })
+        .collect();
+    let (mut refused, mut accepted) = (Vec::new(), Vec::new());
+    for (name, mut spec) in manifests {
+        spec["server"] = json!({"remoteApiUrl": prefect.url});
+        spec["workPool"] = json!({"name": pool});
+        let pd = json!({
+            "apiVersion": "prefect.io/v1",
+            "kind": "PrefectDeployment",
+            "metadata": {"name": name, "namespace": ns},
+            "spec": spec,
+        });
+        let (ok, _, err) = cp.kubectl_stdin(&["create", "-f", "-"], Some(&pd.to_string()));
+        if ok {
+            accepted.push(name);
+        } else {
+            assert!(
+                err.contains("Invalid value") || err.contains("invalid"),
+                "{name}: {err}"
+            );
+            refused.push(name);
+        }
+    }
+    println!("refused by the apiserver: {refused:?}");
+    assert!(
+        refused.contains(&"rrule-too-long".to_string()),
+        "{refused:?}"
+    );
+
+    // Every accepted one gets an honest Ready condition of its own.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for name in &accepted {
+        loop {
+            let (ok, out, _) = cp.kubectl(&["get", "pd", "-n", &ns, name, "-o", "json"]);
+            let v: Value = if ok {
+                serde_json::from_str(&out).unwrap()
+            } else {
+                json!({})
+            };
+            let ready = v["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|c| c["type"] == "Ready")
+                .cloned();
+            if let Some(c) = ready {
+                assert!(
+                    c["status"] == "True" || !c["reason"].as_str().unwrap_or("").is_empty(),
+                    "{name}: {c}"
+                );
+                if name.starts_with("resync-") || name == "interval-below-microsecond" {
+                    assert_eq!(c["reason"], "InvalidSpec", "{name}: {c}");
+                }
+                break;
+            }
+            if let Ok(Some(status)) = op.child.try_wait() {
+                panic!("operator exited ({status}) on {name}:\n{}", op.logs());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name}: no Ready condition:\n{}",
+                op.logs()
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    // And the operator still serves everyone else.
+    let (ok, _, err) = cp.kubectl_stdin(
+        &["apply", "-f", "-"],
+        Some(&pd_manifest(
+            "good-after-hostile",
+            &ns,
+            prefect,
+            &pool,
+            "",
+            "fine",
+        )),
+    );
+    assert!(ok, "{err}");
+    wait_ready(cp, &ns, "good-after-hostile", 1);
+    assert!(op.child.try_wait().unwrap().is_none(), "{}", op.logs());
+    assert!(!op.logs().contains("panicked"), "{}", op.logs());
+}

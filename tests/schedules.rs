@@ -13,8 +13,8 @@ use chrono::{DateTime, Utc};
 use prefect_operator::api::PrefectDeploymentSpec;
 use prefect_operator::prefect::{http_client, CallLog, PrefectClient};
 use prefect_operator::preview::schedules_preview;
-use prefect_operator::validate::validate;
 use prefect_operator::reconcile::sync::{self, SyncState};
+use prefect_operator::validate::validate;
 use serde_json::{json, Value};
 use support::{unique, PrefectServer};
 

@@ -307,7 +307,9 @@ fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
 /// and returns the error the retry policy sees.
 async fn internal_error(obj: &PrefectDeployment, ctx: &Context, text: String) -> Error {
     tracing::error!(error = %text, "reconcile panicked; only this resource is affected");
-    let err = Error::Internal(format!("the operator failed on this resource ({text}); retrying with backoff"));
+    let err = Error::Internal(format!(
+        "the operator failed on this resource ({text}); retrying with backoff"
+    ));
     let ns = obj.namespace().unwrap_or_default();
     let api: Api<PrefectDeployment> = Api::namespaced(ctx.kube.clone(), &ns);
     let state = status::state_of(obj.status.as_ref());

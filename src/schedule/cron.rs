@@ -313,4 +313,3 @@ pub fn runs(
     found.truncate(n);
     Ok(found)
 }
-

@@ -190,6 +190,26 @@ impl Steps {
     }
 }
 
+/// Before this, every zone keeps one offset (checked for every zone by a test).
+pub fn fixed_era_end() -> chrono::NaiveDateTime {
+    chrono::NaiveDate::from_ymd_opt(1800, 1, 1)
+        .and_then(|d| d.and_hms_opt(0, 0, 0))
+        .unwrap_or_default()
+}
+
+/// The last occurrence of a whole-day series before 1800, reached in one jump: with no
+/// transitions, the wall-clock time never moves.
+fn skip_fixed_era(s: &Steps, anchor: DateTime<Tz>) -> Option<DateTime<Tz>> {
+    let wall = anchor.naive_local();
+    let span = (fixed_era_end() - wall).num_days();
+    let k = i128::from(span.checked_sub(1)?) / s.days;
+    if k <= 0 {
+        return None;
+    }
+    let days = i64::try_from(k * s.days).ok()?;
+    resolve_forward(s.tz, wall.checked_add_signed(TimeDelta::try_days(days)?)?)
+}
+
 /// The next `n` runs at or after `after` of the series through `anchor`. Runs beyond
 /// the representable range end the series early.
 pub fn runs(
@@ -213,8 +233,10 @@ pub fn runs(
     let mut out = Vec::new();
     let mut next;
     if after >= anchor && calendar_days {
-        // Walk from the anchor: a gap on the way moves every later occurrence.
-        next = anchor;
+        // Walk from the anchor: a gap on the way moves every later occurrence. No zone
+        // has a transition before 1800 (a test checks every zone), so the walk may
+        // start at the last step before then, at the anchor's own wall-clock time.
+        next = skip_fixed_era(&s, anchor).unwrap_or(anchor);
         while next < after {
             budget.spend(1)?;
             match s.step(next, 1) {
@@ -224,10 +246,13 @@ pub fn runs(
         }
     } else {
         let elapsed = after.signed_duration_since(anchor);
-        let elapsed = elapsed.num_microseconds().map(i128::from).unwrap_or_else(|| {
-            // Beyond i64 microseconds (about 292,000 years): milliseconds are plenty.
-            i128::from(elapsed.num_milliseconds()) * 1000
-        });
+        let elapsed = elapsed
+            .num_microseconds()
+            .map(i128::from)
+            .unwrap_or_else(|| {
+                // Beyond i64 microseconds (about 292,000 years): milliseconds are plenty.
+                i128::from(elapsed.num_milliseconds()) * 1000
+            });
         let mut k = elapsed / total; // truncates toward zero, as Python's int()
         let Some(mut at) = s.jump(anchor, k) else {
             return Ok(out);
@@ -281,4 +306,49 @@ pub fn runs(
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::{NaiveDate, Offset, TimeZone};
+
+    /// `skip_fixed_era` relies on this: no zone changes its offset before 1800.
+    #[test]
+    fn no_zone_has_a_transition_before_1800() {
+        let end = fixed_era_end().and_utc();
+        for tz in chrono_tz::TZ_VARIANTS {
+            let first = tz
+                .offset_from_utc_datetime(&NaiveDate::from_ymd_opt(1, 1, 1).unwrap().into())
+                .fix();
+            let mut t = NaiveDate::from_ymd_opt(1, 1, 1)
+                .unwrap()
+                .and_hms_opt(0, 0, 0)
+                .unwrap();
+            while t < end.naive_utc() {
+                assert_eq!(tz.offset_from_utc_datetime(&t).fix(), first, "{tz} at {t}");
+                t += TimeDelta::days(30);
+            }
+        }
+    }
+
+    #[test]
+    fn a_year_one_anchor_keeps_its_wall_clock_time() {
+        let tz = Tz::America__New_York;
+        let anchor = crate::schedule::zone::parse_anchor_date("0001-01-01T00:00:00", tz).unwrap();
+        let every = parse(&Value::from(86400)).unwrap();
+        let after = Utc.with_ymd_and_hms(2026, 11, 26, 12, 0, 0).unwrap();
+        let mut budget = Budget::new(u64::MAX, std::time::Duration::from_secs(60));
+        let runs = runs(every, anchor.with_timezone(&Utc), tz, after, 3, &mut budget).unwrap();
+        let shown: Vec<String> = runs.iter().map(crate::schedule::zone::format).collect();
+        assert_eq!(
+            shown,
+            [
+                "2026-11-27T00:00:00-05:00",
+                "2026-11-28T00:00:00-05:00",
+                "2026-11-29T00:00:00-05:00"
+            ]
+        );
+        assert!(budget.spent() < 100_000, "{} steps", budget.spent());
+    }
 }

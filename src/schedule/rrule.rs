@@ -37,6 +37,14 @@ pub fn parse(rule: &str) -> Result<Rule, String> {
             .to_string();
         format!("{rule:?} is not a valid RFC 5545 rule: {e}")
     })?;
+    // A set is a union: a rule given twice adds nothing but work.
+    let mut rrules: Vec<RRule> = Vec::new();
+    for r in set.get_rrule() {
+        if !rrules.contains(r) {
+            rrules.push(r.clone());
+        }
+    }
+    let set = set.set_rrules(rrules);
     Ok(Rule { set })
 }
 

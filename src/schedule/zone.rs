@@ -66,7 +66,9 @@ pub fn parse_anchor_date(s: &str, tz: Tz) -> Result<DateTime<FixedOffset>, Strin
         ));
     }
     if t.timestamp_subsec_nanos() >= 1_000_000_000 {
-        return Err(format!("{s:?} is a leap second, which Prefect cannot store"));
+        return Err(format!(
+            "{s:?} is a leap second, which Prefect cannot store"
+        ));
     }
     Ok(t)
 }
@@ -75,14 +77,18 @@ fn parse_date_time(s: &str, tz: Tz) -> Result<DateTime<FixedOffset>, String> {
     if let Ok(t) = DateTime::parse_from_rfc3339(s) {
         return Ok(t);
     }
-    let naive = ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M"]
-        .iter()
-        .find_map(|fmt| NaiveDateTime::parse_from_str(s, fmt).ok())
-        .or_else(|| {
-            chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d")
-                .ok()
-                .and_then(|d| d.and_hms_opt(0, 0, 0))
-        });
+    let naive = [
+        "%Y-%m-%dT%H:%M:%S%.f",
+        "%Y-%m-%d %H:%M:%S%.f",
+        "%Y-%m-%dT%H:%M",
+    ]
+    .iter()
+    .find_map(|fmt| NaiveDateTime::parse_from_str(s, fmt).ok())
+    .or_else(|| {
+        chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d")
+            .ok()
+            .and_then(|d| d.and_hms_opt(0, 0, 0))
+    });
     let Some(naive) = naive else {
         return Err(format!(
             "{s:?} is not a date-time; use RFC 3339, e.g. 2024-01-01T00:00:00Z"
