@@ -293,6 +293,17 @@ pub async fn reconcile(obj: Arc<PrefectDeployment>, ctx: Arc<Context>) -> Result
     result
 }
 
+/// Runs bounded but CPU-heavy work (parameter checks against a schema may take up to
+/// a second) without holding an async worker: other reconciles and the leader lease
+/// move to other workers meanwhile. Inline on a current-thread runtime (tests).
+fn off_the_workers<T>(f: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
 /// The message of a caught panic, kept short.
 fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
     let text = panic
@@ -351,7 +362,7 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
     let uid = obj.uid().unwrap_or_default();
     let old = obj.status.as_ref();
 
-    let valid = match validate(&obj.spec, &obj.name_any()) {
+    let valid = match off_the_workers(|| validate(&obj.spec, &obj.name_any())) {
         Ok(v) => v,
         Err(problem) => {
             let state = status::state_of(old);

@@ -129,7 +129,7 @@ impl PrefectServer {
     /// Starts a Prefect server with its background services off (API only), optionally
     /// with basic auth (`user:password`).
     pub fn start(auth_string: Option<&str>) -> PrefectServer {
-        Self::start_on(free_port(), auth_string)
+        Self::launch(None, auth_string, false, &[])
     }
 
     pub fn start_on(port: u16, auth_string: Option<&str>) -> PrefectServer {
@@ -138,26 +138,50 @@ impl PrefectServer {
 
     /// `services`: run Prefect's background services (scheduler, triggers) too.
     pub fn start_with(port: u16, auth_string: Option<&str>, services: bool) -> PrefectServer {
-        Self::launch(port, auth_string, services, &[])
+        Self::launch(Some(port), auth_string, services, &[])
     }
 
     /// Services on, with extra `PREFECT_*` settings (for example the scheduler's).
     pub fn start_with_settings(settings: &[(&'static str, &str)]) -> PrefectServer {
-        Self::launch(free_port(), None, true, settings)
+        Self::launch(None, None, true, settings)
     }
 
+    /// Starts a server on `port`, or on a free port of its own choosing. A port found
+    /// free can be taken by another process before the server binds it: then the launch
+    /// is retried on another port, so the race never fails a test.
     fn launch(
-        port: u16,
+        port: Option<u16>,
         auth_string: Option<&str>,
         services: bool,
         settings: &[(&'static str, &str)],
     ) -> PrefectServer {
+        let mut attempt = 0;
+        loop {
+            let p = port.unwrap_or_else(free_port);
+            match Self::try_launch(p, auth_string, services, settings) {
+                Ok(server) => return server,
+                Err(Launch::PortTaken(log)) if port.is_none() && attempt < 5 => {
+                    eprintln!("port {p} was taken before Prefect bound it; retrying\n{log}");
+                    attempt += 1;
+                }
+                Err(Launch::PortTaken(log)) | Err(Launch::Failed(log)) => {
+                    panic!("Prefect server did not become healthy on port {p}; log:\n{log}")
+                }
+            }
+        }
+    }
+
+    fn try_launch(
+        port: u16,
+        auth_string: Option<&str>,
+        services: bool,
+        settings: &[(&'static str, &str)],
+    ) -> Result<PrefectServer, Launch> {
         let a = assets();
         let dir = tempfile::tempdir().unwrap();
-        assert!(
-            TcpListener::bind(("127.0.0.1", port)).is_ok(),
-            "port {port} is in use"
-        );
+        if TcpListener::bind(("127.0.0.1", port)).is_err() {
+            return Err(Launch::PortTaken(format!("port {port} is in use")));
+        }
         let log = dir.path().join("prefect.log");
         let mut envs = vec![
             ("PREFECT_HOME", dir.path().display().to_string()),
@@ -184,7 +208,7 @@ impl PrefectServer {
         .filter(|s| !services || **s != "--no-services")
         .map(|s| s.to_string())
         .collect();
-        let child = spawn_watched(&a.prefect_bin, &args, &envs, &log);
+        let mut child = spawn_watched(&a.prefect_bin, &args, &envs, &log);
         let deadline = Instant::now() + Duration::from_secs(90);
         loop {
             if let Some((200, body)) = http_get(port, "/api/health", None) {
@@ -192,19 +216,28 @@ impl PrefectServer {
                     break;
                 }
             }
-            assert!(
-                Instant::now() < deadline,
-                "Prefect server did not become healthy; log:\n{}",
-                tail(&log)
-            );
+            // The watchdog ends with the server: a server that exited is not coming up.
+            if let Ok(Some(_)) = child.try_wait() {
+                let text = tail(&log);
+                let taken = text.contains("address already in use") || text.contains("Errno 98");
+                return Err(if taken {
+                    Launch::PortTaken(text)
+                } else {
+                    Launch::Failed(text)
+                });
+            }
+            if Instant::now() >= deadline {
+                stop_watched(&mut child);
+                return Err(Launch::Failed(tail(&log)));
+            }
             std::thread::sleep(Duration::from_millis(250));
         }
-        PrefectServer {
+        Ok(PrefectServer {
             url: format!("http://127.0.0.1:{port}/api"),
             port,
             _dir: dir,
             _child: child,
-        }
+        })
     }
 
     /// One server shared by all tests of a test binary.
@@ -212,6 +245,13 @@ impl PrefectServer {
         static SERVER: OnceLock<PrefectServer> = OnceLock::new();
         SERVER.get_or_init(|| PrefectServer::start(None))
     }
+}
+
+/// Why a launch failed: the port went to someone else (worth another port), or the
+/// server itself failed. Both carry the end of the server's log.
+enum Launch {
+    PortTaken(String),
+    Failed(String),
 }
 
 impl Drop for PrefectServer {
