@@ -695,6 +695,19 @@ fn date_time(_: &mut SchemaGenerator) -> Schema {
     json_schema!({"type": "string", "format": "date-time"})
 }
 
+impl DeploymentSpec {
+    /// The flow's name: `flow_name`, else Prefect's default, the entrypoint's function
+    /// name with `_` replaced by `-`.
+    pub fn flow_name(&self) -> String {
+        if let Some(name) = &self.flow_name {
+            return name.clone();
+        }
+        let func = self.entrypoint.rsplit(':').next().unwrap_or_default();
+        let func = func.rsplit('.').next().unwrap_or(func);
+        func.replace('_', "-")
+    }
+}
+
 impl PrefectDeployment {
     /// The Prefect deployment name: spec.deployment.name, else metadata.name.
     pub fn deployment_name(&self) -> String {

@@ -51,16 +51,6 @@ pub fn observed_field<'a>(actual: &'a Value, key: &str) -> Option<&'a Value> {
     }
 }
 
-/// Prefect's default flow name: the function name with `_` replaced by `-`.
-pub fn flow_name(d: &DeploymentSpec) -> String {
-    if let Some(name) = &d.flow_name {
-        return name.clone();
-    }
-    let func = d.entrypoint.rsplit(':').next().unwrap_or_default();
-    let func = func.rsplit('.').next().unwrap_or(func);
-    func.replace('_', "-")
-}
-
 /// The deployment a validated spec describes, labelled as made for resource `owner_uid`.
 pub fn deployment(valid: &ValidSpec, owner_uid: &str) -> DesiredDeployment {
     let spec = valid.spec;

@@ -105,7 +105,7 @@ pub fn validate<'a>(
             .name
             .clone()
             .unwrap_or_else(|| resource_name.to_string()),
-        flow_name: crate::desired::flow_name(&spec.deployment),
+        flow_name: spec.deployment.flow_name(),
         schedules,
         resync,
     })

@@ -460,7 +460,7 @@ pub async fn delete(
     let id = match &state.deployment_id {
         Some(id) => Some(id.clone()),
         None => {
-            let flow = desired::flow_name(&spec.deployment);
+            let flow = spec.deployment.flow_name();
             client
                 .read_deployment_by_name(&flow, name)
                 .await?
