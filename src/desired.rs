@@ -180,7 +180,7 @@ fn schedule(s: &ValidSchedule) -> DesiredSchedule {
             }
             o
         }
-        Rule::Cron(_) => json!({"cron": s.text, "timezone": tz, "day_or": s.day_or}),
+        Rule::Cron(c) => json!({"cron": s.text, "timezone": tz, "day_or": c.day_or()}),
         Rule::RRule(_) => json!({"rrule": s.text, "timezone": tz}),
     };
     DesiredSchedule {

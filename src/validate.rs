@@ -17,7 +17,6 @@ use crate::api::{
 };
 use crate::schedule::{cron::Cron, interval, rrule, zone, Rule};
 
-pub use crate::schedule::rrule::MAX_LEN as MAX_RRULE_LEN;
 /// Limits on a parameter schema, so that compiling and running it stays within a few
 /// MiB and milliseconds: nesting depth, JSON values in it, serialized size.
 pub const MAX_SCHEMA_DEPTH: usize = 32;
@@ -78,7 +77,6 @@ pub struct ValidSchedule {
     pub tz_name: String,
     /// The cron or rrule text as Prefect is sent it (empty for intervals).
     pub text: String,
-    pub day_or: bool,
     pub active: bool,
     pub max_scheduled_runs: Option<i64>,
     pub parameters: Option<Value>,
@@ -564,7 +562,6 @@ pub fn schedule(s: &Schedule, field: &str) -> Result<ValidSchedule, Problem> {
         tz,
         tz_name: s.timezone.clone().unwrap_or_else(|| "UTC".into()),
         text,
-        day_or,
         active: s.active.unwrap_or(true),
         max_scheduled_runs: s.max_scheduled_runs,
         parameters: s.parameters.clone(),

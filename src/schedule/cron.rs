@@ -181,6 +181,11 @@ impl Cron {
         Ok(())
     }
 
+    /// Whether a day matching day-of-month or day-of-week is enough (else both).
+    pub fn day_or(&self) -> bool {
+        self.day_or
+    }
+
     fn day_matches(&self, date: NaiveDate) -> bool {
         if !self.months[date.month() as usize] {
             return false;

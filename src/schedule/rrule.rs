@@ -125,10 +125,9 @@ fn gcd(a: i64, b: i64) -> i64 {
 /// rules with COUNT (which counts from the real start) or calendar-month frequencies.
 fn advanced_start(set: &RRuleSet, target: NaiveDateTime) -> NaiveDateTime {
     let start = set.get_dt_start().naive_utc();
-    let rules = set.get_rrule().iter().chain(set.get_exrule());
     let mut common: i64 = 1;
     let mut until: Option<NaiveDateTime> = None;
-    for r in rules {
+    for r in set.get_rrule() {
         if r.get_count().is_some() {
             return start;
         }
@@ -182,35 +181,13 @@ pub fn runs(
         .set_rdates(set.get_rdate().clone())
         .set_exdates(set.get_exdate().clone())
         .limit();
-    // Exclusion rules walk beside the main one, one occurrence at a time, so memory
-    // stays flat however dense they are.
-    let mut exclusions: Vec<_> = set
-        .get_exrule()
-        .iter()
-        .map(|r| {
-            RRuleSet::new(start)
-                .rrule(r.clone())
-                .limit()
-                .into_iter()
-                .peekable()
-        })
-        .collect();
     let mut out: Vec<DateTime<Tz>> = Vec::new();
     let mut ended = true;
-    'outer: for t in &main {
+    for t in &main {
         budget.spend(1)?;
         let wall = t.naive_utc();
         if wall < window {
             continue;
-        }
-        for ex in exclusions.iter_mut() {
-            while ex.peek().is_some_and(|e| *e < t) {
-                budget.spend(1)?;
-                ex.next();
-            }
-            if ex.peek() == Some(&t) {
-                continue 'outer;
-            }
         }
         let Some(t) = resolve_backward(tz, wall) else {
             break;
