@@ -24,6 +24,13 @@ pub struct DesiredDeployment {
     /// Labels are accepted only on create (Prefect refuses them in PATCH).
     pub labels: Map<String, Value>,
     pub schedules: Vec<DesiredSchedule>,
+    /// The resource's metadata.uid, also in `labels` under `OWNER_LABEL`.
+    pub owner_uid: String,
+    /// Whether a deployment of this name that the resource did not create may be taken over.
+    pub adopt_existing: bool,
+    /// One `AutomationCreate` body per trigger, in spec order, without the deployment id
+    /// (unknown before a create); `automations_for` fills it in.
+    pub automations: Vec<Value>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -31,24 +38,6 @@ pub struct DesiredSchedule {
     pub slug: String,
     /// A `DeploymentScheduleCreate` body.
     pub body: Value,
-}
-
-/// The value Prefect reports for a `DeploymentUpdate` field, comparable with what we
-/// would write, or `None` where the server does not report it back (so it cannot be
-/// compared). Prefect 3 turns `concurrency_limit` into a global concurrency limit and
-/// reports it there; the open-source server accepts `version_info` but does not keep it.
-pub fn observed_field<'a>(actual: &'a Value, key: &str) -> Option<&'a Value> {
-    let v = actual.get(key).unwrap_or(&Value::Null);
-    match key {
-        "concurrency_limit" if v.is_null() => Some(
-            actual
-                .get("global_concurrency_limit")
-                .and_then(|g| g.get("limit"))
-                .unwrap_or(&Value::Null),
-        ),
-        "version_info" if v.is_null() => None,
-        _ => Some(v),
-    }
 }
 
 /// The deployment a validated spec describes, labelled as made for resource `owner_uid`.
@@ -141,6 +130,9 @@ pub fn deployment(valid: &ValidSpec, owner_uid: &str) -> DesiredDeployment {
         fields: f,
         labels,
         schedules: valid.schedules.iter().map(schedule).collect(),
+        owner_uid: owner_uid.into(),
+        adopt_existing: spec.adopt_existing.unwrap_or(false),
+        automations: automations(d, &valid.name, ""),
     }
 }
 
@@ -165,6 +157,24 @@ impl DesiredDeployment {
             body.insert("schedules".into(), Value::Array(schedules));
         }
         Value::Object(body)
+    }
+
+    /// The automation bodies for deployment `id`: the same as `automations(spec, name, id)`.
+    pub fn automations_for(&self, id: &str) -> Vec<Value> {
+        self.automations
+            .iter()
+            .map(|a| {
+                let mut a = a.clone();
+                a["actions"][0]["deployment_id"] = Value::String(id.into());
+                a["owner_resource"] = Value::String(owner_resource(id));
+                a
+            })
+            .collect()
+    }
+
+    /// The fingerprint of the automations for deployment `id`, as status records it.
+    pub fn triggers_hash(&self, id: &str) -> String {
+        fingerprint(&self.automations_for(id))
     }
 }
 

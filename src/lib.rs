@@ -12,6 +12,8 @@ pub mod cli;
 pub mod desired;
 pub mod leader;
 pub mod metrics;
+pub mod observed;
+pub mod plan;
 pub mod prefect;
 pub mod preview;
 pub mod reconcile;

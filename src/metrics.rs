@@ -41,7 +41,6 @@ pub struct Metrics {
     registry: Registry,
     pub reconciles: Family<ReconcileLabels, Counter>,
     pub reconcile_duration: Histogram,
-    pub prefect_requests: HistogramFamily<RequestLabels>,
     resources: Family<ReadyLabels, Gauge>,
     pub leader: Gauge,
     /// Ready state per object uid, to derive the resources gauge.
@@ -67,7 +66,7 @@ impl Metrics {
         registry.register(
             "prefect_request_duration_seconds",
             "Prefect API requests by method, endpoint and status code (0: no answer)",
-            prefect_requests.clone(),
+            prefect_requests,
         );
         let resources = Family::<ReadyLabels, Gauge>::default();
         registry.register(
@@ -85,7 +84,6 @@ impl Metrics {
             registry,
             reconciles,
             reconcile_duration,
-            prefect_requests,
             resources,
             leader,
             ready_by_uid: Mutex::default(),

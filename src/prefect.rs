@@ -16,6 +16,7 @@ use serde_json::Value;
 use prometheus_client::metrics::family::Family;
 
 use crate::metrics::{duration_histogram, HistogramFamily, RequestLabels};
+use crate::observed::{ObservedAutomation, ObservedDeployment};
 use crate::Error;
 
 /// The API version Prefect 3.x clients announce.
@@ -51,7 +52,7 @@ const RECENT_CALLS: usize = 256;
 
 pub struct CallLog {
     counts: Mutex<BTreeMap<(String, &'static str), u64>>,
-    /// The latest calls in order (bounded), for tests and debugging of call sequences.
+    /// The latest calls in order (bounded); only kept with the `test-util` feature.
     recent: Mutex<std::collections::VecDeque<String>>,
     pub durations: HistogramFamily<RequestLabels>,
 }
@@ -77,14 +78,18 @@ impl CallLog {
         let mut m = self.counts.lock().expect("call log lock");
         *m.entry((method.to_string(), endpoint)).or_default() += 1;
         drop(m);
-        let mut recent = self.recent.lock().expect("call log lock");
-        if recent.len() == RECENT_CALLS {
-            recent.pop_front();
+        if cfg!(feature = "test-util") {
+            let mut recent = self.recent.lock().expect("call log lock");
+            if recent.len() == RECENT_CALLS {
+                recent.pop_front();
+            }
+            recent.push_back(format!("{method} {endpoint}"));
         }
-        recent.push_back(format!("{method} {endpoint}"));
     }
 
-    /// The latest calls (at most 256), oldest first, as "METHOD endpoint".
+    /// The latest calls (at most 256), oldest first, as "METHOD endpoint". For tests
+    /// that check the order of calls.
+    #[cfg(feature = "test-util")]
     pub fn recent(&self) -> Vec<String> {
         self.recent
             .lock()
@@ -109,6 +114,7 @@ impl CallLog {
     }
 
     /// Requests that change something in Prefect.
+    #[cfg(feature = "test-util")]
     pub fn writes(&self) -> u64 {
         self.snapshot()
             .iter()
@@ -265,12 +271,6 @@ impl PrefectClient {
         }
     }
 
-    pub async fn health(&self) -> Result<(), Error> {
-        self.call(Method::GET, "health", "/health", None)
-            .await
-            .map(|_| ())
-    }
-
     /// `POST /flows/` is an upsert by name; returns the flow id.
     pub async fn upsert_flow(&self, name: &str) -> Result<String, Error> {
         let v = self
@@ -284,28 +284,33 @@ impl PrefectClient {
         id_of(&v)
     }
 
-    pub async fn read_deployment(&self, id: &str) -> Result<Option<Value>, Error> {
+    pub async fn read_deployment(&self, id: &str) -> Result<Option<ObservedDeployment>, Error> {
+        let what = "GET deployment";
         self.call_opt(
             Method::GET,
             "deployment",
             &format!("/deployments/{id}"),
             None,
         )
-        .await
+        .await?
+        .map(|v| decode(what, v))
+        .transpose()
     }
 
     pub async fn read_deployment_by_name(
         &self,
         flow: &str,
         name: &str,
-    ) -> Result<Option<Value>, Error> {
+    ) -> Result<Option<ObservedDeployment>, Error> {
         let path = format!(
             "/deployments/name/{}/{}",
             encode_segment(flow),
             encode_segment(name)
         );
         self.call_opt(Method::GET, "deployment_by_name", &path, None)
-            .await
+            .await?
+            .map(|v| decode("GET deployment_by_name", v))
+            .transpose()
     }
 
     /// Only for a deployment known not to exist: on an existing one this endpoint is an
@@ -338,18 +343,6 @@ impl PrefectClient {
         )
         .await
         .map(|v| v.is_some())
-    }
-
-    pub async fn read_schedules(&self, deployment_id: &str) -> Result<Vec<Value>, Error> {
-        let v = self
-            .call(
-                Method::GET,
-                "schedules",
-                &format!("/deployments/{deployment_id}/schedules"),
-                None,
-            )
-            .await?;
-        Ok(v.as_array().cloned().unwrap_or_default())
     }
 
     pub async fn create_schedules(
@@ -422,16 +415,6 @@ impl PrefectClient {
         }
     }
 
-    pub async fn read_automation(&self, id: &str) -> Result<Option<Value>, Error> {
-        self.call_opt(
-            Method::GET,
-            "automation",
-            &format!("/automations/{id}"),
-            None,
-        )
-        .await
-    }
-
     /// Deletes one automation; one already gone counts as deleted.
     pub async fn delete_automation(&self, id: &str) -> Result<(), Error> {
         self.call_opt(
@@ -445,16 +428,21 @@ impl PrefectClient {
     }
 
     /// Automations that mention `resource` (owned by it or merely referring to it).
-    pub async fn automations_related_to(&self, resource: &str) -> Result<Vec<Value>, Error> {
-        let v = self
-            .call_opt(
-                Method::GET,
-                "automations_related_to",
-                &format!("/automations/related-to/{}", encode_segment(resource)),
-                None,
-            )
-            .await?;
-        Ok(v.and_then(|v| v.as_array().cloned()).unwrap_or_default())
+    pub async fn automations_related_to(
+        &self,
+        resource: &str,
+    ) -> Result<Vec<ObservedAutomation>, Error> {
+        // A server without the automations API answers 404: nothing is related.
+        self.call_opt(
+            Method::GET,
+            "automations_related_to",
+            &format!("/automations/related-to/{}", encode_segment(resource)),
+            None,
+        )
+        .await?
+        .map(|v| decode("GET automations_related_to", v))
+        .transpose()
+        .map(Option::unwrap_or_default)
     }
 
     /// Deletes every automation owned by `resource`. A server without the automations
@@ -484,6 +472,13 @@ fn id_of(v: &Value) -> Result<String, Error> {
         .and_then(Value::as_str)
         .map(str::to_string)
         .ok_or_else(|| Error::PrefectRejected("Prefect's answer had no id".into()))
+}
+
+/// A typed answer, or an error naming the endpoint whose answer did not have the shape
+/// Prefect's API documents.
+fn decode<T: serde::de::DeserializeOwned>(what: &str, v: Value) -> Result<T, Error> {
+    serde_json::from_value(v)
+        .map_err(|e| Error::PrefectRejected(format!("{what}: unexpected answer from Prefect: {e}")))
 }
 
 fn encode_segment(s: &str) -> String {

@@ -6,9 +6,9 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
-use serde_json::Value;
 
 use crate::api::ScheduleStatus;
+use crate::observed::ObservedSchedule;
 use crate::schedule::{self, Budget, Rule};
 use crate::validate::ValidSchedule;
 
@@ -28,7 +28,7 @@ pub const TIME_PER_RESOURCE: Duration = Duration::from_millis(250);
 pub fn schedules_preview(
     schedules: &[ValidSchedule],
     paused: bool,
-    seen: &[Value],
+    seen: &[ObservedSchedule],
     previous: &[ScheduleStatus],
     now: DateTime<Utc>,
 ) -> (Vec<ScheduleStatus>, Option<String>) {
@@ -64,7 +64,11 @@ pub fn schedules_preview(
 }
 
 /// The anchor Prefect chose for an interval schedule sent without one.
-fn chosen_anchor(slug: &str, seen: &[Value], previous: &[ScheduleStatus]) -> Option<DateTime<Utc>> {
+fn chosen_anchor(
+    slug: &str,
+    seen: &[ObservedSchedule],
+    previous: &[ScheduleStatus],
+) -> Option<DateTime<Utc>> {
     let parse = |s: &str| {
         DateTime::parse_from_rfc3339(s)
             .ok()
@@ -72,9 +76,8 @@ fn chosen_anchor(slug: &str, seen: &[Value], previous: &[ScheduleStatus]) -> Opt
     };
     let from_prefect = seen
         .iter()
-        .find(|s| s.get("slug").and_then(Value::as_str) == Some(slug))
-        .and_then(|s| s.pointer("/schedule/anchor_date"))
-        .and_then(Value::as_str)
+        .find(|s| s.slug.as_deref() == Some(slug))
+        .and_then(ObservedSchedule::anchor_date)
         .and_then(parse);
     from_prefect.or_else(|| {
         previous
@@ -88,7 +91,7 @@ fn chosen_anchor(slug: &str, seen: &[Value], previous: &[ScheduleStatus]) -> Opt
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{json, Value};
 
     fn at(s: &str) -> DateTime<Utc> {
         DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)

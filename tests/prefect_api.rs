@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use prefect_operator::api::PrefectDeploymentSpec;
 use prefect_operator::prefect::{http_client, Auth, CallLog, PrefectClient};
-use prefect_operator::reconcile::sync::{self, Change, SyncState};
+use prefect_operator::reconcile::execute::{self, Change, SyncState};
 use prefect_operator::validate::validate;
 use prefect_operator::Error;
 use serde_json::{json, Value};
@@ -70,6 +70,16 @@ impl Env {
         }
     }
 
+    async fn schedules(&self, deployment_id: &str) -> Vec<Value> {
+        match self
+            .get(&format!("/deployments/{deployment_id}/schedules"))
+            .await
+        {
+            (200, Value::Array(list)) => list,
+            (c, v) => panic!("unexpected {c}: {v}"),
+        }
+    }
+
     async fn automation_exists(&self, id: &str) -> bool {
         self.get(&format!("/automations/{id}")).await.0 == 200
     }
@@ -94,7 +104,7 @@ impl Env {
         let before = self.calls.snapshot();
         let mut changes = Vec::new();
         let r = match validate(spec, name) {
-            Ok(valid) => sync::apply(&self.client, &valid, uid, state, &mut changes).await,
+            Ok(valid) => execute::apply(&self.client, &valid, uid, state, &mut changes).await,
             Err(p) => Err(Error::InvalidSpec(p.to_string())),
         };
         let after = self.calls.snapshot();
@@ -127,7 +137,6 @@ fn schedule_ids(d: &Value) -> std::collections::BTreeMap<String, String> {
 async fn client_calls_against_real_server() {
     let env = Env::new().await;
     let c = &env.client;
-    c.health().await.unwrap();
     let pool = env.work_pool().await;
     let flow = unique("flow");
     let f1 = c.upsert_flow(&flow).await.unwrap();
@@ -153,9 +162,9 @@ async fn client_calls_against_real_server() {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(by_name["id"], json!(id));
+    assert_eq!(by_name.id, id);
     assert_eq!(
-        c.read_deployment(&id).await.unwrap().unwrap()["name"],
+        c.read_deployment(&id).await.unwrap().unwrap().fields["name"],
         json!(name)
     );
 
@@ -167,7 +176,7 @@ async fn client_calls_against_real_server() {
         json!("hello")
     );
 
-    let scheds = c.read_schedules(&id).await.unwrap();
+    let scheds = env.schedules(&id).await;
     assert_eq!(scheds.len(), 1);
     let sid = scheds[0]["id"].as_str().unwrap().to_string();
     c.update_schedule(
@@ -183,13 +192,13 @@ async fn client_calls_against_real_server() {
     )
     .await
     .unwrap();
-    let scheds = c.read_schedules(&id).await.unwrap();
+    let scheds = env.schedules(&id).await;
     assert_eq!(scheds.len(), 2);
     let a = scheds.iter().find(|s| s["slug"] == "a").unwrap();
     assert_eq!(a["id"], json!(sid), "in-place schedule update keeps the id");
     assert_eq!(a["schedule"]["interval"].as_f64(), Some(1200.0));
     c.delete_schedule(&id, &sid).await.unwrap();
-    assert_eq!(c.read_schedules(&id).await.unwrap().len(), 1);
+    assert_eq!(env.schedules(&id).await.len(), 1);
 
     let owner = format!("prefect.deployment.{id}");
     let aid = c
@@ -197,9 +206,9 @@ async fn client_calls_against_real_server() {
             "actions": [{"type": "run-deployment", "source": "selected", "deployment_id": id}], "owner_resource": owner}))
         .await
         .unwrap();
-    assert!(c.read_automation(&aid).await.unwrap().is_some());
+    assert!(env.automation_exists(&aid).await);
     c.delete_owned_automations(&owner).await.unwrap();
-    assert!(c.read_automation(&aid).await.unwrap().is_none());
+    assert!(!env.automation_exists(&aid).await);
     c.delete_owned_automations(&owner).await.unwrap();
 
     assert!(c.delete_deployment(&id).await.unwrap());
@@ -230,7 +239,7 @@ async fn client_calls_against_real_server() {
         Arc::default(),
     );
     assert!(matches!(
-        dead.health().await.unwrap_err(),
+        dead.upsert_flow("f").await.unwrap_err(),
         Error::PrefectUnreachable(_)
     ));
 }
@@ -560,13 +569,13 @@ async fn triggers_are_applied_only_when_changed() {
     ]);
     env.apply(&spec, &name, &uid, &mut state).await.0.unwrap();
     let aid = state.automation_ids[0].clone();
-    let deleted = sync::delete(&env.client, &spec, &name, &uid, &state)
+    let deleted = execute::delete(&env.client, &spec, &name, &uid, &state)
         .await
         .unwrap();
     assert_eq!(deleted.as_deref(), Some(id.as_str()));
     assert!(env.deployment(&id).await.is_none());
     assert!(!env.automation_exists(&aid).await);
-    sync::delete(&env.client, &spec, &name, &uid, &state)
+    execute::delete(&env.client, &spec, &name, &uid, &state)
         .await
         .unwrap();
 }

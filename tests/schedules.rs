@@ -13,7 +13,7 @@ use chrono::{DateTime, Utc};
 use prefect_operator::api::PrefectDeploymentSpec;
 use prefect_operator::prefect::{http_client, CallLog, PrefectClient};
 use prefect_operator::preview::schedules_preview;
-use prefect_operator::reconcile::sync::{self, SyncState};
+use prefect_operator::reconcile::execute::{self, SyncState};
 use prefect_operator::validate::validate;
 use serde_json::{json, Value};
 use support::{unique, PrefectServer};
@@ -131,7 +131,7 @@ async fn preview_matches_the_runs_prefects_scheduler_creates() {
         let name = unique("sched");
         let mut state = SyncState::default();
         let valid = validate(&spec, &name).unwrap_or_else(|p| panic!("{}: {p}", case.what));
-        sync::apply(&client, &valid, "uid", &mut state, &mut Vec::new())
+        execute::apply(&client, &valid, "uid", &mut state, &mut Vec::new())
             .await
             .unwrap_or_else(|e| panic!("{}: {e}", case.what));
         let (preview, _) = schedules_preview(

@@ -1,9 +1,9 @@
 //! The controller: for each PrefectDeployment, validate, resolve the server, sync to
 //! Prefect, record status; on deletion, clean up behind a finalizer.
 
+pub mod execute;
 pub mod server;
 pub mod status;
-pub mod sync;
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -27,7 +27,7 @@ use crate::prefect::{CallLog, PrefectClient};
 use crate::validate::{validate, ValidSchedule};
 use crate::{Error, Result};
 
-use sync::SyncState;
+use execute::SyncState;
 
 /// Shortest drift-check interval a resource may ask for.
 const MIN_RESYNC: Duration = Duration::from_secs(10);
@@ -394,7 +394,7 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
     let mut changes = Vec::new();
     let outcome = async {
         let client = prefect_client(obj, ctx, &ns).await?;
-        sync::apply(&client, &valid, &uid, &mut state, &mut changes).await?;
+        execute::apply(&client, &valid, &uid, &mut state, &mut changes).await?;
         Ok::<_, Error>(client.base_url().to_string())
     }
     .await;
@@ -434,7 +434,7 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
 async fn preview_of(
     obj: &PrefectDeployment,
     schedules: &[ValidSchedule],
-    seen: &[serde_json::Value],
+    seen: &[crate::observed::ObservedSchedule],
 ) -> Result<status::Preview> {
     if schedules.is_empty() {
         return Ok((None, None));
@@ -573,7 +573,7 @@ async fn finalize(
         let state = status::state_of(obj.status.as_ref());
         let result = async {
             let client = prefect_client(obj, ctx, &ns).await?;
-            sync::delete(
+            execute::delete(
                 &client,
                 &obj.spec,
                 &obj.deployment_name(),

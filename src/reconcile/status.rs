@@ -5,8 +5,8 @@ use kube::api::{Patch, PatchParams};
 use kube::Api;
 use serde_json::json;
 
-use super::sync::SyncState;
 use crate::api::{Condition, PrefectDeployment, PrefectDeploymentStatus, ScheduleStatus};
+use crate::plan::SyncState;
 use crate::prefect::truncate;
 use crate::Result;
 
@@ -85,14 +85,14 @@ pub fn state_of(status: Option<&PrefectDeploymentStatus>) -> SyncState {
         .unwrap_or_default()
 }
 
-/// Writes `new` unless it equals what the object already has. Returns whether it wrote.
+/// Writes `new` unless it equals what the object already has.
 pub async fn write(
     api: &Api<PrefectDeployment>,
     obj: &PrefectDeployment,
     new: &PrefectDeploymentStatus,
-) -> Result<bool> {
+) -> Result<()> {
     if obj.status.as_ref() == Some(new) {
-        return Ok(false);
+        return Ok(());
     }
     let name = obj.metadata.name.as_deref().unwrap_or_default();
     let patch = json!({
@@ -106,5 +106,5 @@ pub async fn write(
         &Patch::Apply(&patch),
     )
     .await?;
-    Ok(true)
+    Ok(())
 }

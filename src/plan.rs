@@ -1,0 +1,582 @@
+//! Pure: what the operator would do to Prefect, from what the resource wants
+//! (`DesiredDeployment`), what an earlier pass recorded (`SyncState`, kept in status) and
+//! what Prefect holds now (`Observed`). `plan` decides everything; the executor in
+//! `reconcile::execute` performs a `Plan` and decides nothing; `diff` prints one.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::desired::{DesiredDeployment, OWNER_LABEL};
+use crate::observed::{ObservedAutomation, ObservedDeployment, ObservedSchedule};
+
+/// What the operator remembers between passes (mirrors the status fields).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct SyncState {
+    pub deployment_id: Option<String>,
+    pub flow_id: Option<String>,
+    /// The automations made for the current triggers, then any left from an earlier set
+    /// that could not be deleted yet.
+    pub automation_ids: Vec<String>,
+    pub triggers_hash: Option<String>,
+    /// The schedules as Prefect reported them in this pass (not kept in status): the
+    /// source of anchor dates Prefect chose itself, for the next-run preview.
+    #[serde(skip)]
+    pub schedules_seen: Vec<ObservedSchedule>,
+}
+
+/// What Prefect holds, as far as planning needs to know. `observe` in the executor
+/// reads exactly what `reads` asks for.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Observed {
+    /// The deployment Prefect has under the desired flow and deployment name.
+    pub by_name: Option<ObservedDeployment>,
+    /// Whether the deployment recorded in status still exists under any name; read only
+    /// when nothing has the desired name (a rename, or a deletion in Prefect).
+    pub recorded_exists: Option<bool>,
+    /// The automations related to the deployment; read only when the recorded state
+    /// cannot say which automations to replace (a first apply to an existing deployment).
+    pub related_automations: Option<Vec<ObservedAutomation>>,
+}
+
+/// The calls that bring Prefect to the desired state, in the order they are made.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Plan {
+    pub flow_name: String,
+    pub name: String,
+    pub deployment: DeploymentAction,
+    /// Fields sent in one PATCH, sorted by name.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub fields: Vec<FieldChange>,
+    /// Deletions first, then updates, then creations (one request for all creations).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub schedules: Vec<ScheduleChange>,
+    pub automations: AutomationAction,
+    /// Read the deployment back after writing: Prefect anchors an interval schedule sent
+    /// without an anchor date at the moment it stores it, and the preview needs that.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub read_back: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "action", rename_all = "camelCase")]
+pub enum DeploymentAction {
+    /// The deployment recorded in status, found by name: changed in place.
+    Update { id: String },
+    /// Found by name with this resource's owner label but not recorded: a create whose
+    /// pass was interrupted before status was written. Taken back; `retire` is the
+    /// deployment status did record (the resource was renamed meanwhile).
+    Resume {
+        id: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        retire: Option<String>,
+    },
+    /// Found by name, made by someone else, and `spec.adoptExisting` allows taking it.
+    Adopt {
+        id: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        retire: Option<String>,
+    },
+    /// Nothing has the name: create the flow (an upsert) and the deployment. `retire` is
+    /// the deployment status recorded, still present under its old name or flow: it is
+    /// deleted with its automations after the new one exists.
+    Create {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        retire: Option<String>,
+        /// The schedules go in the create request (else one request after it).
+        schedules_in_body: bool,
+    },
+    /// A deployment of this name that this resource did not create and may not adopt.
+    /// Nothing is written; the pass fails with `Conflict` and is retried with backoff.
+    Conflict { id: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FieldChange {
+    pub field: String,
+    /// What Prefect reports now.
+    pub from: Value,
+    pub to: Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "action", rename_all = "camelCase")]
+pub enum ScheduleChange {
+    Create {
+        slug: String,
+        #[serde(skip)]
+        body: Value,
+    },
+    /// Changed in place: the schedule keeps its id and Prefect re-plans its runs.
+    Update {
+        slug: String,
+        id: String,
+        #[serde(skip)]
+        body: Value,
+    },
+    /// In Prefect but not in the spec (a schedule without a slug is never ours to keep).
+    Delete { slug: Option<String>, id: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "action", rename_all = "camelCase")]
+pub enum AutomationAction {
+    /// The recorded set matches the triggers.
+    Unchanged,
+    /// The triggers are unchanged, but an earlier replacement could not delete all of
+    /// the previous set: delete the rest.
+    DeleteLeftovers { delete: Vec<String> },
+    /// Create one automation per trigger, then delete `delete` (the previous set keeps
+    /// working until the whole new set is accepted).
+    Replace { create: usize, delete: Vec<String> },
+}
+
+impl Plan {
+    /// Whether performing the plan writes nothing to Prefect.
+    pub fn is_noop(&self) -> bool {
+        matches!(self.deployment, DeploymentAction::Update { .. })
+            && self.fields.is_empty()
+            && self.schedules.is_empty()
+            && self.automations == AutomationAction::Unchanged
+    }
+
+    /// The PATCH body for the field changes.
+    pub fn patch_body(&self) -> Value {
+        let map: Map<String, Value> = self
+            .fields
+            .iter()
+            .map(|f| (f.field.clone(), f.to.clone()))
+            .collect();
+        Value::Object(map)
+    }
+}
+
+/// The deployment `plan` will act on and the recorded automation state that holds for
+/// it: taking over a deployment starts from nothing recorded.
+fn target(
+    want: &DesiredDeployment,
+    recorded: &SyncState,
+    by_name: Option<&ObservedDeployment>,
+    recorded_exists: Option<bool>,
+) -> DeploymentAction {
+    let known = recorded.deployment_id.clone();
+    match by_name {
+        Some(found) if known.as_deref() == Some(found.id.as_str()) => DeploymentAction::Update {
+            id: found.id.clone(),
+        },
+        Some(found) => {
+            let id = found.id.clone();
+            if found.label(OWNER_LABEL) == Some(want.owner_uid.as_str()) {
+                DeploymentAction::Resume { id, retire: known }
+            } else if want.adopt_existing {
+                DeploymentAction::Adopt { id, retire: known }
+            } else {
+                DeploymentAction::Conflict { id }
+            }
+        }
+        None => DeploymentAction::Create {
+            // A recorded deployment that is gone is not retired, only replaced.
+            retire: known.filter(|_| recorded_exists == Some(true)),
+            schedules_in_body: want.schedules_in_create_body(),
+        },
+    }
+}
+
+/// What `observe` must read beyond the deployment by name, given that answer.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Reads {
+    /// Read the recorded deployment by id (does it still exist?).
+    pub recorded: Option<String>,
+    /// List the automations related to this deployment id.
+    pub related_automations: Option<String>,
+}
+
+pub fn reads(
+    want: &DesiredDeployment,
+    recorded: &SyncState,
+    by_name: Option<&ObservedDeployment>,
+) -> Reads {
+    if by_name.is_none() {
+        return Reads {
+            recorded: recorded.deployment_id.clone(),
+            related_automations: None,
+        };
+    }
+    let related = match target(want, recorded, by_name, None) {
+        DeploymentAction::Update { id } => previous_unknown(recorded).then_some(id),
+        // Taking a deployment over starts from nothing recorded.
+        DeploymentAction::Resume { id, .. } | DeploymentAction::Adopt { id, .. } => Some(id),
+        _ => None,
+    };
+    Reads {
+        recorded: None,
+        related_automations: related,
+    }
+}
+
+/// Nothing recorded says which automations the triggers replace.
+fn previous_unknown(recorded: &SyncState) -> bool {
+    recorded.triggers_hash.is_none() && recorded.automation_ids.is_empty()
+}
+
+/// The plan that brings Prefect from `observed` to `want`.
+pub fn plan(want: &DesiredDeployment, recorded: &SyncState, observed: &Observed) -> Plan {
+    let deployment = target(
+        want,
+        recorded,
+        observed.by_name.as_ref(),
+        observed.recorded_exists,
+    );
+    let mut plan = Plan {
+        flow_name: want.flow_name.clone(),
+        name: want.name.clone(),
+        deployment: deployment.clone(),
+        fields: Vec::new(),
+        schedules: Vec::new(),
+        automations: AutomationAction::Unchanged,
+        read_back: false,
+    };
+    let (id, actual, from) = match (&deployment, &observed.by_name) {
+        (DeploymentAction::Conflict { .. }, _) => return plan,
+        (DeploymentAction::Create { .. }, _) | (_, None) => {
+            plan.schedules = want
+                .schedules
+                .iter()
+                .map(|s| ScheduleChange::Create {
+                    slug: s.slug.clone(),
+                    body: s.body.clone(),
+                })
+                .collect();
+            // Nothing can refer to a deployment id that does not exist yet.
+            plan.automations = AutomationAction::Replace {
+                create: want.automations.len(),
+                delete: Vec::new(),
+            };
+            plan.read_back = reads_back(&plan.schedules);
+            return plan;
+        }
+        (DeploymentAction::Update { id }, Some(actual)) => (id, actual, recorded.clone()),
+        (
+            DeploymentAction::Resume { id, .. } | DeploymentAction::Adopt { id, .. },
+            Some(actual),
+        ) => (id, actual, SyncState::default()),
+    };
+    plan.fields = field_changes(want, actual);
+    plan.schedules = schedule_changes(want, &actual.schedules);
+    plan.automations = automation_action(want, &from, id, observed.related_automations.as_deref());
+    plan.read_back = reads_back(&plan.schedules);
+    plan
+}
+
+/// The fields Prefect reports differently from the spec. Prefect checks parameters
+/// against the schema in the same request, so a change to any of the three sends all
+/// three and a change to both is judged as a whole.
+fn field_changes(want: &DesiredDeployment, actual: &ObservedDeployment) -> Vec<FieldChange> {
+    const PARAMS: [&str; 3] = [
+        "parameters",
+        "parameter_openapi_schema",
+        "enforce_parameter_schema",
+    ];
+    let mut out: BTreeMap<&str, FieldChange> = BTreeMap::new();
+    let change = |key: &str, to: &Value| FieldChange {
+        field: key.to_string(),
+        from: actual.field(key).cloned().unwrap_or(Value::Null),
+        to: to.clone(),
+    };
+    for (key, value) in &want.fields {
+        if actual.field(key).is_some_and(|a| !same(value, a)) {
+            out.insert(key, change(key, value));
+        }
+    }
+    if PARAMS.iter().any(|k| out.contains_key(k)) {
+        for k in PARAMS {
+            if let Some(v) = want.fields.get(k) {
+                out.entry(k).or_insert_with(|| change(k, v));
+            }
+        }
+    }
+    out.into_values().collect()
+}
+
+fn schedule_changes(want: &DesiredDeployment, actual: &[ObservedSchedule]) -> Vec<ScheduleChange> {
+    let mut out = Vec::new();
+    for a in actual {
+        if !want
+            .schedules
+            .iter()
+            .any(|w| Some(&w.slug) == a.slug.as_ref())
+        {
+            out.push(ScheduleChange::Delete {
+                slug: a.slug.clone(),
+                id: a.id.clone(),
+            });
+        }
+    }
+    let mut creates = Vec::new();
+    for w in &want.schedules {
+        match actual.iter().find(|a| a.slug.as_ref() == Some(&w.slug)) {
+            Some(a) if schedule_same(&w.body, a) => {}
+            Some(a) => out.push(ScheduleChange::Update {
+                slug: w.slug.clone(),
+                id: a.id.clone(),
+                body: w.body.clone(),
+            }),
+            None => creates.push(ScheduleChange::Create {
+                slug: w.slug.clone(),
+                body: w.body.clone(),
+            }),
+        }
+    }
+    out.extend(creates);
+    out
+}
+
+fn automation_action(
+    want: &DesiredDeployment,
+    recorded: &SyncState,
+    id: &str,
+    related: Option<&[ObservedAutomation]>,
+) -> AutomationAction {
+    let n = want.automations.len();
+    if recorded.triggers_hash.as_deref() == Some(want.triggers_hash(id).as_str()) {
+        return if recorded.automation_ids.len() > n {
+            AutomationAction::DeleteLeftovers {
+                delete: recorded.automation_ids[n..].to_vec(),
+            }
+        } else {
+            AutomationAction::Unchanged
+        };
+    }
+    // The set being replaced: the ids recorded, or, on a first apply to a deployment
+    // that already existed, the automations another tool (Prefect's own `apply()`, an
+    // earlier install) made to run this deployment.
+    let delete = if recorded.triggers_hash.is_some() || !recorded.automation_ids.is_empty() {
+        recorded.automation_ids.clone()
+    } else {
+        related
+            .unwrap_or_default()
+            .iter()
+            .filter(|a| a.runs_deployment(id))
+            .map(|a| a.id.clone())
+            .collect()
+    };
+    AutomationAction::Replace { create: n, delete }
+}
+
+/// Whether a schedule written by these changes is an interval without an anchor date.
+fn reads_back(changes: &[ScheduleChange]) -> bool {
+    changes.iter().any(|c| match c {
+        ScheduleChange::Create { body, .. } | ScheduleChange::Update { body, .. } => {
+            body.pointer("/schedule/interval").is_some()
+                && body.pointer("/schedule/anchor_date").is_none()
+        }
+        ScheduleChange::Delete { .. } => false,
+    })
+}
+
+fn is_empty(v: &Value) -> bool {
+    match v {
+        Value::Null => true,
+        Value::Object(o) => o.is_empty(),
+        Value::Array(a) => a.is_empty(),
+        _ => false,
+    }
+}
+
+/// Structural equality as Prefect round-trips values: null, {} and [] are the same
+/// "nothing", numbers compare by value (3600 == 3600.0), a missing key equals null.
+pub fn same(a: &Value, b: &Value) -> bool {
+    if is_empty(a) && is_empty(b) {
+        return true;
+    }
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => x.as_f64() == y.as_f64(),
+        (Value::Object(x), Value::Object(y)) => x.keys().chain(y.keys()).all(|k| {
+            same(
+                x.get(k).unwrap_or(&Value::Null),
+                y.get(k).unwrap_or(&Value::Null),
+            )
+        }),
+        (Value::Array(x), Value::Array(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(p, q)| same(p, q))
+        }
+        _ => a == b,
+    }
+}
+
+/// Compares a desired `DeploymentScheduleCreate` body with a schedule Prefect returned,
+/// allowing for what Prefect fills in itself: an anchor date when none was given, and a
+/// default DTSTART on rrules.
+pub fn schedule_same(want: &Value, actual: &ObservedSchedule) -> bool {
+    let null = Value::Null;
+    let active = actual.active.map(Value::Bool).unwrap_or(Value::Null);
+    let pairs = [
+        ("active", &active),
+        (
+            "max_scheduled_runs",
+            actual.max_scheduled_runs.as_ref().unwrap_or(&null),
+        ),
+        ("parameters", actual.parameters.as_ref().unwrap_or(&null)),
+    ];
+    if !pairs.iter().all(|(k, a)| same(&want[*k], a)) {
+        return false;
+    }
+    let Some(w) = want["schedule"].as_object() else {
+        return false;
+    };
+    w.iter().all(|(k, wv)| {
+        let av = actual.schedule.get(k).unwrap_or(&Value::Null);
+        match k.as_str() {
+            "anchor_date" => match (wv.as_str(), av.as_str()) {
+                (Some(x), Some(y)) => {
+                    let parse = |s: &str| chrono::DateTime::parse_from_rfc3339(s).ok();
+                    matches!((parse(x), parse(y)), (Some(p), Some(q)) if p == q)
+                }
+                _ => false,
+            },
+            "rrule" => match (wv.as_str(), av.as_str()) {
+                (Some(x), Some(y)) => rrule_same(x, y),
+                _ => false,
+            },
+            _ => same(wv, av),
+        }
+    })
+}
+
+/// Prefect prepends `DTSTART:20200101T000000` to an rrule given without one.
+fn rrule_same(want: &str, actual: &str) -> bool {
+    let strip = |s: &str| -> String {
+        s.lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.to_ascii_uppercase().starts_with("DTSTART"))
+            .map(|l| l.strip_prefix("RRULE:").unwrap_or(l).to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    if want.to_ascii_uppercase().contains("DTSTART") {
+        want.trim() == actual.trim()
+    } else {
+        strip(want) == strip(actual)
+    }
+}
+
+/// The plan as a person reads it: what `diff` prints.
+impl fmt::Display for Plan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let who = format!("{}/{}", self.flow_name, self.name);
+        match &self.deployment {
+            DeploymentAction::Conflict { id } => {
+                return writeln!(
+                    f,
+                    "{who}: conflict: Prefect deployment {id} was not made by this resource (set spec.adoptExisting: true to manage it)"
+                )
+            }
+            _ if self.is_noop() => return writeln!(f, "{who}: no changes"),
+            DeploymentAction::Update { id } => writeln!(f, "{who}: update {id}")?,
+            DeploymentAction::Resume { id, retire } => {
+                writeln!(f, "{who}: take back {id} (made by this resource)")?;
+                if let Some(old) = retire {
+                    writeln!(f, "  delete previous deployment {old} and its automations")?;
+                }
+            }
+            DeploymentAction::Adopt { id, retire } => {
+                writeln!(f, "{who}: adopt {id}")?;
+                if let Some(old) = retire {
+                    writeln!(f, "  delete previous deployment {old} and its automations")?;
+                }
+            }
+            DeploymentAction::Create { retire, .. } => {
+                writeln!(f, "{who}: create")?;
+                if let Some(old) = retire {
+                    writeln!(f, "  then delete previous deployment {old} and its automations")?;
+                }
+            }
+        }
+        for c in &self.fields {
+            writeln!(f, "  {}: {} -> {}", c.field, short(&c.from), short(&c.to))?;
+        }
+        for s in &self.schedules {
+            match s {
+                ScheduleChange::Create { slug, body } => {
+                    writeln!(f, "  schedule {slug}: create {}", short(&body["schedule"]))?
+                }
+                ScheduleChange::Update { slug, body, .. } => writeln!(
+                    f,
+                    "  schedule {slug}: update to {}",
+                    short(&body["schedule"])
+                )?,
+                ScheduleChange::Delete { slug, id } => writeln!(
+                    f,
+                    "  schedule {}: delete ({id})",
+                    slug.as_deref().unwrap_or("(no slug)")
+                )?,
+            }
+        }
+        match &self.automations {
+            AutomationAction::Unchanged => {}
+            AutomationAction::DeleteLeftovers { delete } => {
+                writeln!(f, "  automations: delete {} left over", delete.len())?
+            }
+            AutomationAction::Replace { create, delete } => writeln!(
+                f,
+                "  automations: create {create}, then delete {}",
+                delete.len()
+            )?,
+        }
+        Ok(())
+    }
+}
+
+/// A value on one line, cut to keep the diff readable.
+fn short(v: &Value) -> String {
+    let text = v.to_string();
+    if text.chars().count() > 120 {
+        let cut: String = text.chars().take(119).collect();
+        format!("{cut}…")
+    } else {
+        text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn same_treats_empty_values_alike() {
+        assert!(same(&json!(null), &json!({})));
+        assert!(same(&json!([]), &json!(null)));
+        assert!(same(&json!(3600), &json!(3600.0)));
+        assert!(same(&json!({"a": 1}), &json!({"a": 1, "b": null})));
+        assert!(!same(&json!({"a": 1}), &json!({"a": 1, "b": 2})));
+        assert!(!same(&json!(["a", "b"]), &json!(["b", "a"])));
+    }
+
+    fn observed(v: Value) -> ObservedSchedule {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn schedule_same_allows_prefect_defaults() {
+        let want = json!({"schedule": {"rrule": "FREQ=DAILY", "timezone": "UTC"}, "active": true, "max_scheduled_runs": null, "parameters": {}, "slug": "s"});
+        let actual = observed(
+            json!({"id": "x", "schedule": {"rrule": "DTSTART:20200101T000000\nFREQ=DAILY", "timezone": "UTC"}, "active": true, "max_scheduled_runs": null, "parameters": {}, "slug": "s"}),
+        );
+        assert!(schedule_same(&want, &actual));
+        let want = json!({"schedule": {"interval": 60, "timezone": "UTC"}, "active": true, "parameters": {}});
+        let actual = observed(
+            json!({"id": "y", "schedule": {"interval": 60.0, "anchor_date": "2026-01-01T00:00:00Z", "timezone": "UTC"}, "active": true, "max_scheduled_runs": null, "parameters": {}}),
+        );
+        assert!(schedule_same(&want, &actual));
+        let want = json!({"schedule": {"interval": 60, "anchor_date": "2026-01-01T01:00:00+01:00", "timezone": "UTC"}, "active": true});
+        assert!(schedule_same(&want, &actual));
+        let want = json!({"schedule": {"interval": 60, "timezone": "UTC"}, "active": false});
+        assert!(!schedule_same(&want, &actual));
+    }
+}

@@ -1,0 +1,397 @@
+//! The thin async edge to Prefect: `observe` reads what `plan::plan` needs, `perform`
+//! makes the calls a `Plan` lists and records progress. No decisions here, and no
+//! Kubernetes: the state that must survive between passes comes in and goes out as
+//! `SyncState`, which the caller keeps in the resource's status.
+//!
+//! A pass over an unchanged resource is one GET; an interrupted pass can simply be run
+//! again, because the next plan starts from what Prefect then holds.
+
+use serde_json::Value;
+
+use crate::api::PrefectDeploymentSpec;
+use crate::desired::{self, DesiredDeployment, OWNER_LABEL};
+use crate::observed::ObservedDeployment;
+use crate::plan::{self, AutomationAction, DeploymentAction, Observed, Plan, ScheduleChange};
+use crate::prefect::PrefectClient;
+use crate::validate::ValidSpec;
+use crate::{Error, Result};
+
+pub use crate::plan::SyncState;
+
+/// Something the pass changed in Prefect, reported as a Kubernetes Event.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    Created {
+        id: String,
+    },
+    Adopted {
+        id: String,
+    },
+    Replaced {
+        old_id: String,
+        new_id: String,
+    },
+    Updated {
+        fields: Vec<String>,
+    },
+    SchedulesChanged {
+        created: Vec<String>,
+        updated: Vec<String>,
+        deleted: Vec<String>,
+    },
+    AutomationsReplaced {
+        count: usize,
+    },
+}
+
+impl Change {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Change::Created { .. } => "Created",
+            Change::Adopted { .. } => "Adopted",
+            Change::Replaced { .. } => "Replaced",
+            Change::Updated { .. } => "Updated",
+            Change::SchedulesChanged { .. } => "SchedulesUpdated",
+            Change::AutomationsReplaced { .. } => "AutomationsReplaced",
+        }
+    }
+
+    pub fn message(&self) -> String {
+        match self {
+            Change::Created { id } => format!("Created Prefect deployment {id}"),
+            Change::Adopted { id } => format!("Adopted existing Prefect deployment {id}"),
+            Change::Replaced { old_id, new_id } => format!(
+                "Name or flow changed: created Prefect deployment {new_id} and deleted {old_id}"
+            ),
+            Change::Updated { fields } => format!("Updated {}", fields.join(", ")),
+            Change::SchedulesChanged {
+                created,
+                updated,
+                deleted,
+            } => {
+                let mut parts = Vec::new();
+                for (verb, slugs) in [
+                    ("created", created),
+                    ("updated", updated),
+                    ("deleted", deleted),
+                ] {
+                    if !slugs.is_empty() {
+                        parts.push(format!("{verb} {}", slugs.join(", ")));
+                    }
+                }
+                format!("Schedules {}", parts.join("; "))
+            }
+            Change::AutomationsReplaced { count } => {
+                format!("Applied {count} trigger automation(s)")
+            }
+        }
+    }
+}
+
+/// Applies the validated spec to Prefect: observe, plan, perform. `state` is updated as
+/// each step succeeds, so the caller can record progress even when a later step fails.
+pub async fn apply(
+    client: &PrefectClient,
+    valid: &ValidSpec<'_>,
+    owner_uid: &str,
+    state: &mut SyncState,
+    changes: &mut Vec<Change>,
+) -> Result<()> {
+    let want = desired::deployment(valid, owner_uid);
+    let observed = observe(client, &want, state).await?;
+    let plan = plan::plan(&want, state, &observed);
+    perform(
+        client,
+        &want,
+        &plan,
+        observed.by_name.as_ref(),
+        state,
+        changes,
+    )
+    .await
+}
+
+/// Reads what planning needs: the deployment by name, and only where that answer
+/// leaves a question open, the recorded deployment or the related automations.
+pub async fn observe(
+    client: &PrefectClient,
+    want: &DesiredDeployment,
+    state: &SyncState,
+) -> Result<Observed> {
+    let by_name = client
+        .read_deployment_by_name(&want.flow_name, &want.name)
+        .await?;
+    let reads = plan::reads(want, state, by_name.as_ref());
+    let recorded_exists = match &reads.recorded {
+        Some(id) => Some(client.read_deployment(id).await?.is_some()),
+        None => None,
+    };
+    let related_automations = match &reads.related_automations {
+        Some(id) => Some(
+            client
+                .automations_related_to(&desired::owner_resource(id))
+                .await?,
+        ),
+        None => None,
+    };
+    Ok(Observed {
+        by_name,
+        recorded_exists,
+        related_automations,
+    })
+}
+
+/// Makes the calls `plan` lists, in order, recording each success in `state` and each
+/// change in `changes`.
+pub async fn perform(
+    client: &PrefectClient,
+    want: &DesiredDeployment,
+    plan: &Plan,
+    actual: Option<&ObservedDeployment>,
+    state: &mut SyncState,
+    changes: &mut Vec<Change>,
+) -> Result<()> {
+    let id = match &plan.deployment {
+        DeploymentAction::Conflict { id } => {
+            return Err(Error::Conflict(format!(
+                "Prefect already has a deployment {}/{} ({id}) that this resource did not create; set spec.adoptExisting: true to manage it",
+                plan.flow_name, plan.name
+            )));
+        }
+        DeploymentAction::Update { id } => id.clone(),
+        DeploymentAction::Resume { id, retire } | DeploymentAction::Adopt { id, retire } => {
+            if let Some(old) = retire {
+                retire_deployment(client, old).await?;
+            }
+            if matches!(plan.deployment, DeploymentAction::Adopt { .. }) {
+                changes.push(Change::Adopted { id: id.clone() });
+            }
+            state.deployment_id = Some(id.clone());
+            state.triggers_hash = None;
+            state.automation_ids.clear();
+            id.clone()
+        }
+        DeploymentAction::Create {
+            retire,
+            schedules_in_body,
+        } => {
+            let flow_id = client.upsert_flow(&want.flow_name).await?;
+            let id = client
+                .create_deployment(&want.create_body(&flow_id))
+                .await?;
+            state.deployment_id = Some(id.clone());
+            state.flow_id = Some(flow_id);
+            state.automation_ids.clear();
+            state.triggers_hash = None;
+            if !schedules_in_body {
+                create_schedules(client, &id, &plan.schedules).await?;
+            }
+            match retire {
+                Some(old) => {
+                    retire_deployment(client, old).await?;
+                    changes.push(Change::Replaced {
+                        old_id: old.clone(),
+                        new_id: id.clone(),
+                    });
+                }
+                None => changes.push(Change::Created { id: id.clone() }),
+            }
+            id
+        }
+    };
+    if let Some(actual) = actual.filter(|a| a.id == id) {
+        state.flow_id = actual.flow_id.clone();
+        state.schedules_seen = actual.schedules.clone();
+        update_fields(client, &id, plan, changes).await?;
+        update_schedules(client, &id, &plan.schedules, changes).await?;
+    }
+    if plan.read_back {
+        if let Some(d) = client.read_deployment(&id).await? {
+            state.schedules_seen = d.schedules;
+        }
+    }
+    apply_automations(client, want, &id, &plan.automations, state, changes).await
+}
+
+async fn create_schedules(
+    client: &PrefectClient,
+    id: &str,
+    schedules: &[ScheduleChange],
+) -> Result<()> {
+    let bodies: Vec<Value> = schedules
+        .iter()
+        .filter_map(|s| match s {
+            ScheduleChange::Create { body, .. } => Some(body.clone()),
+            _ => None,
+        })
+        .collect();
+    if bodies.is_empty() {
+        return Ok(());
+    }
+    client.create_schedules(id, &bodies).await
+}
+
+/// Removes a deployment this resource no longer describes, with its automations.
+async fn retire_deployment(client: &PrefectClient, id: &str) -> Result<()> {
+    client
+        .delete_owned_automations(&desired::owner_resource(id))
+        .await?;
+    client.delete_deployment(id).await?;
+    Ok(())
+}
+
+async fn update_fields(
+    client: &PrefectClient,
+    id: &str,
+    plan: &Plan,
+    changes: &mut Vec<Change>,
+) -> Result<()> {
+    if plan.fields.is_empty() {
+        return Ok(());
+    }
+    client.update_deployment(id, &plan.patch_body()).await?;
+    changes.push(Change::Updated {
+        fields: plan.fields.iter().map(|f| f.field.clone()).collect(),
+    });
+    Ok(())
+}
+
+async fn update_schedules(
+    client: &PrefectClient,
+    id: &str,
+    schedules: &[ScheduleChange],
+    changes: &mut Vec<Change>,
+) -> Result<()> {
+    let (mut created, mut updated, mut deleted) = (Vec::new(), Vec::new(), Vec::new());
+    for s in schedules {
+        match s {
+            ScheduleChange::Delete { slug, id: sid } => {
+                client.delete_schedule(id, sid).await?;
+                deleted.push(slug.clone().unwrap_or_else(|| "(no slug)".into()));
+            }
+            ScheduleChange::Update {
+                slug,
+                id: sid,
+                body,
+            } => {
+                client.update_schedule(id, sid, body).await?;
+                updated.push(slug.clone());
+            }
+            ScheduleChange::Create { slug, .. } => created.push(slug.clone()),
+        }
+    }
+    create_schedules(client, id, schedules).await?;
+    if !(created.is_empty() && updated.is_empty() && deleted.is_empty()) {
+        changes.push(Change::SchedulesChanged {
+            created,
+            updated,
+            deleted,
+        });
+    }
+    Ok(())
+}
+
+async fn apply_automations(
+    client: &PrefectClient,
+    want: &DesiredDeployment,
+    id: &str,
+    action: &AutomationAction,
+    state: &mut SyncState,
+    changes: &mut Vec<Change>,
+) -> Result<()> {
+    match action {
+        AutomationAction::Unchanged => Ok(()),
+        AutomationAction::DeleteLeftovers { delete } => {
+            state.automation_ids.retain(|a| !delete.contains(a));
+            for (k, old) in delete.iter().enumerate() {
+                if let Err(e) = client.delete_automation(old).await {
+                    state.automation_ids.extend_from_slice(&delete[k..]);
+                    return Err(e);
+                }
+            }
+            Ok(())
+        }
+        AutomationAction::Replace { delete, .. } => {
+            let bodies = want.automations_for(id);
+            // Create the new set first; the previous one keeps working until all are
+            // accepted.
+            let mut created = Vec::new();
+            for (i, body) in bodies.iter().enumerate() {
+                match client.create_automation(body).await {
+                    Ok(new) => created.push(new),
+                    Err(e) => {
+                        // Take back what this attempt made; the previous set stays.
+                        for new in &created {
+                            let _ = client.delete_automation(new).await;
+                        }
+                        return Err(trigger_error(body, i, e));
+                    }
+                }
+            }
+            // Recorded before the old set goes, so an interruption below leaves the new
+            // set known and the leftovers (listed after it) to be deleted next pass.
+            state.automation_ids = created.iter().chain(delete).cloned().collect();
+            state.triggers_hash = Some(desired::fingerprint(&bodies));
+            for old in delete {
+                client.delete_automation(old).await?;
+                state.automation_ids.retain(|x| x != old);
+            }
+            if !delete.is_empty() || !bodies.is_empty() {
+                changes.push(Change::AutomationsReplaced {
+                    count: bodies.len(),
+                });
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Names the trigger Prefect refused; for a metric trigger, says plainly that only
+/// Prefect Cloud has them.
+fn trigger_error(body: &Value, index: usize, e: Error) -> Error {
+    let Error::AutomationFailed(detail) = e else {
+        return e;
+    };
+    let field = format!("spec.deployment.triggers[{index}]");
+    let trigger = &body["trigger"];
+    let metric = trigger["type"] == "metric"
+        || trigger["triggers"]
+            .as_array()
+            .is_some_and(|t| t.iter().any(|c| c["type"] == "metric"));
+    if metric {
+        Error::AutomationFailed(format!(
+            "{field}: metric triggers exist only on Prefect Cloud and this server refused it; the deployment is applied, its previous automations are kept ({detail})"
+        ))
+    } else {
+        Error::AutomationFailed(format!(
+            "{field}: Prefect refused the automation; the previous automations are kept ({detail})"
+        ))
+    }
+}
+
+/// Deletes what the resource created: its automations, then the deployment. A
+/// deployment already gone counts as deleted. Without a recorded id, a deployment of the
+/// right name is removed only if its owner label says it was made for this resource.
+pub async fn delete(
+    client: &PrefectClient,
+    spec: &PrefectDeploymentSpec,
+    name: &str,
+    owner_uid: &str,
+    state: &SyncState,
+) -> Result<Option<String>> {
+    let id = match &state.deployment_id {
+        Some(id) => Some(id.clone()),
+        None => {
+            let flow = spec.deployment.flow_name();
+            client
+                .read_deployment_by_name(&flow, name)
+                .await?
+                .filter(|d| d.label(OWNER_LABEL) == Some(owner_uid))
+                .map(|d| d.id)
+        }
+    };
+    if let Some(id) = &id {
+        retire_deployment(client, id).await?;
+    }
+    Ok(id)
+}
