@@ -64,7 +64,11 @@ pub struct Plan {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(tag = "action", rename_all = "camelCase")]
+#[serde(
+    tag = "action",
+    rename_all = "camelCase",
+    rename_all_fields = "camelCase"
+)]
 pub enum DeploymentAction {
     /// The deployment recorded in status, found by name: changed in place.
     Update { id: String },
@@ -105,7 +109,11 @@ pub struct FieldChange {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(tag = "action", rename_all = "camelCase")]
+#[serde(
+    tag = "action",
+    rename_all = "camelCase",
+    rename_all_fields = "camelCase"
+)]
 pub enum ScheduleChange {
     Create {
         slug: String,
@@ -124,7 +132,11 @@ pub enum ScheduleChange {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(tag = "action", rename_all = "camelCase")]
+#[serde(
+    tag = "action",
+    rename_all = "camelCase",
+    rename_all_fields = "camelCase"
+)]
 pub enum AutomationAction {
     /// The recorded set matches the triggers.
     Unchanged,
@@ -520,12 +532,15 @@ impl fmt::Display for Plan {
         match &self.automations {
             AutomationAction::Unchanged => {}
             AutomationAction::DeleteLeftovers { delete } => {
-                writeln!(f, "  automations: delete {} left over", delete.len())?
+                writeln!(f, "  automations: delete left over {}", delete.join(", "))?
+            }
+            AutomationAction::Replace { create, delete } if delete.is_empty() => {
+                writeln!(f, "  automations: create {create}")?
             }
             AutomationAction::Replace { create, delete } => writeln!(
                 f,
                 "  automations: create {create}, then delete {}",
-                delete.len()
+                delete.join(", ")
             )?,
         }
         Ok(())
