@@ -23,9 +23,9 @@ pub mod validate;
 
 use api::reason;
 
-/// Every failure the operator can meet, each with a stable category used for the
-/// condition reason, for events and (later) for metric labels. Messages are short and
-/// never contain credentials or whole Prefect error bodies.
+/// Every failure the operator can meet. Messages are short (they become a condition
+/// message and an Event) and never contain credentials or whole Prefect error bodies;
+/// the underlying error, where there is one, stays reachable as `source()` for logs.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{0}")]
@@ -33,7 +33,7 @@ pub enum Error {
     #[error("{0}")]
     SecretNotFound(String),
     #[error("Prefect API unreachable: {0}")]
-    PrefectUnreachable(String),
+    PrefectUnreachable(String, #[source] Option<reqwest::Error>),
     #[error("{0}")]
     WorkPoolNotFound(String),
     #[error("{0}")]
@@ -51,41 +51,73 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// How an error is reported and whether retrying can help.
+pub struct Kind {
+    /// The `Ready` condition reason and Event reason.
+    pub reason: &'static str,
+    /// A bounded, snake_case label for metrics and logs.
+    pub category: &'static str,
+    /// Retrying without a new generation of the spec cannot help.
+    pub needs_spec_change: bool,
+}
+
 impl Error {
+    /// The one definition of each error's reason, category and retry behaviour.
+    ///
+    /// Only an invalid spec waits for a spec change. Everything else is retried with
+    /// backoff, because it can clear up without anyone touching the resource: a Secret
+    /// is created, the server comes back, a work pool is made, and a `Conflict` ends
+    /// when the other deployment of that name is deleted or labelled for adoption.
+    pub fn kind(&self) -> Kind {
+        let (reason, category, needs_spec_change) = match self {
+            Error::InvalidSpec(_) => (reason::INVALID_SPEC, "invalid_spec", true),
+            Error::SecretNotFound(_) => (reason::SECRET_NOT_FOUND, "secret_not_found", false),
+            Error::PrefectUnreachable(..) => {
+                (reason::PREFECT_UNREACHABLE, "prefect_unreachable", false)
+            }
+            Error::WorkPoolNotFound(_) => {
+                (reason::WORK_POOL_NOT_FOUND, "work_pool_not_found", false)
+            }
+            Error::PrefectRejected(_) => (reason::PREFECT_REJECTED, "prefect_rejected", false),
+            Error::Conflict(_) => (reason::CONFLICT, "conflict", false),
+            Error::AutomationFailed(_) => (reason::AUTOMATION_FAILED, "automation_failed", false),
+            Error::Kube(_) => (reason::KUBERNETES_ERROR, "kubernetes", false),
+            Error::Internal(_) => (reason::INTERNAL_ERROR, "internal", false),
+        };
+        Kind {
+            reason,
+            category,
+            needs_spec_change,
+        }
+    }
+
     /// The `Ready` condition reason for this error.
     pub fn reason(&self) -> &'static str {
-        match self {
-            Error::InvalidSpec(_) => reason::INVALID_SPEC,
-            Error::SecretNotFound(_) => reason::SECRET_NOT_FOUND,
-            Error::PrefectUnreachable(_) => reason::PREFECT_UNREACHABLE,
-            Error::WorkPoolNotFound(_) => reason::WORK_POOL_NOT_FOUND,
-            Error::PrefectRejected(_) => reason::PREFECT_REJECTED,
-            Error::Conflict(_) => reason::CONFLICT,
-            Error::AutomationFailed(_) => reason::AUTOMATION_FAILED,
-            Error::Kube(_) => reason::KUBERNETES_ERROR,
-            Error::Internal(_) => reason::INTERNAL_ERROR,
-        }
+        self.kind().reason
     }
 
     /// A bounded, snake_case category for metrics and logs.
     pub fn category(&self) -> &'static str {
-        match self {
-            Error::InvalidSpec(_) => "invalid_spec",
-            Error::SecretNotFound(_) => "secret_not_found",
-            Error::PrefectUnreachable(_) => "prefect_unreachable",
-            Error::WorkPoolNotFound(_) => "work_pool_not_found",
-            Error::PrefectRejected(_) => "prefect_rejected",
-            Error::Conflict(_) => "conflict",
-            Error::AutomationFailed(_) => "automation_failed",
-            Error::Kube(_) => "kubernetes",
-            Error::Internal(_) => "internal",
-        }
+        self.kind().category
     }
 
-    /// Whether retrying without a spec change can help. Invalid specs and name
-    /// conflicts need a person; the rest may clear up on their own (a Secret appears, a
-    /// server comes back, a work pool is created).
+    /// Whether retrying without a spec change can help (see `kind`).
     pub fn needs_spec_change(&self) -> bool {
-        matches!(self, Error::InvalidSpec(_))
+        self.kind().needs_spec_change
+    }
+
+    /// The message followed by every underlying cause, for logs.
+    pub fn chain(&self) -> String {
+        let mut out = self.to_string();
+        let mut src = std::error::Error::source(self);
+        while let Some(s) = src {
+            let text = s.to_string();
+            if !out.contains(&text) {
+                out.push_str(": ");
+                out.push_str(&text);
+            }
+            src = s.source();
+        }
+        out
     }
 }

@@ -209,14 +209,19 @@ impl PrefectClient {
                     let bytes = resp
                         .bytes()
                         .await
-                        .map_err(|e| Error::PrefectUnreachable(short_transport(&e)))?;
+                        .map_err(|e| Error::PrefectUnreachable(short_transport(&e), Some(e)))?;
                     if status.is_success() {
-                        let value = if bytes.is_empty() {
-                            Value::Null
-                        } else {
-                            serde_json::from_slice(&bytes).unwrap_or(Value::Null)
-                        };
-                        return Ok(Ok(value));
+                        if bytes.is_empty() {
+                            return Ok(Ok(Value::Null));
+                        }
+                        // A 2xx that is not JSON is not Prefect's API: most often the
+                        // URL points at the UI (which answers any path with HTML).
+                        return serde_json::from_slice(&bytes).map(Ok).map_err(|_| {
+                            Error::PrefectRejected(format!(
+                                "{method} {endpoint}: the server answered {} with a body that is not JSON; is the URL Prefect's API (usually ending in /api)?",
+                                status.as_u16()
+                            ))
+                        });
                     }
                     let retryable = matches!(status.as_u16(), 429 | 502 | 503 | 504);
                     if !retryable || attempt >= MAX_ATTEMPTS {
@@ -231,7 +236,7 @@ impl PrefectClient {
                 }
                 Err(e) => {
                     if attempt >= MAX_ATTEMPTS_UNREACHABLE {
-                        return Err(Error::PrefectUnreachable(short_transport(&e)));
+                        return Err(Error::PrefectUnreachable(short_transport(&e), Some(e)));
                     }
                     backoff(attempt)
                 }
@@ -316,21 +321,43 @@ impl PrefectClient {
     /// Only for a deployment known not to exist: on an existing one this endpoint is an
     /// upsert that replaces every schedule and its scheduled runs.
     pub async fn create_deployment(&self, body: &Value) -> Result<String, Error> {
-        let v = self
-            .call(Method::POST, "deployments", "/deployments/", Some(body))
+        let answer = self
+            .send(Method::POST, "deployments", "/deployments/", Some(body))
             .await?;
-        id_of(&v)
+        match answer {
+            Ok(v) => id_of(&v),
+            Err(f) => Err(self.pool_or(body, "POST deployments", f).await),
+        }
     }
 
     pub async fn update_deployment(&self, id: &str, body: &Value) -> Result<(), Error> {
-        self.call(
-            Method::PATCH,
-            "deployment",
-            &format!("/deployments/{id}"),
-            Some(body),
-        )
-        .await
-        .map(|_| ())
+        let path = format!("/deployments/{id}");
+        match self
+            .send(Method::PATCH, "deployment", &path, Some(body))
+            .await?
+        {
+            Ok(_) => Ok(()),
+            Err(f) => Err(self.pool_or(body, "PATCH deployment", f).await),
+        }
+    }
+
+    /// A failed request that names a work pool is `WorkPoolNotFound` when the pool itself
+    /// reads as 404: recognised by status codes, not by the wording of the body. Prefect
+    /// 3.9 answers a create naming a missing pool with 404, a PATCH with 500.
+    async fn pool_or(&self, body: &Value, what: &str, f: Failure) -> Error {
+        let pool = body.get("work_pool_name").and_then(Value::as_str);
+        let may_be_pool = f.status == StatusCode::NOT_FOUND || f.status.is_server_error();
+        if let (true, Some(pool)) = (may_be_pool, pool) {
+            let path = format!("/work_pools/{}", encode_segment(pool));
+            if let Ok(Err(g)) = self.send(Method::GET, "work_pool", &path, None).await {
+                if g.status == StatusCode::NOT_FOUND {
+                    return Error::WorkPoolNotFound(format!(
+                        "work pool \"{pool}\" does not exist in Prefect; create it or change spec.workPool.name"
+                    ));
+                }
+            }
+        }
+        failure_to_error(what, f)
     }
 
     /// Returns false when the deployment was already gone.
@@ -522,12 +549,9 @@ fn short_transport(e: &reqwest::Error) -> String {
 
 fn failure_to_error(what: &str, f: Failure) -> Error {
     let code = f.status.as_u16();
-    if code == 404 && f.summary.contains("Work pool") {
-        return Error::WorkPoolNotFound(f.summary);
-    }
     let msg = format!("{what}: {code}: {}", f.summary);
     if f.status.is_server_error() || code == 429 {
-        Error::PrefectUnreachable(msg)
+        Error::PrefectUnreachable(msg, None)
     } else {
         Error::PrefectRejected(msg)
     }

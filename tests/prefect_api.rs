@@ -171,6 +171,12 @@ async fn client_calls_against_real_server() {
     c.update_deployment(&id, &json!({"description": "hello"}))
         .await
         .unwrap();
+    let err = c
+        .update_deployment(&id, &json!({"work_pool_name": "no-such-pool"}))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::WorkPoolNotFound(_)), "{err:?}");
+    assert!(err.to_string().contains("no-such-pool"), "{err}");
     assert_eq!(
         env.deployment(&id).await.unwrap()["description"],
         json!("hello")
@@ -240,7 +246,7 @@ async fn client_calls_against_real_server() {
     );
     assert!(matches!(
         dead.upsert_flow("f").await.unwrap_err(),
-        Error::PrefectUnreachable(_)
+        Error::PrefectUnreachable(..)
     ));
 }
 
@@ -681,4 +687,38 @@ async fn basic_auth_server() {
         calls,
     );
     authed.upsert_flow("f").await.unwrap();
+}
+
+/// A 2xx answer that is not JSON (a URL pointing at Prefect's UI, or a proxy's page) is
+/// an error naming the endpoint, never an empty value. A real Prefect API cannot be made
+/// to answer this way, so a one-shot local responder plays the misconfigured URL.
+#[tokio::test]
+async fn a_success_that_is_not_json_is_an_error() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    support::install_crypto();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let mut buf = [0u8; 4096];
+            let _ = sock.read(&mut buf).await;
+            let page = "<!doctype html><html><body>Prefect</body></html>";
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{page}",
+                page.len()
+            );
+            let _ = sock.write_all(answer.as_bytes()).await;
+        }
+    });
+    let c = PrefectClient::new(
+        http_client(),
+        &format!("http://{addr}"),
+        None,
+        Arc::default(),
+    );
+    let err = c.read_deployment_by_name("f", "d").await.unwrap_err();
+    assert!(matches!(err, Error::PrefectRejected(_)), "{err:?}");
+    let text = err.to_string();
+    assert!(text.contains("GET deployment_by_name"), "{text}");
+    assert!(text.contains("not JSON"), "{text}");
 }

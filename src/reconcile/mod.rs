@@ -288,7 +288,7 @@ pub async fn reconcile(obj: Arc<PrefectDeployment>, ctx: Arc<Context>) -> Result
                 "reconciled"
             );
         }
-        Err(e) => tracing::warn!(category = e.category(), error = %e, "reconcile failed"),
+        Err(e) => tracing::warn!(category = e.category(), error = %e.chain(), "reconcile failed"),
     }
     result
 }
