@@ -10,7 +10,7 @@ mod support;
 
 use std::time::Duration;
 
-use prefect_operator::reconcile::{self, RunOptions};
+use prefect_operator::runtime::{self, RunOptions};
 use serde_json::{json, Value};
 
 #[tokio::main]
@@ -47,7 +47,7 @@ async fn main() {
             admin_addr: None,
             leader_election: None,
         };
-        if let Err(e) = reconcile::run(kube, opts).await {
+        if let Err(e) = runtime::run(kube, opts).await {
             eprintln!("operator stopped: {e}");
             std::process::exit(1);
         }

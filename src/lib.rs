@@ -1,10 +1,13 @@
 //! prefect-operator: reconciles `PrefectDeployment` resources into a Prefect server.
 //!
-//! The data goes through these steps, one module each:
-//! `api` (the resource) -> `validate` (pure) -> `desired` (pure: the Prefect payloads)
-//! -> `prefect` (HTTP client) -> `reconcile` (apply, status, finalizer); `preview` (pure)
-//! computes the next runs that status shows; `schedule` (pure) is the time language
-//! both validation and preview use.
+//! Data goes through these steps, one module each; all but the last two are pure:
+//! `api` (the resource) -> `validate` (a `ValidSpec`, every piece parsed once)
+//! -> `desired` (the Prefect payloads) -> `plan` (desired + recorded state + `observed`
+//! Prefect answers -> the calls to make) -> `reconcile::execute` (reads for the plan,
+//! then performs it through the `prefect` client) -> `reconcile::status`.
+//! `schedule` is the time language validation and `preview` (the next runs shown in
+//! status) share. `runtime` wires the process: admin endpoints, leader election, one
+//! controller per namespace.
 
 pub mod admin;
 pub mod api;
@@ -17,6 +20,7 @@ pub mod plan;
 pub mod prefect;
 pub mod preview;
 pub mod reconcile;
+pub mod runtime;
 pub mod schedule;
 pub mod telemetry;
 pub mod validate;

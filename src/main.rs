@@ -1,7 +1,7 @@
 use clap::Parser;
 use prefect_operator::cli::{Cli, Command, RunArgs};
 use prefect_operator::leader::LeaseConfig;
-use prefect_operator::reconcile::{self, RunOptions};
+use prefect_operator::runtime::{self, RunOptions};
 
 #[tokio::main]
 async fn main() {
@@ -39,7 +39,7 @@ async fn main() {
                 leader_election = opts.leader_election.is_some(),
                 "starting"
             );
-            if let Err(msg) = reconcile::run(kube, opts).await {
+            if let Err(msg) = runtime::run(kube, opts).await {
                 eprintln!("prefect-operator: {msg}");
                 std::process::exit(1);
             }

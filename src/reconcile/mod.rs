@@ -1,27 +1,24 @@
-//! The controller: for each PrefectDeployment, validate, resolve the server, sync to
-//! Prefect, record status; on deletion, clean up behind a finalizer.
+//! The per-object controller: for each PrefectDeployment, validate, resolve the server,
+//! observe, plan and perform (`execute`), record status; on deletion, clean up behind
+//! the finalizer (`finalizer`).
 
 pub mod execute;
+mod finalizer;
 pub mod server;
 pub mod status;
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Api, Resource, ResourceExt};
-use serde_json::json;
 
-use crate::admin::Health;
-use crate::api::{reason, DeletionPolicy, PrefectDeployment, FINALIZER};
-use crate::leader::{Elector, LeaseConfig};
+use crate::api::{reason, PrefectDeployment, FINALIZER};
 use crate::metrics::{Metrics, ReconcileLabels};
 use crate::prefect::{CallLog, PrefectClient};
 use crate::validate::{validate, ValidSchedule};
@@ -95,123 +92,10 @@ impl Context {
     }
 }
 
-/// Options for `run`.
-pub struct RunOptions {
-    /// Namespaces to watch; empty means all.
-    pub namespaces: Vec<String>,
-    pub concurrency: u16,
-    pub default_resync: Duration,
-    /// Where to serve /livez, /readyz and /metrics.
-    pub admin_addr: Option<std::net::SocketAddr>,
-    /// Set to run only while holding this lease.
-    pub leader_election: Option<LeaseConfig>,
-}
-
-/// Runs the operator until SIGTERM/SIGINT. An error is a message for the person
-/// starting it (missing CRD, missing permissions).
-pub async fn run(kube: kube::Client, opts: RunOptions) -> std::result::Result<(), String> {
-    let ctx = Arc::new(Context::new(kube.clone(), opts.default_resync));
-    let metrics = ctx.metrics.clone();
-    let health = Arc::new(Health::default());
-    if let Some(addr) = opts.admin_addr {
-        let bound = crate::admin::serve(addr, health.clone(), metrics.clone())
-            .await
-            .map_err(|e| format!("cannot serve the admin endpoints on {addr}: {e}"))?;
-        tracing::info!(%bound, "serving /livez, /readyz and /metrics");
-    }
-    let apis: Vec<Api<PrefectDeployment>> = if opts.namespaces.is_empty() {
-        vec![Api::all(kube.clone())]
-    } else {
-        opts.namespaces
-            .iter()
-            .map(|ns| Api::namespaced(kube.clone(), ns))
-            .collect()
-    };
-    for api in &apis {
-        preflight(api).await?;
-    }
-
-    let mut elector = None;
-    if let Some(cfg) = opts.leader_election {
-        // A standby is healthy and ready; it just does not reconcile.
-        health.ready.store(true, Ordering::Relaxed);
-        tracing::info!(lease = %cfg.name, namespace = %cfg.namespace, identity = %cfg.identity, "waiting to become leader");
-        let mut e = Elector::new(kube.clone(), cfg);
-        e.acquire().await;
-        tracing::info!("became leader");
-        elector = Some(e);
-    }
-    metrics.leader.set(1);
-
-    // Ready once every watch (one per namespace) has listed.
-    let unsynced = Arc::new(std::sync::atomic::AtomicUsize::new(apis.len()));
-    let controllers = apis.into_iter().map(|api| {
-        let c = build(api, opts.concurrency);
-        let store = c.store();
-        let (health, unsynced) = (health.clone(), unsynced.clone());
-        tokio::spawn(async move {
-            // The store's readiness signal wakes only its most recent waiter, and the
-            // controller itself waits on it too: poll again every half second rather
-            // than wait once and never be woken.
-            loop {
-                let wait =
-                    tokio::time::timeout(Duration::from_millis(500), store.wait_until_ready());
-                match wait.await {
-                    Ok(Ok(())) => {
-                        if unsynced.fetch_sub(1, Ordering::AcqRel) == 1 {
-                            tracing::info!("first watch list synced; ready");
-                            health.ready.store(true, Ordering::Relaxed);
-                        }
-                        break;
-                    }
-                    Ok(Err(e)) => {
-                        tracing::warn!(error = %e, "watch ended before its first list");
-                        break;
-                    }
-                    Err(_) => continue,
-                }
-            }
-        });
-        drive(c, ctx.clone())
-    });
-    let all = futures::future::join_all(controllers);
-    match &mut elector {
-        Some(e) => {
-            tokio::select! {
-                _ = all => {}
-                _ = e.keep() => {
-                    // Another replica may already be acting: stop at once rather than
-                    // finish in-flight work.
-                    tracing::error!("lost the leader lease; exiting");
-                    std::process::exit(1);
-                }
-            }
-            e.release().await;
-        }
-        None => {
-            all.await;
-        }
-    }
-    metrics.leader.set(0);
-    Ok(())
-}
-
-/// Checks the CRD is installed and may be listed, with a message saying what to do.
-async fn preflight(api: &Api<PrefectDeployment>) -> std::result::Result<(), String> {
-    match api.list(&kube::api::ListParams::default().limit(1)).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(s)) if s.code == 404 => Err(
-            "the PrefectDeployment CRD (prefectdeployments.prefect.io) is not installed. Install it with: kubectl apply --validate=false -f crds/prefectdeployments.prefect.io.yaml (or: prefect-operator crd | kubectl apply --validate=false -f -)".into(),
-        ),
-        Err(kube::Error::Api(s)) if s.code == 403 => Err(format!(
-            "not allowed to list PrefectDeployments ({}). Grant the operator's ServiceAccount the RBAC rules of the Helm chart",
-            s.message
-        )),
-        Err(e) => Err(format!("cannot list PrefectDeployments: {e}")),
-    }
-}
-
-fn build(api: Api<PrefectDeployment>, concurrency: u16) -> Controller<PrefectDeployment> {
+pub(crate) fn build(
+    api: Api<PrefectDeployment>,
+    concurrency: u16,
+) -> Controller<PrefectDeployment> {
     use kube::runtime::WatchStreamExt;
     let (reader, writer) = kube::runtime::reflector::store();
     // The cache keeps every watched object; managedFields and kubectl's last-applied
@@ -231,7 +115,7 @@ fn build(api: Api<PrefectDeployment>, concurrency: u16) -> Controller<PrefectDep
         .shutdown_on_signal()
 }
 
-async fn drive(c: Controller<PrefectDeployment>, ctx: Arc<Context>) {
+pub(crate) async fn drive(c: Controller<PrefectDeployment>, ctx: Arc<Context>) {
     c.run(reconcile, error_policy, ctx)
         .for_each(|res| async move {
             if let Err(e) = res {
@@ -352,10 +236,10 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
 
     if obj.meta().deletion_timestamp.is_some() {
         ctx.synced.lock().expect("lock").remove(&oref);
-        return finalize(obj, ctx, &api).await;
+        return finalizer::finalize(obj, ctx, &api).await;
     }
     if !obj.finalizers().iter().any(|f| f == FINALIZER) {
-        add_finalizer(obj, &api).await?;
+        finalizer::add_finalizer(obj, &api).await?;
     }
 
     let generation = obj.meta().generation;
@@ -517,102 +401,4 @@ async fn report_not_ready(
     let preview = status::kept_preview(old);
     status::write(api, obj, &status::build(state, cond, generation, preview)).await?;
     Ok(())
-}
-
-/// Finalizer edits are merge patches carrying the resourceVersion they were computed
-/// from, so a concurrent change to the list makes the patch fail (and retry) instead of
-/// being overwritten.
-async fn set_finalizers(
-    obj: &PrefectDeployment,
-    api: &Api<PrefectDeployment>,
-    list: Vec<String>,
-) -> Result<()> {
-    let patch =
-        json!({"metadata": {"resourceVersion": obj.resource_version(), "finalizers": list}});
-    match api
-        .patch(
-            &obj.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
-        .await
-    {
-        Ok(_) => Ok(()),
-        // Already gone: the object was deleted once the last finalizer went.
-        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
-        Err(e) => Err(e.into()),
-    }
-}
-
-async fn add_finalizer(obj: &PrefectDeployment, api: &Api<PrefectDeployment>) -> Result<()> {
-    let mut list = obj.finalizers().to_vec();
-    list.push(FINALIZER.to_string());
-    set_finalizers(obj, api, list).await
-}
-
-async fn remove_finalizer(obj: &PrefectDeployment, api: &Api<PrefectDeployment>) -> Result<()> {
-    let list = obj
-        .finalizers()
-        .iter()
-        .filter(|f| *f != FINALIZER)
-        .cloned()
-        .collect();
-    set_finalizers(obj, api, list).await
-}
-
-async fn finalize(
-    obj: &PrefectDeployment,
-    ctx: &Context,
-    api: &Api<PrefectDeployment>,
-) -> Result<Action> {
-    if !obj.finalizers().iter().any(|f| f == FINALIZER) {
-        return Ok(Action::await_change());
-    }
-    let ns = obj.namespace().unwrap_or_default();
-    if obj.deletion_policy() == DeletionPolicy::Delete {
-        let state = status::state_of(obj.status.as_ref());
-        let result = async {
-            let client = prefect_client(obj, ctx, &ns).await?;
-            execute::delete(
-                &client,
-                &obj.spec,
-                &obj.deployment_name(),
-                &obj.uid().unwrap_or_default(),
-                &state,
-            )
-            .await
-        }
-        .await;
-        match result {
-            Ok(Some(id)) => {
-                ctx.event(
-                    obj,
-                    EventType::Normal,
-                    "Deleted",
-                    format!("Deleted Prefect deployment {id} and its automations"),
-                    "Delete",
-                )
-                .await;
-            }
-            Ok(None) => {}
-            Err(e) => {
-                let msg = format!("Could not delete the Prefect deployment, will retry: {e}");
-                report_not_ready(obj, ctx, api, &state, reason::CLEANUP_FAILED, msg, "Delete")
-                    .await?;
-                return Err(e);
-            }
-        }
-    } else {
-        ctx.event(
-            obj,
-            EventType::Normal,
-            "Orphaned",
-            "deletionPolicy is Orphan: the Prefect deployment is left in place".into(),
-            "Delete",
-        )
-        .await;
-    }
-    remove_finalizer(obj, api).await?;
-    ctx.metrics.set_ready(&obj.uid().unwrap_or_default(), None);
-    Ok(Action::await_change())
 }
