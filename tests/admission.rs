@@ -12,6 +12,8 @@ mod support;
 use std::path::Path;
 
 use kube_cel::{compile_schema, estimate_rule_cost, Validator};
+use prefect_operator::api::PrefectDeployment;
+use prefect_operator::validate::validate;
 use serde_json::{json, Value};
 use support::{unique, ControlPlane};
 
@@ -331,6 +333,57 @@ fn flow_name_cannot_change_once_set() {
     assert!(messages(&old, Some(&removed)).is_empty());
 }
 
+/// The controller's own verdict on a manifest: decoded as the watch decodes it, then
+/// `validate()`. `Err` carries the message.
+fn controller_verdict(object: &Value) -> Result<(), String> {
+    let pd: PrefectDeployment =
+        serde_json::from_value(object.clone()).map_err(|e| format!("does not decode: {e}"))?;
+    validate(&pd.spec, pd.metadata.name.as_deref().unwrap_or("x"))
+        .map(|_| ())
+        .map_err(|p| p.to_string())
+}
+
+/// The field a broken manifest breaks: the first `spec.deployment` key that differs
+/// from `base()`, with the list index for schedules and triggers.
+fn broken_field(object: &Value) -> String {
+    let base = base();
+    let d = object["spec"]["deployment"].as_object().unwrap();
+    let key = d
+        .keys()
+        .find(|k| d[*k] != base["spec"]["deployment"][k.as_str()])
+        .expect("a broken case changes spec.deployment");
+    match key.as_str() {
+        "schedules" | "triggers" => format!("spec.deployment.{key}[0]"),
+        _ => format!("spec.deployment.{key}"),
+    }
+}
+
+/// The CEL rules and `validate()` cannot drift apart: every manifest the rules refuse,
+/// the controller refuses too, naming the same field; every manifest they accept, it
+/// accepts. (A manifest that reaches the controller through an apiserver without CEL,
+/// like 1.20's, is still refused, with a condition instead of at `kubectl apply`.)
+#[test]
+fn validate_agrees_with_the_cel_rules() {
+    for (object, cel_message) in broken() {
+        let field = broken_field(&object);
+        match controller_verdict(&object) {
+            Ok(()) => panic!("validate() accepts what CEL refuses ({cel_message}): {object}"),
+            Err(message) => assert!(
+                message.starts_with(&field),
+                "CEL: {cel_message}\nvalidate(): {message}\nexpected it to name {field}"
+            ),
+        }
+    }
+    for object in accepted() {
+        if let Err(message) = controller_verdict(&object) {
+            panic!(
+                "{}: CEL accepts, validate() refuses: {message}",
+                object["metadata"]["name"]
+            );
+        }
+    }
+}
+
 fn server_minor(cp: &ControlPlane) -> u32 {
     let out = cp.kubectl_ok(&["version", "-o", "json"]);
     let v: Value = serde_json::from_str(&out).unwrap();
@@ -352,17 +405,13 @@ fn apply(cp: &ControlPlane, ns: &str, object: &Value) -> (bool, String) {
     (ok, err)
 }
 
-/// The OpenAPI bounds are enforced by every apiserver, including the 1.20 one here.
-#[test]
-fn apiserver_enforces_openapi_bounds() {
-    let cp = ControlPlane::shared();
-    let ns = unique("adm");
-    cp.kubectl_ok(&["create", "namespace", &ns]);
+/// Manifests outside the OpenAPI bounds of the CRD, with the field the apiserver names.
+fn out_of_bounds() -> Vec<(Value, &'static str)> {
     let sched = |s: Value| with_deployment(json!({"schedules": [s]}));
     let trig = |t: Value| with_deployment(json!({"triggers": [t]}));
     let mut policy = base();
     policy["spec"]["deletionPolicy"] = json!("Keep");
-    let cases = [
+    vec![
         (
             sched(json!({"slug": "a", "interval": 60, "max_scheduled_runs": 0})),
             "max_scheduled_runs",
@@ -396,7 +445,37 @@ fn apiserver_enforces_openapi_bounds() {
             ),
             "Duplicate value",
         ),
-    ];
+    ]
+}
+
+/// What the OpenAPI bounds refuse, the controller refuses too, naming the field, so a
+/// manifest that reached it some other way (an apiserver that lost the schema, a CRD
+/// edited by hand) still gets a clear condition.
+#[test]
+fn validate_refuses_what_the_bounds_refuse() {
+    for (object, field) in out_of_bounds() {
+        match controller_verdict(&object) {
+            Ok(()) => panic!("validate() accepts what the schema refuses ({field}): {object}"),
+            // An enum outside its values fails to decode before validate() runs; serde
+            // names the value and the choices rather than the field.
+            Err(message) if message.starts_with("does not decode") => {
+                assert!(message.contains("unknown variant"), "{field}: {message}")
+            }
+            Err(message) => assert!(
+                message.contains(field) || (field == "Duplicate value" && message.contains("slug")),
+                "{field}: {message}"
+            ),
+        }
+    }
+}
+
+/// The OpenAPI bounds are enforced by every apiserver, including the 1.20 one here.
+#[test]
+fn apiserver_enforces_openapi_bounds() {
+    let cp = ControlPlane::shared();
+    let ns = unique("adm");
+    cp.kubectl_ok(&["create", "namespace", &ns]);
+    let cases = out_of_bounds();
     for (object, field) in cases {
         let (ok, err) = apply(cp, &ns, &object);
         assert!(!ok && err.contains(field), "{field}: {err}");

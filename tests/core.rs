@@ -61,11 +61,47 @@ fn check_desired(file: &str) {
         exp["automations"],
         "{file}: automations"
     );
-    // The fingerprint follows content only.
+    // The deployment carries the same bodies with the id filled in after a create, and
+    // the fingerprint status records is theirs.
     assert_eq!(
-        desired::fingerprint(&automations),
-        desired::fingerprint(&automations.clone())
+        want.automations_for(id),
+        automations,
+        "{file}: automations_for"
     );
+    assert_eq!(
+        want.triggers_hash(id),
+        desired::fingerprint(&automations),
+        "{file}: triggers hash"
+    );
+    // Keys are sorted before hashing: the same content in another key order hashes the
+    // same (the status of an older operator version stays valid).
+    let reordered: Vec<Value> = automations
+        .iter()
+        .map(|a| serde_json::from_str(&reverse_keys(a)).unwrap())
+        .collect();
+    assert_eq!(
+        desired::fingerprint(&reordered),
+        desired::fingerprint(&automations)
+    );
+}
+
+/// The JSON text of `v` with every object's keys written in reverse order.
+fn reverse_keys(v: &Value) -> String {
+    match v {
+        Value::Object(o) => {
+            let parts: Vec<String> = o
+                .iter()
+                .rev()
+                .map(|(k, v)| format!("{}:{}", Value::String(k.clone()), reverse_keys(v)))
+                .collect();
+            format!("{{{}}}", parts.join(","))
+        }
+        Value::Array(a) => format!(
+            "[{}]",
+            a.iter().map(reverse_keys).collect::<Vec<_>>().join(",")
+        ),
+        other => other.to_string(),
+    }
 }
 
 #[test]
