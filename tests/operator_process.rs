@@ -171,7 +171,6 @@ fn chart_lints_and_renders_secure_defaults() {
 struct Operator {
     child: Child,
     log: PathBuf,
-    port: u16,
     _dir: tempfile::TempDir,
 }
 
@@ -179,11 +178,12 @@ impl Operator {
     fn start(kubeconfig: &Path, extra: &[&str], rust_log: &str) -> Operator {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("operator.log");
-        let port = support::free_port();
         let file = std::fs::File::create(&log).unwrap();
         let child = Command::new(BIN)
             .arg("run")
-            .arg(format!("--admin-addr=127.0.0.1:{port}"))
+            // The OS picks the admin port and the operator logs it: no race with other
+            // processes for a port chosen in advance.
+            .arg("--admin-addr=127.0.0.1:0")
             .args(extra)
             .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", rust_log)
@@ -196,7 +196,6 @@ impl Operator {
         Operator {
             child,
             log,
-            port,
             _dir: dir,
         }
     }
@@ -205,8 +204,26 @@ impl Operator {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The admin port the operator reported binding (0 until it has).
+    fn port(&self) -> u16 {
+        let logs = self.logs();
+        let Some(line) = logs.lines().find(|l| l.contains("serving /livez")) else {
+            return 0;
+        };
+        // Text or JSON format, with or without colour codes around the field name.
+        let at = line.find("127.0.0.1:").map(|i| i + "127.0.0.1:".len());
+        at.map(|i| {
+            line[i..]
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect::<String>()
+        })
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0)
+    }
+
     fn metrics(&self) -> String {
-        http_get(self.port, "/metrics", None)
+        http_get(self.port(), "/metrics", None)
             .map(|(_, b)| b)
             .unwrap_or_default()
     }
@@ -380,9 +397,12 @@ fn chart_rbac_is_exactly_enough() {
     );
     op.wait_until("leadership", Duration::from_secs(30), |o| o.is_leader());
     op.wait_until("/readyz", Duration::from_secs(30), |o| {
-        http_get(o.port, "/readyz", None).is_some_and(|(c, _)| c == 200)
+        http_get(o.port(), "/readyz", None).is_some_and(|(c, _)| c == 200)
     });
-    assert_eq!(http_get(op.port, "/livez", None).map(|(c, _)| c), Some(200));
+    assert_eq!(
+        http_get(op.port(), "/livez", None).map(|(c, _)| c),
+        Some(200)
+    );
 
     let ns = unique("work");
     cp.kubectl_ok(&["create", "namespace", &ns]);
@@ -466,7 +486,7 @@ fn leader_hand_over_without_double_writes() {
     });
     let mut b = Operator::start(&cp.kubeconfig, &args, "info");
     b.wait_until("standby ready", Duration::from_secs(30), |o| {
-        http_get(o.port, "/readyz", None).is_some_and(|(c, _)| c == 200)
+        http_get(o.port(), "/readyz", None).is_some_and(|(c, _)| c == 200)
     });
     assert!(!b.is_leader());
 
@@ -686,7 +706,7 @@ fn chart_namespaced_mode_rbac_is_enough() {
 
     let mut op = Operator::start(&kubeconfig, &[&format!("--namespace={team}")], "info");
     op.wait_until("/readyz", Duration::from_secs(30), |o| {
-        http_get(o.port, "/readyz", None).is_some_and(|(c, _)| c == 200)
+        http_get(o.port(), "/readyz", None).is_some_and(|(c, _)| c == 200)
     });
     let (ok, _, err) = cp.kubectl_stdin(
         &["apply", "-f", "-"],

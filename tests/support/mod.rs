@@ -298,23 +298,6 @@ impl ControlPlane {
                     .to_path_buf()
             }
         };
-        let (etcd_port, peer_port, api_port) = (free_port(), free_port(), free_port());
-        let etcd_url = format!("http://127.0.0.1:{etcd_port}");
-        let etcd = spawn_watched(
-            &etcd_bin,
-            &[
-                format!("--data-dir={}", d.join("etcd").display()),
-                format!("--listen-client-urls={etcd_url}"),
-                format!("--advertise-client-urls={etcd_url}"),
-                format!("--listen-peer-urls=http://127.0.0.1:{peer_port}"),
-                format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}"),
-                format!("--initial-cluster=default=http://127.0.0.1:{peer_port}"),
-                "--unsafe-no-fsync".into(),
-            ],
-            &[],
-            &d.join("etcd.log"),
-        );
-
         // A throwaway CA, a serving certificate signed by it (rustls refuses a CA used as
         // the server's own certificate), and service-account keys.
         run(Command::new("openssl").current_dir(d).args([
@@ -394,6 +377,54 @@ impl ControlPlane {
             .nth(1)
             .and_then(|m| m.parse().ok())
             .unwrap_or(20);
+        // Ports are picked by binding to port 0 and releasing it; another process can
+        // take one before etcd or the apiserver binds it. Then both are stopped and
+        // started again on fresh ports.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match Self::launch(d, &etcd_bin, minor) {
+                Ok((etcd, apiserver, kubeconfig, url)) => {
+                    return ControlPlane {
+                        kubeconfig,
+                        url,
+                        dir,
+                        _etcd: etcd,
+                        _apiserver: apiserver,
+                    }
+                }
+                Err(Launch::PortTaken(log)) if attempt < 5 => {
+                    eprintln!("control plane: a port was taken before it bound; retrying\n{log}");
+                }
+                Err(Launch::PortTaken(log)) | Err(Launch::Failed(log)) => panic!("{log}"),
+            }
+        }
+    }
+
+    /// One try at starting etcd and the apiserver on fresh ports, up to readiness.
+    fn launch(
+        d: &Path,
+        etcd_bin: &Path,
+        minor: u32,
+    ) -> Result<(Child, Child, PathBuf, String), Launch> {
+        let a = assets();
+        let _ = std::fs::remove_dir_all(d.join("etcd"));
+        let (etcd_port, peer_port, api_port) = (free_port(), free_port(), free_port());
+        let etcd_url = format!("http://127.0.0.1:{etcd_port}");
+        let mut etcd = spawn_watched(
+            etcd_bin,
+            &[
+                format!("--data-dir={}", d.join("etcd").display()),
+                format!("--listen-client-urls={etcd_url}"),
+                format!("--advertise-client-urls={etcd_url}"),
+                format!("--listen-peer-urls=http://127.0.0.1:{peer_port}"),
+                format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}"),
+                format!("--initial-cluster=default=http://127.0.0.1:{peer_port}"),
+                "--unsafe-no-fsync".into(),
+            ],
+            &[],
+            &d.join("etcd.log"),
+        );
         let mut args = vec![
             format!("--etcd-servers={etcd_url}"),
             format!("--secure-port={api_port}"),
@@ -417,7 +448,7 @@ impl ControlPlane {
             args.push("--insecure-port=0".into());
         }
         let log = d.join("kube-apiserver.log");
-        let apiserver = spawn_watched(&a.kube_dir.join("kube-apiserver"), &args, &[], &log);
+        let mut apiserver = spawn_watched(&a.kube_dir.join("kube-apiserver"), &args, &[], &log);
 
         let url = format!("https://127.0.0.1:{api_port}");
         let kubeconfig = d.join("kubeconfig");
@@ -443,22 +474,25 @@ impl ControlPlane {
                 .map(|o| o.status.success())
                 .unwrap_or(false);
             if ok {
-                break;
+                return Ok((etcd, apiserver, kubeconfig, url));
             }
-            assert!(
-                Instant::now() < deadline,
-                "kube-apiserver did not become ready; log:\n{}\netcd log:\n{}",
-                tail(&log),
-                tail(&d.join("etcd.log"))
-            );
+            let exited = matches!(etcd.try_wait(), Ok(Some(_)))
+                || matches!(apiserver.try_wait(), Ok(Some(_)));
+            if exited || Instant::now() >= deadline {
+                let text = format!(
+                    "kube-apiserver did not become ready; log:\n{}\netcd log:\n{}",
+                    tail(&log),
+                    tail(&d.join("etcd.log"))
+                );
+                stop_watched(&mut apiserver);
+                stop_watched(&mut etcd);
+                return Err(if text.contains("address already in use") {
+                    Launch::PortTaken(text)
+                } else {
+                    Launch::Failed(text)
+                });
+            }
             std::thread::sleep(Duration::from_millis(300));
-        }
-        ControlPlane {
-            kubeconfig,
-            url,
-            dir,
-            _etcd: etcd,
-            _apiserver: apiserver,
         }
     }
 
