@@ -286,7 +286,7 @@ impl PrefectClient {
                 Some(&serde_json::json!({"name": name})),
             )
             .await?;
-        id_of(&v)
+        id_of("POST flows", v)
     }
 
     pub async fn read_deployment(&self, id: &str) -> Result<Option<ObservedDeployment>, Error> {
@@ -325,7 +325,7 @@ impl PrefectClient {
             .send(Method::POST, "deployments", "/deployments/", Some(body))
             .await?;
         match answer {
-            Ok(v) => id_of(&v),
+            Ok(v) => id_of("POST deployments", v),
             Err(f) => Err(self.pool_or(body, "POST deployments", f).await),
         }
     }
@@ -424,7 +424,7 @@ impl PrefectClient {
             .send(Method::POST, "automations", "/automations/", Some(body))
             .await?
         {
-            Ok(v) => id_of(&v),
+            Ok(v) => id_of(what, v),
             // The trigger itself was refused (for example a metric trigger on a server
             // without Prefect Cloud's metrics): say so as a trigger problem.
             Err(f)
@@ -494,11 +494,13 @@ fn backoff(attempt: u32) -> Duration {
     base.min(Duration::from_secs(5)) + Duration::from_millis(fastrand::u64(0..100))
 }
 
-fn id_of(v: &Value) -> Result<String, Error> {
-    v.get("id")
-        .and_then(Value::as_str)
-        .map(str::to_string)
-        .ok_or_else(|| Error::PrefectRejected("Prefect's answer had no id".into()))
+/// The id of what a create returned (flow, deployment, automation).
+fn id_of(what: &str, v: Value) -> Result<String, Error> {
+    #[derive(serde::Deserialize)]
+    struct Created {
+        id: String,
+    }
+    decode::<Created>(what, v).map(|c| c.id)
 }
 
 /// A typed answer, or an error naming the endpoint whose answer did not have the shape
