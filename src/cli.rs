@@ -23,6 +23,49 @@ pub enum Command {
     Run(RunArgs),
     /// Print the PrefectDeployment CustomResourceDefinition as YAML.
     Crd,
+    /// Check manifests offline, as the apiserver and the controller would.
+    #[command(
+        after_help = "Example:\n  prefect-operator validate -f deploy/ -f extra.yaml\n\nExit status: 0 all valid, 1 any invalid, 2 a file could not be read."
+    )]
+    Validate(ValidateArgs),
+    /// Show what applying manifests would change in Prefect (reads only).
+    #[command(
+        after_help = "Example:\n  PREFECT_API_KEY=... prefect-operator diff -f deploy/ --server-url http://localhost:4200/api\n  prefect-operator diff -f deploy/ --from-cluster\n\nExit status: 0 no differences, 1 differences, 2 an error."
+    )]
+    Diff(DiffArgs),
+}
+
+/// Output format of the tool commands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    Text,
+    Json,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ValidateArgs {
+    /// Manifest files or directories (searched for .yaml, .yml, .json); `-` for stdin.
+    #[arg(short = 'f', long = "filename", required = true)]
+    pub files: Vec<std::path::PathBuf>,
+    #[arg(short = 'o', long, value_enum, default_value = "text")]
+    pub output: Output,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct DiffArgs {
+    /// Manifest files or directories (searched for .yaml, .yml, .json); `-` for stdin.
+    #[arg(short = 'f', long = "filename", required = true)]
+    pub files: Vec<std::path::PathBuf>,
+    /// Prefect API URL to compare against, instead of each manifest's spec.server.
+    #[arg(long)]
+    pub server_url: Option<String>,
+    /// Read each manifest's credentials from the Secrets it names and its live object
+    /// (uid, status) through the current kubeconfig, for the controller's exact plan.
+    /// Without it, credentials come from PREFECT_API_KEY or PREFECT_API_AUTH_STRING.
+    #[arg(long)]
+    pub from_cluster: bool,
+    #[arg(short = 'o', long, value_enum, default_value = "text")]
+    pub output: Output,
 }
 
 #[derive(clap::Args, Debug)]

@@ -12,8 +12,10 @@
 pub mod admin;
 pub mod api;
 pub mod cli;
+pub mod commands;
 pub mod desired;
 pub mod leader;
+pub mod manifests;
 pub mod metrics;
 pub mod observed;
 pub mod plan;

@@ -1,13 +1,20 @@
+use std::process::ExitCode;
+
 use clap::Parser;
 use prefect_operator::cli::{Cli, Command, RunArgs};
 use prefect_operator::leader::LeaseConfig;
 use prefect_operator::runtime::{self, RunOptions};
 
 #[tokio::main]
-async fn main() {
+async fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Crd => print!("{}", prefect_operator::api::crd_yaml()),
+        Command::Validate(args) => return prefect_operator::commands::validate(&args),
+        Command::Diff(args) => {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            return prefect_operator::commands::diff(&args).await;
+        }
         Command::Run(args) => {
             // kube and reqwest both use rustls: pick one crypto provider for the process.
             let _ = rustls::crypto::ring::default_provider().install_default();
@@ -16,7 +23,7 @@ async fn main() {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("prefect-operator: no Kubernetes configuration: {e}");
-                    std::process::exit(1);
+                    return ExitCode::FAILURE;
                 }
             };
             let leader_election = args.leader_election.then(|| {
@@ -41,8 +48,9 @@ async fn main() {
             );
             if let Err(msg) = runtime::run(kube, opts).await {
                 eprintln!("prefect-operator: {msg}");
-                std::process::exit(1);
+                return ExitCode::FAILURE;
             }
         }
     }
+    ExitCode::SUCCESS
 }

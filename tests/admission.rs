@@ -13,6 +13,7 @@ use std::path::Path;
 
 use kube_cel::{compile_schema, estimate_rule_cost, Validator};
 use prefect_operator::api::PrefectDeployment;
+use prefect_operator::manifests;
 use prefect_operator::validate::validate;
 use serde_json::{json, Value};
 use support::{unique, ControlPlane};
@@ -373,11 +374,22 @@ fn validate_agrees_with_the_cel_rules() {
                 "CEL: {cel_message}\nvalidate(): {message}\nexpected it to name {field}"
             ),
         }
+        // `prefect-operator validate` (schema, then validate()) says the same.
+        match manifests::check(&object) {
+            Ok(_) => panic!("the validate command accepts what CEL refuses: {object}"),
+            Err(message) => assert!(message.starts_with(&field), "{message} / {field}"),
+        }
     }
     for object in accepted() {
         if let Err(message) = controller_verdict(&object) {
             panic!(
                 "{}: CEL accepts, validate() refuses: {message}",
+                object["metadata"]["name"]
+            );
+        }
+        if let Err(message) = manifests::check(&object) {
+            panic!(
+                "{}: the validate command refuses: {message}",
                 object["metadata"]["name"]
             );
         }
@@ -454,6 +466,11 @@ fn out_of_bounds() -> Vec<(Value, &'static str)> {
 #[test]
 fn validate_refuses_what_the_bounds_refuse() {
     for (object, field) in out_of_bounds() {
+        let message = manifests::check(&object).err().unwrap_or_default();
+        assert!(
+            message.contains(field) || message.contains("slug"),
+            "the validate command on {field}: {message:?}"
+        );
         match controller_verdict(&object) {
             Ok(()) => panic!("validate() accepts what the schema refuses ({field}): {object}"),
             // An enum outside its values fails to decode before validate() runs; serde

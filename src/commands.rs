@@ -1,0 +1,266 @@
+//! The tool subcommands, each a thin shell over the core: `validate` runs
+//! `manifests::check`; `diff` runs the controller's own observe and plan, and never
+//! writes. Each returns the process exit status.
+
+use std::process::ExitCode;
+
+use serde_json::{json, Value};
+
+use crate::cli::{DiffArgs, Output, ValidateArgs};
+use crate::desired;
+use crate::manifests::{self, Checked, Document};
+use crate::plan::{self, SyncState};
+use crate::prefect::{Auth, CallLog, PrefectClient};
+use crate::reconcile::{execute, server, status};
+
+/// `validate`: 0 when every PrefectDeployment is valid, 1 when any is not, 2 when a file
+/// could not be read or parsed.
+pub fn validate(args: &ValidateArgs) -> ExitCode {
+    let (docs, read_errors) = manifests::load(&args.files);
+    let results: Vec<(&Document, Result<Checked, String>)> = docs
+        .iter()
+        .map(|d| (d, manifests::check(&d.value)))
+        .collect();
+    let invalid = results.iter().filter(|(_, r)| r.is_err()).count();
+    match args.output {
+        Output::Text => {
+            for e in &read_errors {
+                eprintln!("{}", e.0);
+            }
+            for (d, r) in &results {
+                match r {
+                    Ok(_) => println!("{}: valid", d.label()),
+                    Err(e) => println!("{}: {e}", d.label()),
+                }
+            }
+            eprintln!(
+                "{} PrefectDeployment(s) checked, {invalid} invalid",
+                results.len()
+            );
+        }
+        Output::Json => {
+            let items: Vec<Value> = results
+                .iter()
+                .map(|(d, r)| {
+                    json!({
+                        "file": d.file,
+                        "place": d.place,
+                        "name": d.object_name(),
+                        "valid": r.is_ok(),
+                        "error": r.as_ref().err(),
+                    })
+                })
+                .collect();
+            let errors: Vec<&str> = read_errors.iter().map(|e| e.0.as_str()).collect();
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&json!({"results": items, "readErrors": errors}))
+                    .expect("JSON")
+            );
+        }
+    }
+    if !read_errors.is_empty() {
+        ExitCode::from(2)
+    } else if invalid > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// One resource's diff.
+struct Outcome {
+    label: String,
+    server: String,
+    result: Result<(plan::Plan, Option<&'static str>), String>,
+}
+
+/// `diff`: 0 no differences, 1 differences, 2 an error (an invalid manifest, an
+/// unreachable server, a file that could not be read).
+pub async fn diff(args: &DiffArgs) -> ExitCode {
+    let (docs, read_errors) = manifests::load(&args.files);
+    for e in &read_errors {
+        eprintln!("{}", e.0);
+    }
+    let kube = if args.from_cluster {
+        match kube::Client::try_default().await {
+            Ok(c) => Some(c),
+            Err(e) => {
+                eprintln!("--from-cluster: no Kubernetes configuration: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    } else {
+        None
+    };
+    let http = crate::prefect::http_client();
+    let mut outcomes = Vec::new();
+    for d in &docs {
+        outcomes.push(diff_one(d, args, kube.as_ref(), &http).await);
+    }
+    let mut changed = false;
+    let mut failed = !read_errors.is_empty();
+    match args.output {
+        Output::Text => {
+            for o in &outcomes {
+                match &o.result {
+                    Ok((p, note)) => {
+                        changed |= !p.is_noop();
+                        print!("{} [{}]\n{p}", o.label, o.server);
+                        if let Some(n) = note {
+                            println!("  note: {n}");
+                        }
+                    }
+                    Err(e) => {
+                        failed = true;
+                        println!("{}: error: {e}", o.label);
+                    }
+                }
+            }
+        }
+        Output::Json => {
+            let items: Vec<Value> = outcomes
+                .iter()
+                .map(|o| match &o.result {
+                    Ok((p, note)) => {
+                        changed |= !p.is_noop();
+                        json!({"resource": o.label, "server": o.server, "changes": !p.is_noop(), "plan": p, "note": note})
+                    }
+                    Err(e) => {
+                        failed = true;
+                        json!({"resource": o.label, "server": o.server, "error": e})
+                    }
+                })
+                .collect();
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&Value::Array(items)).expect("JSON")
+            );
+        }
+    }
+    if failed {
+        ExitCode::from(2)
+    } else if changed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+const NO_STATE_NOTE: &str = "without --from-cluster the resource's status is unknown: a deployment carrying an operator owner label is taken as this resource's, and its automations are assumed to match the triggers";
+
+async fn diff_one(
+    d: &Document,
+    args: &DiffArgs,
+    kube: Option<&kube::Client>,
+    http: &reqwest::Client,
+) -> Outcome {
+    let checked = match manifests::check(&d.value) {
+        Ok(c) => c,
+        Err(e) => {
+            return Outcome {
+                label: d.label(),
+                server: String::new(),
+                result: Err(e),
+            }
+        }
+    };
+    let pd = &checked.resource;
+    let ns = pd
+        .metadata
+        .namespace
+        .clone()
+        .or_else(|| kube.map(|k| k.default_namespace().to_string()))
+        .unwrap_or_else(|| "default".into());
+    let base = args
+        .server_url
+        .clone()
+        .unwrap_or_else(|| server::base_url(&pd.spec.server, &ns));
+    let result = async {
+        let valid = checked.valid().map_err(|p| p.to_string())?;
+        let (auth, live) = match kube {
+            Some(k) => {
+                let auth = server::credentials(k, &ns, &pd.spec.server)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let api: kube::Api<crate::api::PrefectDeployment> =
+                    kube::Api::namespaced(k.clone(), &ns);
+                let live = api
+                    .get_opt(&checked.name())
+                    .await
+                    .map_err(|e| format!("reading the live object: {e}"))?;
+                (auth, live)
+            }
+            None => (env_auth(), None),
+        };
+        let client = PrefectClient::new(
+            http.clone(),
+            &base,
+            auth,
+            std::sync::Arc::new(CallLog::default()),
+        );
+        let (uid, state, note) = match &live {
+            // The controller's own inputs: its uid and what its status recorded.
+            Some(obj) => (
+                obj.metadata.uid.clone().unwrap_or_default(),
+                status::state_of(obj.status.as_ref()),
+                None,
+            ),
+            None => guess_state(&client, &valid, pd.metadata.uid.clone(), kube.is_some()).await?,
+        };
+        let want = desired::deployment(&valid, &uid);
+        let observed = execute::observe(&client, &want, &state)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok((plan::plan(&want, &state, &observed), note))
+    }
+    .await;
+    Outcome {
+        label: d.label(),
+        server: base,
+        result,
+    }
+}
+
+/// Without the live object: a resource that does not exist yet (with the cluster
+/// read) or an unknown one (without). A deployment of the name that carries an owner
+/// label is taken as the resource's, with its automations assumed unchanged.
+async fn guess_state(
+    client: &PrefectClient,
+    valid: &crate::validate::ValidSpec<'_>,
+    uid: Option<String>,
+    from_cluster: bool,
+) -> Result<(String, SyncState, Option<&'static str>), String> {
+    if from_cluster {
+        return Ok((uid.unwrap_or_default(), SyncState::default(), None));
+    }
+    let found = client
+        .read_deployment_by_name(&valid.flow_name, &valid.name)
+        .await
+        .map_err(|e| e.to_string())?;
+    let owner = found
+        .as_ref()
+        .and_then(|f| f.label(desired::OWNER_LABEL).map(str::to_string));
+    match (found, owner) {
+        (Some(found), Some(owner)) => {
+            let uid = uid.unwrap_or(owner);
+            let want = desired::deployment(valid, &uid);
+            let state = SyncState {
+                deployment_id: Some(found.id.clone()),
+                flow_id: found.flow_id.clone(),
+                triggers_hash: Some(want.triggers_hash(&found.id)),
+                ..SyncState::default()
+            };
+            Ok((uid, state, Some(NO_STATE_NOTE)))
+        }
+        _ => Ok((uid.unwrap_or_default(), SyncState::default(), None)),
+    }
+}
+
+/// Credentials as Prefect's own CLI reads them.
+fn env_auth() -> Option<Auth> {
+    let get = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    get("PREFECT_API_KEY")
+        .map(Auth::Bearer)
+        .or_else(|| get("PREFECT_API_AUTH_STRING").map(Auth::Basic))
+}
