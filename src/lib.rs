@@ -65,6 +65,9 @@ pub struct Kind {
     pub category: &'static str,
     /// Retrying without a new generation of the spec cannot help.
     pub needs_spec_change: bool,
+    /// Only a person can move it on (a spec change, or a change in Prefect): reported
+    /// as kstatus `Stalled`. Otherwise it is `Reconciling` while retries go on.
+    pub stalls: bool,
 }
 
 impl Error {
@@ -75,25 +78,41 @@ impl Error {
     /// is created, the server comes back, a work pool is made, and a `Conflict` ends
     /// when the other deployment of that name is deleted or labelled for adoption.
     pub fn kind(&self) -> Kind {
-        let (reason, category, needs_spec_change) = match self {
-            Error::InvalidSpec(_) => (reason::INVALID_SPEC, "invalid_spec", true),
-            Error::SecretNotFound(_) => (reason::SECRET_NOT_FOUND, "secret_not_found", false),
-            Error::PrefectUnreachable(..) => {
-                (reason::PREFECT_UNREACHABLE, "prefect_unreachable", false)
+        // (reason, category, waits for a spec change, stalls)
+        let (reason, category, needs_spec_change, stalls) = match self {
+            Error::InvalidSpec(_) => (reason::INVALID_SPEC, "invalid_spec", true, true),
+            Error::SecretNotFound(_) => {
+                (reason::SECRET_NOT_FOUND, "secret_not_found", false, false)
             }
-            Error::WorkPoolNotFound(_) => {
-                (reason::WORK_POOL_NOT_FOUND, "work_pool_not_found", false)
+            Error::PrefectUnreachable(..) => (
+                reason::PREFECT_UNREACHABLE,
+                "prefect_unreachable",
+                false,
+                false,
+            ),
+            Error::WorkPoolNotFound(_) => (
+                reason::WORK_POOL_NOT_FOUND,
+                "work_pool_not_found",
+                false,
+                false,
+            ),
+            // A 4xx answer or one Prefect's API never gives: retrying the same request
+            // cannot fix it.
+            Error::PrefectRejected(_) => {
+                (reason::PREFECT_REJECTED, "prefect_rejected", false, true)
             }
-            Error::PrefectRejected(_) => (reason::PREFECT_REJECTED, "prefect_rejected", false),
-            Error::Conflict(_) => (reason::CONFLICT, "conflict", false),
-            Error::AutomationFailed(_) => (reason::AUTOMATION_FAILED, "automation_failed", false),
-            Error::Kube(_) => (reason::KUBERNETES_ERROR, "kubernetes", false),
-            Error::Internal(_) => (reason::INTERNAL_ERROR, "internal", false),
+            Error::Conflict(_) => (reason::CONFLICT, "conflict", false, true),
+            Error::AutomationFailed(_) => {
+                (reason::AUTOMATION_FAILED, "automation_failed", false, true)
+            }
+            Error::Kube(_) => (reason::KUBERNETES_ERROR, "kubernetes", false, false),
+            Error::Internal(_) => (reason::INTERNAL_ERROR, "internal", false, false),
         };
         Kind {
             reason,
             category,
             needs_spec_change,
+            stalls,
         }
     }
 

@@ -1,6 +1,9 @@
 //! The Argo CD health check against objects captured from real test runs
 //! (tests/fixtures/argocd/<expected status>-<state>.yaml), in Lua 5.4 and, where
-//! installed, Lua 5.1 (the dialect Argo CD's gopher-lua speaks).
+//! installed, Lua 5.1 (the dialect Argo CD's gopher-lua speaks); and against kstatus's
+//! reading of the same objects, so Argo CD and Flux agree.
+
+mod support;
 
 use std::path::Path;
 use std::process::Command;
@@ -47,6 +50,16 @@ fn health_of_captured_objects() {
             let (status, message) = health(lua, &path);
             assert_eq!(status, want, "{lua} {stem}: {message}");
         }
+        // Argo CD and Flux (kstatus) read the same object the same way.
+        let object: serde_json::Value =
+            serde_yaml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let flux = support::kstatus(&object);
+        let agrees = match want {
+            "Healthy" => flux == "Current",
+            "Degraded" => flux == "Failed",
+            _ => flux == "InProgress" || flux == "Terminating",
+        };
+        assert!(agrees, "{stem}: Argo CD {want}, kstatus {flux}");
         seen.insert(want);
     }
     assert_eq!(

@@ -183,6 +183,10 @@ fn ready(o: &PrefectDeployment) -> Option<(String, String, String)> {
         .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
 }
 
+fn kstatus_of(o: &PrefectDeployment) -> &'static str {
+    support::kstatus(&serde_json::to_value(o).unwrap())
+}
+
 fn is_ready(o: &PrefectDeployment) -> bool {
     ready(o).is_some_and(|r| r.0 == "True")
         && o.status.as_ref().and_then(|s| s.observed_generation) == o.metadata.generation
@@ -262,6 +266,7 @@ spec:
     let (_, reason, _) = ready(&obj).unwrap();
     assert_eq!(reason, "Synced");
     assert_eq!(argocd_health(&env, &name, "healthy-ready").0, "Healthy");
+    assert_eq!(kstatus_of(&obj), "Current");
     assert!(obj.finalizers().contains(&FINALIZER.to_string()));
     let status = obj.status.clone().unwrap();
     let id = status
@@ -425,6 +430,7 @@ async fn invalid_spec_is_reported_and_not_sent() {
         argocd_health(&env, &name, "degraded-invalid-spec").0,
         "Degraded"
     );
+    assert_eq!(kstatus_of(&env.api.get(&name).await.unwrap()), "Failed");
     assert_eq!(
         env.prefect_get(&format!("/deployments/name/flow-fn/{name}"))
             .await
@@ -502,10 +508,12 @@ async fn missing_secret_then_created() {
         message.contains(r#"Secret "prefect-auth" not found"#),
         "{message}"
     );
+    // Retried until the Secret appears: in progress, not failed.
     assert_eq!(
-        argocd_health(&env, &name, "degraded-secret-not-found").0,
-        "Degraded"
+        argocd_health(&env, &name, "progressing-secret-not-found").0,
+        "Progressing"
     );
+    assert_eq!(kstatus_of(&obj), "InProgress");
 
     let secret: Secret = serde_json::from_value(
         json!({"metadata": {"name": "prefect-auth"}, "stringData": {"auth": "admin:pass\n"}}),
@@ -576,14 +584,16 @@ async fn triggers_orphan_policy_and_unreachable_cleanup() {
     );
     pd.metadata.finalizers = Some(vec![FINALIZER.to_string()]);
     env.api.create(&PostParams::default(), &pd).await.unwrap();
-    env.wait_for(&dead, "PrefectUnreachable", |o| {
-        ready(o).is_some_and(|r| r.1 == "PrefectUnreachable")
-    })
-    .await;
+    let obj = env
+        .wait_for(&dead, "PrefectUnreachable", |o| {
+            ready(o).is_some_and(|r| r.1 == "PrefectUnreachable")
+        })
+        .await;
     assert_eq!(
         argocd_health(&env, &dead, "progressing-unreachable").0,
         "Progressing"
     );
+    assert_eq!(kstatus_of(&obj), "InProgress");
     env.api
         .delete(&dead, &DeleteParams::default())
         .await

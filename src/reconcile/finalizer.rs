@@ -26,7 +26,7 @@ use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
 use serde_json::json;
 
-use super::{execute, prefect_client, report_not_ready, status, Context};
+use super::{execute, prefect_client, report_not_ready, status, Context, Failure};
 use crate::api::{reason, DeletionPolicy, PrefectDeployment, FINALIZER};
 use crate::Result;
 
@@ -111,8 +111,12 @@ pub(super) async fn finalize(
             Ok(None) => {}
             Err(e) => {
                 let msg = format!("Could not delete the Prefect deployment, will retry: {e}");
-                report_not_ready(obj, ctx, api, &state, reason::CLEANUP_FAILED, msg, "Delete")
-                    .await?;
+                let failure = Failure {
+                    reason: reason::CLEANUP_FAILED,
+                    message: msg,
+                    stalled: false,
+                };
+                report_not_ready(obj, ctx, api, &state, failure, "Delete").await?;
                 return Err(e);
             }
         }

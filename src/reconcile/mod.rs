@@ -18,7 +18,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Api, Resource, ResourceExt};
 
-use crate::api::{reason, PrefectDeployment, FINALIZER};
+use crate::api::{PrefectDeployment, FINALIZER};
 use crate::metrics::{Metrics, ReconcileLabels};
 use crate::prefect::{CallLog, PrefectClient};
 use crate::validate::{validate, ValidSchedule};
@@ -290,10 +290,19 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
     match outcome {
         Ok(base) => {
             let message = format!("Deployment {name} is applied in Prefect at {base}");
-            let cond = status::ready(old, true, reason::SYNCED, &message, generation);
+            let conds = status::conditions(
+                old,
+                status::Outcome::Ready { message: &message },
+                generation,
+            );
             let preview = preview_of(obj, &valid.schedules, &state.schedules_seen).await?;
             let refresh = preview_wait(preview.1.as_deref());
-            status::write(&api, obj, &status::build(&state, cond, generation, preview)).await?;
+            status::write(
+                &api,
+                obj,
+                &status::build(&state, conds, generation, preview),
+            )
+            .await?;
             ctx.metrics.set_ready(&uid, Some("True"));
             let next = jitter(resync);
             if let Some(g) = generation {
@@ -375,7 +384,20 @@ async fn report_failure(
     state: &SyncState,
     e: &Error,
 ) -> Result<()> {
-    report_not_ready(obj, ctx, api, state, e.reason(), e.to_string(), "Sync").await
+    let failure = Failure {
+        reason: e.reason(),
+        message: e.to_string(),
+        stalled: e.kind().stalls,
+    };
+    report_not_ready(obj, ctx, api, state, failure, "Sync").await
+}
+
+/// A failed pass as the resource reports it.
+pub(super) struct Failure {
+    pub reason: &'static str,
+    pub message: String,
+    /// Only a person can move it on (kstatus `Stalled`), rather than a retry.
+    pub stalled: bool,
 }
 
 async fn report_not_ready(
@@ -383,22 +405,34 @@ async fn report_not_ready(
     ctx: &Context,
     api: &Api<PrefectDeployment>,
     state: &SyncState,
-    reason: &str,
-    message: String,
+    failure: Failure,
     action: &str,
 ) -> Result<()> {
     let generation = obj.meta().generation;
     let old = obj.status.as_ref();
-    let cond = status::ready(old, false, reason, &message, generation);
+    let (reason, message) = (failure.reason, failure.message.as_str());
+    let outcome = if failure.stalled {
+        status::Outcome::Stalled { reason, message }
+    } else {
+        status::Outcome::Retrying { reason, message }
+    };
+    let conds = status::conditions(old, outcome, generation);
+    let cond = &conds[0];
     let previous = old.and_then(|s| s.conditions.iter().find(|c| c.type_ == status::READY));
     let is_new = previous.is_none_or(|p| p.reason != cond.reason || p.message != cond.message);
     if is_new {
-        ctx.event(obj, EventType::Warning, reason, message, action)
-            .await;
+        ctx.event(
+            obj,
+            EventType::Warning,
+            reason,
+            failure.message.clone(),
+            action,
+        )
+        .await;
     }
     ctx.metrics
         .set_ready(&obj.uid().unwrap_or_default(), Some("False"));
     let preview = status::kept_preview(old);
-    status::write(api, obj, &status::build(state, cond, generation, preview)).await?;
+    status::write(api, obj, &status::build(state, conds, generation, preview)).await?;
     Ok(())
 }

@@ -5,7 +5,7 @@ use kube::api::{Patch, PatchParams};
 use kube::Api;
 use serde_json::json;
 
-use crate::api::{Condition, PrefectDeployment, PrefectDeploymentStatus, ScheduleStatus};
+use crate::api::{reason, Condition, PrefectDeployment, PrefectDeploymentStatus, ScheduleStatus};
 use crate::plan::SyncState;
 use crate::prefect::truncate;
 use crate::Result;
@@ -13,28 +13,71 @@ use crate::Result;
 pub const FIELD_MANAGER: &str = "prefect-operator";
 pub const READY: &str = "Ready";
 
-/// The `Ready` condition; lastTransitionTime is kept unless the status flips, so a
-/// repeated outcome produces an identical condition (and no write).
-pub fn ready(
+pub const RECONCILING: &str = "Reconciling";
+pub const STALLED: &str = "Stalled";
+
+/// How a pass ended, in the terms of kstatus (which Flux and `kubectl wait` read):
+/// `Ready` always; `Reconciling=True` while a failure is being retried; `Stalled=True`
+/// when only a person can move it on. The two are left out otherwise.
+#[derive(Debug, Clone, Copy)]
+pub enum Outcome<'a> {
+    Ready { message: &'a str },
+    Retrying { reason: &'a str, message: &'a str },
+    Stalled { reason: &'a str, message: &'a str },
+}
+
+impl<'a> Outcome<'a> {
+    /// The outcome of a pass that failed with `e`, whose message is `message`.
+    pub fn failed(e: &crate::Error, message: &'a str) -> Outcome<'a> {
+        let kind = e.kind();
+        if kind.stalls {
+            Outcome::Stalled {
+                reason: kind.reason,
+                message,
+            }
+        } else {
+            Outcome::Retrying {
+                reason: kind.reason,
+                message,
+            }
+        }
+    }
+}
+
+/// The conditions for `outcome`. A condition keeps its lastTransitionTime while its
+/// status stays the same, so a repeated outcome produces identical conditions (and no
+/// write).
+pub fn conditions(
     old: Option<&PrefectDeploymentStatus>,
-    ok: bool,
-    reason: &str,
-    message: &str,
+    outcome: Outcome,
     generation: Option<i64>,
-) -> Condition {
-    let status = if ok { "True" } else { "False" };
-    let previous = old.and_then(|s| s.conditions.iter().find(|c| c.type_ == READY));
-    let last_transition_time = match previous {
-        Some(c) if c.status == status => c.last_transition_time.clone(),
-        _ => now(),
+) -> Vec<Condition> {
+    let make = |type_: &str, ok: bool, reason: &str, message: &str| {
+        let status = if ok { "True" } else { "False" };
+        let previous = old.and_then(|s| s.conditions.iter().find(|c| c.type_ == type_));
+        let last_transition_time = match previous {
+            Some(c) if c.status == status => c.last_transition_time.clone(),
+            _ => now(),
+        };
+        Condition {
+            type_: type_.into(),
+            status: status.into(),
+            reason: reason.into(),
+            message: truncate(message, 512),
+            last_transition_time,
+            observed_generation: generation,
+        }
     };
-    Condition {
-        type_: READY.into(),
-        status: status.into(),
-        reason: reason.into(),
-        message: truncate(message, 512),
-        last_transition_time,
-        observed_generation: generation,
+    match outcome {
+        Outcome::Ready { message } => vec![make(READY, true, reason::SYNCED, message)],
+        Outcome::Retrying { reason, message } => vec![
+            make(READY, false, reason, message),
+            make(RECONCILING, true, reason, message),
+        ],
+        Outcome::Stalled { reason, message } => vec![
+            make(READY, false, reason, message),
+            make(STALLED, true, reason, message),
+        ],
     }
 }
 
@@ -44,7 +87,7 @@ fn now() -> String {
 
 pub fn build(
     state: &SyncState,
-    ready: Condition,
+    conditions: Vec<Condition>,
     generation: Option<i64>,
     preview: Preview,
 ) -> PrefectDeploymentStatus {
@@ -52,7 +95,7 @@ pub fn build(
         deployment_id: state.deployment_id.clone(),
         flow_id: state.flow_id.clone(),
         observed_generation: generation,
-        conditions: vec![ready],
+        conditions,
         automation_ids: if state.automation_ids.is_empty() && state.triggers_hash.is_none() {
             None
         } else {

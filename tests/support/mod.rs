@@ -614,3 +614,39 @@ pub async fn prefect_get(client: &reqwest::Client, url: &str) -> (u16, serde_jso
 pub fn unique(prefix: &str) -> String {
     format!("{prefix}-{:08x}", fastrand::u32(..))
 }
+
+/// kstatus's computed status of a custom resource (sigs.k8s.io/cli-utils kstatus, the
+/// rules Flux and `kubectl wait`-style tools apply), written out as a table:
+/// Terminating when deletion has started; InProgress while `status.observedGeneration`
+/// is behind `metadata.generation`, while `Reconciling=True`, or while `Ready=False`;
+/// Failed when `Stalled=True`; Current otherwise.
+pub fn kstatus(obj: &serde_json::Value) -> &'static str {
+    if !obj["metadata"]["deletionTimestamp"].is_null() {
+        return "Terminating";
+    }
+    let status = &obj["status"];
+    if let (Some(seen), Some(generation)) = (
+        status["observedGeneration"].as_i64(),
+        obj["metadata"]["generation"].as_i64(),
+    ) {
+        if seen != generation {
+            return "InProgress";
+        }
+    }
+    let empty = Vec::new();
+    let conditions = status["conditions"].as_array().unwrap_or(&empty);
+    let is = |t: &str, s: &str| {
+        conditions
+            .iter()
+            .any(|c| c["type"] == t && c["status"] == s)
+    };
+    if is("Reconciling", "True") {
+        "InProgress"
+    } else if is("Stalled", "True") {
+        "Failed"
+    } else if is("Ready", "False") {
+        "InProgress"
+    } else {
+        "Current"
+    }
+}
