@@ -621,7 +621,38 @@ pub struct PrefectDeploymentStatus {
     /// The earliest upcoming run of any schedule (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_run: Option<String>,
+    /// The last `reconcile.fluxcd.io/requestedAt` annotation value a pass handled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_handled_reconcile_at: Option<String>,
+    /// The flow run made for the last `prefect.io/run-requested-at` token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_run: Option<LastRun>,
 }
+
+/// A flow run requested through the `prefect.io/run-requested-at` annotation.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LastRun {
+    /// The annotation's value; a token creates at most one run.
+    #[schemars(length(max = 256))]
+    pub token: String,
+    /// The flow run's id in Prefect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flow_run_id: Option<String>,
+    /// When the operator created it (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<String>,
+    /// Why no run was made for this token (bad `prefect.io/run-parameters`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Annotation asking for a pass now (Flux's convention; any new value works).
+pub const RECONCILE_REQUESTED_AT: &str = "reconcile.fluxcd.io/requestedAt";
+/// Annotation asking for one flow run; each new value (token) makes exactly one.
+pub const RUN_REQUESTED_AT: &str = "prefect.io/run-requested-at";
+/// Annotation with parameter overrides (a JSON object) for the requested run.
+pub const RUN_PARAMETERS: &str = "prefect.io/run-parameters";
 
 /// Upcoming runs of one schedule.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]

@@ -442,6 +442,29 @@ impl PrefectClient {
         }
     }
 
+    /// Creates one flow run of a deployment. Prefect returns the existing run when one
+    /// with the same idempotency key exists, so a retry never makes a second run.
+    pub async fn create_flow_run(
+        &self,
+        deployment_id: &str,
+        parameters: &Value,
+        idempotency_key: &str,
+    ) -> Result<String, Error> {
+        let body = serde_json::json!({
+            "parameters": parameters,
+            "idempotency_key": idempotency_key,
+        });
+        let v = self
+            .call(
+                Method::POST,
+                "create_flow_run",
+                &format!("/deployments/{deployment_id}/create_flow_run"),
+                Some(&body),
+            )
+            .await?;
+        id_of("POST create_flow_run", v)
+    }
+
     /// Deletes one automation; one already gone counts as deleted.
     pub async fn delete_automation(&self, id: &str) -> Result<(), Error> {
         self.call_opt(

@@ -330,6 +330,40 @@ fn parameters(d: &DeploymentSpec) -> Check {
 }
 
 /// A value Prefect fills in later: a Jinja template or a placeholder object.
+/// Parameter overrides for one flow run (the `prefect.io/run-parameters` annotation):
+/// a JSON object, merged over the deployment's parameters as Prefect merges them and
+/// checked against the schema the same way as the spec's. `field` names the source.
+pub fn run_parameters(d: &DeploymentSpec, text: &str, field: &str) -> Result<Value, Problem> {
+    const MAX_TEXT: usize = 256 * 1024;
+    if text.len() > MAX_TEXT {
+        return Err(problem(field, "is larger than 256 KiB"));
+    }
+    let overrides: Value =
+        serde_json::from_str(text).map_err(|e| problem(field, format!("is not JSON: {e}")))?;
+    let Value::Object(own) = &overrides else {
+        return Err(problem(
+            field,
+            "must be a JSON object of parameter names to values",
+        ));
+    };
+    if let (Some(schema), true) = (
+        &d.parameter_open_api_schema,
+        d.enforce_parameter_schema.unwrap_or(true),
+    ) {
+        let validator = parameter_validator(schema)
+            .map_err(|m| problem("spec.deployment.parameterOpenApiSchema", m))?;
+        let mut merged = d
+            .parameters
+            .clone()
+            .unwrap_or_else(|| Value::Object(Default::default()));
+        for (k, v) in own {
+            merged[k] = v.clone();
+        }
+        check_parameters(&validator, &merged, field)?;
+    }
+    Ok(overrides)
+}
+
 fn is_templated(v: &Value) -> bool {
     match v {
         Value::String(s) => s.contains("{{") || s.contains("{%"),

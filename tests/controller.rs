@@ -10,7 +10,9 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
-use prefect_operator::api::{PrefectDeployment, FINALIZER};
+use prefect_operator::api::{
+    PrefectDeployment, FINALIZER, RECONCILE_REQUESTED_AT, RUN_REQUESTED_AT,
+};
 use prefect_operator::reconcile::{self, Context};
 use serde_json::{json, Value};
 use support::{unique, ControlPlane, PrefectServer};
@@ -727,4 +729,242 @@ async fn kubectl_explain_describes_every_schedule_field() {
             "description of {field} ({words:?}) missing:\n{out}"
         );
     }
+}
+
+/// Runs an Argo CD action script (`argocd/actions/<script>.lua`) on the live object;
+/// returns its output: the changed object for an action, "name state" lines for
+/// discovery.
+fn argocd_action(env: &Env, name: &str, script: &str) -> String {
+    let yaml = env
+        .cp
+        .kubectl_ok(&["get", "pd", "-n", &env.ns, name, "-o", "yaml"]);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("obj.yaml");
+    std::fs::write(&path, &yaml).unwrap();
+    let root = env!("CARGO_MANIFEST_DIR");
+    let out = std::process::Command::new("lua5.4")
+        .arg(format!("{root}/tests/argocd/action.lua"))
+        .arg(format!("{root}/argocd/actions/{script}.lua"))
+        .arg(&path)
+        .output()
+        .expect("lua5.4 (installed by scripts/test-assets.sh)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The JSON merge patch from `live` to `result`, as Argo CD applies an action's
+/// result. Lua has one kind of empty table, so `{}` and `[]` count as equal.
+fn merge_patch(live: &Value, result: &Value) -> Option<Value> {
+    let empty = |v: &Value| {
+        v.as_object().is_some_and(|o| o.is_empty()) || v.as_array().is_some_and(|a| a.is_empty())
+    };
+    match (live, result) {
+        (Value::Object(a), Value::Object(b)) => {
+            let mut out = serde_json::Map::new();
+            for (k, bv) in b {
+                match a.get(k) {
+                    Some(av) => {
+                        if let Some(p) = merge_patch(av, bv) {
+                            out.insert(k.clone(), p);
+                        }
+                    }
+                    None => {
+                        out.insert(k.clone(), bv.clone());
+                    }
+                }
+            }
+            for k in a.keys() {
+                if !b.contains_key(k) {
+                    out.insert(k.clone(), Value::Null);
+                }
+            }
+            (!out.is_empty()).then_some(Value::Object(out))
+        }
+        (a, b) if a == b || (empty(a) && empty(b)) => None,
+        (_, b) => Some(b.clone()),
+    }
+}
+
+/// Runs an action and applies its result the way Argo CD does (a merge patch of what
+/// the script changed).
+fn apply_action(env: &Env, name: &str, script: &str) {
+    let live: Value = serde_json::from_str(
+        &env.cp
+            .kubectl_ok(&["get", "pd", "-n", &env.ns, name, "-o", "json"]),
+    )
+    .unwrap();
+    let result: Value = serde_yaml::from_str(&argocd_action(env, name, script)).unwrap();
+    let mut patch = merge_patch(&live["spec"], &result["spec"])
+        .map(|p| json!({"spec": p}))
+        .unwrap_or(json!({}));
+    if let Some(a) = merge_patch(
+        &live["metadata"]["annotations"],
+        &result["metadata"]["annotations"],
+    ) {
+        patch["metadata"] = json!({"annotations": a});
+    }
+    assert_ne!(patch, json!({}), "{script} changed nothing");
+    env.cp.kubectl_ok(&[
+        "patch",
+        "pd",
+        "-n",
+        &env.ns,
+        name,
+        "--type",
+        "merge",
+        "-p",
+        &patch.to_string(),
+    ]);
+}
+
+async fn flow_runs_of(env: &Env, deployment_id: &str) -> Vec<Value> {
+    let r = env
+        .raw
+        .post(format!("{}/flow_runs/filter", env.prefect.url))
+        .json(&json!({"deployments": {"id": {"any_": [deployment_id]}}}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    r.json().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn actions_reconcile_run_pause_resume() {
+    let (env, pool) = Env::new(Duration::from_secs(300)).await;
+    let name = unique("act");
+    let pd = resource(
+        &env,
+        &pool,
+        &name,
+        json!({"deployment": {
+            "entrypoint": "flows/etl.py:nightly",
+            "parameters": {"rows": 10, "source": "s3://in"},
+            "parameterOpenApiSchema": {"type": "object", "properties": {
+                "rows": {"type": "integer"}, "source": {"type": "string"}}},
+            "schedules": [{"slug": "hourly", "interval": 3600}],
+        }}),
+    );
+    env.api.create(&PostParams::default(), &pd).await.unwrap();
+    let obj = env.wait_for(&name, "Ready", is_ready).await;
+    let id = obj.status.unwrap().deployment_id.unwrap();
+
+    // Discovery: pause offered, resume not (it is not paused).
+    let offered = argocd_action(&env, &name, "discovery");
+    assert_eq!(
+        offered,
+        "pause enabled\nreconcile enabled\nresume disabled\nrun-now enabled\n"
+    );
+
+    // Reconcile now: answered by a pass, recorded in status.
+    apply_action(&env, &name, "reconcile");
+    let live = env.api.get(&name).await.unwrap();
+    let asked = live.annotations()[RECONCILE_REQUESTED_AT].clone();
+    env.wait_for(&name, "lastHandledReconcileAt", |o| {
+        o.status
+            .as_ref()
+            .and_then(|s| s.last_handled_reconcile_at.clone())
+            == Some(asked.clone())
+    })
+    .await;
+
+    // Run now, with a parameter override: exactly one flow run, with the merged
+    // parameters, recorded in status.
+    env.cp.kubectl_ok(&[
+        "annotate",
+        "pd",
+        "-n",
+        &env.ns,
+        &name,
+        r#"prefect.io/run-parameters={"rows": 5}"#,
+    ]);
+    apply_action(&env, &name, "run-now");
+    let obj = env
+        .wait_for(&name, "lastRun", |o| {
+            o.status
+                .as_ref()
+                .and_then(|s| s.last_run.as_ref())
+                .is_some_and(|r| r.flow_run_id.is_some())
+        })
+        .await;
+    let run = obj.status.unwrap().last_run.unwrap();
+    let runs = flow_runs_of(&env, &id).await;
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    assert_eq!(runs[0]["id"], json!(run.flow_run_id.clone().unwrap()));
+    assert_eq!(
+        runs[0]["parameters"],
+        json!({"rows": 5, "source": "s3://in"})
+    );
+
+    // Further passes with the same token make no second run.
+    env.cp.kubectl_ok(&[
+        "annotate",
+        "--overwrite",
+        "pd",
+        "-n",
+        &env.ns,
+        &name,
+        &format!("{RECONCILE_REQUESTED_AT}=again"),
+    ]);
+    env.wait_for(&name, "second reconcile", |o| {
+        o.status
+            .as_ref()
+            .and_then(|s| s.last_handled_reconcile_at.as_deref())
+            == Some("again")
+    })
+    .await;
+    assert_eq!(flow_runs_of(&env, &id).await.len(), 1);
+
+    // A run request whose parameters break the schema: refused, said so, no run, and
+    // the deployment stays Ready.
+    env.cp.kubectl_ok(&[
+        "annotate",
+        "--overwrite",
+        "pd",
+        "-n",
+        &env.ns,
+        &name,
+        r#"prefect.io/run-parameters={"rows": "many"}"#,
+        &format!("{RUN_REQUESTED_AT}=bad-params"),
+    ]);
+    let obj = env
+        .wait_for(&name, "refused run", |o| {
+            o.status
+                .as_ref()
+                .and_then(|s| s.last_run.as_ref())
+                .is_some_and(|r| r.token == "bad-params")
+        })
+        .await;
+    let run = obj.status.clone().unwrap().last_run.unwrap();
+    assert!(run.flow_run_id.is_none());
+    assert!(
+        run.error
+            .as_deref()
+            .unwrap()
+            .contains("prefect.io/run-parameters"),
+        "{run:?}"
+    );
+    assert!(is_ready(&obj));
+    assert_eq!(flow_runs_of(&env, &id).await.len(), 1);
+
+    // Pause and resume: the deployment in Prefect follows; discovery flips.
+    apply_action(&env, &name, "pause");
+    env.wait_for(&name, "paused applied", |o| {
+        is_ready(o) && o.spec.deployment.paused == Some(true)
+    })
+    .await;
+    let (_, d) = env.prefect_get(&format!("/deployments/{id}")).await;
+    assert_eq!(d["paused"], json!(true));
+    assert!(argocd_action(&env, &name, "discovery").contains("resume enabled"));
+    apply_action(&env, &name, "resume");
+    env.wait_for(&name, "resumed applied", |o| {
+        is_ready(o) && o.spec.deployment.paused == Some(false)
+    })
+    .await;
+    let (_, d) = env.prefect_get(&format!("/deployments/{id}")).await;
+    assert_eq!(d["paused"], json!(false));
 }

@@ -217,6 +217,17 @@ async fn client_calls_against_real_server() {
     assert!(!env.automation_exists(&aid).await);
     c.delete_owned_automations(&owner).await.unwrap();
 
+    // A flow run per idempotency key: asking again returns the same run.
+    let run = c.create_flow_run(&id, &json!({}), "key-1").await.unwrap();
+    assert_eq!(
+        c.create_flow_run(&id, &json!({}), "key-1").await.unwrap(),
+        run
+    );
+    assert_ne!(
+        c.create_flow_run(&id, &json!({}), "key-2").await.unwrap(),
+        run
+    );
+
     assert!(c.delete_deployment(&id).await.unwrap());
     assert!(
         !c.delete_deployment(&id).await.unwrap(),

@@ -42,6 +42,16 @@ pub enum Change {
     AutomationsReplaced {
         count: usize,
     },
+    /// A flow run made for a `prefect.io/run-requested-at` token.
+    RunCreated {
+        token: String,
+        flow_run_id: String,
+    },
+    /// A run request refused (its parameters do not fit); no run was made.
+    RunRejected {
+        token: String,
+        problem: String,
+    },
 }
 
 impl Change {
@@ -53,7 +63,14 @@ impl Change {
             Change::Updated { .. } => "Updated",
             Change::SchedulesChanged { .. } => "SchedulesUpdated",
             Change::AutomationsReplaced { .. } => "AutomationsReplaced",
+            Change::RunCreated { .. } => "RunCreated",
+            Change::RunRejected { .. } => "RunRejected",
         }
+    }
+
+    /// Whether the Event is a Warning.
+    pub fn is_warning(&self) -> bool {
+        matches!(self, Change::RunRejected { .. })
     }
 
     pub fn message(&self) -> String {
@@ -83,6 +100,12 @@ impl Change {
             }
             Change::AutomationsReplaced { count } => {
                 format!("Applied {count} trigger automation(s)")
+            }
+            Change::RunCreated { token, flow_run_id } => {
+                format!("Created flow run {flow_run_id} for run request {token}")
+            }
+            Change::RunRejected { token, problem } => {
+                format!("Run request {token} refused, no run made: {problem}")
             }
         }
     }

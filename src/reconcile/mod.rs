@@ -18,7 +18,9 @@ use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Api, Resource, ResourceExt};
 
-use crate::api::{PrefectDeployment, FINALIZER};
+use crate::api::{
+    LastRun, PrefectDeployment, FINALIZER, RECONCILE_REQUESTED_AT, RUN_PARAMETERS, RUN_REQUESTED_AT,
+};
 use crate::metrics::{Metrics, ReconcileLabels};
 use crate::prefect::{CallLog, PrefectClient};
 use crate::validate::{validate, ValidSchedule};
@@ -33,6 +35,34 @@ const MAX_RESYNC: Duration = Duration::from_secs(24 * 3600);
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
 const REPORTER: &str = "prefect-operator";
 
+/// What the last successful pass over an object covered.
+#[derive(Clone, PartialEq)]
+struct Synced {
+    generation: i64,
+    /// When the next drift check is due.
+    due: Instant,
+    /// The action annotations it handled.
+    requests: Requests,
+}
+
+/// The action annotations of an object (see `api::RECONCILE_REQUESTED_AT` and
+/// `api::RUN_REQUESTED_AT`).
+#[derive(Clone, PartialEq, Default)]
+struct Requests {
+    reconcile: Option<String>,
+    run: Option<String>,
+}
+
+impl Requests {
+    fn of(obj: &PrefectDeployment) -> Requests {
+        let get = |k: &str| obj.annotations().get(k).cloned();
+        Requests {
+            reconcile: get(RECONCILE_REQUESTED_AT),
+            run: get(RUN_REQUESTED_AT),
+        }
+    }
+}
+
 pub struct Context {
     pub kube: kube::Client,
     /// One connection pool for every Prefect server.
@@ -46,7 +76,7 @@ pub struct Context {
     /// Generation last synced successfully and when the next drift check is due, per
     /// object. Our own writes come back as watch events; this lets those echoes skip the
     /// Prefect round trip.
-    synced: Mutex<HashMap<ObjectRef<PrefectDeployment>, (i64, Instant)>>,
+    synced: Mutex<HashMap<ObjectRef<PrefectDeployment>, Synced>>,
 }
 
 impl Context {
@@ -261,8 +291,19 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
     // Our own finalizer and status writes come back as watch events for the same
     // generation, possibly before the cache shows the new status. The spec is unchanged
     // since the last successful pass, so there is nothing to do until the resync is due.
-    let last = ctx.synced.lock().expect("lock").get(&oref).copied();
-    if let (Some(g), Some((synced_gen, due))) = (generation, last) {
+    let requests = Requests::of(obj);
+    let last = ctx.synced.lock().expect("lock").get(&oref).cloned();
+    // A new action annotation (reconcile now, run now) makes a full pass due now.
+    let last = last.filter(|l| l.requests == requests);
+    if let (
+        Some(g),
+        Some(Synced {
+            generation: synced_gen,
+            due,
+            ..
+        }),
+    ) = (generation, last)
+    {
         let now = Instant::now();
         // A next run shown in status that has passed makes a full pass due now, which
         // rewrites the preview from fresh data (a partial status write here could
@@ -276,16 +317,22 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
 
     let mut state = status::state_of(old);
     let mut changes = Vec::new();
+    let mut last_run = old.and_then(|s| s.last_run.clone());
     let outcome = async {
         let client = prefect_client(obj, ctx, &ns).await?;
         execute::apply(&client, &valid, &uid, &mut state, &mut changes).await?;
+        run_if_requested(obj, &client, &state, &mut last_run, &mut changes).await?;
         Ok::<_, Error>(client.base_url().to_string())
     }
     .await;
 
     for c in &changes {
-        ctx.event(obj, EventType::Normal, c.reason(), c.message(), "Sync")
-            .await;
+        let type_ = if c.is_warning() {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        };
+        ctx.event(obj, type_, c.reason(), c.message(), "Sync").await;
     }
     match outcome {
         Ok(base) => {
@@ -297,19 +344,19 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
             );
             let preview = preview_of(obj, &valid.schedules, &state.schedules_seen).await?;
             let refresh = preview_wait(preview.1.as_deref());
-            status::write(
-                &api,
-                obj,
-                &status::build(&state, conds, generation, preview),
-            )
-            .await?;
+            let mut new = status::build(&state, conds, generation, preview);
+            new.last_handled_reconcile_at = requests.reconcile.clone();
+            new.last_run = last_run;
+            status::write(&api, obj, &new).await?;
             ctx.metrics.set_ready(&uid, Some("True"));
             let next = jitter(resync);
             if let Some(g) = generation {
-                ctx.synced
-                    .lock()
-                    .expect("lock")
-                    .insert(oref, (g, Instant::now() + next));
+                let synced = Synced {
+                    generation: g,
+                    due: Instant::now() + next,
+                    requests,
+                };
+                ctx.synced.lock().expect("lock").insert(oref, synced);
             }
             Ok(Action::requeue(refresh.map_or(next, |r| r.min(next))))
         }
@@ -362,6 +409,80 @@ fn preview_wait(next_run: Option<&str>) -> Option<Duration> {
             .to_std()
             .unwrap_or(Duration::ZERO),
     )
+}
+
+/// Makes the one flow run a new `prefect.io/run-requested-at` token asks for, once the
+/// deployment is applied. The idempotency key (resource uid + token) makes Prefect
+/// return the same run when a pass is repeated before status recorded it.
+async fn run_if_requested(
+    obj: &PrefectDeployment,
+    client: &PrefectClient,
+    state: &SyncState,
+    last_run: &mut Option<LastRun>,
+    changes: &mut Vec<execute::Change>,
+) -> Result<()> {
+    let Some(token) = obj.annotations().get(RUN_REQUESTED_AT) else {
+        return Ok(());
+    };
+    if last_run.as_ref().is_some_and(|r| &r.token == token) {
+        return Ok(());
+    }
+    let Some(id) = &state.deployment_id else {
+        return Ok(());
+    };
+    let token = crate::prefect::truncate(token, 256);
+    let text = obj
+        .annotations()
+        .get(RUN_PARAMETERS)
+        .map_or("{}", String::as_str);
+    let field = format!("metadata.annotations[{RUN_PARAMETERS}]");
+    let parameters = match off_the_workers(|| {
+        crate::validate::run_parameters(&obj.spec.deployment, text, &field)
+    }) {
+        Ok(p) => p,
+        Err(problem) => {
+            changes.push(execute::Change::RunRejected {
+                token: token.clone(),
+                problem: problem.to_string(),
+            });
+            *last_run = Some(LastRun {
+                token,
+                error: Some(crate::prefect::truncate(&problem.to_string(), 512)),
+                ..LastRun::default()
+            });
+            return Ok(());
+        }
+    };
+    let key = format!("prefect-operator:{}:{token}", obj.uid().unwrap_or_default());
+    let run_id = match client.create_flow_run(id, &parameters, &key).await {
+        Ok(run_id) => run_id,
+        // Refused by Prefect: the request is answered (recorded, an Event) rather than
+        // the deployment marked as failing. Transient errors are retried.
+        Err(e) if e.kind().stalls => {
+            changes.push(execute::Change::RunRejected {
+                token: token.clone(),
+                problem: e.to_string(),
+            });
+            *last_run = Some(LastRun {
+                token,
+                error: Some(crate::prefect::truncate(&e.to_string(), 512)),
+                ..LastRun::default()
+            });
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
+    changes.push(execute::Change::RunCreated {
+        token: token.clone(),
+        flow_run_id: run_id.clone(),
+    });
+    *last_run = Some(LastRun {
+        token,
+        flow_run_id: Some(run_id),
+        created_at: Some(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+        error: None,
+    });
+    Ok(())
 }
 
 async fn prefect_client(obj: &PrefectDeployment, ctx: &Context, ns: &str) -> Result<PrefectClient> {
@@ -433,6 +554,11 @@ async fn report_not_ready(
     ctx.metrics
         .set_ready(&obj.uid().unwrap_or_default(), Some("False"));
     let preview = status::kept_preview(old);
-    status::write(api, obj, &status::build(state, conds, generation, preview)).await?;
+    let mut new = status::build(state, conds, generation, preview);
+    // A failed pass also answers a reconcile request; a run is only ever recorded by
+    // the pass that made it.
+    new.last_handled_reconcile_at = Requests::of(obj).reconcile;
+    new.last_run = old.and_then(|s| s.last_run.clone());
+    status::write(api, obj, &new).await?;
     Ok(())
 }

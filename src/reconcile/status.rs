@@ -104,6 +104,8 @@ pub fn build(
         triggers_hash: state.triggers_hash.clone(),
         schedules: preview.0,
         next_run: preview.1,
+        last_handled_reconcile_at: None,
+        last_run: None,
     }
 }
 
