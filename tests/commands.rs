@@ -230,3 +230,35 @@ async fn diff_says_no_changes_exactly_when_the_controller_writes_nothing() {
         "{out}"
     );
 }
+
+/// Installed as `kubectl-prefect`, the binary is a kubectl plugin.
+#[test]
+fn works_as_a_kubectl_plugin() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = dir.path().join("kubectl-prefect");
+    std::fs::copy(BIN, &plugin).unwrap();
+    let good = manifest(
+        "good",
+        "http://p/api",
+        "w",
+        json!({"entrypoint": "f.py:main"}),
+    );
+    let file = write(dir.path(), "pd.yaml", &[good]);
+    let path = format!(
+        "{}:{}",
+        dir.path().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = Command::new("kubectl")
+        .args(["prefect", "validate", "-f", &file])
+        .env("PATH", path)
+        .output()
+        .expect("kubectl");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("(team-a/good): valid"), "{text}");
+}
