@@ -46,6 +46,7 @@ async fn main() {
             default_resync: Duration::from_secs(300),
             admin_addr: None,
             leader_election: None,
+            access: Default::default(),
         };
         if let Err(e) = runtime::run(kube, opts).await {
             eprintln!("operator stopped: {e}");

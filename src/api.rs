@@ -26,6 +26,8 @@ pub mod reason {
 
     pub const INVALID_SPEC: &str = "InvalidSpec";
     pub const SECRET_NOT_FOUND: &str = "SecretNotFound";
+    pub const SERVER_NOT_ALLOWED: &str = "ServerNotAllowed";
+    pub const SECRET_NOT_ALLOWED: &str = "SecretNotAllowed";
     pub const PREFECT_UNREACHABLE: &str = "PrefectUnreachable";
     pub const PREFECT_REJECTED: &str = "PrefectRejected";
     pub const WORK_POOL_NOT_FOUND: &str = "WorkPoolNotFound";

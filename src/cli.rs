@@ -112,6 +112,19 @@ pub struct RunArgs {
         default_value = "prefect-operator"
     )]
     pub leader_election_lease: String,
+    /// Prefect servers the operator may call, repeatable or comma-separated: a URL
+    /// prefix (https://prefect.example.com/api) or a host (prefect.infra.svc,
+    /// *.example.com). Default: every server, with a warning at start-up.
+    #[arg(
+        long = "allowed-server",
+        env = "PREFECT_OPERATOR_ALLOWED_SERVERS",
+        value_delimiter = ','
+    )]
+    pub allowed_servers: Vec<crate::access::ServerPattern>,
+    /// Read credentials only from Secrets (and ConfigMaps) carrying this label, e.g.
+    /// prefect.io/credentials=true. Default: any Secret in the resource's namespace.
+    #[arg(long, env = "PREFECT_OPERATOR_SECRET_LABEL", value_parser = crate::access::parse_label)]
+    pub secret_label: Option<(String, String)>,
 }
 
 impl RunArgs {

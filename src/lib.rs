@@ -9,6 +9,7 @@
 //! status) share. `runtime` wires the process: admin endpoints, leader election, one
 //! controller per namespace.
 
+pub mod access;
 pub mod admin;
 pub mod api;
 pub mod cli;
@@ -38,6 +39,12 @@ pub enum Error {
     InvalidSpec(String),
     #[error("{0}")]
     SecretNotFound(String),
+    /// The spec names a server outside `--allowed-server`; no request is made.
+    #[error("{0}")]
+    ServerNotAllowed(String),
+    /// The credentials Secret lacks the `--secret-label` label; it is not read.
+    #[error("{0}")]
+    SecretNotAllowed(String),
     #[error("Prefect API unreachable: {0}")]
     PrefectUnreachable(String, #[source] Option<reqwest::Error>),
     #[error("{0}")]
@@ -73,10 +80,12 @@ pub struct Kind {
 impl Error {
     /// The one definition of each error's reason, category and retry behaviour.
     ///
-    /// Only an invalid spec waits for a spec change. Everything else is retried with
-    /// backoff, because it can clear up without anyone touching the resource: a Secret
-    /// is created, the server comes back, a work pool is made, and a `Conflict` ends
-    /// when the other deployment of that name is deleted or labelled for adoption.
+    /// Only an invalid spec, or a server the operator may not call, waits for a spec
+    /// change (a new `--allowed-server` list restarts the operator, which then looks at
+    /// every resource again). Everything else is retried with backoff, because it can
+    /// clear up without anyone touching the resource: a Secret is created or labelled,
+    /// the server comes back, a work pool is made, and a `Conflict` ends when the other
+    /// deployment of that name is deleted.
     pub fn kind(&self) -> Kind {
         // (reason, category, waits for a spec change, stalls)
         let (reason, category, needs_spec_change, stalls) = match self {
@@ -84,6 +93,16 @@ impl Error {
             Error::SecretNotFound(_) => {
                 (reason::SECRET_NOT_FOUND, "secret_not_found", false, false)
             }
+            Error::ServerNotAllowed(_) => {
+                (reason::SERVER_NOT_ALLOWED, "server_not_allowed", true, true)
+            }
+            // Labelling the Secret fixes it without a spec change: retried.
+            Error::SecretNotAllowed(_) => (
+                reason::SECRET_NOT_ALLOWED,
+                "secret_not_allowed",
+                false,
+                true,
+            ),
             Error::PrefectUnreachable(..) => (
                 reason::PREFECT_UNREACHABLE,
                 "prefect_unreachable",

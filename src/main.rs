@@ -39,6 +39,10 @@ async fn main() -> ExitCode {
                 default_resync: args.default_resync_interval,
                 admin_addr: Some(args.admin_addr),
                 leader_election,
+                access: prefect_operator::access::Access {
+                    allowed_servers: args.allowed_servers,
+                    secret_label: args.secret_label,
+                },
             };
             tracing::info!(
                 namespaces = ?opts.namespaces,

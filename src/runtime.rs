@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use kube::Api;
 
+use crate::access::Access;
 use crate::admin::Health;
 use crate::api::PrefectDeployment;
 use crate::leader::{Elector, LeaseConfig};
@@ -23,13 +24,18 @@ pub struct RunOptions {
     pub admin_addr: Option<std::net::SocketAddr>,
     /// Set to run only while holding this lease.
     pub leader_election: Option<LeaseConfig>,
+    /// Which servers may be called and which Secrets read.
+    pub access: Access,
 }
 
 /// Runs the operator until SIGTERM/SIGINT. An error is a message for the person
 /// starting it (missing CRD, missing permissions) or says why it had to stop (the
 /// leader lease was lost); `main` decides what the process does with it.
 pub async fn run(kube: kube::Client, opts: RunOptions) -> Result<(), String> {
-    let ctx = Arc::new(Context::new(kube.clone(), opts.default_resync));
+    if opts.access.allowed_servers.is_empty() {
+        tracing::warn!("every Prefect server is allowed: anyone who may create a PrefectDeployment can make this operator call any URL; set --allowed-server to limit it");
+    }
+    let ctx = Arc::new(Context::new(kube.clone(), opts.default_resync).with_access(opts.access));
     let metrics = ctx.metrics.clone();
     let health = Arc::new(Health::default());
     if let Some(addr) = opts.admin_addr {

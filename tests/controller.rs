@@ -10,6 +10,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
+use prefect_operator::access::{parse_label, Access};
 use prefect_operator::api::{
     PrefectDeployment, FINALIZER, RECONCILE_REQUESTED_AT, RUN_REQUESTED_AT,
 };
@@ -37,6 +38,11 @@ impl Drop for Env {
 impl Env {
     /// A fresh namespace with a work pool in Prefect and an operator watching it.
     async fn new(resync: Duration) -> (Env, String) {
+        Env::with_access(resync, Access::default()).await
+    }
+
+    /// Like `new`, with the operator's access policy.
+    async fn with_access(resync: Duration, access: Access) -> (Env, String) {
         if std::env::var_os("RUST_LOG").is_some() {
             prefect_operator::telemetry::init(prefect_operator::telemetry::LogFormat::Text);
         }
@@ -52,7 +58,7 @@ impl Env {
             .await
             .unwrap();
         let api: Api<PrefectDeployment> = Api::namespaced(kube.clone(), &ns);
-        let ctx = Arc::new(Context::new(kube.clone(), resync));
+        let ctx = Arc::new(Context::new(kube.clone(), resync).with_access(access));
         let task = tokio::spawn(reconcile::controller(api.clone(), ctx.clone(), 4));
         let raw = reqwest::Client::new();
         let pool = support::create_pool(prefect);
@@ -967,4 +973,89 @@ async fn actions_reconcile_run_pause_resume() {
     .await;
     let (_, d) = env.prefect_get(&format!("/deployments/{id}")).await;
     assert_eq!(d["paused"], json!(false));
+}
+
+/// `--allowed-server` and `--secret-label`: a resource pointing elsewhere is stalled
+/// without a single request; a Secret without the label is not read until labelled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_policy_servers_and_secret_labels() {
+    let prefect = PrefectServer::shared();
+    let port = prefect.port;
+    let access = Access {
+        allowed_servers: vec![format!("http://127.0.0.1:{port}/api").parse().unwrap()],
+        secret_label: Some(parse_label("prefect.io/credentials=true").unwrap()),
+    };
+    let (env, pool) = Env::with_access(Duration::from_secs(300), access).await;
+
+    // A server outside the list: stalled, and no request went anywhere.
+    let name = unique("elsewhere");
+    let mut pd = resource(
+        &env,
+        &pool,
+        &name,
+        json!({"deployment": {"entrypoint": "f.py:main"}}),
+    );
+    pd.spec.server.remote_api_url = Some(format!("http://127.0.0.1:{port}/api-other"));
+    env.api.create(&PostParams::default(), &pd).await.unwrap();
+    let obj = env
+        .wait_for(&name, "ServerNotAllowed", |o| {
+            ready(o).is_some_and(|r| r.1 == "ServerNotAllowed")
+        })
+        .await;
+    assert_eq!(kstatus_of(&obj), "Failed");
+    assert!(
+        env.ctx.calls.snapshot().is_empty(),
+        "{:?}",
+        env.ctx.calls.snapshot()
+    );
+    // Deleting it does not wait for a cleanup the operator may not do.
+    env.api
+        .delete(&name, &DeleteParams::default())
+        .await
+        .unwrap();
+    env.wait_gone(&name).await;
+    assert!(env.ctx.calls.snapshot().is_empty());
+
+    // An allowed server, credentials in a Secret without the label: not read.
+    let name = unique("label");
+    let secret = "prefect-creds";
+    let s: Secret = serde_json::from_value(json!({
+        "metadata": {"name": secret},
+        "stringData": {"key": "not-used-by-an-open-server"},
+    }))
+    .unwrap();
+    Api::<Secret>::namespaced(env.kube.clone(), &env.ns)
+        .create(&PostParams::default(), &s)
+        .await
+        .unwrap();
+    let pd = resource(
+        &env,
+        &pool,
+        &name,
+        json!({
+            "server": {"remoteApiUrl": env.prefect.url, "apiKey": {"valueFrom": {"secretKeyRef": {"name": secret, "key": "key"}}}},
+            "deployment": {"entrypoint": "f.py:main"},
+        }),
+    );
+    env.api.create(&PostParams::default(), &pd).await.unwrap();
+    let obj = env
+        .wait_for(&name, "SecretNotAllowed", |o| {
+            ready(o).is_some_and(|r| r.1 == "SecretNotAllowed")
+        })
+        .await;
+    let (_, _, message) = ready(&obj).unwrap();
+    assert!(message.contains("prefect.io/credentials=true"), "{message}");
+    assert_eq!(kstatus_of(&obj), "Failed");
+    assert!(env.ctx.calls.snapshot().is_empty());
+
+    // Labelled: read on the next retry, and applied.
+    env.cp.kubectl_ok(&[
+        "label",
+        "secret",
+        "-n",
+        &env.ns,
+        secret,
+        "prefect.io/credentials=true",
+    ]);
+    env.wait_for(&name, "Ready after labelling", is_ready).await;
 }

@@ -5,6 +5,8 @@
 
 mod support;
 
+use clap::Parser;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -115,6 +117,32 @@ fn chart_lints_and_renders_secure_defaults() {
             }
         }
     }
+
+    // The access policy, rendered into arguments the binary accepts.
+    let objs = template(&[
+        "allowedServers={https://prefect.example.com/api,*.infra.svc}",
+        "secretLabel=prefect.io/credentials=true",
+    ]);
+    let a = args(&objs);
+    for want in [
+        "--allowed-server=https://prefect.example.com/api",
+        "--allowed-server=*.infra.svc",
+        "--secret-label=prefect.io/credentials=true",
+    ] {
+        assert!(a.iter().any(|x| x == want), "{want} in {a:?}");
+    }
+    let cli = prefect_operator::cli::Cli::try_parse_from(
+        std::iter::once("prefect-operator".to_string()).chain(a.iter().cloned()),
+    )
+    .unwrap();
+    let prefect_operator::cli::Command::Run(run) = cli.command else {
+        panic!("run expected")
+    };
+    assert_eq!(run.allowed_servers.len(), 2);
+    assert_eq!(
+        run.secret_label,
+        Some(("prefect.io/credentials".to_string(), "true".to_string()))
+    );
 
     let objs = template(&["replicaCount=2"]);
     let a = args(&objs);

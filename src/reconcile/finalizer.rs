@@ -7,7 +7,8 @@
 //! - On deletion, with `deletionPolicy: Delete` (the default), the deployment and its
 //!   automations are deleted; a deployment already gone counts as deleted. Without a
 //!   recorded id, only a deployment carrying this resource's owner label is deleted.
-//!   With `Orphan`, Prefect is left as it is.
+//!   With `Orphan`, Prefect is left as it is. A server outside `--allowed-server` is
+//!   not called: the finalizer goes with a Warning event.
 //! - The finalizer is removed only after that succeeded. A failure leaves it in place,
 //!   says so on the resource (`Ready=False`, reason `CleanupFailed`, an Event) and is
 //!   retried with backoff; removing the finalizer by hand is the way out when the
@@ -109,6 +110,18 @@ pub(super) async fn finalize(
                 .await;
             }
             Ok(None) => {}
+            // The operator may not call that server, so it made nothing there to
+            // delete (or lost the right to since): nothing to wait for.
+            Err(e @ crate::Error::ServerNotAllowed(_)) => {
+                ctx.event(
+                    obj,
+                    EventType::Warning,
+                    "CleanupSkipped",
+                    format!("Nothing deleted in Prefect: {e}"),
+                    "Delete",
+                )
+                .await;
+            }
             Err(e) => {
                 let msg = format!("Could not delete the Prefect deployment, will retry: {e}");
                 let failure = Failure {

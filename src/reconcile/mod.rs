@@ -18,6 +18,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Api, Resource, ResourceExt};
 
+use crate::access::Access;
 use crate::api::{
     LastRun, PrefectDeployment, FINALIZER, RECONCILE_REQUESTED_AT, RUN_PARAMETERS, RUN_REQUESTED_AT,
 };
@@ -77,6 +78,7 @@ pub struct Context {
     /// object. Our own writes come back as watch events; this lets those echoes skip the
     /// Prefect round trip.
     synced: Mutex<HashMap<ObjectRef<PrefectDeployment>, Synced>>,
+    access: Access,
 }
 
 impl Context {
@@ -92,7 +94,14 @@ impl Context {
             default_resync,
             failures: Mutex::default(),
             synced: Mutex::default(),
+            access: Access::default(),
         }
+    }
+
+    /// Restricts the servers called and the Secrets read (default: no restriction).
+    pub fn with_access(mut self, access: Access) -> Self {
+        self.access = access;
+        self
     }
 
     fn resync(&self, asked: Option<Duration>) -> Duration {
@@ -487,7 +496,12 @@ async fn run_if_requested(
 
 async fn prefect_client(obj: &PrefectDeployment, ctx: &Context, ns: &str) -> Result<PrefectClient> {
     let base = server::base_url(&obj.spec.server, ns);
-    let auth = server::credentials(&ctx.kube, ns, &obj.spec.server).await?;
+    if !ctx.access.server_allowed(&base) {
+        return Err(Error::ServerNotAllowed(format!(
+            "spec.server: {base} is not among the Prefect servers this operator may call (its --allowed-server list); no request was made"
+        )));
+    }
+    let auth = server::credentials(&ctx.kube, ns, &obj.spec.server, &ctx.access).await?;
     Ok(PrefectClient::new(
         ctx.http.clone(),
         &base,

@@ -4,6 +4,7 @@
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::Api;
 
+use crate::access::Access;
 use crate::api::{SecretValue, ServerSpec};
 use crate::prefect::Auth;
 use crate::{Error, Result};
@@ -33,18 +34,21 @@ pub fn base_url(s: &ServerSpec, resource_namespace: &str) -> String {
     format!("http://{name}.{ns}.svc:{IN_CLUSTER_PORT}/api")
 }
 
+/// The credentials `s` names, read from the resource's namespace. Only Secrets and
+/// ConfigMaps that `access` allows are read.
 pub async fn credentials(
     kube: &kube::Client,
     namespace: &str,
     s: &ServerSpec,
+    access: &Access,
 ) -> Result<Option<Auth>> {
     if let Some(key) = &s.api_key {
         return Ok(Some(Auth::Bearer(
-            read(kube, namespace, key, "spec.server.apiKey").await?,
+            read(kube, namespace, key, "spec.server.apiKey", access).await?,
         )));
     }
     if let Some(auth) = &s.auth_string {
-        let value = read(kube, namespace, auth, "spec.server.authString").await?;
+        let value = read(kube, namespace, auth, "spec.server.authString", access).await?;
         if !value.contains(':') {
             // The Secret, not the spec, needs fixing: keep retrying until it is.
             return Err(Error::SecretNotFound(
@@ -62,6 +66,7 @@ async fn read(
     namespace: &str,
     v: &SecretValue,
     field: &str,
+    access: &Access,
 ) -> Result<String> {
     if let Some(value) = &v.value {
         return Ok(value.clone());
@@ -90,6 +95,7 @@ async fn read(
             .get_opt(name)
             .await?
             .ok_or_else(not_found)?;
+        check_label(access, secret.metadata.labels.as_ref(), field, kind, name)?;
         secret
             .data
             .and_then(|d| {
@@ -102,6 +108,7 @@ async fn read(
             .get_opt(name)
             .await?
             .ok_or_else(not_found)?;
+        check_label(access, cm.metadata.labels.as_ref(), field, kind, name)?;
         cm.data.and_then(|d| d.get(&r.key).cloned())
     };
     match value {
@@ -111,6 +118,22 @@ async fn read(
             "{field}: {kind} {name:?} has no key {:?} (or it is empty)",
             r.key
         ))),
+    }
+}
+
+fn check_label(
+    access: &Access,
+    labels: Option<&std::collections::BTreeMap<String, String>>,
+    field: &str,
+    kind: &str,
+    name: &str,
+) -> Result<()> {
+    match &access.secret_label {
+        Some((k, v)) if !access.secret_allowed(labels) => Err(Error::SecretNotAllowed(format!(
+            "{field}: {kind} {name:?} does not carry the label {k}={v}; this operator reads credentials only from {kind}s labelled so (kubectl label {} {name} {k}={v})",
+            kind.to_ascii_lowercase()
+        ))),
+        _ => Ok(()),
     }
 }
 
