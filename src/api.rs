@@ -424,6 +424,11 @@ pub struct Schedule {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "free_object")]
     pub parameters: Option<Value>,
+    /// The slug this schedule had before: the schedule in Prefect is renamed in place,
+    /// keeping its id and its scheduled runs, instead of deleted and created anew.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
+    pub replaces: Option<String>,
 }
 
 /// A trigger that starts the deployment. Event triggers fire on matching Prefect events;

@@ -36,6 +36,8 @@ pub struct DesiredDeployment {
 #[derive(Debug, Clone, PartialEq)]
 pub struct DesiredSchedule {
     pub slug: String,
+    /// The slug it had before (a rename in place).
+    pub replaces: Option<String>,
     /// A `DeploymentScheduleCreate` body.
     pub body: Value,
 }
@@ -195,6 +197,7 @@ fn schedule(s: &ValidSchedule) -> DesiredSchedule {
     };
     DesiredSchedule {
         slug: s.slug.clone(),
+        replaces: s.replaces.clone(),
         body: json!({
             "schedule": inner,
             "active": s.active,

@@ -124,6 +124,9 @@ pub enum ScheduleChange {
     Update {
         slug: String,
         id: String,
+        /// The slug it had in Prefect when this also renames it (empty: it had none).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        renamed_from: Option<String>,
         #[serde(skip)]
         body: Value,
     },
@@ -316,34 +319,62 @@ fn field_changes(want: &DesiredDeployment, actual: &ObservedDeployment) -> Vec<F
 }
 
 fn schedule_changes(want: &DesiredDeployment, actual: &[ObservedSchedule]) -> Vec<ScheduleChange> {
-    let mut out = Vec::new();
-    for a in actual {
-        if !want
-            .schedules
+    let wanted = |slug: &Option<String>| {
+        want.schedules
             .iter()
-            .any(|w| Some(&w.slug) == a.slug.as_ref())
-        {
-            out.push(ScheduleChange::Delete {
-                slug: a.slug.clone(),
-                id: a.id.clone(),
-            });
-        }
-    }
+            .any(|w| Some(&w.slug) == slug.as_ref())
+    };
+    // Schedules in Prefect that no desired schedule claims by slug: deleted, unless a
+    // desired schedule renames one (`replaces`), or one with the same definition has
+    // no slug of its own yet (made by another tool); those keep their id and runs.
+    let mut unclaimed: Vec<&ObservedSchedule> =
+        actual.iter().filter(|a| !wanted(&a.slug)).collect();
+    let mut updates = Vec::new();
     let mut creates = Vec::new();
     for w in &want.schedules {
-        match actual.iter().find(|a| a.slug.as_ref() == Some(&w.slug)) {
-            Some(a) if schedule_same(&w.body, a) => {}
-            Some(a) => out.push(ScheduleChange::Update {
-                slug: w.slug.clone(),
-                id: a.id.clone(),
-                body: w.body.clone(),
-            }),
+        if let Some(a) = actual.iter().find(|a| a.slug.as_ref() == Some(&w.slug)) {
+            if !schedule_same(&w.body, a) {
+                updates.push(ScheduleChange::Update {
+                    slug: w.slug.clone(),
+                    id: a.id.clone(),
+                    renamed_from: None,
+                    body: w.body.clone(),
+                });
+            }
+            continue;
+        }
+        let by_rename = unclaimed
+            .iter()
+            .position(|a| w.replaces.is_some() && a.slug == w.replaces);
+        let by_definition = || {
+            unclaimed
+                .iter()
+                .position(|a| a.slug.is_none() && schedule_same(&w.body, a))
+        };
+        match by_rename.or_else(by_definition) {
+            Some(i) => {
+                let a = unclaimed.remove(i);
+                updates.push(ScheduleChange::Update {
+                    slug: w.slug.clone(),
+                    id: a.id.clone(),
+                    renamed_from: Some(a.slug.clone().unwrap_or_default()),
+                    body: w.body.clone(),
+                });
+            }
             None => creates.push(ScheduleChange::Create {
                 slug: w.slug.clone(),
                 body: w.body.clone(),
             }),
         }
     }
+    let mut out: Vec<ScheduleChange> = unclaimed
+        .into_iter()
+        .map(|a| ScheduleChange::Delete {
+            slug: a.slug.clone(),
+            id: a.id.clone(),
+        })
+        .collect();
+    out.extend(updates);
     out.extend(creates);
     out
 }
@@ -517,6 +548,17 @@ impl fmt::Display for Plan {
                 ScheduleChange::Create { slug, body } => {
                     writeln!(f, "  schedule {slug}: create {}", short(&body["schedule"]))?
                 }
+                ScheduleChange::Update {
+                    slug,
+                    body,
+                    renamed_from: Some(old),
+                    ..
+                } => writeln!(
+                    f,
+                    "  schedule {slug}: rename from {}, update to {}",
+                    if old.is_empty() { "(no slug)" } else { old },
+                    short(&body["schedule"])
+                )?,
                 ScheduleChange::Update { slug, body, .. } => writeln!(
                     f,
                     "  schedule {slug}: update to {}",

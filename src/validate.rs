@@ -80,6 +80,8 @@ pub struct ValidSchedule {
     pub active: bool,
     pub max_scheduled_runs: Option<i64>,
     pub parameters: Option<Value>,
+    /// The slug it is renamed from, if any.
+    pub replaces: Option<String>,
 }
 
 /// Validates the whole spec; `resource_name` stands in for an unset deployment name.
@@ -261,6 +263,24 @@ fn deployment(d: &DeploymentSpec, resource_name: &str) -> Result<Vec<ValidSchedu
             ));
         }
         schedules.push(schedule(s, &field)?);
+    }
+    // A rename names a slug the spec no longer uses, once.
+    let mut renamed = HashSet::new();
+    for (i, s) in d.schedules.iter().flatten().enumerate() {
+        let Some(old) = &s.replaces else { continue };
+        let field = format!("spec.deployment.schedules[{i}].replaces");
+        if slugs.contains(old.as_str()) {
+            return Err(problem(
+                field,
+                format!("{old:?} is the slug of a schedule in the spec; replaces names the slug this schedule had before"),
+            ));
+        }
+        if !renamed.insert(old.as_str()) {
+            return Err(problem(
+                field,
+                format!("{old:?} is replaced by an earlier schedule already"),
+            ));
+        }
     }
     for (i, t) in d.triggers.iter().flatten().enumerate() {
         trigger(t, &format!("spec.deployment.triggers[{i}]"))?;
@@ -599,6 +619,7 @@ pub fn schedule(s: &Schedule, field: &str) -> Result<ValidSchedule, Problem> {
         active: s.active.unwrap_or(true),
         max_scheduled_runs: s.max_scheduled_runs,
         parameters: s.parameters.clone(),
+        replaces: s.replaces.clone(),
     })
 }
 

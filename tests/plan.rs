@@ -195,6 +195,9 @@ fn every_branch_has_a_case() {
         ));
         for s in plan["schedules"].as_array().into_iter().flatten() {
             seen.insert(format!("schedule:{}", s["action"].as_str().unwrap()));
+            if s.get("renamedFrom").is_some() {
+                seen.insert("schedule:rename".into());
+            }
         }
         if plan.get("fields").is_some() {
             seen.insert("fields".into());
@@ -221,6 +224,7 @@ fn every_branch_has_a_case() {
         "schedule:create",
         "schedule:update",
         "schedule:delete",
+        "schedule:rename",
         "fields",
         "automations:unchanged",
         "automations:deleteLeftovers+delete",

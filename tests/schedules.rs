@@ -211,3 +211,132 @@ async fn preview_matches_the_runs_prefects_scheduler_creates() {
     }
     assert_eq!(compared, 8);
 }
+
+/// A slug renamed with `replaces` keeps the schedule's id, and its runs stay planned at
+/// the same times. (Prefect 3.9 deletes a deployment's future auto-scheduled runs on any
+/// update, a rename included, and its scheduler makes them again at its next loop: the
+/// run ids change, the times do not.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renamed_slug_keeps_schedule_id_and_scheduled_runs() {
+    support::install_crypto();
+    let server = tokio::task::spawn_blocking(|| {
+        PrefectServer::start_with_settings(&[
+            ("PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS", "2"),
+            ("PREFECT_SERVER_SERVICES_SCHEDULER_MIN_RUNS", "3"),
+            ("PREFECT_SERVER_SERVICES_SCHEDULER_MAX_RUNS", "3"),
+        ])
+    })
+    .await
+    .unwrap();
+    let pool = support::create_pool(&server);
+    let client = PrefectClient::new(
+        http_client(),
+        &server.url,
+        None,
+        Arc::new(CallLog::default()),
+    );
+    let raw = reqwest::Client::new();
+    let spec = |schedule: Value| -> PrefectDeploymentSpec {
+        serde_json::from_value(json!({
+            "server": {"remoteApiUrl": server.url},
+            "workPool": {"name": pool},
+            "deployment": {"entrypoint": "flows/sched.py:sched", "schedules": [schedule]},
+        }))
+        .unwrap()
+    };
+    let name = unique("rename");
+    let mut state = SyncState::default();
+    let first =
+        spec(json!({"slug": "old", "interval": 3600, "anchor_date": "2026-01-01T00:00:00Z"}));
+    let valid = validate(&first, &name).unwrap();
+    execute::apply(&client, &valid, "uid", &mut state, &mut Vec::new())
+        .await
+        .unwrap();
+    let id = state.deployment_id.clone().unwrap();
+
+    let runs = |raw: reqwest::Client, url: String, id: String| async move {
+        let r = raw
+            .post(format!("{url}/flow_runs/filter"))
+            .json(
+                &json!({"deployments": {"id": {"any_": [id]}}, "sort": "EXPECTED_START_TIME_ASC"}),
+            )
+            .send()
+            .await
+            .unwrap();
+        let list: Vec<Value> = r.json().await.unwrap();
+        let mut times: Vec<DateTime<Utc>> = list
+            .iter()
+            .map(|r| {
+                DateTime::parse_from_rfc3339(r["expected_start_time"].as_str().unwrap())
+                    .unwrap()
+                    .with_timezone(&Utc)
+            })
+            .collect();
+        times.sort();
+        times
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let before = loop {
+        let ids = runs(raw.clone(), server.url.clone(), id.clone()).await;
+        if ids.len() >= 3 {
+            break ids;
+        }
+        assert!(Instant::now() < deadline, "the scheduler made no runs");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let schedule_id = |d: &Value| d["schedules"][0]["id"].clone();
+    let (_, d) = support::prefect_get(&raw, &format!("{}/deployments/{id}", server.url)).await;
+    let sid = schedule_id(&d);
+
+    let renamed = spec(
+        json!({"slug": "new", "replaces": "old", "interval": 3600, "anchor_date": "2026-01-01T00:00:00Z"}),
+    );
+    let valid = validate(&renamed, &name).unwrap();
+    let mut changes = Vec::new();
+    execute::apply(&client, &valid, "uid", &mut state, &mut changes)
+        .await
+        .unwrap();
+    assert_eq!(
+        changes,
+        vec![execute::Change::SchedulesChanged {
+            created: vec![],
+            updated: vec!["new (renamed from old)".into()],
+            deleted: vec![],
+        }]
+    );
+    let (_, d) = support::prefect_get(&raw, &format!("{}/deployments/{id}", server.url)).await;
+    assert_eq!(d["schedules"].as_array().unwrap().len(), 1);
+    assert_eq!(schedule_id(&d), sid, "same schedule");
+    assert_eq!(d["schedules"][0]["slug"], json!("new"));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let after = loop {
+        let times = runs(raw.clone(), server.url.clone(), id.clone()).await;
+        if times.len() >= before.len() {
+            break times;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the scheduler made no runs after the rename"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    // Runs whose time passed meanwhile are not re-planned; compare the future ones.
+    let now = Utc::now();
+    let before: Vec<_> = before.into_iter().filter(|t| *t > now).collect();
+    let after: Vec<_> = after
+        .into_iter()
+        .filter(|t| *t > now)
+        .take(before.len())
+        .collect();
+    assert!(!before.is_empty());
+    assert_eq!(
+        after, before,
+        "runs planned at the same times after the rename"
+    );
+    // And the rename is stable.
+    let mut changes = Vec::new();
+    execute::apply(&client, &valid, "uid", &mut state, &mut changes)
+        .await
+        .unwrap();
+    assert!(changes.is_empty(), "{changes:?}");
+}

@@ -295,10 +295,15 @@ async fn update_schedules(
             ScheduleChange::Update {
                 slug,
                 id: sid,
+                renamed_from,
                 body,
             } => {
                 client.update_schedule(id, sid, body).await?;
-                updated.push(slug.clone());
+                updated.push(match renamed_from {
+                    Some(old) if old.is_empty() => format!("{slug} (had no slug)"),
+                    Some(old) => format!("{slug} (renamed from {old})"),
+                    None => slug.clone(),
+                });
             }
             ScheduleChange::Create { slug, .. } => created.push(slug.clone()),
         }
