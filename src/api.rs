@@ -311,6 +311,11 @@ pub struct DeploymentSpec {
     /// what happens to a run over the limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub global_concurrency_limit: Option<GlobalConcurrencyLimit>,
+    /// What happens to a run over `concurrencyLimit` (Prefect's `concurrency_options`).
+    /// Removing it clears it in Prefect; it takes precedence over
+    /// globalConcurrencyLimit.collisionStrategy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency_options: Option<ConcurrencyOptions>,
     /// When the deployment runs. Schedules are matched to Prefect's by slug, so editing
     /// one keeps the runs already scheduled by the others.
     // A map list keyed by slug: the apiserver itself refuses duplicate slugs (on every
@@ -336,6 +341,36 @@ pub struct VersionInfo {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 1024))]
     pub version: Option<String>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConcurrencyOptions {
+    /// ENQUEUE (the run waits for a slot) or CANCEL_NEW (the run is cancelled).
+    pub collision_strategy: CollisionStrategy,
+    /// Seconds a run's infrastructure may take to start before its slot is taken back
+    /// (60 to 86400, as Prefect's server accepts); unset, the server's setting applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 60, max = 86400))]
+    pub grace_period_seconds: Option<i64>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum CollisionStrategy {
+    #[default]
+    #[serde(rename = "ENQUEUE")]
+    Enqueue,
+    #[serde(rename = "CANCEL_NEW")]
+    CancelNew,
+}
+
+impl CollisionStrategy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CollisionStrategy::Enqueue => "ENQUEUE",
+            CollisionStrategy::CancelNew => "CANCEL_NEW",
+        }
+    }
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]

@@ -103,9 +103,19 @@ pub fn deployment(valid: &ValidSpec, owner_uid: &str) -> DesiredDeployment {
     );
     f.insert(
         "concurrency_options".into(),
-        match gcl.and_then(|g| g.collision_strategy.as_ref()) {
-            Some(s) => json!({"collision_strategy": s}),
-            None => Value::Null,
+        match (
+            &d.concurrency_options,
+            gcl.and_then(|g| g.collision_strategy.as_ref()),
+        ) {
+            (Some(o), _) => {
+                let mut v = json!({"collision_strategy": o.collision_strategy.as_str()});
+                if let Some(g) = o.grace_period_seconds {
+                    v["grace_period_seconds"] = json!(g);
+                }
+                v
+            }
+            (None, Some(s)) => json!({"collision_strategy": s}),
+            (None, None) => Value::Null,
         },
     );
     f.insert(

@@ -249,6 +249,18 @@ fn deployment(d: &DeploymentSpec, resource_name: &str) -> Result<Vec<ValidSchedu
             }
         }
     }
+    if let Some(g) = d
+        .concurrency_options
+        .as_ref()
+        .and_then(|o| o.grace_period_seconds)
+    {
+        if !(60..=86400).contains(&g) {
+            return Err(problem(
+                "spec.deployment.concurrencyOptions.gracePeriodSeconds",
+                format!("{g} is outside 60-86400 seconds, the range Prefect accepts"),
+            ));
+        }
+    }
     let mut slugs = HashSet::new();
     let mut schedules = Vec::new();
     for (i, s) in d.schedules.iter().flatten().enumerate() {

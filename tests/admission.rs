@@ -453,6 +453,16 @@ fn out_of_bounds() -> Vec<(Value, &'static str)> {
         (policy, "deletionPolicy"),
         (
             with_deployment(
+                json!({"concurrencyOptions": {"collisionStrategy": "ENQUEUE", "gracePeriodSeconds": 30}}),
+            ),
+            "gracePeriodSeconds",
+        ),
+        (
+            with_deployment(json!({"concurrencyOptions": {"collisionStrategy": "RANDOM"}})),
+            "collisionStrategy",
+        ),
+        (
+            with_deployment(
                 json!({"schedules": [{"slug": "a", "interval": 60}, {"slug": "a", "cron": "0 * * * *"}]}),
             ),
             "Duplicate value",

@@ -733,3 +733,43 @@ async fn a_success_that_is_not_json_is_an_error() {
     assert!(text.contains("GET deployment_by_name"), "{text}");
     assert!(text.contains("not JSON"), "{text}");
 }
+
+/// `concurrencyOptions`: set, kept without writes, changed, and cleared when removed.
+#[tokio::test]
+async fn concurrency_options_set_and_cleared() {
+    let env = Env::new().await;
+    let pool = env.work_pool().await;
+    let name = unique("conc");
+    let uid = unique("uid");
+    let mut state = SyncState::default();
+    let mut spec = env.spec(
+        &pool,
+        json!({"entrypoint": "flows/c.py:conc", "concurrencyLimit": 2,
+               "concurrencyOptions": {"collisionStrategy": "CANCEL_NEW", "gracePeriodSeconds": 120}}),
+    );
+    env.apply(&spec, &name, &uid, &mut state).await.0.unwrap();
+    let id = state.deployment_id.clone().unwrap();
+    let d = env.deployment(&id).await.unwrap();
+    assert_eq!(
+        d["concurrency_options"],
+        json!({"collision_strategy": "CANCEL_NEW", "grace_period_seconds": 120})
+    );
+    let (r, changes, made) = env.apply(&spec, &name, &uid, &mut state).await;
+    r.unwrap();
+    assert!(changes.is_empty(), "{changes:?}");
+    assert_eq!(made, vec!["GET deployment_by_name"]);
+
+    spec.deployment.concurrency_options = None;
+    let (r, changes, _) = env.apply(&spec, &name, &uid, &mut state).await;
+    r.unwrap();
+    assert_eq!(
+        changes,
+        vec![Change::Updated {
+            fields: vec!["concurrency_options".into()]
+        }]
+    );
+    let d = env.deployment(&id).await.unwrap();
+    assert_eq!(d["concurrency_options"], json!(null));
+    let (_, changes, _) = env.apply(&spec, &name, &uid, &mut state).await;
+    assert!(changes.is_empty(), "{changes:?}");
+}
