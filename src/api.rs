@@ -118,6 +118,59 @@ pub struct PrefectDeploymentSpec {
     /// Ready=False with reason Conflict.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub adopt_existing: Option<bool>,
+    /// What a drift check does with differences made in Prefect (in its UI, say):
+    /// `Correct` (default) puts the spec back; `Report` leaves them and reports them in
+    /// a `Drifted` condition and an Event. A change of the spec is applied either way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "drift_policy_schema")]
+    pub drift_policy: Option<DriftPolicy>,
+    /// Fields people may own in Prefect: set when the deployment is created, then
+    /// neither written nor reported, except once after each change of the field in the
+    /// spec. One of paused, schedules.active, concurrencyLimit, description, tags,
+    /// jobVariables.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 6))]
+    pub ignore_fields: Option<Vec<IgnoredField>>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum DriftPolicy {
+    #[default]
+    Correct,
+    Report,
+}
+
+/// A field `ignoreFields` may name.
+#[derive(
+    Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, JsonSchema,
+)]
+pub enum IgnoredField {
+    #[serde(rename = "paused")]
+    Paused,
+    #[serde(rename = "schedules.active")]
+    SchedulesActive,
+    #[serde(rename = "concurrencyLimit")]
+    ConcurrencyLimit,
+    #[serde(rename = "description")]
+    Description,
+    #[serde(rename = "tags")]
+    Tags,
+    #[serde(rename = "jobVariables")]
+    JobVariables,
+}
+
+impl IgnoredField {
+    /// The Prefect deployment field it stands for (None: per schedule).
+    pub fn prefect_field(self) -> Option<&'static str> {
+        match self {
+            IgnoredField::Paused => Some("paused"),
+            IgnoredField::SchedulesActive => None,
+            IgnoredField::ConcurrencyLimit => Some("concurrency_limit"),
+            IgnoredField::Description => Some("description"),
+            IgnoredField::Tags => Some("tags"),
+            IgnoredField::JobVariables => Some("job_variables"),
+        }
+    }
 }
 
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -669,6 +722,10 @@ pub struct PrefectDeploymentStatus {
     /// The flow run made for the last `prefect.io/run-requested-at` token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_run: Option<LastRun>,
+    /// For each field in spec.ignoreFields, a fingerprint of the spec's value last
+    /// applied: a new value is applied once, then the field is left to people again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied_ignored_fields: Option<std::collections::BTreeMap<String, String>>,
 }
 
 /// A flow run requested through the `prefect.io/run-requested-at` annotation.
@@ -734,6 +791,10 @@ pub struct Condition {
 
 // Enums of optional fields are written out by hand: the derived schema lists `null` as
 // an allowed value, which kubectl's client-side validation rejects.
+fn drift_policy_schema(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({"type": "string", "enum": ["Correct", "Report"]})
+}
+
 fn deletion_policy_schema(_: &mut SchemaGenerator) -> Schema {
     json_schema!({"type": "string", "enum": ["Delete", "Orphan"]})
 }

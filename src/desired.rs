@@ -4,7 +4,9 @@
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
-use crate::api::{DeploymentSpec, Posture, Trigger, TriggerCondition, TriggerType};
+use crate::api::{
+    DeploymentSpec, DriftPolicy, IgnoredField, Posture, Trigger, TriggerCondition, TriggerType,
+};
 use crate::schedule::{zone, Rule};
 use crate::validate::{ValidSchedule, ValidSpec};
 
@@ -31,6 +33,10 @@ pub struct DesiredDeployment {
     /// One `AutomationCreate` body per trigger, in spec order, without the deployment id
     /// (unknown before a create); `automations_for` fills it in.
     pub automations: Vec<Value>,
+    /// Fields people own in Prefect (spec.ignoreFields).
+    pub ignored: Vec<IgnoredField>,
+    /// spec.driftPolicy is Report.
+    pub report_drift: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -145,6 +151,8 @@ pub fn deployment(valid: &ValidSpec, owner_uid: &str) -> DesiredDeployment {
         owner_uid: owner_uid.into(),
         adopt_existing: spec.adopt_existing.unwrap_or(false),
         automations: automations(d, &valid.name, ""),
+        ignored: spec.ignore_fields.clone().unwrap_or_default(),
+        report_drift: spec.drift_policy == Some(DriftPolicy::Report),
     }
 }
 

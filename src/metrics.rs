@@ -45,6 +45,8 @@ pub struct Metrics {
     pub leader: Gauge,
     /// Ready state per object uid, to derive the resources gauge.
     ready_by_uid: Mutex<HashMap<String, &'static str>>,
+    drifted: Gauge,
+    drifted_uids: Mutex<std::collections::HashSet<String>>,
 }
 
 impl Metrics {
@@ -80,8 +82,16 @@ impl Metrics {
             "1 while this replica is the leader and reconciles",
             leader.clone(),
         );
+        let drifted = Gauge::default();
+        registry.register(
+            "drifted_resources",
+            "PrefectDeployments with driftPolicy Report whose deployment differs in Prefect",
+            drifted.clone(),
+        );
         Self {
             registry,
+            drifted,
+            drifted_uids: Mutex::default(),
             reconciles,
             reconcile_duration,
             resources,
@@ -97,6 +107,17 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
         out
+    }
+
+    /// Records whether one object's deployment has drifted (driftPolicy Report).
+    pub fn set_drifted(&self, uid: &str, drifted: bool) {
+        let mut set = self.drifted_uids.lock().expect("metrics lock");
+        if drifted {
+            set.insert(uid.to_string());
+        } else {
+            set.remove(uid);
+        }
+        self.drifted.set(set.len() as i64);
     }
 
     /// Records the Ready status of one object (`None` when it is gone).

@@ -9,6 +9,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::api::IgnoredField;
 use crate::desired::{DesiredDeployment, OWNER_LABEL};
 use crate::observed::{ObservedAutomation, ObservedDeployment, ObservedSchedule};
 
@@ -26,6 +27,14 @@ pub struct SyncState {
     /// source of anchor dates Prefect chose itself, for the next-run preview.
     #[serde(skip)]
     pub schedules_seen: Vec<ObservedSchedule>,
+    /// Fingerprints of the spec's values of the ignored fields when last applied.
+    pub applied_ignored: BTreeMap<String, String>,
+    /// The current generation of the spec was applied before: this pass is a drift
+    /// check, not the application of a change.
+    pub spec_applied: bool,
+    /// Differences left in place this pass (driftPolicy Report), for status.
+    #[serde(skip)]
+    pub drift: Vec<String>,
 }
 
 /// What Prefect holds, as far as planning needs to know. `observe` in the executor
@@ -61,6 +70,12 @@ pub struct Plan {
     /// without an anchor date at the moment it stores it, and the preview needs that.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub read_back: bool,
+    /// Differences found and, by driftPolicy Report, left in place.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub drift: Vec<String>,
+    /// What to record as applied for the ignored fields once the plan succeeded.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub record_ignored: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -255,6 +270,8 @@ pub fn plan(want: &DesiredDeployment, recorded: &SyncState, observed: &Observed)
         schedules: Vec::new(),
         automations: AutomationAction::Unchanged,
         read_back: false,
+        drift: Vec::new(),
+        record_ignored: ignored_values(want),
     };
     let (id, actual, from) = match (&deployment, &observed.by_name) {
         (DeploymentAction::Conflict { .. }, _) => return plan,
@@ -273,7 +290,7 @@ pub fn plan(want: &DesiredDeployment, recorded: &SyncState, observed: &Observed)
                 delete: Vec::new(),
             };
             plan.read_back = reads_back(&plan.schedules);
-            return plan;
+            return report_only(plan, want, recorded);
         }
         (DeploymentAction::Update { id }, Some(actual)) => (id, actual, recorded.clone()),
         (
@@ -283,8 +300,93 @@ pub fn plan(want: &DesiredDeployment, recorded: &SyncState, observed: &Observed)
     };
     plan.fields = field_changes(want, actual);
     plan.schedules = schedule_changes(want, &actual.schedules);
+    // What people own in Prefect is left alone unless the spec's value changed since
+    // it was last applied (then it is applied once).
+    let owned = |key: &str| {
+        plan.record_ignored.get(key).is_some()
+            && plan.record_ignored.get(key) == from.applied_ignored.get(key)
+    };
+    plan.fields.retain(|f| !owned(&f.field));
+    if want.ignored.contains(&IgnoredField::SchedulesActive) {
+        let actual_active = |id: &str| {
+            actual
+                .schedules
+                .iter()
+                .find(|a| a.id == id)
+                .and_then(|a| a.active)
+        };
+        plan.schedules.retain_mut(|c| {
+            let ScheduleChange::Update { slug, id, body, .. } = c else {
+                return true;
+            };
+            if !owned(&format!("schedules.active/{slug}")) {
+                return true;
+            }
+            let Some(active) = actual_active(id) else {
+                return true;
+            };
+            body["active"] = Value::Bool(active);
+            actual
+                .schedules
+                .iter()
+                .find(|a| a.id == *id)
+                .is_none_or(|a| !schedule_same(body, a) || a.slug.as_ref() != Some(slug))
+        });
+    }
     plan.automations = automation_action(want, &from, id, observed.related_automations.as_deref());
     plan.read_back = reads_back(&plan.schedules);
+    report_only(plan, want, &from)
+}
+
+/// The fingerprints of the spec's values of its ignored fields.
+pub fn ignored_values(want: &DesiredDeployment) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for f in &want.ignored {
+        match f.prefect_field() {
+            Some(key) => {
+                let v = want.fields.get(key).cloned().unwrap_or(Value::Null);
+                out.insert(key.to_string(), crate::desired::fingerprint(&[v]));
+            }
+            None => {
+                for s in &want.schedules {
+                    out.insert(
+                        format!("schedules.active/{}", s.slug),
+                        crate::desired::fingerprint(&[s.body["active"].clone()]),
+                    );
+                }
+            }
+        }
+    }
+    out
+}
+
+/// With driftPolicy Report, a drift check (the spec unchanged since it was applied)
+/// writes nothing to the deployment: the differences are listed instead.
+fn report_only(mut plan: Plan, want: &DesiredDeployment, recorded: &SyncState) -> Plan {
+    if !(want.report_drift && recorded.spec_applied) {
+        return plan;
+    }
+    let mut drift: Vec<String> = Vec::new();
+    if let DeploymentAction::Create { .. } = plan.deployment {
+        drift.push("deployment (missing in Prefect)".into());
+        plan.deployment = DeploymentAction::Update {
+            id: recorded.deployment_id.clone().unwrap_or_default(),
+        };
+        plan.automations = AutomationAction::Unchanged;
+    }
+    drift.extend(plan.fields.drain(..).map(|f| f.field));
+    drift.extend(plan.schedules.drain(..).map(|c| match c {
+        ScheduleChange::Create { slug, .. } => format!("schedules.{slug} (missing)"),
+        ScheduleChange::Update { slug, .. } => format!("schedules.{slug}"),
+        ScheduleChange::Delete { slug, .. } => {
+            format!(
+                "schedules.{} (not in the spec)",
+                slug.unwrap_or_else(|| "(no slug)".into())
+            )
+        }
+    }));
+    plan.read_back = false;
+    plan.drift = drift;
     plan
 }
 
@@ -517,6 +619,13 @@ impl fmt::Display for Plan {
                 return writeln!(
                     f,
                     "{who}: conflict: Prefect deployment {id} was not made by this resource (set spec.adoptExisting: true to manage it)"
+                )
+            }
+            _ if self.is_noop() && !self.drift.is_empty() => {
+                return writeln!(
+                    f,
+                    "{who}: no changes (driftPolicy Report leaves these differences: {})",
+                    self.drift.join(", ")
                 )
             }
             _ if self.is_noop() => return writeln!(f, "{who}: no changes"),

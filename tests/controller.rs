@@ -1059,3 +1059,171 @@ async fn access_policy_servers_and_secret_labels() {
     ]);
     env.wait_for(&name, "Ready after labelling", is_ready).await;
 }
+
+/// driftPolicy Report leaves changes made in Prefect and reports them; ignoreFields
+/// leaves a field to people until the spec changes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drift_policy_report_and_ignored_fields() {
+    let (env, pool) = Env::new(Duration::from_secs(300)).await;
+    let patch_prefect = |id: String, body: Value| {
+        let raw = env.raw.clone();
+        let url = env.prefect.url.clone();
+        async move {
+            let r = raw
+                .patch(format!("{url}/deployments/{id}"))
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            assert!(r.status().is_success(), "{}", r.status());
+        }
+    };
+    let drifted = |o: &PrefectDeployment| {
+        o.status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Drifted"))
+            .map(|c| (c.status.clone(), c.message.clone()))
+    };
+
+    // Report: a pause made in Prefect stays, and is reported once asked to look.
+    let name = unique("report");
+    let pd = resource(
+        &env,
+        &pool,
+        &name,
+        json!({"driftPolicy": "Report", "deployment": {"entrypoint": "f.py:main", "description": "from git"}}),
+    );
+    env.api.create(&PostParams::default(), &pd).await.unwrap();
+    let obj = env.wait_for(&name, "Ready", is_ready).await;
+    assert_eq!(drifted(&obj).unwrap().0, "False");
+    let id = obj.status.unwrap().deployment_id.unwrap();
+    patch_prefect(id.clone(), json!({"paused": true})).await;
+    env.cp.kubectl_ok(&[
+        "annotate",
+        "pd",
+        "-n",
+        &env.ns,
+        &name,
+        &format!("{RECONCILE_REQUESTED_AT}=look"),
+    ]);
+    let obj = env
+        .wait_for(&name, "Drifted", |o| {
+            drifted(o).is_some_and(|d| d.0 == "True")
+        })
+        .await;
+    assert!(
+        drifted(&obj).unwrap().1.contains("paused"),
+        "{:?}",
+        drifted(&obj)
+    );
+    assert!(is_ready(&obj));
+    assert_eq!(kstatus_of(&obj), "Current");
+    let (_, d) = env.prefect_get(&format!("/deployments/{id}")).await;
+    assert_eq!(d["paused"], json!(true), "left in place");
+    assert!(env
+        .events(&name)
+        .iter()
+        .any(|e| e.1 == "DriftDetected" && e.2.contains("paused")));
+    // A spec change is applied (and with it the spec's paused: false).
+    env.cp.kubectl_ok(&[
+        "patch",
+        "pd",
+        "-n",
+        &env.ns,
+        &name,
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec": {"deployment": {"description": "changed in git"}}}"#,
+    ]);
+    let obj = env
+        .wait_for(&name, "spec change applied", |o| {
+            is_ready(o) && drifted(o).is_some_and(|d| d.0 == "False")
+        })
+        .await;
+    let (_, d) = env.prefect_get(&format!("/deployments/{id}")).await;
+    assert_eq!(
+        (d["description"].clone(), d["paused"].clone()),
+        (json!("changed in git"), json!(false))
+    );
+    drop(obj);
+
+    // ignoreFields [paused]: a pause in the UI survives drift checks.
+    let name = unique("ignore");
+    let pd = resource(
+        &env,
+        &pool,
+        &name,
+        json!({"ignoreFields": ["paused"], "deployment": {"entrypoint": "f.py:main", "description": "a"}}),
+    );
+    env.api.create(&PostParams::default(), &pd).await.unwrap();
+    let obj = env.wait_for(&name, "Ready", is_ready).await;
+    let id = obj.status.unwrap().deployment_id.unwrap();
+    patch_prefect(id.clone(), json!({"paused": true, "description": "b"})).await;
+    env.cp.kubectl_ok(&[
+        "annotate",
+        "pd",
+        "-n",
+        &env.ns,
+        &name,
+        &format!("{RECONCILE_REQUESTED_AT}=look"),
+    ]);
+    env.wait_for(&name, "drift check", |o| {
+        o.status
+            .as_ref()
+            .and_then(|s| s.last_handled_reconcile_at.as_deref())
+            == Some("look")
+    })
+    .await;
+    let (_, d) = env.prefect_get(&format!("/deployments/{id}")).await;
+    assert_eq!(
+        d["paused"],
+        json!(true),
+        "the ignored field is left to people"
+    );
+    assert_eq!(d["description"], json!("a"), "other drift is corrected");
+    // The spec changes the field: applied once, then left to people again.
+    patch_prefect(id.clone(), json!({"paused": false})).await;
+    env.cp.kubectl_ok(&[
+        "patch",
+        "pd",
+        "-n",
+        &env.ns,
+        &name,
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec": {"deployment": {"paused": true, "description": "c"}}}"#,
+    ]);
+    env.wait_for(&name, "applied", |o| {
+        is_ready(o)
+            && o.status.as_ref().and_then(|s| s.observed_generation) == o.metadata.generation
+            && o.spec.deployment.description.as_deref() == Some("c")
+    })
+    .await;
+    let (_, d) = env.prefect_get(&format!("/deployments/{id}")).await;
+    assert_eq!(
+        d["paused"],
+        json!(true),
+        "a changed spec value is applied once"
+    );
+    patch_prefect(id.clone(), json!({"paused": false})).await;
+    env.cp.kubectl_ok(&[
+        "annotate",
+        "--overwrite",
+        "pd",
+        "-n",
+        &env.ns,
+        &name,
+        &format!("{RECONCILE_REQUESTED_AT}=again"),
+    ]);
+    env.wait_for(&name, "drift check", |o| {
+        o.status
+            .as_ref()
+            .and_then(|s| s.last_handled_reconcile_at.as_deref())
+            == Some("again")
+    })
+    .await;
+    let (_, d) = env.prefect_get(&format!("/deployments/{id}")).await;
+    assert_eq!(d["paused"], json!(false), "then left to people again");
+}

@@ -29,3 +29,27 @@ fn crd_subcommand_prints_the_file() {
         std::fs::read_to_string(path).unwrap()
     );
 }
+
+/// Structural schemas refuse `null` among an enum's values (a 1.20 apiserver rejects the
+/// whole CRD with a misleading message): optional enums must list their values only.
+#[test]
+fn no_enum_lists_null() {
+    let crd: serde_json::Value = serde_yaml::from_str(&prefect_operator::api::crd_yaml()).unwrap();
+    let mut stack = vec![(String::new(), &crd)];
+    while let Some((path, v)) = stack.pop() {
+        match v {
+            serde_json::Value::Object(m) => {
+                if let Some(values) = m.get("enum").and_then(|e| e.as_array()) {
+                    assert!(values.iter().all(|x| !x.is_null()), "{path}: {values:?}");
+                }
+                stack.extend(m.iter().map(|(k, c)| (format!("{path}.{k}"), c)));
+            }
+            serde_json::Value::Array(a) => stack.extend(
+                a.iter()
+                    .enumerate()
+                    .map(|(i, c)| (format!("{path}[{i}]"), c)),
+            ),
+            _ => {}
+        }
+    }
+}

@@ -233,7 +233,10 @@ pub async fn perform(
             state.schedules_seen = d.schedules;
         }
     }
-    apply_automations(client, want, &id, &plan.automations, state, changes).await
+    apply_automations(client, want, &id, &plan.automations, state, changes).await?;
+    state.applied_ignored = plan.record_ignored.clone();
+    state.drift = plan.drift.clone();
+    Ok(())
 }
 
 async fn create_schedules(

@@ -145,5 +145,7 @@ pub(super) async fn finalize(
     }
     remove_finalizer(obj, api).await?;
     ctx.metrics.set_ready(&obj.uid().unwrap_or_default(), None);
+    ctx.metrics
+        .set_drifted(&obj.uid().unwrap_or_default(), false);
     Ok(Action::await_change())
 }

@@ -20,7 +20,8 @@ use kube::{Api, Resource, ResourceExt};
 
 use crate::access::Access;
 use crate::api::{
-    LastRun, PrefectDeployment, FINALIZER, RECONCILE_REQUESTED_AT, RUN_PARAMETERS, RUN_REQUESTED_AT,
+    DriftPolicy, LastRun, PrefectDeployment, FINALIZER, RECONCILE_REQUESTED_AT, RUN_PARAMETERS,
+    RUN_REQUESTED_AT,
 };
 use crate::metrics::{Metrics, ReconcileLabels};
 use crate::prefect::{CallLog, PrefectClient};
@@ -325,6 +326,13 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
     }
 
     let mut state = status::state_of(old);
+    // Whether this generation was applied before: then this pass is a drift check.
+    state.spec_applied = old.is_some_and(|s| {
+        s.observed_generation == generation
+            && s.conditions
+                .iter()
+                .any(|c| c.type_ == status::READY && c.status == "True")
+    });
     let mut changes = Vec::new();
     let mut last_run = old.and_then(|s| s.last_run.clone());
     let outcome = async {
@@ -346,11 +354,30 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
     match outcome {
         Ok(base) => {
             let message = format!("Deployment {name} is applied in Prefect at {base}");
-            let conds = status::conditions(
+            let mut conds = status::conditions(
                 old,
                 status::Outcome::Ready { message: &message },
                 generation,
             );
+            if obj.spec.drift_policy == Some(DriftPolicy::Report) {
+                let drifted = status::drifted(old, &state.drift, generation);
+                let before =
+                    old.and_then(|s| s.conditions.iter().find(|c| c.type_ == status::DRIFTED));
+                if drifted.status == "True" && before.is_none_or(|b| b.message != drifted.message) {
+                    ctx.event(
+                        obj,
+                        EventType::Warning,
+                        "DriftDetected",
+                        drifted.message.clone(),
+                        "Sync",
+                    )
+                    .await;
+                }
+                ctx.metrics.set_drifted(&uid, drifted.status == "True");
+                conds.push(drifted);
+            } else {
+                ctx.metrics.set_drifted(&uid, false);
+            }
             let preview = preview_of(obj, &valid.schedules, &state.schedules_seen).await?;
             let refresh = preview_wait(preview.1.as_deref());
             let mut new = status::build(&state, conds, generation, preview);
@@ -551,7 +578,11 @@ async fn report_not_ready(
     } else {
         status::Outcome::Retrying { reason, message }
     };
-    let conds = status::conditions(old, outcome, generation);
+    let mut conds = status::conditions(old, outcome, generation);
+    // A failed pass learns nothing about drift: what the last one found stays shown.
+    if let Some(d) = old.and_then(|s| s.conditions.iter().find(|c| c.type_ == status::DRIFTED)) {
+        conds.push(d.clone());
+    }
     let cond = &conds[0];
     let previous = old.and_then(|s| s.conditions.iter().find(|c| c.type_ == status::READY));
     let is_new = previous.is_none_or(|p| p.reason != cond.reason || p.message != cond.message);

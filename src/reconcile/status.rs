@@ -26,6 +26,42 @@ pub enum Outcome<'a> {
     Stalled { reason: &'a str, message: &'a str },
 }
 
+pub const DRIFTED: &str = "Drifted";
+
+/// The `Drifted` condition of a resource with driftPolicy Report: which differences a
+/// drift check found in Prefect and left in place.
+pub fn drifted(
+    old: Option<&PrefectDeploymentStatus>,
+    drift: &[String],
+    generation: Option<i64>,
+) -> Condition {
+    let status = if drift.is_empty() { "False" } else { "True" };
+    let (reason, message) = if drift.is_empty() {
+        ("InSync", "Prefect matches the spec".to_string())
+    } else {
+        (
+            "DriftReported",
+            format!(
+                "Prefect differs from the spec in {}; left in place (driftPolicy: Report)",
+                drift.join(", ")
+            ),
+        )
+    };
+    let previous = old.and_then(|s| s.conditions.iter().find(|c| c.type_ == DRIFTED));
+    let last_transition_time = match previous {
+        Some(c) if c.status == status => c.last_transition_time.clone(),
+        _ => now(),
+    };
+    Condition {
+        type_: DRIFTED.into(),
+        status: status.into(),
+        reason: reason.into(),
+        message: truncate(&message, 512),
+        last_transition_time,
+        observed_generation: generation,
+    }
+}
+
 impl<'a> Outcome<'a> {
     /// The outcome of a pass that failed with `e`, whose message is `message`.
     pub fn failed(e: &crate::Error, message: &'a str) -> Outcome<'a> {
@@ -106,6 +142,8 @@ pub fn build(
         next_run: preview.1,
         last_handled_reconcile_at: None,
         last_run: None,
+        applied_ignored_fields: (!state.applied_ignored.is_empty())
+            .then(|| state.applied_ignored.clone()),
     }
 }
 
@@ -126,6 +164,9 @@ pub fn state_of(status: Option<&PrefectDeploymentStatus>) -> SyncState {
             automation_ids: s.automation_ids.clone().unwrap_or_default(),
             triggers_hash: s.triggers_hash.clone(),
             schedules_seen: Vec::new(),
+            applied_ignored: s.applied_ignored_fields.clone().unwrap_or_default(),
+            spec_applied: false,
+            drift: Vec::new(),
         })
         .unwrap_or_default()
 }
