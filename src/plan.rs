@@ -303,7 +303,7 @@ pub fn plan(want: &DesiredDeployment, recorded: &SyncState, observed: &Observed)
     // What people own in Prefect is left alone unless the spec's value changed since
     // it was last applied (then it is applied once).
     let owned = |key: &str| {
-        plan.record_ignored.get(key).is_some()
+        plan.record_ignored.contains_key(key)
             && plan.record_ignored.get(key) == from.applied_ignored.get(key)
     };
     plan.fields.retain(|f| !owned(&f.field));
