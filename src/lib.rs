@@ -16,6 +16,7 @@ pub mod cli;
 pub mod commands;
 pub mod desired;
 pub mod leader;
+pub mod limit;
 pub mod manifests;
 pub mod metrics;
 pub mod observed;

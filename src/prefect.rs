@@ -15,6 +15,7 @@ use serde_json::Value;
 
 use prometheus_client::metrics::family::Family;
 
+use crate::limit::{Limit, Outcome as LimitOutcome};
 use crate::metrics::{duration_histogram, HistogramFamily, RequestLabels};
 use crate::observed::{ObservedAutomation, ObservedDeployment};
 use crate::Error;
@@ -135,12 +136,53 @@ pub fn http_client() -> reqwest::Client {
         .expect("HTTP client builds")
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct PrefectClient {
     http: reqwest::Client,
     base: String,
     auth: Option<Auth>,
     calls: Arc<CallLog>,
+    /// Requests in flight to this server, shared by every client of it.
+    limit: Option<Arc<Limit>>,
+    /// Flow ids by (server, flow name), shared by every client.
+    flows: Option<Arc<FlowCache>>,
+}
+
+impl std::fmt::Debug for PrefectClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PrefectClient")
+            .field("base", &self.base)
+            .finish()
+    }
+}
+
+/// Flow ids by server and flow name: a flow is created once per name, so a create of a
+/// deployment whose flow is known needs no `POST /flows/`.
+#[derive(Default)]
+pub struct FlowCache {
+    ids: Mutex<std::collections::HashMap<(String, String), String>>,
+}
+
+impl FlowCache {
+    fn get(&self, base: &str, name: &str) -> Option<String> {
+        let map = self.ids.lock().expect("flow cache lock");
+        map.get(&(base.to_string(), name.to_string())).cloned()
+    }
+
+    fn put(&self, base: &str, name: &str, id: &str) {
+        let mut map = self.ids.lock().expect("flow cache lock");
+        // Bounded: one entry per flow name the resources use; a flood of names only
+        // costs the cache, not correctness.
+        if map.len() >= 100_000 {
+            map.clear();
+        }
+        map.insert((base.to_string(), name.to_string()), id.to_string());
+    }
+
+    fn forget(&self, base: &str, name: &str) {
+        let mut map = self.ids.lock().expect("flow cache lock");
+        map.remove(&(base.to_string(), name.to_string()));
+    }
 }
 
 /// A Prefect answer that is not a success, before it is turned into an `Error`.
@@ -157,7 +199,21 @@ impl PrefectClient {
             base: base.trim_end_matches('/').to_string(),
             auth,
             calls,
+            limit: None,
+            flows: None,
         }
+    }
+
+    /// Shares an adaptive in-flight limit with every other client of this server.
+    pub fn with_limit(mut self, limit: Arc<Limit>) -> Self {
+        self.limit = Some(limit);
+        self
+    }
+
+    /// Shares known flow ids with every other client.
+    pub fn with_flow_cache(mut self, flows: Arc<FlowCache>) -> Self {
+        self.flows = Some(flows);
+        self
     }
 
     pub fn base_url(&self) -> &str {
@@ -191,12 +247,25 @@ impl PrefectClient {
             if let Some(b) = body {
                 req = req.json(b);
             }
+            let permit = match &self.limit {
+                Some(l) => Some(l.acquire().await),
+                None => None,
+            };
             self.calls.record(&method, endpoint);
             let started = std::time::Instant::now();
             let sent = req.send().await;
             let code = sent.as_ref().map(|r| r.status().as_u16()).unwrap_or(0);
             self.calls
                 .observe(&method, endpoint, code, started.elapsed());
+            if let Some(p) = permit {
+                // Freed before any retry wait, so a backing-off request holds no slot.
+                p.finish(match (&sent, code) {
+                    (_, 429 | 502 | 503 | 504) => LimitOutcome::Overloaded,
+                    (Err(e), _) if e.is_timeout() => LimitOutcome::Overloaded,
+                    (Ok(_), _) => LimitOutcome::Ok(started.elapsed()),
+                    (Err(_), _) => LimitOutcome::Other,
+                });
+            }
             let retry_in = match sent {
                 Ok(resp) => {
                     let status = resp.status();
@@ -273,6 +342,29 @@ impl PrefectClient {
             Ok(v) => Ok(Some(v)),
             Err(f) if f.status == StatusCode::NOT_FOUND => Ok(None),
             Err(f) => Err(failure_to_error(&what, f)),
+        }
+    }
+
+    /// The flow's id: from the cache when known, else `POST /flows/` (an upsert by name).
+    pub async fn flow_id(&self, name: &str) -> Result<String, Error> {
+        if let Some(id) = self.flows.as_ref().and_then(|c| c.get(&self.base, name)) {
+            return Ok(id);
+        }
+        let id = self.upsert_flow(name).await?;
+        if let Some(c) = &self.flows {
+            c.put(&self.base, name, &id);
+        }
+        Ok(id)
+    }
+
+    /// Drops a cached flow id (the flow was deleted in Prefect).
+    pub fn forget_flow(&self, name: &str) -> bool {
+        match &self.flows {
+            Some(c) if c.get(&self.base, name).is_some() => {
+                c.forget(&self.base, name);
+                true
+            }
+            _ => false,
         }
     }
 

@@ -35,7 +35,11 @@ pub async fn run(kube: kube::Client, opts: RunOptions) -> Result<(), String> {
     if opts.access.allowed_servers.is_empty() {
         tracing::warn!("every Prefect server is allowed: anyone who may create a PrefectDeployment can make this operator call any URL; set --allowed-server to limit it");
     }
-    let ctx = Arc::new(Context::new(kube.clone(), opts.default_resync).with_access(opts.access));
+    let ctx = Arc::new(
+        Context::new(kube.clone(), opts.default_resync)
+            .with_access(opts.access)
+            .with_request_limit(usize::from(opts.concurrency)),
+    );
     let metrics = ctx.metrics.clone();
     let health = Arc::new(Health::default());
     if let Some(addr) = opts.admin_addr {

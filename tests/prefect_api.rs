@@ -773,3 +773,109 @@ async fn concurrency_options_set_and_cleared() {
     let (_, changes, _) = env.apply(&spec, &name, &uid, &mut state).await;
     assert!(changes.is_empty(), "{changes:?}");
 }
+
+/// Flow ids are cached per server and flow name: a second deployment of a known flow
+/// makes no `POST /flows/`; a flow deleted in Prefect is noticed and made again.
+#[tokio::test]
+async fn flow_ids_are_cached_and_a_deleted_flow_is_recreated() {
+    let env = Env::new().await;
+    let pool = env.work_pool().await;
+    let cache = Arc::new(prefect_operator::prefect::FlowCache::default());
+    let calls = Arc::new(CallLog::default());
+    let server = PrefectServer::shared();
+    let client = PrefectClient::new(http_client(), &server.url, None, calls.clone())
+        .with_flow_cache(cache.clone());
+    let flow = unique("shared_flow").replace('-', "_");
+    let apply = |name: String| {
+        let client = client.clone();
+        let spec = env.spec(&pool, json!({"entrypoint": format!("flows/f.py:{flow}")}));
+        async move {
+            let valid = validate(&spec, &name).unwrap();
+            let mut state = SyncState::default();
+            execute::apply(&client, &valid, "uid", &mut state, &mut Vec::new())
+                .await
+                .unwrap();
+            state
+        }
+    };
+    let flows_posted = || {
+        calls
+            .snapshot()
+            .get(&("POST".to_string(), "flows"))
+            .copied()
+            .unwrap_or(0)
+    };
+    let a = apply(unique("a")).await;
+    assert_eq!(flows_posted(), 1);
+    let b = apply(unique("b")).await;
+    assert_eq!(
+        flows_posted(),
+        1,
+        "the second deployment of the flow reuses its id"
+    );
+    assert_eq!(a.flow_id, b.flow_id);
+
+    // Deleted in Prefect (with its deployments): the next create notices.
+    let flow_id = a.flow_id.clone().unwrap();
+    let r = env
+        .raw
+        .delete(format!("{}/flows/{flow_id}", env.url))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    let c = apply(unique("c")).await;
+    assert_eq!(flows_posted(), 2);
+    assert_ne!(c.flow_id, a.flow_id);
+    let (code, _) = env.get(&format!("/flows/{}", c.flow_id.unwrap())).await;
+    assert_eq!(code, 200);
+}
+
+/// When a server answers 503, the requests in flight to it are halved for every client
+/// sharing the limit, and the request itself still succeeds on retry. A real server's
+/// 503s come only under load, so a local responder plays the overloaded server.
+#[tokio::test]
+async fn an_overloaded_server_halves_the_requests_in_flight() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    support::install_crypto();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(AtomicUsize::new(0));
+    let counter = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let n = counter.fetch_add(1, Ordering::SeqCst);
+            let mut buf = [0u8; 4096];
+            let _ = sock.read(&mut buf).await;
+            let (status, body) = if n == 0 {
+                ("503 Service Unavailable", "{\"detail\":\"busy\"}")
+            } else {
+                ("200 OK", "{\"id\":\"flow-1\"}")
+            };
+            let answer = format!(
+                "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = sock.write_all(answer.as_bytes()).await;
+        }
+    });
+    let limits = prefect_operator::limit::Limits::new(8);
+    let base = format!("http://{addr}/api");
+    let limit = limits.for_server(&base);
+    let client =
+        PrefectClient::new(http_client(), &base, None, Arc::default()).with_limit(limit.clone());
+    assert_eq!(client.upsert_flow("f").await.unwrap(), "flow-1");
+    assert_eq!(seen.load(Ordering::SeqCst), 2, "one 503, then the retry");
+    assert_eq!(limit.current(), 4);
+    assert_eq!(
+        limits.for_server(&base).current(),
+        4,
+        "shared by the server's clients"
+    );
+    assert_eq!(
+        limits.for_server("http://other/api").current(),
+        8,
+        "per server"
+    );
+}

@@ -198,10 +198,17 @@ pub async fn perform(
             retire,
             schedules_in_body,
         } => {
-            let flow_id = client.upsert_flow(&want.flow_name).await?;
-            let id = client
-                .create_deployment(&want.create_body(&flow_id))
-                .await?;
+            let mut flow_id = client.flow_id(&want.flow_name).await?;
+            let id = match client.create_deployment(&want.create_body(&flow_id)).await {
+                // A cached flow id whose flow was deleted in Prefect: ask again, once.
+                Err(Error::PrefectRejected(_)) if client.forget_flow(&want.flow_name) => {
+                    flow_id = client.flow_id(&want.flow_name).await?;
+                    client
+                        .create_deployment(&want.create_body(&flow_id))
+                        .await?
+                }
+                other => other?,
+            };
             state.deployment_id = Some(id.clone());
             state.flow_id = Some(flow_id);
             state.automation_ids.clear();

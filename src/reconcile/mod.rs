@@ -23,8 +23,9 @@ use crate::api::{
     DriftPolicy, LastRun, PrefectDeployment, FINALIZER, RECONCILE_REQUESTED_AT, RUN_PARAMETERS,
     RUN_REQUESTED_AT,
 };
+use crate::limit::Limits;
 use crate::metrics::{Metrics, ReconcileLabels};
-use crate::prefect::{CallLog, PrefectClient};
+use crate::prefect::{CallLog, FlowCache, PrefectClient};
 use crate::validate::{validate, ValidSchedule};
 use crate::{Error, Result};
 
@@ -35,6 +36,9 @@ const MIN_RESYNC: Duration = Duration::from_secs(10);
 /// Longest: a drift check at least daily, whatever the spec says.
 const MAX_RESYNC: Duration = Duration::from_secs(24 * 3600);
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// Requests in flight per Prefect server when the caller does not say (the CLI's
+/// default concurrency).
+const DEFAULT_REQUEST_LIMIT: usize = 8;
 /// Shortest time between two rewrites of a resource's next-run preview: a status write
 /// each, so 10,000 resources on minutely crons stay at most 2,000 writes a minute.
 const PREVIEW_REFRESH: Duration = Duration::from_secs(300);
@@ -85,6 +89,10 @@ pub struct Context {
     /// Prefect round trip.
     synced: Mutex<HashMap<ObjectRef<PrefectDeployment>, Synced>>,
     access: Access,
+    /// Adaptive in-flight request limits, one per Prefect server.
+    limits: Arc<Limits>,
+    /// Flow ids known per server and flow name.
+    flows: Arc<FlowCache>,
 }
 
 impl Context {
@@ -101,7 +109,15 @@ impl Context {
             failures: Mutex::default(),
             synced: Mutex::default(),
             access: Access::default(),
+            limits: Arc::new(Limits::new(DEFAULT_REQUEST_LIMIT)),
+            flows: Arc::default(),
         }
+    }
+
+    /// At most `n` requests in flight per Prefect server (fewer while it is overloaded).
+    pub fn with_request_limit(mut self, n: usize) -> Self {
+        self.limits = Arc::new(Limits::new(n));
+        self
     }
 
     /// Restricts the servers called and the Secrets read (default: no restriction).
@@ -538,12 +554,11 @@ async fn prefect_client(obj: &PrefectDeployment, ctx: &Context, ns: &str) -> Res
         )));
     }
     let auth = server::credentials(&ctx.kube, ns, &obj.spec.server, &ctx.access).await?;
-    Ok(PrefectClient::new(
-        ctx.http.clone(),
-        &base,
-        auth,
-        ctx.calls.clone(),
-    ))
+    Ok(
+        PrefectClient::new(ctx.http.clone(), &base, auth, ctx.calls.clone())
+            .with_limit(ctx.limits.for_server(&base))
+            .with_flow_cache(ctx.flows.clone()),
+    )
 }
 
 /// Ready=False with the error's reason; a Warning event when the reason or message is

@@ -1,0 +1,221 @@
+//! How many requests may be in flight to one Prefect server at a time, adapted to how
+//! it copes (additive increase, multiplicative decrease): when it answers 429/503 or a
+//! request takes much longer than usual, every worker calling it slows down together,
+//! instead of each request backing off alone while the others keep pressing.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+
+/// The limits of every server this process calls, by base URL.
+#[derive(Default)]
+pub struct Limits {
+    max: usize,
+    servers: Mutex<HashMap<String, Arc<Limit>>>,
+}
+
+impl Limits {
+    /// At most `max` requests in flight per server (the controller's concurrency).
+    pub fn new(max: usize) -> Self {
+        Limits {
+            max: max.max(1),
+            servers: Mutex::default(),
+        }
+    }
+
+    pub fn for_server(&self, base: &str) -> Arc<Limit> {
+        let mut map = self.servers.lock().expect("limits lock");
+        map.entry(base.to_string())
+            .or_insert_with(|| Arc::new(Limit::new(self.max)))
+            .clone()
+    }
+}
+
+/// One server's adaptive limit.
+pub struct Limit {
+    state: Mutex<State>,
+    freed: Notify,
+}
+
+struct State {
+    /// Requests allowed in flight (fractional: grows by 1/limit per success).
+    limit: f64,
+    max: f64,
+    in_flight: usize,
+    /// A decrease waits this long after the last, so one burst of 503s halves once.
+    last_decrease: Option<Instant>,
+    /// Smoothed duration of a successful request, to notice a server slowing down.
+    typical: Option<Duration>,
+}
+
+/// How a request ended, as far as the limit cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// An answer in the usual time.
+    Ok(Duration),
+    /// 429 or 503 (or 502/504): the server is overloaded.
+    Overloaded,
+    /// Any other failure; says nothing about load.
+    Other,
+}
+
+/// Held while a request is in flight; dropping it frees the slot.
+pub struct Permit {
+    limit: Arc<Limit>,
+    done: bool,
+}
+
+impl Limit {
+    pub fn new(max: usize) -> Self {
+        Limit {
+            state: Mutex::new(State {
+                limit: max as f64,
+                max: max as f64,
+                in_flight: 0,
+                last_decrease: None,
+                typical: None,
+            }),
+            freed: Notify::new(),
+        }
+    }
+
+    /// The current limit, rounded down (at least 1).
+    pub fn current(&self) -> usize {
+        let s = self.state.lock().expect("limit lock");
+        (s.limit.floor() as usize).max(1)
+    }
+
+    /// Waits for a slot.
+    pub async fn acquire(self: &Arc<Self>) -> Permit {
+        loop {
+            let freed = self.freed.notified();
+            {
+                let mut s = self.state.lock().expect("limit lock");
+                if s.in_flight < (s.limit.floor() as usize).max(1) {
+                    s.in_flight += 1;
+                    return Permit {
+                        limit: self.clone(),
+                        done: false,
+                    };
+                }
+            }
+            freed.await;
+        }
+    }
+
+    fn finish(&self, outcome: Outcome) {
+        let mut s = self.state.lock().expect("limit lock");
+        s.in_flight = s.in_flight.saturating_sub(1);
+        let now = Instant::now();
+        let slow = match (outcome, s.typical) {
+            // Four times the usual time, and not just a fast server's jitter.
+            (Outcome::Ok(d), Some(t)) => d > t * 4 && d > Duration::from_millis(200),
+            _ => false,
+        };
+        match outcome {
+            Outcome::Overloaded => decrease(&mut s, now),
+            Outcome::Ok(_) if slow => decrease(&mut s, now),
+            Outcome::Ok(d) => {
+                s.limit = (s.limit + 1.0 / s.limit).min(s.max);
+                s.typical = Some(match s.typical {
+                    Some(t) => t.mul_f64(0.9) + d.mul_f64(0.1),
+                    None => d,
+                });
+            }
+            Outcome::Other => {}
+        }
+        drop(s);
+        self.freed.notify_waiters();
+    }
+}
+
+fn decrease(s: &mut State, now: Instant) {
+    let recent = s
+        .last_decrease
+        .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1));
+    if !recent {
+        s.limit = (s.limit / 2.0).max(1.0);
+        s.last_decrease = Some(now);
+    }
+}
+
+impl Permit {
+    /// Reports how the request ended and frees the slot.
+    pub fn finish(mut self, outcome: Outcome) {
+        self.done = true;
+        self.limit.finish(outcome);
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        // Cancelled before an answer: free the slot without judging the server.
+        if !self.done {
+            self.limit.finish(Outcome::Other);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn halves_on_overload_and_grows_back() {
+        let limit = Arc::new(Limit::new(8));
+        assert_eq!(limit.current(), 8);
+        limit.acquire().await.finish(Outcome::Overloaded);
+        assert_eq!(limit.current(), 4);
+        // A burst of 503s within a second halves once.
+        limit.acquire().await.finish(Outcome::Overloaded);
+        assert_eq!(limit.current(), 4);
+        // Successes add about one per round of `limit` requests (4 + 1/4 + 1/4.25 ...).
+        for _ in 0..5 {
+            limit
+                .acquire()
+                .await
+                .finish(Outcome::Ok(Duration::from_millis(5)));
+        }
+        assert_eq!(limit.current(), 5);
+        for _ in 0..100 {
+            limit
+                .acquire()
+                .await
+                .finish(Outcome::Ok(Duration::from_millis(5)));
+        }
+        assert_eq!(limit.current(), 8, "never above the maximum");
+    }
+
+    #[tokio::test]
+    async fn a_slow_answer_counts_as_overload() {
+        let limit = Arc::new(Limit::new(8));
+        for _ in 0..10 {
+            limit
+                .acquire()
+                .await
+                .finish(Outcome::Ok(Duration::from_millis(50)));
+        }
+        limit
+            .acquire()
+            .await
+            .finish(Outcome::Ok(Duration::from_secs(2)));
+        assert_eq!(limit.current(), 4);
+    }
+
+    #[tokio::test]
+    async fn waits_for_a_free_slot() {
+        let limit = Arc::new(Limit::new(1));
+        let first = limit.acquire().await;
+        let l2 = limit.clone();
+        let second = tokio::spawn(async move { l2.acquire().await.finish(Outcome::Other) });
+        tokio::task::yield_now().await;
+        assert!(!second.is_finished());
+        drop(first);
+        tokio::time::timeout(Duration::from_secs(5), second)
+            .await
+            .expect("freed")
+            .unwrap();
+    }
+}
