@@ -26,6 +26,7 @@ pub mod preview;
 pub mod reconcile;
 pub mod runtime;
 pub mod schedule;
+pub mod snapshot;
 pub mod telemetry;
 pub mod validate;
 

@@ -394,6 +394,39 @@ impl PrefectClient {
         .transpose()
     }
 
+    /// The deployments with these ids (at most 200, one page), as `POST /deployments/filter`
+    /// returns them; ids Prefect no longer has are simply absent.
+    pub async fn read_deployments(&self, ids: &[String]) -> Result<Vec<ObservedDeployment>, Error> {
+        let body = serde_json::json!({
+            "deployments": {"id": {"any_": ids}},
+            "limit": ids.len().clamp(1, 200),
+            "offset": 0,
+        });
+        let v = self
+            .call(
+                Method::POST,
+                "deployments_filter",
+                "/deployments/filter",
+                Some(&body),
+            )
+            .await?;
+        decode("POST deployments_filter", v)
+    }
+
+    /// Identifies the server and credentials, so a snapshot read with one client is
+    /// only used by clients that could have read it themselves.
+    pub fn identity(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let auth = match &self.auth {
+            None => String::new(),
+            Some(Auth::Bearer(k)) => format!("bearer:{k}"),
+            Some(Auth::Basic(b)) => format!("basic:{b}"),
+        };
+        let digest = Sha256::digest(auth.as_bytes());
+        let short: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
+        format!("{} {short}", self.base)
+    }
+
     pub async fn read_deployment_by_name(
         &self,
         flow: &str,

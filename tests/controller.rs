@@ -648,12 +648,11 @@ async fn steady_state_writes_nothing() {
     let obj = env.wait_for(&name, "Ready", is_ready).await;
     let rv = obj.resource_version();
     let writes = env.ctx.calls.writes();
+    // A drift check reads the deployment directly or through the bulk snapshot.
     let reads = |ctx: &Context| {
-        ctx.calls
-            .snapshot()
-            .get(&("GET".to_string(), "deployment_by_name"))
-            .copied()
-            .unwrap_or(0)
+        let calls = ctx.calls.snapshot();
+        let n = |m: &str, e: &'static str| calls.get(&(m.to_string(), e)).copied().unwrap_or(0);
+        n("GET", "deployment_by_name") + n("POST", "deployments_filter")
     };
     let reads_before = reads(&env.ctx);
     // Long enough for at least one resync (10 s, +-10% jitter).
@@ -662,8 +661,16 @@ async fn steady_state_writes_nothing() {
         reads(&env.ctx) > reads_before,
         "a resync compared with Prefect"
     );
+    // (`POST deployments/filter` is a read.)
+    let filters = |ctx: &Context| {
+        ctx.calls
+            .snapshot()
+            .get(&("POST".to_string(), "deployments_filter"))
+            .copied()
+            .unwrap_or(0)
+    };
     assert_eq!(
-        env.ctx.calls.writes(),
+        env.ctx.calls.writes() - filters(&env.ctx),
         writes,
         "no Prefect writes in steady state: {:?}",
         env.ctx.calls.snapshot()
@@ -1228,4 +1235,53 @@ async fn drift_policy_report_and_ignored_fields() {
     .await;
     let (_, d) = env.prefect_get(&format!("/deployments/{id}")).await;
     assert_eq!(d["paused"], json!(false), "then left to people again");
+}
+
+/// Drift checks of many resources on one server read their deployments in bulk: far
+/// fewer requests than one read per resource, and none of them a write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drift_checks_read_in_bulk() {
+    let (env, pool) = Env::new(Duration::from_secs(300)).await;
+    let names: Vec<String> = (0..8).map(|_| unique("bulk")).collect();
+    for name in &names {
+        let pd = resource(
+            &env,
+            &pool,
+            name,
+            json!({"interval": "10s", "deployment": {"entrypoint": "f.py:bulk"}}),
+        );
+        env.api.create(&PostParams::default(), &pd).await.unwrap();
+    }
+    for name in &names {
+        env.wait_for(name, "Ready", is_ready).await;
+    }
+    let count = |m: &str, e: &'static str| {
+        env.ctx
+            .calls
+            .snapshot()
+            .get(&(m.to_string(), e))
+            .copied()
+            .unwrap_or(0)
+    };
+    let by_name = count("GET", "deployment_by_name");
+    let filters = count("POST", "deployments_filter");
+    let writes = env.ctx.calls.writes() - filters;
+    // Two resync rounds (10 s, +-10% jitter).
+    tokio::time::sleep(Duration::from_secs(23)).await;
+    let bulk = count("POST", "deployments_filter") - filters;
+    let direct = count("GET", "deployment_by_name") - by_name;
+    eprintln!(
+        "drift checks of {} resources over two rounds: {bulk} bulk reads, {direct} direct reads",
+        names.len()
+    );
+    assert!(bulk >= 1, "drift checks used the bulk read");
+    assert!(
+        bulk + direct < 2 * names.len() as u64,
+        "{bulk} bulk + {direct} direct reads for {} drift checks",
+        2 * names.len()
+    );
+    assert_eq!(
+        env.ctx.calls.writes() - count("POST", "deployments_filter"),
+        writes
+    );
 }

@@ -134,6 +134,49 @@ pub async fn apply(
     .await
 }
 
+/// Like `apply`, first planning against `snapshot` (the deployment from a bulk read)
+/// when it is the recorded deployment under the desired name: if that plan writes
+/// nothing, the pass is done without a request. Otherwise, and without a snapshot, it
+/// reads Prefect directly, so nothing is ever written on the word of a snapshot.
+pub async fn apply_from(
+    client: &PrefectClient,
+    valid: &ValidSpec<'_>,
+    owner_uid: &str,
+    state: &mut SyncState,
+    changes: &mut Vec<Change>,
+    snapshot: Option<ObservedDeployment>,
+) -> Result<()> {
+    let want = desired::deployment(valid, owner_uid);
+    if let Some(d) = snapshot {
+        let same_deployment = state.deployment_id.as_deref() == Some(d.id.as_str())
+            && d.fields.get("name").and_then(Value::as_str) == Some(want.name.as_str())
+            && d.flow_id.is_some()
+            && d.flow_id == state.flow_id;
+        if same_deployment && plan::reads(&want, state, Some(&d)) == plan::Reads::default() {
+            let observed = Observed {
+                by_name: Some(d),
+                recorded_exists: None,
+                related_automations: None,
+            };
+            let p = plan::plan(&want, state, &observed);
+            if p.is_noop() && p.drift.is_empty() {
+                return perform(client, &want, &p, observed.by_name.as_ref(), state, changes).await;
+            }
+        }
+    }
+    let observed = observe(client, &want, state).await?;
+    let plan = plan::plan(&want, state, &observed);
+    perform(
+        client,
+        &want,
+        &plan,
+        observed.by_name.as_ref(),
+        state,
+        changes,
+    )
+    .await
+}
+
 /// Reads what planning needs: the deployment by name, and only where that answer
 /// leaves a question open, the recorded deployment or the related automations.
 pub async fn observe(

@@ -26,6 +26,7 @@ use crate::api::{
 use crate::limit::Limits;
 use crate::metrics::{Metrics, ReconcileLabels};
 use crate::prefect::{CallLog, FlowCache, PrefectClient};
+use crate::snapshot::Snapshots;
 use crate::validate::{validate, ValidSchedule};
 use crate::{Error, Result};
 
@@ -93,6 +94,8 @@ pub struct Context {
     limits: Arc<Limits>,
     /// Flow ids known per server and flow name.
     flows: Arc<FlowCache>,
+    /// Bulk reads of the managed deployments, per server, for drift checks.
+    snapshots: Snapshots,
 }
 
 impl Context {
@@ -111,6 +114,7 @@ impl Context {
             access: Access::default(),
             limits: Arc::new(Limits::new(DEFAULT_REQUEST_LIMIT)),
             flows: Arc::default(),
+            snapshots: Snapshots::default(),
         }
     }
 
@@ -361,7 +365,27 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
     let mut last_run = old.and_then(|s| s.last_run.clone());
     let outcome = async {
         let client = prefect_client(obj, ctx, &ns).await?;
-        execute::apply(&client, &valid, &uid, &mut state, &mut changes).await?;
+        // A drift check (nothing new asked) plans against the server's bulk snapshot.
+        let recorded = state.deployment_id.clone();
+        let checking = state.spec_applied
+            && requests.reconcile == old.and_then(|s| s.last_handled_reconcile_at.clone());
+        let snapshot = match (&recorded, checking) {
+            (Some(id), true) => match ctx.snapshots.lookup(&client, id, resync / 4).await {
+                Ok(found) => found,
+                Err(e) => {
+                    tracing::debug!(error = %e, "bulk read failed; reading directly");
+                    None
+                }
+            },
+            _ => None,
+        };
+        execute::apply_from(&client, &valid, &uid, &mut state, &mut changes, snapshot).await?;
+        if let Some(id) = &state.deployment_id {
+            ctx.snapshots.register(&client, id);
+        }
+        if let Some(old_id) = recorded.filter(|o| Some(o) != state.deployment_id.as_ref()) {
+            ctx.snapshots.forget(&client, &old_id);
+        }
         run_if_requested(obj, &client, &state, &mut last_run, &mut changes).await?;
         Ok::<_, Error>(client.base_url().to_string())
     }
