@@ -47,6 +47,7 @@ async fn main() {
             admin_addr: None,
             leader_election: None,
             access: Default::default(),
+            shard: None,
         };
         if let Err(e) = runtime::run(kube, opts).await {
             eprintln!("operator stopped: {e}");

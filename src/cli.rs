@@ -121,6 +121,11 @@ pub struct RunArgs {
         value_delimiter = ','
     )]
     pub allowed_servers: Vec<crate::access::ServerPattern>,
+    /// Handle only PrefectDeployments labelled sharding.fluxcd.io/key=KEY (Flux's
+    /// convention); without it, only those without that label. The Lease name gets the
+    /// key as a suffix, so each shard elects its own leader.
+    #[arg(long, env = "PREFECT_OPERATOR_SHARD")]
+    pub shard: Option<String>,
     /// Read credentials only from Secrets (and ConfigMaps) carrying this label, e.g.
     /// prefect.io/credentials=true. Default: any Secret in the resource's namespace.
     #[arg(long, env = "PREFECT_OPERATOR_SECRET_LABEL", value_parser = crate::access::parse_label)]

@@ -27,11 +27,12 @@ async fn main() -> ExitCode {
                 }
             };
             let leader_election = args.leader_election.then(|| {
-                LeaseConfig::new(
-                    &args.lease_namespace(),
-                    &args.leader_election_lease,
-                    &RunArgs::identity(),
-                )
+                // One leader per shard.
+                let lease = match &args.shard {
+                    Some(key) => format!("{}-{key}", args.leader_election_lease),
+                    None => args.leader_election_lease.clone(),
+                };
+                LeaseConfig::new(&args.lease_namespace(), &lease, &RunArgs::identity())
             });
             let opts = RunOptions {
                 namespaces: args.namespace,
@@ -43,6 +44,7 @@ async fn main() -> ExitCode {
                     allowed_servers: args.allowed_servers,
                     secret_label: args.secret_label,
                 },
+                shard: args.shard.clone(),
             };
             tracing::info!(
                 namespaces = ?opts.namespaces,

@@ -26,6 +26,20 @@ pub struct RunOptions {
     pub leader_election: Option<LeaseConfig>,
     /// Which servers may be called and which Secrets read.
     pub access: Access,
+    /// Handle only resources of this shard (see `SHARD_LABEL`); `None`: the unlabelled.
+    pub shard: Option<String>,
+}
+
+/// Flux's sharding label: an operator started with `--shard KEY` handles the resources
+/// labelled with KEY, the one without `--shard` those without the label.
+pub const SHARD_LABEL: &str = "sharding.fluxcd.io/key";
+
+/// The label selector of a shard.
+pub fn shard_selector(shard: Option<&str>) -> String {
+    match shard {
+        Some(key) => format!("{SHARD_LABEL}={key}"),
+        None => format!("!{SHARD_LABEL}"),
+    }
 }
 
 /// Runs the operator until SIGTERM/SIGINT. An error is a message for the person
@@ -59,6 +73,8 @@ pub async fn run(kube: kube::Client, opts: RunOptions) -> Result<(), String> {
     for api in &apis {
         preflight(api).await?;
     }
+    let selector = shard_selector(opts.shard.as_deref());
+    tracing::info!(%selector, "handling the PrefectDeployments of this shard");
 
     let mut elector = None;
     if let Some(cfg) = opts.leader_election {
@@ -75,7 +91,7 @@ pub async fn run(kube: kube::Client, opts: RunOptions) -> Result<(), String> {
     // Ready once every watch (one per namespace) has listed.
     let unsynced = Arc::new(AtomicUsize::new(apis.len()));
     let controllers = apis.into_iter().map(|api| {
-        let c = reconcile::build(api, opts.concurrency);
+        let c = reconcile::build_with(api, opts.concurrency, Some(&selector));
         let store = c.store();
         let (health, unsynced) = (health.clone(), unsynced.clone());
         tokio::spawn(async move {

@@ -144,6 +144,27 @@ fn chart_lints_and_renders_secure_defaults() {
         Some(("prefect.io/credentials".to_string(), "true".to_string()))
     );
 
+    // Shards: one more Deployment per key, each with its own selector and --shard.
+    let objs = template(&["shards={a}"]);
+    let deployments = of_kind(&objs, "Deployment");
+    assert_eq!(deployments.len(), 2);
+    let shard_args: Vec<String> = deployments[1]["spec"]["template"]["spec"]["containers"][0]
+        ["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        shard_args.contains(&"--shard=a".to_string()),
+        "{shard_args:?}"
+    );
+    assert!(!args(&objs).iter().any(|a| a.starts_with("--shard")));
+    assert_ne!(
+        deployments[0]["spec"]["selector"],
+        deployments[1]["spec"]["selector"]
+    );
+
     let objs = template(&["replicaCount=2"]);
     let a = args(&objs);
     assert!(a.contains(&"--leader-election".to_string()), "{a:?}");
@@ -281,7 +302,12 @@ impl Operator {
             "prefect_operator_prefect_request_duration_seconds_count",
             &["method=\"GET\""],
         );
-        all - gets
+        // The bulk read of drift checks is a POST that changes nothing.
+        let bulk_reads = self.metric_sum(
+            "prefect_operator_prefect_request_duration_seconds_count",
+            &["endpoint=\"deployments_filter\""],
+        );
+        all - gets - bulk_reads
     }
 
     fn wait_until(&mut self, what: &str, timeout: Duration, f: impl Fn(&Operator) -> bool) {
@@ -883,4 +909,57 @@ fn hostile_manifests_do_not_stop_the_operator() {
     wait_ready(cp, &ns, "good-after-hostile", 1);
     assert!(op.child.try_wait().unwrap().is_none(), "{}", op.logs());
     assert!(!op.logs().contains("panicked"), "{}", op.logs());
+}
+
+/// Two operators, one for shard `a` and one for the unlabelled resources: each handles
+/// only its own, and a resource moved between shards is taken over without a write.
+#[test]
+fn shards_split_the_resources() {
+    let cp = ControlPlane::shared();
+    let prefect = PrefectServer::shared();
+    let pool = create_pool(prefect);
+    let ns = unique("shard");
+    cp.kubectl_ok(&["create", "namespace", &ns]);
+    let ns_arg = format!("--namespace={ns}");
+    let mut plain = Operator::start(&cp.kubeconfig, &[ns_arg.as_str()], "info");
+    let mut sharded = Operator::start(&cp.kubeconfig, &[ns_arg.as_str(), "--shard=a"], "info");
+    for op in [&mut plain, &mut sharded] {
+        op.wait_until("/readyz", Duration::from_secs(30), |o| {
+            http_get(o.port(), "/readyz", None).is_some_and(|(c, _)| c == 200)
+        });
+    }
+    let labelled = pd_manifest("in-a", &ns, prefect, &pool, "", "one").replace(
+        &format!("  namespace: {ns}\n"),
+        &format!("  namespace: {ns}\n  labels:\n    sharding.fluxcd.io/key: a\n"),
+    );
+    for manifest in [
+        labelled,
+        pd_manifest("unlabelled", &ns, prefect, &pool, "", "one"),
+    ] {
+        let (ok, _, err) = cp.kubectl_stdin(&["apply", "-f", "-"], Some(&manifest));
+        assert!(ok, "{err}");
+    }
+    wait_ready(cp, &ns, "in-a", 1);
+    wait_ready(cp, &ns, "unlabelled", 1);
+    let ready = |op: &Operator| op.metric_sum("prefect_operator_resources", &["ready=\"True\""]);
+    plain.wait_until("one resource each", Duration::from_secs(30), |o| {
+        ready(o) == 1.0
+    });
+    sharded.wait_until("one resource each", Duration::from_secs(30), |o| {
+        ready(o) == 1.0
+    });
+    assert!(
+        sharded.logs().contains("sharding.fluxcd.io/key=a"),
+        "{}",
+        sharded.logs()
+    );
+
+    // Moved to the unsharded operator: it takes the resource over with reads only.
+    let writes_before = plain.prefect_writes();
+    cp.kubectl_ok(&["label", "pd", "-n", &ns, "in-a", "sharding.fluxcd.io/key-"]);
+    plain.wait_until("the moved resource", Duration::from_secs(30), |o| {
+        ready(o) == 2.0
+    });
+    wait_ready(cp, &ns, "in-a", 1);
+    assert_eq!(plain.prefect_writes(), writes_before, "no duplicate writes");
 }

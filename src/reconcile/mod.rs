@@ -161,11 +161,24 @@ pub(crate) fn build(
     api: Api<PrefectDeployment>,
     concurrency: u16,
 ) -> Controller<PrefectDeployment> {
+    build_with(api, concurrency, None)
+}
+
+/// The controller over the objects matching `labels` (a label selector), or all.
+pub(crate) fn build_with(
+    api: Api<PrefectDeployment>,
+    concurrency: u16,
+    labels: Option<&str>,
+) -> Controller<PrefectDeployment> {
     use kube::runtime::WatchStreamExt;
     let (reader, writer) = kube::runtime::reflector::store();
     // The cache keeps every watched object; managedFields and kubectl's last-applied
     // copy of the manifest are the bulk of one and nothing here reads them.
-    let objects = kube::runtime::watcher(api, watcher::Config::default().any_semantic())
+    let mut config = watcher::Config::default().any_semantic();
+    if let Some(l) = labels {
+        config = config.labels(l);
+    }
+    let objects = kube::runtime::watcher(api, config)
         .default_backoff()
         .modify(|pd: &mut PrefectDeployment| {
             pd.metadata.managed_fields = None;
