@@ -43,14 +43,20 @@ pub struct ObservedAutomation {
     pub id: String,
     #[serde(default, deserialize_with = "null_as_default")]
     pub actions: Vec<ObservedAction>,
+    /// Everything else (name, trigger, enabled, ...), as Prefect returned it.
+    #[serde(flatten)]
+    pub fields: Map<String, Value>,
 }
 
+/// One action of an automation; its other fields are kept as returned.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 pub struct ObservedAction {
     #[serde(rename = "type")]
     pub type_: String,
     #[serde(default)]
     pub deployment_id: Option<String>,
+    #[serde(flatten)]
+    pub fields: Map<String, Value>,
 }
 
 impl ObservedDeployment {

@@ -164,15 +164,31 @@ pub enum AutomationAction {
     /// Create one automation per trigger, then delete `delete` (the previous set keeps
     /// working until the whole new set is accepted).
     Replace { create: usize, delete: Vec<String> },
+    /// Nothing recorded, but the automations that run the deployment are exactly the
+    /// ones the triggers describe (made by Prefect's own `apply()`, say): take them as
+    /// they are, in trigger order, without a write.
+    Adopt { ids: Vec<String> },
 }
 
 impl Plan {
-    /// Whether performing the plan writes nothing to Prefect.
+    /// Whether performing the plan writes nothing to Prefect (adopting automations only
+    /// records their ids).
     pub fn is_noop(&self) -> bool {
-        matches!(self.deployment, DeploymentAction::Update { .. })
+        let writes_deployment = match &self.deployment {
+            DeploymentAction::Update { .. } => false,
+            // Taking a deployment over only records its id; retiring one deletes.
+            DeploymentAction::Resume { retire, .. } | DeploymentAction::Adopt { retire, .. } => {
+                retire.is_some()
+            }
+            DeploymentAction::Create { .. } | DeploymentAction::Conflict { .. } => true,
+        };
+        !writes_deployment
             && self.fields.is_empty()
             && self.schedules.is_empty()
-            && self.automations == AutomationAction::Unchanged
+            && matches!(
+                self.automations,
+                AutomationAction::Unchanged | AutomationAction::Adopt { .. }
+            )
     }
 
     /// The PATCH body for the field changes.
@@ -503,14 +519,68 @@ fn automation_action(
     let delete = if recorded.triggers_hash.is_some() || !recorded.automation_ids.is_empty() {
         recorded.automation_ids.clone()
     } else {
-        related
+        let running: Vec<&ObservedAutomation> = related
             .unwrap_or_default()
             .iter()
             .filter(|a| a.runs_deployment(id))
-            .map(|a| a.id.clone())
-            .collect()
+            .collect();
+        if let Some(ids) = matching(&want.automations_for(id), &running) {
+            return AutomationAction::Adopt { ids };
+        }
+        running.iter().map(|a| a.id.clone()).collect()
     };
     AutomationAction::Replace { create: n, delete }
+}
+
+/// The ids of `actual`, one per desired body in its order, when each body has exactly
+/// one automation that says the same; `None` otherwise (or when there are more).
+fn matching(bodies: &[Value], actual: &[&ObservedAutomation]) -> Option<Vec<String>> {
+    if bodies.len() != actual.len() || bodies.is_empty() {
+        return None;
+    }
+    let mut free: Vec<&ObservedAutomation> = actual.to_vec();
+    let mut ids = Vec::with_capacity(bodies.len());
+    for body in bodies {
+        let i = free.iter().position(|a| automation_same(body, a))?;
+        ids.push(free.remove(i).id.clone());
+    }
+    Some(ids)
+}
+
+/// A desired `AutomationCreate` body against an automation Prefect returned: the same
+/// name, description, enabled flag, trigger (ignoring the ids Prefect gives triggers)
+/// and actions.
+fn automation_same(want: &Value, actual: &ObservedAutomation) -> bool {
+    let field = |k: &str| actual.fields.get(k).unwrap_or(&Value::Null);
+    let mut trigger = field("trigger").clone();
+    strip_ids(&mut trigger);
+    let actions: Vec<Value> = actual
+        .actions
+        .iter()
+        .map(|a| {
+            let mut v = Value::Object(a.fields.clone());
+            v["type"] = Value::String(a.type_.clone());
+            if let Some(d) = &a.deployment_id {
+                v["deployment_id"] = Value::String(d.clone());
+            }
+            v
+        })
+        .collect();
+    ["name", "description", "enabled"]
+        .iter()
+        .all(|k| same(&want[*k], field(k)))
+        && same(&want["trigger"], &trigger)
+        && same(&want["actions"], &Value::Array(actions))
+}
+
+/// Removes the `id` Prefect adds to a trigger and to each child trigger.
+fn strip_ids(trigger: &mut Value) {
+    if let Value::Object(t) = trigger {
+        t.remove("id");
+        if let Some(Value::Array(children)) = t.get_mut("triggers") {
+            children.iter_mut().for_each(strip_ids);
+        }
+    }
 }
 
 /// Whether a schedule written by these changes is an interval without an anchor date.
@@ -621,14 +691,16 @@ impl fmt::Display for Plan {
                     "{who}: conflict: Prefect deployment {id} was not made by this resource (set spec.adoptExisting: true to manage it)"
                 )
             }
-            _ if self.is_noop() && !self.drift.is_empty() => {
+            DeploymentAction::Update { .. } if self.is_noop() && !self.drift.is_empty() => {
                 return writeln!(
                     f,
                     "{who}: no changes (driftPolicy Report leaves these differences: {})",
                     self.drift.join(", ")
                 )
             }
-            _ if self.is_noop() => return writeln!(f, "{who}: no changes"),
+            DeploymentAction::Update { .. } if self.is_noop() => {
+                return writeln!(f, "{who}: no changes")
+            }
             DeploymentAction::Update { id } => writeln!(f, "{who}: update {id}")?,
             DeploymentAction::Resume { id, retire } => {
                 writeln!(f, "{who}: take back {id} (made by this resource)")?;
@@ -684,6 +756,9 @@ impl fmt::Display for Plan {
             AutomationAction::Unchanged => {}
             AutomationAction::DeleteLeftovers { delete } => {
                 writeln!(f, "  automations: delete left over {}", delete.join(", "))?
+            }
+            AutomationAction::Adopt { ids } => {
+                writeln!(f, "  automations: take the existing {}", ids.join(", "))?
             }
             AutomationAction::Replace { create, delete } if delete.is_empty() => {
                 writeln!(f, "  automations: create {create}")?

@@ -245,6 +245,7 @@ fn every_branch_has_a_case() {
         "automations:deleteLeftovers+delete",
         "automations:replace",
         "automations:replace+delete",
+        "automations:adopt",
         "readBack",
         "drift",
     ];

@@ -382,6 +382,11 @@ async fn apply_automations(
 ) -> Result<()> {
     match action {
         AutomationAction::Unchanged => Ok(()),
+        AutomationAction::Adopt { ids } => {
+            state.automation_ids = ids.clone();
+            state.triggers_hash = Some(want.triggers_hash(id));
+            Ok(())
+        }
         AutomationAction::DeleteLeftovers { delete } => {
             state.automation_ids.retain(|a| !delete.contains(a));
             for (k, old) in delete.iter().enumerate() {
