@@ -33,6 +33,45 @@ pub enum Command {
         after_help = "Example:\n  PREFECT_API_KEY=... prefect-operator diff -f deploy/ --server-url http://localhost:4200/api\n  prefect-operator diff -f deploy/ --from-cluster\n\nExit status: 0 no differences, 1 differences, 2 an error."
     )]
     Diff(DiffArgs),
+    /// Write PrefectDeployment manifests for deployments that exist in Prefect.
+    #[command(
+        after_help = "Example:\n  PREFECT_API_URL=http://localhost:4200/api prefect-operator export --flow etl --namespace data > etl.yaml\n  prefect-operator export --all -o json\n\nExit status: 0 all exported, 1 some could not be (said on stderr), 2 an error."
+    )]
+    Export(ExportArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ExportArgs {
+    /// Prefect API URL (default: PREFECT_API_URL, as Prefect's CLI reads it).
+    #[arg(long, env = "PREFECT_API_URL")]
+    pub server_url: String,
+    /// Deployments by FLOW/DEPLOYMENT name (repeatable).
+    #[arg(long = "name")]
+    pub names: Vec<String>,
+    /// Every deployment of these flows (repeatable).
+    #[arg(long = "flow")]
+    pub flows: Vec<String>,
+    /// Deployments carrying any of these tags (repeatable).
+    #[arg(long = "tag")]
+    pub tags: Vec<String>,
+    /// Deployments in these work pools (repeatable).
+    #[arg(long = "work-pool")]
+    pub work_pools: Vec<String>,
+    /// Every deployment on the server.
+    #[arg(long)]
+    pub all: bool,
+    /// metadata.namespace of the manifests.
+    #[arg(long)]
+    pub namespace: Option<String>,
+    /// yaml: multi-document YAML; json: one List.
+    #[arg(short = 'o', long, value_enum, default_value = "yaml")]
+    pub output: ExportOutput,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportOutput {
+    Yaml,
+    Json,
 }
 
 /// Output format of the tool commands.

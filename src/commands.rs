@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use serde_json::{json, Value};
 
-use crate::cli::{DiffArgs, Output, ValidateArgs};
+use crate::cli::{DiffArgs, ExportArgs, ExportOutput, Output, ValidateArgs};
 use crate::desired;
 use crate::manifests::{self, Checked, Document};
 use crate::plan::{self, SyncState};
@@ -263,4 +263,162 @@ fn env_auth() -> Option<Auth> {
     get("PREFECT_API_KEY")
         .map(Auth::Bearer)
         .or_else(|| get("PREFECT_API_AUTH_STRING").map(Auth::Basic))
+}
+
+/// `export`: 0 every selected deployment exported, 1 some could not be (each said on
+/// stderr), 2 an error (the server, or nothing selected).
+pub async fn export(args: &ExportArgs) -> ExitCode {
+    use crate::export::{manifest, Credentials};
+    let selected = !(args.names.is_empty()
+        && args.flows.is_empty()
+        && args.tags.is_empty()
+        && args.work_pools.is_empty());
+    if selected == args.all {
+        eprintln!("export: select deployments with --name, --flow, --tag or --work-pool, or give --all (not both)");
+        return ExitCode::from(2);
+    }
+    let base = args.server_url.trim_end_matches('/').to_string();
+    let client = PrefectClient::new(
+        crate::prefect::http_client(),
+        &base,
+        env_auth(),
+        std::sync::Arc::new(CallLog::default()),
+    );
+    let credentials = match env_auth() {
+        None => Credentials::None,
+        Some(Auth::Bearer(_)) => Credentials::ApiKey,
+        Some(Auth::Basic(_)) => Credentials::AuthString,
+    };
+    let deployments = match select(&client, args).await {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("export: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut manifests = Vec::new();
+    let mut failed = false;
+    let mut flow_names: std::collections::HashMap<String, String> = Default::default();
+    for d in &deployments {
+        let label = d
+            .fields
+            .get("name")
+            .and_then(Value::as_str)
+            .unwrap_or(&d.id)
+            .to_string();
+        let flow_id = d.flow_id.clone().unwrap_or_default();
+        let flow = match flow_names.get(&flow_id) {
+            Some(f) => f.clone(),
+            None => match client.flow_name(&flow_id).await {
+                Ok(Some(f)) => {
+                    flow_names.insert(flow_id.clone(), f.clone());
+                    f
+                }
+                Ok(None) => {
+                    eprintln!("export: {label}: its flow {flow_id} does not exist");
+                    failed = true;
+                    continue;
+                }
+                Err(e) => {
+                    eprintln!("export: {e}");
+                    return ExitCode::from(2);
+                }
+            },
+        };
+        let automations = match client
+            .automations_related_to(&desired::owner_resource(&d.id))
+            .await
+        {
+            Ok(a) => a,
+            Err(e) => {
+                eprintln!("export: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        match manifest(
+            d,
+            &flow,
+            &automations,
+            &base,
+            args.namespace.as_deref(),
+            credentials,
+        ) {
+            Ok(out) => {
+                for n in &out.notes {
+                    eprintln!("export: {flow}/{label}: {n}");
+                }
+                manifests.push(out.manifest);
+            }
+            Err(why) => {
+                eprintln!("export: {flow}/{label}: not exported: {why}");
+                failed = true;
+            }
+        }
+    }
+    match args.output {
+        ExportOutput::Yaml => {
+            for m in &manifests {
+                print!("---\n{}", serde_yaml::to_string(m).expect("YAML"));
+            }
+        }
+        ExportOutput::Json => {
+            let list = json!({"apiVersion": "v1", "kind": "List", "items": manifests});
+            println!("{}", serde_json::to_string_pretty(&list).expect("JSON"));
+        }
+    }
+    if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// The deployments the arguments select, each once, in a stable order.
+async fn select(
+    client: &PrefectClient,
+    args: &ExportArgs,
+) -> crate::Result<Vec<crate::observed::ObservedDeployment>> {
+    let mut out = Vec::new();
+    for n in &args.names {
+        let Some((flow, name)) = n.split_once('/') else {
+            return Err(crate::Error::InvalidSpec(format!(
+                "--name {n:?}: expected FLOW/DEPLOYMENT"
+            )));
+        };
+        match client.read_deployment_by_name(flow, name).await? {
+            Some(d) => out.push(d),
+            None => {
+                return Err(crate::Error::InvalidSpec(format!(
+                    "--name {n:?}: no such deployment"
+                )))
+            }
+        }
+    }
+    let filtered = !(args.flows.is_empty() && args.tags.is_empty() && args.work_pools.is_empty());
+    if filtered || args.all {
+        let mut filter = json!({"sort": "NAME_ASC", "limit": 200});
+        if !args.flows.is_empty() {
+            filter["flows"] = json!({"name": {"any_": args.flows}});
+        }
+        if !args.tags.is_empty() {
+            filter["deployments"] = json!({"tags": {"any_": args.tags}});
+        }
+        if !args.work_pools.is_empty() {
+            filter["work_pools"] = json!({"name": {"any_": args.work_pools}});
+        }
+        let mut offset = 0;
+        loop {
+            filter["offset"] = json!(offset);
+            let page = client.filter_deployments(&filter).await?;
+            let n = page.len();
+            out.extend(page);
+            if n < 200 {
+                break;
+            }
+            offset += n;
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    out.retain(|d| seen.insert(d.id.clone()));
+    Ok(out)
 }

@@ -15,6 +15,7 @@ pub mod api;
 pub mod cli;
 pub mod commands;
 pub mod desired;
+pub mod export;
 pub mod leader;
 pub mod limit;
 pub mod manifests;

@@ -658,6 +658,8 @@ pub fn schedule_same(want: &Value, actual: &ObservedSchedule) -> bool {
                 (Some(x), Some(y)) => rrule_same(x, y),
                 _ => false,
             },
+            // A schedule stored without a zone (by Prefect's own client) runs in UTC.
+            "timezone" if av.is_null() => wv == "UTC",
             _ => same(wv, av),
         }
     })
@@ -818,6 +820,14 @@ mod tests {
         let want = json!({"schedule": {"interval": 60, "anchor_date": "2026-01-01T01:00:00+01:00", "timezone": "UTC"}, "active": true});
         assert!(schedule_same(&want, &actual));
         let want = json!({"schedule": {"interval": 60, "timezone": "UTC"}, "active": false});
+        assert!(!schedule_same(&want, &actual));
+        // Stored without a zone (Prefect's own client) is UTC.
+        let actual = observed(
+            json!({"id": "z", "schedule": {"cron": "0 * * * *", "day_or": true, "timezone": null}, "active": true}),
+        );
+        let want = json!({"schedule": {"cron": "0 * * * *", "day_or": true, "timezone": "UTC"}, "active": true});
+        assert!(schedule_same(&want, &actual));
+        let want = json!({"schedule": {"cron": "0 * * * *", "day_or": true, "timezone": "Europe/Berlin"}, "active": true});
         assert!(!schedule_same(&want, &actual));
     }
 }

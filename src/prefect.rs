@@ -413,6 +413,27 @@ impl PrefectClient {
         decode("POST deployments_filter", v)
     }
 
+    /// One page of `POST /deployments/filter` with the caller's filter body.
+    pub async fn filter_deployments(&self, body: &Value) -> Result<Vec<ObservedDeployment>, Error> {
+        let v = self
+            .call(
+                Method::POST,
+                "deployments_filter",
+                "/deployments/filter",
+                Some(body),
+            )
+            .await?;
+        decode("POST deployments_filter", v)
+    }
+
+    /// The name of flow `id`, if it exists.
+    pub async fn flow_name(&self, id: &str) -> Result<Option<String>, Error> {
+        let v = self
+            .call_opt(Method::GET, "flow", &format!("/flows/{id}"), None)
+            .await?;
+        Ok(v.and_then(|v| v.get("name").and_then(Value::as_str).map(str::to_string)))
+    }
+
     /// Identifies the server and credentials, so a snapshot read with one client is
     /// only used by clients that could have read it themselves.
     pub fn identity(&self) -> String {

@@ -1285,3 +1285,119 @@ async fn drift_checks_read_in_bulk() {
         writes
     );
 }
+
+/// `export` round trip: deployments made by Prefect's own `RunnerDeployment.apply()`,
+/// exported, applied with kubectl and reconciled: no Prefect write, and the same
+/// schedule ids and automation ids as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_round_trip_changes_nothing() {
+    let (env, pool) = Env::new(Duration::from_secs(300)).await;
+    let suffix = unique("x").replace('-', "");
+    let python = support::assets().prefect_bin.with_file_name("python");
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/export/apply_with_prefect.py"
+    );
+    let out = std::process::Command::new(&python)
+        .args([script, &pool, &suffix])
+        .env("PREFECT_API_URL", &env.prefect.url)
+        .env("PREFECT_HOME", tempfile::tempdir().unwrap().path())
+        .output()
+        .expect("the test venv's python");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ids: Vec<String> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(ids.len(), 2);
+
+    // What Prefect holds before: schedule ids by slug, automation ids.
+    let snapshot = |env: &Env, ids: Vec<String>| {
+        let raw = env.raw.clone();
+        let url = env.prefect.url.clone();
+        async move {
+            let mut schedules = std::collections::BTreeMap::new();
+            let mut automations = std::collections::BTreeSet::new();
+            for id in &ids {
+                let (_, d) = support::prefect_get(&raw, &format!("{url}/deployments/{id}")).await;
+                for s in d["schedules"].as_array().unwrap() {
+                    schedules.insert(
+                        format!("{id}/{}", s["slug"].as_str().unwrap()),
+                        s["id"].as_str().unwrap().to_string(),
+                    );
+                }
+                let (_, list) = support::prefect_get(
+                    &raw,
+                    &format!("{url}/automations/related-to/prefect.deployment.{id}"),
+                )
+                .await;
+                for a in list.as_array().unwrap() {
+                    automations.insert(a["id"].as_str().unwrap().to_string());
+                }
+            }
+            (schedules, automations)
+        }
+    };
+    let before = snapshot(&env, ids.clone()).await;
+    assert_eq!(before.0.len(), 4);
+    assert_eq!(before.1.len(), 2);
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_prefect-operator"))
+        .args([
+            "export",
+            "--server-url",
+            &env.prefect.url,
+            "--flow",
+            &format!("etl_{suffix}"),
+            "--namespace",
+            &env.ns,
+        ])
+        .env_remove("PREFECT_API_KEY")
+        .env_remove("PREFECT_API_AUTH_STRING")
+        .output()
+        .unwrap();
+    let yaml = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{yaml}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let writes_before = env.ctx.calls.writes();
+    let (ok, _, err) = env.cp.kubectl_stdin(&["apply", "-f", "-"], Some(&yaml));
+    assert!(ok, "kubectl apply: {err}\n{yaml}");
+    for name in [format!("nightly-{suffix}"), format!("hourly-{suffix}")] {
+        let obj = env.wait_for(&name, "Ready", is_ready).await;
+        assert!(
+            ids.contains(obj.status.as_ref().unwrap().deployment_id.as_ref().unwrap()),
+            "adopted, not created"
+        );
+    }
+    let bulk = |env: &Env| {
+        env.ctx
+            .calls
+            .snapshot()
+            .get(&("POST".to_string(), "deployments_filter"))
+            .copied()
+            .unwrap_or(0)
+    };
+    assert_eq!(
+        env.ctx.calls.writes() - bulk(&env),
+        writes_before,
+        "no Prefect write: {:?}\n{:?}\n{yaml}",
+        env.ctx.calls.snapshot(),
+        [
+            env.events(&format!("nightly-{suffix}")),
+            env.events(&format!("hourly-{suffix}"))
+        ]
+    );
+    assert_eq!(
+        snapshot(&env, ids).await,
+        before,
+        "same schedule and automation ids"
+    );
+}
