@@ -38,6 +38,29 @@ pub enum Command {
         after_help = "Example:\n  PREFECT_API_URL=http://localhost:4200/api prefect-operator export --flow etl --namespace data > etl.yaml\n  prefect-operator export --all -o json\n\nExit status: 0 all exported, 1 some could not be (said on stderr), 2 an error."
     )]
     Export(ExportArgs),
+    /// Turn the deployments of a prefect.yaml into PrefectDeployment manifests.
+    #[command(
+        after_help = "Example:\n  prefect-operator convert prefect.yaml --server-url http://prefect.infra.svc:4200/api --namespace data > deploy.yaml\n\nExit status: 0 converted, 1 something was left out (said on stderr; --allow-partial makes it 0), 2 an error."
+    )]
+    Convert(ConvertArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ConvertArgs {
+    /// The prefect.yaml file (`-` for stdin).
+    pub file: std::path::PathBuf,
+    /// Prefect API URL the manifests point at (default: PREFECT_API_URL).
+    #[arg(long, env = "PREFECT_API_URL")]
+    pub server_url: String,
+    /// metadata.namespace of the manifests.
+    #[arg(long)]
+    pub namespace: Option<String>,
+    /// Exit 0 even when something had to be left out.
+    #[arg(long)]
+    pub allow_partial: bool,
+    /// yaml: multi-document YAML; json: one List.
+    #[arg(short = 'o', long, value_enum, default_value = "yaml")]
+    pub output: ExportOutput,
 }
 
 #[derive(clap::Args, Debug)]

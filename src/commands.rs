@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use serde_json::{json, Value};
 
-use crate::cli::{DiffArgs, ExportArgs, ExportOutput, Output, ValidateArgs};
+use crate::cli::{ConvertArgs, DiffArgs, ExportArgs, ExportOutput, Output, ValidateArgs};
 use crate::desired;
 use crate::manifests::{self, Checked, Document};
 use crate::plan::{self, SyncState};
@@ -421,4 +421,62 @@ async fn select(
     let mut seen = std::collections::HashSet::new();
     out.retain(|d| seen.insert(d.id.clone()));
     Ok(out)
+}
+
+/// `convert`: 0 converted, 1 something left out (unless `--allow-partial`), 2 an error.
+pub fn convert(args: &ConvertArgs) -> ExitCode {
+    let file = args.file.display().to_string();
+    let read = if args.file.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin())
+    } else {
+        std::fs::read_to_string(&args.file)
+    };
+    let text = match read {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("convert: {file}: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let converted =
+        match crate::convert::convert(&text, &args.server_url, args.namespace.as_deref()) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("convert: {file}: {e}");
+                return ExitCode::from(2);
+            }
+        };
+    for l in &converted.left_out {
+        eprintln!("convert: {file}: {l}");
+    }
+    // Every manifest passes the same checks as `validate` before it is printed.
+    let mut invalid = false;
+    for m in &converted.manifests {
+        if let Err(e) = manifests::check(m) {
+            eprintln!(
+                "convert: {file}: {}: the manifest would be refused: {e}",
+                m["metadata"]["name"].as_str().unwrap_or_default()
+            );
+            invalid = true;
+        }
+    }
+    match args.output {
+        ExportOutput::Yaml => {
+            for m in &converted.manifests {
+                print!("---\n{}", serde_yaml::to_string(m).expect("YAML"));
+            }
+        }
+        ExportOutput::Json => {
+            let list = json!({"apiVersion": "v1", "kind": "List", "items": converted.manifests});
+            println!("{}", serde_json::to_string_pretty(&list).expect("JSON"));
+        }
+    }
+    eprintln!(
+        "convert: {file}: parameterOpenApiSchema is not in prefect.yaml (Prefect derives it from the flow's code); after a first `prefect deploy`, `prefect-operator export` carries it"
+    );
+    if invalid || (!converted.left_out.is_empty() && !args.allow_partial) {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
 }

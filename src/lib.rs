@@ -14,6 +14,7 @@ pub mod admin;
 pub mod api;
 pub mod cli;
 pub mod commands;
+pub mod convert;
 pub mod desired;
 pub mod export;
 pub mod leader;

@@ -1401,3 +1401,161 @@ async fn export_round_trip_changes_nothing() {
         "same schedule and automation ids"
     );
 }
+
+/// `convert` against Prefect's own reading of the same prefect.yaml: `prefect deploy
+/// --all` into one server, convert + kubectl apply + reconcile into another, and the
+/// deployments agree field by field (the parameter schema aside: prefect.yaml has none,
+/// Prefect derives it from the flow's code).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn convert_matches_prefect_deploy() {
+    let (env, pool) = Env::new(Duration::from_secs(300)).await;
+    let other = tokio::task::spawn_blocking(|| PrefectServer::start(None))
+        .await
+        .unwrap();
+    support::create_pool_named(&other, &pool);
+    let suffix = unique("c").replace('-', "");
+    let dir = tempfile::tempdir().unwrap();
+    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/convert");
+    let text = std::fs::read_to_string(format!("{fixtures}/prefect.yaml"))
+        .unwrap()
+        .replace("POOL", &pool)
+        .replace("SUFFIX", &suffix);
+    std::fs::write(dir.path().join("prefect.yaml"), &text).unwrap();
+    std::fs::create_dir(dir.path().join("flows")).unwrap();
+    std::fs::copy(
+        format!("{fixtures}/flows/etl.py"),
+        dir.path().join("flows/etl.py"),
+    )
+    .unwrap();
+
+    // Prefect's reading, into the other server.
+    let prefect_cli = &support::assets().prefect_bin;
+    let out = std::process::Command::new(prefect_cli)
+        .args(["--no-prompt", "deploy", "--all"])
+        .current_dir(dir.path())
+        .env("PREFECT_API_URL", &other.url)
+        .env("PREFECT_HOME", dir.path().join("home"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "prefect deploy: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Ours, into the shared one.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_prefect-operator"))
+        .args(["convert", dir.path().join("prefect.yaml").to_str().unwrap()])
+        .args(["--server-url", &env.prefect.url, "--namespace", &env.ns])
+        .output()
+        .unwrap();
+    let yaml = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{yaml}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (ok, _, err) = env.cp.kubectl_stdin(&["apply", "-f", "-"], Some(&yaml));
+    assert!(ok, "{err}\n{yaml}");
+
+    let raw = env.raw.clone();
+    let read = |url: String| {
+        let raw = raw.clone();
+        async move {
+            let (code, d) = support::prefect_get(&raw, &url).await;
+            assert_eq!(code, 200, "{url}: {d}");
+            d
+        }
+    };
+    for (flow, name) in [
+        ("etl", format!("nightly-{suffix}")),
+        ("hourly", format!("hourly-{suffix}")),
+    ] {
+        env.wait_for(&name, "Ready", is_ready).await;
+        let theirs = read(format!("{}/deployments/name/{flow}/{name}", other.url)).await;
+        let ours = read(format!(
+            "{}/deployments/name/{flow}/{name}",
+            env.prefect.url
+        ))
+        .await;
+        for field in [
+            "description",
+            "version",
+            "tags",
+            "parameters",
+            "job_variables",
+            "paused",
+            "work_queue_name",
+            "pull_steps",
+            "entrypoint",
+        ] {
+            // Without a description, `prefect deploy` stores the flow's docstring, and
+            // for a flow without one the text "None": neither is in prefect.yaml.
+            if field == "description" && theirs[field] == json!("None") {
+                assert_eq!(ours[field], Value::Null, "{name}: {field}");
+                continue;
+            }
+            assert_eq!(ours[field], theirs[field], "{name}: {field}");
+        }
+        assert_eq!(
+            ours["global_concurrency_limit"]["limit"], theirs["global_concurrency_limit"]["limit"],
+            "{name}: concurrency limit"
+        );
+        // Schedules: the same definitions, activity and parameters (a schedule without
+        // a slug in prefect.yaml gets one in the manifest).
+        let schedules = |d: &Value| -> Vec<Value> {
+            let mut list: Vec<Value> = d["schedules"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| {
+                    let mut sched = s["schedule"].clone();
+                    if let Some(i) = sched["interval"].as_f64() {
+                        sched["interval"] = json!(i);
+                    }
+                    // No zone is UTC, as Prefect's scheduler reads it.
+                    if sched["timezone"].is_null() {
+                        sched["timezone"] = json!("UTC");
+                    }
+                    json!({"schedule": sched, "active": s["active"], "parameters": s["parameters"]})
+                })
+                .collect();
+            list.sort_by_key(|v| v.to_string());
+            list
+        };
+        assert_eq!(schedules(&ours), schedules(&theirs), "{name}: schedules");
+        // Automations: the same triggers and actions.
+        let automations = |base: String, id: String| async move {
+            let list = read(format!(
+                "{base}/automations/related-to/prefect.deployment.{id}"
+            ))
+            .await;
+            let mut out: Vec<Value> = list
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|a| {
+                        let mut trigger = a["trigger"].clone();
+                        trigger.as_object_mut().unwrap().remove("id");
+                        let mut action = a["actions"][0].clone();
+                        action.as_object_mut().unwrap().remove("deployment_id");
+                        json!({"name": a["name"], "enabled": a["enabled"], "trigger": trigger, "action": action})
+                    })
+                    .collect();
+            out.sort_by_key(|v| v.to_string());
+            out
+        };
+        let theirs_a = automations(
+            other.url.clone(),
+            theirs["id"].as_str().unwrap().to_string(),
+        )
+        .await;
+        let ours_a = automations(
+            env.prefect.url.clone(),
+            ours["id"].as_str().unwrap().to_string(),
+        )
+        .await;
+        assert_eq!(ours_a, theirs_a, "{name}: automations");
+    }
+}

@@ -584,7 +584,12 @@ pub fn install_crypto() {
 
 /// Creates a process work pool in Prefect (retrying the 503s SQLite gives under load).
 pub fn create_pool(prefect: &PrefectServer) -> String {
-    let pool = unique("pool");
+    create_pool_named(prefect, &unique("pool"))
+}
+
+/// Creates a process work pool of this name in Prefect.
+pub fn create_pool_named(prefect: &PrefectServer, pool: &str) -> String {
+    let pool = pool.to_string();
     let body = serde_json::json!({"name": pool, "type": "process"});
     for _ in 0..10 {
         match http_post_json(prefect.port, "/api/work_pools/", &body) {
