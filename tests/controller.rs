@@ -1559,3 +1559,65 @@ async fn convert_matches_prefect_deploy() {
         assert_eq!(ours_a, theirs_a, "{name}: automations");
     }
 }
+
+/// `diff --from-cluster`: the live object's uid and status and the Secret it names are
+/// read through the kubeconfig, so the plan is the controller's own: "no changes" once
+/// it is applied, the change once the manifest differs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn diff_from_cluster_uses_the_live_status_and_secret() {
+    let (env, pool) = Env::new(Duration::from_secs(300)).await;
+    let name = unique("diffc");
+    // Basic auth against a server that does not need it is accepted: the Secret is
+    // read, which is what this shows.
+    env.cp.kubectl_ok(&[
+        "create",
+        "secret",
+        "generic",
+        "prefect-auth",
+        "-n",
+        &env.ns,
+        "--from-literal=auth=user:pass",
+    ]);
+    let manifest = |description: &str| {
+        format!(
+            "apiVersion: prefect.io/v1\nkind: PrefectDeployment\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n  server:\n    remoteApiUrl: {url}\n    authString:\n      valueFrom:\n        secretKeyRef: {{name: prefect-auth, key: auth}}\n  workPool:\n    name: {pool}\n  deployment:\n    entrypoint: f.py:main\n    description: {description}\n    triggers:\n      - expect: [a.b]\n",
+            ns = env.ns,
+            url = env.prefect.url,
+        )
+    };
+    let (ok, _, err) = env
+        .cp
+        .kubectl_stdin(&["apply", "-f", "-"], Some(&manifest("one")));
+    assert!(ok, "{err}");
+    env.wait_for(&name, "Ready", is_ready).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pd.yaml");
+    let diff = |text: String| {
+        std::fs::write(&file, text).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_prefect-operator"))
+            .args(["diff", "--from-cluster", "-f", file.to_str().unwrap()])
+            .env("KUBECONFIG", &env.cp.kubeconfig)
+            .env_remove("PREFECT_API_KEY")
+            .env_remove("PREFECT_API_AUTH_STRING")
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).to_string()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (code, out) = diff(manifest("one"));
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains(": no changes"), "{out}");
+    assert!(!out.contains("note:"), "the live status is known: {out}");
+    let (code, out) = diff(manifest("two"));
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains(r#"description: "one" -> "two""#), "{out}");
+    // A Secret that is not there is an error, as for the controller.
+    env.cp
+        .kubectl_ok(&["delete", "secret", "-n", &env.ns, "prefect-auth"]);
+    let (code, out) = diff(manifest("one"));
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("prefect-auth"), "{out}");
+}

@@ -120,18 +120,7 @@ pub async fn apply(
     state: &mut SyncState,
     changes: &mut Vec<Change>,
 ) -> Result<()> {
-    let want = desired::deployment(valid, owner_uid);
-    let observed = observe(client, &want, state).await?;
-    let plan = plan::plan(&want, state, &observed);
-    perform(
-        client,
-        &want,
-        &plan,
-        observed.by_name.as_ref(),
-        state,
-        changes,
-    )
-    .await
+    apply_from(client, valid, owner_uid, state, changes, None).await
 }
 
 /// Like `apply`, first planning against `snapshot` (the deployment from a bulk read)
