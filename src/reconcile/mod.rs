@@ -51,7 +51,7 @@ struct Synced {
     generation: i64,
     /// When the next drift check is due.
     due: Instant,
-    /// When that pass wrote the next-run preview.
+    /// When the next-run preview it shows was computed.
     at: Instant,
     /// The action annotations it handled.
     requests: Requests,
@@ -341,6 +341,8 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
     // since the last successful pass, so there is nothing to do until the resync is due.
     let requests = Requests::of(obj);
     let last = ctx.synced.lock().expect("lock").get(&oref).cloned();
+    // When the next-run preview of this generation was last written.
+    let previewed = last.as_ref().map(|l| (l.generation, l.at));
     // A new action annotation (reconcile now, run now) makes a full pass due now.
     let last = last.filter(|l| l.requests == requests);
     if let (
@@ -439,8 +441,23 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
             } else {
                 ctx.metrics.set_drifted(&uid, false);
             }
-            let preview = preview_of(obj, &valid.schedules, &state.schedules_seen).await?;
-            let refresh = preview_wait(preview.1.as_deref()).map(|w| w.max(PREVIEW_REFRESH));
+            // A preview of this generation written less than PREVIEW_REFRESH ago stays
+            // when this pass changed nothing in Prefect: refreshing it only because
+            // time moved on is a status write per resource per resync.
+            let recent = previewed.filter(|(g, at)| {
+                Some(*g) == generation && at.elapsed() < PREVIEW_REFRESH && changes.is_empty()
+            });
+            let (preview, previewed_at) = match recent {
+                Some((_, at)) if old.is_some_and(|s| s.observed_generation == generation) => {
+                    (status::kept_preview(old), at)
+                }
+                _ => (
+                    preview_of(obj, &valid.schedules, &state.schedules_seen).await?,
+                    Instant::now(),
+                ),
+            };
+            let refresh = preview_wait(preview.1.as_deref())
+                .map(|w| w.max(PREVIEW_REFRESH.saturating_sub(previewed_at.elapsed())));
             let mut new = status::build(&state, conds, generation, preview);
             new.last_handled_reconcile_at = requests.reconcile.clone();
             new.last_run = last_run;
@@ -451,7 +468,7 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
                 let synced = Synced {
                     generation: g,
                     due: Instant::now() + next,
-                    at: Instant::now(),
+                    at: previewed_at,
                     requests,
                 };
                 ctx.synced.lock().expect("lock").insert(oref, synced);
