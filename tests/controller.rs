@@ -106,6 +106,27 @@ impl Env {
         }
     }
 
+    /// Asks for a pass now (`reconcile.fluxcd.io/requestedAt: token`) and waits until a
+    /// pass has answered it.
+    async fn reconcile_now(&self, name: &str, token: &str) -> PrefectDeployment {
+        self.cp.kubectl_ok(&[
+            "annotate",
+            "--overwrite",
+            "pd",
+            "-n",
+            &self.ns,
+            name,
+            &format!("{RECONCILE_REQUESTED_AT}={token}"),
+        ]);
+        self.wait_for(name, "the requested pass", |o| {
+            o.status
+                .as_ref()
+                .and_then(|s| s.last_handled_reconcile_at.as_deref())
+                == Some(token)
+        })
+        .await
+    }
+
     async fn wait_gone(&self, name: &str) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         while self.api.get_opt(name).await.unwrap().is_some() {
@@ -916,22 +937,7 @@ async fn actions_reconcile_run_pause_resume() {
     );
 
     // Further passes with the same token make no second run.
-    env.cp.kubectl_ok(&[
-        "annotate",
-        "--overwrite",
-        "pd",
-        "-n",
-        &env.ns,
-        &name,
-        &format!("{RECONCILE_REQUESTED_AT}=again"),
-    ]);
-    env.wait_for(&name, "second reconcile", |o| {
-        o.status
-            .as_ref()
-            .and_then(|s| s.last_handled_reconcile_at.as_deref())
-            == Some("again")
-    })
-    .await;
+    env.reconcile_now(&name, "again").await;
     assert_eq!(flow_runs_of(&env, &id).await.len(), 1);
 
     // A run request whose parameters break the schema: refused, said so, no run, and
@@ -1107,14 +1113,7 @@ async fn drift_policy_report_and_ignored_fields() {
     assert_eq!(drifted(&obj).unwrap().0, "False");
     let id = obj.status.unwrap().deployment_id.unwrap();
     patch_prefect(id.clone(), json!({"paused": true})).await;
-    env.cp.kubectl_ok(&[
-        "annotate",
-        "pd",
-        "-n",
-        &env.ns,
-        &name,
-        &format!("{RECONCILE_REQUESTED_AT}=look"),
-    ]);
+    env.reconcile_now(&name, "look").await;
     let obj = env
         .wait_for(&name, "Drifted", |o| {
             drifted(o).is_some_and(|d| d.0 == "True")
@@ -1169,21 +1168,7 @@ async fn drift_policy_report_and_ignored_fields() {
     let obj = env.wait_for(&name, "Ready", is_ready).await;
     let id = obj.status.unwrap().deployment_id.unwrap();
     patch_prefect(id.clone(), json!({"paused": true, "description": "b"})).await;
-    env.cp.kubectl_ok(&[
-        "annotate",
-        "pd",
-        "-n",
-        &env.ns,
-        &name,
-        &format!("{RECONCILE_REQUESTED_AT}=look"),
-    ]);
-    env.wait_for(&name, "drift check", |o| {
-        o.status
-            .as_ref()
-            .and_then(|s| s.last_handled_reconcile_at.as_deref())
-            == Some("look")
-    })
-    .await;
+    env.reconcile_now(&name, "look").await;
     let (_, d) = env.prefect_get(&format!("/deployments/{id}")).await;
     assert_eq!(
         d["paused"],
@@ -1217,22 +1202,7 @@ async fn drift_policy_report_and_ignored_fields() {
         "a changed spec value is applied once"
     );
     patch_prefect(id.clone(), json!({"paused": false})).await;
-    env.cp.kubectl_ok(&[
-        "annotate",
-        "--overwrite",
-        "pd",
-        "-n",
-        &env.ns,
-        &name,
-        &format!("{RECONCILE_REQUESTED_AT}=again"),
-    ]);
-    env.wait_for(&name, "drift check", |o| {
-        o.status
-            .as_ref()
-            .and_then(|s| s.last_handled_reconcile_at.as_deref())
-            == Some("again")
-    })
-    .await;
+    env.reconcile_now(&name, "again").await;
     let (_, d) = env.prefect_get(&format!("/deployments/{id}")).await;
     assert_eq!(d["paused"], json!(false), "then left to people again");
 }

@@ -1,12 +1,15 @@
 //! The pure core from YAML fixtures: spec in, exact Prefect JSON out; validation
 //! messages. No servers.
 
+mod support;
+
 use std::path::Path;
 
 use prefect_operator::api::{PrefectDeployment, PrefectDeploymentSpec};
 use prefect_operator::desired;
 use prefect_operator::validate::validate;
 use serde_json::{json, Value};
+use support::merge_patch as merge;
 
 fn fixture(name: &str) -> Value {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -14,22 +17,6 @@ fn fixture(name: &str) -> Value {
         .join(name);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_yaml::from_str(&text).unwrap()
-}
-
-/// RFC 7386 JSON merge patch.
-fn merge(target: &mut Value, patch: &Value) {
-    match (target, patch) {
-        (Value::Object(t), Value::Object(p)) => {
-            for (k, v) in p {
-                if v.is_null() {
-                    t.remove(k);
-                } else {
-                    merge(t.entry(k.clone()).or_insert(Value::Null), v);
-                }
-            }
-        }
-        (t, p) => *t = p.clone(),
-    }
 }
 
 fn check_desired(file: &str) {

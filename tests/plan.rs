@@ -8,6 +8,8 @@
 //! `observe` would make them: `prefect.recordedExists` for the recorded id, and
 //! `prefect.automations` (default: base's) for the related automations.
 
+mod support;
+
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
@@ -17,6 +19,7 @@ use prefect_operator::observed::{ObservedAutomation, ObservedDeployment};
 use prefect_operator::plan::{self, Observed, SyncState};
 use prefect_operator::validate::validate;
 use serde_json::{json, Value};
+use support::merge_patch as merge;
 
 fn dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/plan")
@@ -25,22 +28,6 @@ fn dir() -> PathBuf {
 fn load(path: &Path) -> Value {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
-/// RFC 7386 JSON merge patch.
-fn merge(target: &mut Value, patch: &Value) {
-    match (target, patch) {
-        (Value::Object(t), Value::Object(p)) => {
-            for (k, v) in p {
-                if v.is_null() {
-                    t.remove(k);
-                } else {
-                    merge(t.entry(k.clone()).or_insert(Value::Null), v);
-                }
-            }
-        }
-        (t, p) => *t = p.clone(),
-    }
 }
 
 /// `base` with `patch` applied where the case has one; `null` in the case means none.

@@ -3,19 +3,8 @@
 -- discovery returns the actions, printed as "name enabled|disabled" lines.
 -- Usage: lua action.lua script.lua object.yaml
 local lyaml = require("lyaml")
-local script_path, object_path = arg[1], arg[2]
-local f = assert(io.open(object_path))
-local obj = lyaml.load(f:read("*a"))
-f:close()
-local env = setmetatable({ obj = obj }, { __index = _G })
-local chunk
-if setfenv then
-  chunk = assert(loadfile(script_path))
-  setfenv(chunk, env)
-else
-  chunk = assert(loadfile(script_path, "t", env))
-end
-local result = chunk()
+local run = dofile((arg[0]:match("(.*/)") or "./") .. "sandbox.lua")
+local result = run(arg[1], arg[2])
 if result.kind ~= nil then
   io.write(lyaml.dump({ result }))
 else

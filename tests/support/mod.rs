@@ -655,3 +655,20 @@ pub fn kstatus(obj: &serde_json::Value) -> &'static str {
         "Current"
     }
 }
+
+/// RFC 7386 JSON merge patch (fixtures describe cases as patches of a base).
+pub fn merge_patch(target: &mut serde_json::Value, patch: &serde_json::Value) {
+    use serde_json::Value;
+    match (target, patch) {
+        (Value::Object(t), Value::Object(p)) => {
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        (t, p) => *t = p.clone(),
+    }
+}
