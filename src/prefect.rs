@@ -229,6 +229,9 @@ impl PrefectClient {
         body: Option<&Value>,
     ) -> Result<Result<Value, Failure>, Error> {
         let url = format!("{}{}", self.base, path);
+        // One call, however many attempts it takes: the attempts and their answers are
+        // in the duration histogram.
+        self.calls.record(&method, endpoint);
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -251,7 +254,6 @@ impl PrefectClient {
                 Some(l) => Some(l.acquire().await),
                 None => None,
             };
-            self.calls.record(&method, endpoint);
             let started = std::time::Instant::now();
             let sent = req.send().await;
             let code = sent.as_ref().map(|r| r.status().as_u16()).unwrap_or(0);
