@@ -47,8 +47,9 @@ impl std::fmt::Debug for Auth {
     }
 }
 
-/// Requests sent, by method and endpoint (a fixed set of names, never ids): counts for
-/// tests and benchmarks, durations by status code for the metrics endpoint.
+/// Calls made, by method and endpoint (a fixed set of names, never ids): counts of calls
+/// for tests and benchmarks, and each attempt's duration by status code for the metrics
+/// endpoint.
 const RECENT_CALLS: usize = 256;
 
 pub struct CallLog {
