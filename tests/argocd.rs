@@ -8,28 +8,6 @@ mod support;
 use std::path::Path;
 use std::process::Command;
 
-fn health(lua: &str, object: &Path) -> (String, String) {
-    let root = env!("CARGO_MANIFEST_DIR");
-    let out = Command::new(lua)
-        .arg(format!("{root}/tests/argocd/run.lua"))
-        .arg(format!("{root}/argocd/prefectdeployment-health.lua"))
-        .arg(object)
-        .output()
-        .unwrap_or_else(|e| panic!("{lua}: {e} (scripts/test-assets.sh installs it)"));
-    assert!(
-        out.status.success(),
-        "{lua} {}: {}",
-        object.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).unwrap();
-    let mut lines = text.lines();
-    (
-        lines.next().unwrap_or("").into(),
-        lines.next().unwrap_or("").into(),
-    )
-}
-
 #[test]
 fn health_of_captured_objects() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/argocd");
@@ -47,7 +25,7 @@ fn health_of_captured_objects() {
             if lua == "lua5.1" && Command::new("lua5.1").arg("-v").output().is_err() {
                 continue;
             }
-            let (status, message) = health(lua, &path);
+            let (status, message) = support::argocd_health(lua, &path);
             assert_eq!(status, want, "{lua} {stem}: {message}");
         }
         // Argo CD and Flux (kstatus) read the same object the same way.
@@ -71,19 +49,7 @@ fn health_of_captured_objects() {
 
 /// Runs an action script on a captured object under `lua`; returns its output.
 fn action(lua: &str, script: &str, object: &Path) -> String {
-    let root = env!("CARGO_MANIFEST_DIR");
-    let out = Command::new(lua)
-        .arg(format!("{root}/tests/argocd/action.lua"))
-        .arg(format!("{root}/argocd/actions/{script}.lua"))
-        .arg(object)
-        .output()
-        .unwrap_or_else(|e| panic!("{lua}: {e} (scripts/test-assets.sh installs it)"));
-    assert!(
-        out.status.success(),
-        "{lua} {script}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    support::argocd_lua(lua, "action.lua", &format!("actions/{script}"), object)
 }
 
 /// The resource actions in both Lua dialects on a captured object: what each offers

@@ -170,23 +170,7 @@ fn argocd_health(env: &Env, name: &str, capture_as: &str) -> (String, String) {
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join(format!("{capture_as}.yaml"));
     std::fs::write(&path, &yaml).unwrap();
-    let out = std::process::Command::new("lua5.4")
-        .arg(format!("{root}/tests/argocd/run.lua"))
-        .arg(format!("{root}/argocd/prefectdeployment-health.lua"))
-        .arg(&path)
-        .output()
-        .expect("lua5.4 (installed by scripts/test-assets.sh)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).unwrap();
-    let mut lines = text.lines();
-    (
-        lines.next().unwrap_or("").to_string(),
-        lines.next().unwrap_or("").to_string(),
-    )
+    support::argocd_health("lua5.4", &path)
 }
 
 /// A PrefectDeployment against the shared Prefect server and `pool`, with `spec` merged
@@ -777,19 +761,7 @@ fn argocd_action(env: &Env, name: &str, script: &str) -> String {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("obj.yaml");
     std::fs::write(&path, &yaml).unwrap();
-    let root = env!("CARGO_MANIFEST_DIR");
-    let out = std::process::Command::new("lua5.4")
-        .arg(format!("{root}/tests/argocd/action.lua"))
-        .arg(format!("{root}/argocd/actions/{script}.lua"))
-        .arg(&path)
-        .output()
-        .expect("lua5.4 (installed by scripts/test-assets.sh)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    support::argocd_lua("lua5.4", "action.lua", &format!("actions/{script}"), &path)
 }
 
 /// The JSON merge patch from `live` to `result`, as Argo CD applies an action's

@@ -672,3 +672,33 @@ pub fn merge_patch(target: &mut serde_json::Value, patch: &serde_json::Value) {
         (t, p) => *t = p.clone(),
     }
 }
+
+/// Runs an Argo CD Lua script (`argocd/<script>.lua`) on an object file under `lua`
+/// through one of the runners in `tests/argocd` (`run.lua` for the health check,
+/// `action.lua` for actions); returns what the runner prints.
+pub fn argocd_lua(lua: &str, runner: &str, script: &str, object: &Path) -> String {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let out = Command::new(lua)
+        .arg(format!("{root}/tests/argocd/{runner}"))
+        .arg(format!("{root}/argocd/{script}.lua"))
+        .arg(object)
+        .output()
+        .unwrap_or_else(|e| panic!("{lua}: {e} (scripts/test-assets.sh installs it)"));
+    assert!(
+        out.status.success(),
+        "{lua} {script} {}: {}",
+        object.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The Argo CD health check's status and message for an object file.
+pub fn argocd_health(lua: &str, object: &Path) -> (String, String) {
+    let text = argocd_lua(lua, "run.lua", "prefectdeployment-health", object);
+    let mut lines = text.lines();
+    (
+        lines.next().unwrap_or("").to_string(),
+        lines.next().unwrap_or("").to_string(),
+    )
+}
