@@ -125,12 +125,7 @@ async fn controller_pass(server: &str, object: &Value, state: &mut SyncState) ->
 }
 
 fn updated(server: &PrefectServer, flow: &str, name: &str) -> Value {
-    let (code, body) = support::http_get(
-        server.port,
-        &format!("/api/deployments/name/{flow}/{name}"),
-        None,
-    )
-    .unwrap();
+    let (code, body) = server.get(&format!("/api/deployments/name/{flow}/{name}"));
     assert_eq!(code, 200, "{body}");
     serde_json::from_str::<Value>(&body).unwrap()["updated"].clone()
 }
@@ -200,13 +195,10 @@ async fn diff_says_no_changes_exactly_when_the_controller_writes_nothing() {
     // Drift made in Prefect: diff sees it too.
     let client = reqwest::Client::new();
     let id = state.deployment_id.clone().unwrap();
-    let r = client
-        .patch(format!("{}/deployments/{id}", server.url))
-        .json(&json!({"paused": true}))
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success());
+    let url = format!("{}/deployments/{id}", server.url);
+    let body = json!({"paused": true});
+    let (code, _) = support::prefect_call(&client, reqwest::Method::PATCH, &url, Some(&body)).await;
+    assert_eq!(code, 204);
     let (code, out, _) = run(&["diff", "-f", &file(&object), "-o", "json"]);
     assert_eq!(code, 1, "{out}");
     let v: Value = serde_json::from_str(&out).unwrap();

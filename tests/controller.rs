@@ -688,14 +688,14 @@ async fn steady_state_writes_nothing() {
 
     // Drift made in Prefect is repaired by the resync.
     let id = obj.status.unwrap().deployment_id.unwrap();
-    let r = env
-        .raw
-        .patch(format!("{}/deployments/{id}", env.prefect.url))
-        .json(&json!({"parameters": {"a": 2}}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 204);
+    let (code, _) = support::prefect_call(
+        &env.raw,
+        reqwest::Method::PATCH,
+        &format!("{}/deployments/{id}", env.prefect.url),
+        Some(&json!({"parameters": {"a": 2}})),
+    )
+    .await;
+    assert_eq!(code, 204);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let (_, d) = env.prefect_get(&format!("/deployments/{id}")).await;
@@ -830,15 +830,15 @@ fn apply_action(env: &Env, name: &str, script: &str) {
 }
 
 async fn flow_runs_of(env: &Env, deployment_id: &str) -> Vec<Value> {
-    let r = env
-        .raw
-        .post(format!("{}/flow_runs/filter", env.prefect.url))
-        .json(&json!({"deployments": {"id": {"any_": [deployment_id]}}}))
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success(), "{}", r.status());
-    r.json().await.unwrap()
+    let (code, runs) = support::prefect_call(
+        &env.raw,
+        reqwest::Method::POST,
+        &format!("{}/flow_runs/filter", env.prefect.url),
+        Some(&json!({"deployments": {"id": {"any_": [deployment_id]}}})),
+    )
+    .await;
+    assert_eq!(code, 200, "{runs}");
+    serde_json::from_value(runs).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1056,13 +1056,10 @@ async fn drift_policy_report_and_ignored_fields() {
         let raw = env.raw.clone();
         let url = env.prefect.url.clone();
         async move {
-            let r = raw
-                .patch(format!("{url}/deployments/{id}"))
-                .json(&body)
-                .send()
-                .await
-                .unwrap();
-            assert!(r.status().is_success(), "{}", r.status());
+            let url = format!("{url}/deployments/{id}");
+            let (code, _) =
+                support::prefect_call(&raw, reqwest::Method::PATCH, &url, Some(&body)).await;
+            assert_eq!(code, 204);
         }
     };
     let drifted = |o: &PrefectDeployment| {

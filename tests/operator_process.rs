@@ -491,8 +491,7 @@ fn chart_rbac_is_exactly_enough() {
         "events were recorded with the chart's RBAC"
     );
     cp.kubectl_ok(&["delete", "pd", "-n", &ns, name, "--timeout=60s"]);
-    let port = prefect.port;
-    let (code, _) = http_get(port, &format!("/api/deployments/{id}"), None).unwrap();
+    let (code, _) = prefect.get(&format!("/api/deployments/{id}"));
     assert_eq!(code, 404, "deleted from Prefect");
     let logs = op.logs();
     assert!(
@@ -777,10 +776,7 @@ fn chart_namespaced_mode_rbac_is_enough() {
     let v = wait_ready(cp, &team, "scoped-cycle", 1);
     let id = v["status"]["deploymentId"].as_str().unwrap().to_string();
     cp.kubectl_ok(&["delete", "pd", "-n", &team, "scoped-cycle", "--timeout=60s"]);
-    assert_eq!(
-        http_get(prefect.port, &format!("/api/deployments/{id}"), None).map(|(c, _)| c),
-        Some(404)
-    );
+    assert_eq!(prefect.get(&format!("/api/deployments/{id}")).0, 404);
     let logs = op.logs();
     assert!(
         !logs.contains("forbidden") && !logs.contains("Forbidden"),

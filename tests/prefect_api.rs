@@ -41,21 +41,16 @@ impl Env {
 
     /// POST with plain reqwest, retrying the 503s SQLite gives under parallel load.
     async fn post(&self, path: &str, body: Value) -> (u16, Value) {
-        for _ in 0..5 {
-            let r = self
-                .raw
-                .post(format!("{}{path}", self.url))
-                .json(&body)
-                .send()
-                .await
-                .unwrap();
-            let code = r.status().as_u16();
-            if code != 503 {
-                return (code, r.json().await.unwrap_or(Value::Null));
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-        }
-        panic!("Prefect kept answering 503 to POST {path}");
+        let url = format!("{}{path}", self.url);
+        support::prefect_call(&self.raw, reqwest::Method::POST, &url, Some(&body)).await
+    }
+
+    /// PATCH or DELETE behind the operator's back, retrying as `post` does.
+    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> u16 {
+        let url = format!("{}{path}", self.url);
+        support::prefect_call(&self.raw, method, &url, body.as_ref())
+            .await
+            .0
     }
 
     async fn work_pool(&self) -> String {
@@ -385,14 +380,14 @@ async fn create_noop_update_and_drift() {
     assert!(changes.is_empty(), "{changes:?} {made:?}");
 
     // Drift: an edit made in Prefect is put back.
-    let r = env
-        .raw
-        .patch(format!("{}/deployments/{id}", env.url))
-        .json(&json!({"description": "by hand", "paused": true}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 204);
+    let code = env
+        .call(
+            reqwest::Method::PATCH,
+            &format!("/deployments/{id}"),
+            Some(json!({"description": "by hand", "paused": true})),
+        )
+        .await;
+    assert_eq!(code, 204);
     let (r, changes, _) = env.apply(&spec, &name, &uid, &mut state).await;
     r.unwrap();
     assert_eq!(
@@ -408,11 +403,10 @@ async fn create_noop_update_and_drift() {
     );
 
     // Drift: deleted in Prefect, created again (new id).
-    env.raw
-        .delete(format!("{}/deployments/{id}", env.url))
-        .send()
-        .await
-        .unwrap();
+    let code = env
+        .call(reqwest::Method::DELETE, &format!("/deployments/{id}"), None)
+        .await;
+    assert_eq!(code, 204);
     let (r, changes, _) = env.apply(&spec, &name, &uid, &mut state).await;
     r.unwrap();
     let new_id = state.deployment_id.clone().unwrap();
@@ -817,13 +811,10 @@ async fn flow_ids_are_cached_and_a_deleted_flow_is_recreated() {
 
     // Deleted in Prefect (with its deployments): the next create notices.
     let flow_id = a.flow_id.clone().unwrap();
-    let r = env
-        .raw
-        .delete(format!("{}/flows/{flow_id}", env.url))
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success(), "{}", r.status());
+    let code = env
+        .call(reqwest::Method::DELETE, &format!("/flows/{flow_id}"), None)
+        .await;
+    assert_eq!(code, 204);
     let c = apply(unique("c")).await;
     assert_eq!(flows_posted(), 2);
     assert_ne!(c.flow_id, a.flow_id);

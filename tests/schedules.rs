@@ -155,11 +155,12 @@ async fn preview_matches_the_runs_prefects_scheduler_creates() {
         async move {
             let body =
                 json!({"deployments": {"id": {"any_": [id]}}, "sort": "EXPECTED_START_TIME_ASC"});
-            let r = raw.post(url).json(&body).send().await.unwrap();
-            if r.status() != 200 {
+            let (code, runs) =
+                support::prefect_call(&raw, reqwest::Method::POST, &url, Some(&body)).await;
+            if code != 200 {
                 return None;
             }
-            let runs: Vec<Value> = r.json().await.unwrap();
+            let runs: Vec<Value> = serde_json::from_value(runs).unwrap();
             Some(
                 runs.iter()
                     .map(|r| r["expected_start_time"].as_str().unwrap().to_string())
@@ -255,15 +256,13 @@ async fn renamed_slug_keeps_schedule_id_and_scheduled_runs() {
     let id = state.deployment_id.clone().unwrap();
 
     let runs = |raw: reqwest::Client, url: String, id: String| async move {
-        let r = raw
-            .post(format!("{url}/flow_runs/filter"))
-            .json(
-                &json!({"deployments": {"id": {"any_": [id]}}, "sort": "EXPECTED_START_TIME_ASC"}),
-            )
-            .send()
-            .await
-            .unwrap();
-        let list: Vec<Value> = r.json().await.unwrap();
+        let body =
+            json!({"deployments": {"id": {"any_": [id]}}, "sort": "EXPECTED_START_TIME_ASC"});
+        let url = format!("{url}/flow_runs/filter");
+        let (code, list) =
+            support::prefect_call(&raw, reqwest::Method::POST, &url, Some(&body)).await;
+        assert_eq!(code, 200, "{list}");
+        let list: Vec<Value> = serde_json::from_value(list).unwrap();
         let mut times: Vec<DateTime<Utc>> = list
             .iter()
             .map(|r| {

@@ -97,6 +97,20 @@ pub fn http_get(port: u16, path: &str, auth: Option<&str>) -> Option<(u16, Strin
     )
 }
 
+impl PrefectServer {
+    /// GET an API path of this server from synchronous code, retrying the 503s SQLite
+    /// gives under parallel load.
+    pub fn get(&self, path: &str) -> (u16, String) {
+        for _ in 0..20 {
+            match http_get(self.port, path, None) {
+                Some((503, _)) | None => std::thread::sleep(Duration::from_millis(300)),
+                Some(answer) => return answer,
+            }
+        }
+        panic!("Prefect kept answering 503 to GET {path}");
+    }
+}
+
 /// Minimal HTTP POST of a JSON body over loopback.
 pub fn http_post_json(port: u16, path: &str, body: &serde_json::Value) -> Option<(u16, String)> {
     let body = body.to_string();
@@ -604,15 +618,33 @@ pub fn create_pool_named(prefect: &PrefectServer, pool: &str) -> String {
 /// GET a Prefect URL and decode the JSON answer, retrying the 503s SQLite gives under
 /// parallel load.
 pub async fn prefect_get(client: &reqwest::Client, url: &str) -> (u16, serde_json::Value) {
-    for _ in 0..10 {
-        let r = client.get(url).send().await.unwrap();
-        let code = r.status().as_u16();
-        if code != 503 {
-            return (code, r.json().await.unwrap_or(serde_json::Value::Null));
+    prefect_call(client, reqwest::Method::GET, url, None).await
+}
+
+/// One call to Prefect made by a test itself (to edit, delete or list behind the
+/// operator's back). SQLite answers 503 when writers collide, and the server drops a
+/// kept-alive connection after an error; both are retried so a test only ever sees
+/// Prefect's real answer.
+pub async fn prefect_call(
+    client: &reqwest::Client,
+    method: reqwest::Method,
+    url: &str,
+    body: Option<&serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    for _ in 0..20 {
+        let mut req = client.request(method.clone(), url);
+        if let Some(body) = body {
+            req = req.json(body);
         }
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        match req.send().await {
+            Ok(r) if r.status().as_u16() != 503 => {
+                let code = r.status().as_u16();
+                return (code, r.json().await.unwrap_or(serde_json::Value::Null));
+            }
+            Ok(_) | Err(_) => tokio::time::sleep(Duration::from_millis(300)).await,
+        }
     }
-    panic!("Prefect kept answering 503 to GET {url}");
+    panic!("Prefect kept answering 503 (or dropping the connection) to {method} {url}");
 }
 
 /// A short random suffix for names, so tests sharing a server never collide.
