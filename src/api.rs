@@ -33,6 +33,8 @@ pub mod reason {
     pub const WORK_POOL_NOT_FOUND: &str = "WorkPoolNotFound";
     pub const CONFLICT: &str = "Conflict";
     pub const AUTOMATION_FAILED: &str = "AutomationFailed";
+    pub const CONCURRENCY_LIMIT_MISSING: &str = "ConcurrencyLimitMissing";
+    pub const CONCURRENCY_LIMIT_CONFLICT: &str = "ConcurrencyLimitConflict";
 
     pub const CLEANUP_FAILED: &str = "CleanupFailed";
     pub const KUBERNETES_ERROR: &str = "KubernetesError";
@@ -293,6 +295,10 @@ pub struct WorkPoolSpec {
     {
         "rule": "!has(oldSelf.flow_name) || (has(self.flow_name) && self.flow_name == oldSelf.flow_name)",
         "message": "flow_name cannot be changed or removed once set: a Prefect deployment belongs to one flow (create a new resource for another flow)"
+    },
+    {
+        "rule": "!has(self.concurrencyLimit) || !has(self.globalConcurrencyLimit)",
+        "message": "set concurrencyLimit (this deployment's own limit) or globalConcurrencyLimit (a named limit shared with others), not both"
     }
 ]))]
 pub struct DeploymentSpec {
@@ -359,9 +365,10 @@ pub struct DeploymentSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub concurrency_limit: Option<i64>,
-    /// Concurrency settings in PrefectHQ's operator's form. `limit` is used when
-    /// concurrencyLimit is not set; `collisionStrategy` (ENQUEUE or CANCEL_NEW) decides
-    /// what happens to a run over the limit.
+    /// A named global concurrency limit in Prefect, shared by every deployment that
+    /// names it (PrefectHQ's operator's form). The operator creates it when missing and
+    /// keeps its settings in step; it deletes it only if this resource created it and
+    /// no other resource names it. Not together with concurrencyLimit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub global_concurrency_limit: Option<GlobalConcurrencyLimit>,
     /// What happens to a run over `concurrencyLimit` (Prefect's `concurrency_options`).
@@ -428,21 +435,37 @@ impl CollisionStrategy {
 
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "!has(self.slotDecayPerSecond) || self.slotDecayPerSecond.matches('^[0-9]+([.][0-9]+)?$')",
+        "message": "slotDecayPerSecond must be a non-negative decimal number, such as \"0.5\""
+    },
+    {
+        "rule": "!self.name.matches('[/%&<>]')",
+        "message": "name cannot contain /, %, &, < or > (Prefect refuses them in names)"
+    }
+]))]
 pub struct GlobalConcurrencyLimit {
-    /// Name of the limit (informational).
-    #[schemars(length(max = 256))]
+    /// Name of the global concurrency limit in Prefect. The operator creates it when it
+    /// is missing and attaches the deployment to it; deployments naming the same limit
+    /// share its slots.
+    #[schemars(length(min = 1, max = 256))]
     pub name: String,
-    /// Number of concurrent runs allowed.
+    /// Number of concurrent runs allowed. Needed to create the limit; unset, the
+    /// deployment attaches to an existing limit of that name and leaves its settings.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
     pub limit: Option<i64>,
-    /// Accepted for compatibility; not used.
+    /// Whether the limit is enforced (Prefect's default: true).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub active: Option<bool>,
-    /// ENQUEUE (wait for a slot) or CANCEL_NEW (cancel the new run).
+    /// ENQUEUE (wait for a slot) or CANCEL_NEW (cancel the new run); used when
+    /// concurrencyOptions is not set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 64))]
     pub collision_strategy: Option<String>,
-    /// Accepted for compatibility; not used.
+    /// Slots released per second when the limit is used as a rate limit, as a decimal
+    /// string (a string in PrefectHQ's operator's schema).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 64))]
     pub slot_decay_per_second: Option<String>,
@@ -726,6 +749,23 @@ pub struct PrefectDeploymentStatus {
     /// applied: a new value is applied once, then the field is left to people again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub applied_ignored_fields: Option<std::collections::BTreeMap<String, String>>,
+    /// The named global concurrency limit the deployment is attached to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub global_concurrency_limit: Option<LimitRecord>,
+}
+
+/// The named global concurrency limit a deployment is attached to.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LimitRecord {
+    #[schemars(length(max = 256))]
+    pub name: String,
+    /// Its id in Prefect.
+    #[schemars(length(max = 64))]
+    pub id: String,
+    /// This resource created it, so it may delete it (when no other resource names it).
+    #[serde(default)]
+    pub created: bool,
 }
 
 /// A flow run requested through the `prefect.io/run-requested-at` annotation.

@@ -37,6 +37,67 @@ pub struct DesiredDeployment {
     pub ignored: Vec<IgnoredField>,
     /// spec.driftPolicy is Report.
     pub report_drift: bool,
+    /// The named global concurrency limit the deployment is attached to.
+    pub limit: Option<DesiredLimit>,
+}
+
+/// A named global concurrency limit: the name, and the settings the spec declares (a
+/// `ConcurrencyLimitV2Update` body with only those keys).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DesiredLimit {
+    pub name: String,
+    pub settings: Map<String, Value>,
+}
+
+impl DesiredLimit {
+    /// The `ConcurrencyLimitV2Create` body, or `None` when the spec gives no `limit`
+    /// (then the limit must exist already).
+    pub fn create_body(&self) -> Option<Value> {
+        self.settings.get("limit")?;
+        let mut body = self.settings.clone();
+        body.insert("name".into(), Value::String(self.name.clone()));
+        Some(Value::Object(body))
+    }
+}
+
+/// The name Prefect gives the limit it makes for a deployment's own `concurrency_limit`.
+pub fn own_limit_name(deployment_id: &str) -> String {
+    format!("deployment:{deployment_id}")
+}
+
+impl DesiredLimit {
+    /// How `other`'s declared settings differ from these, where both declare one.
+    pub fn conflict_with(&self, other: &DesiredLimit) -> Option<String> {
+        if other.name != self.name {
+            return None;
+        }
+        self.settings.iter().find_map(|(k, mine)| {
+            let theirs = other.settings.get(k)?;
+            (!crate::plan::same(mine, theirs)).then(|| format!("{k} is {mine} here and {theirs}"))
+        })
+    }
+}
+
+/// The limit a `globalConcurrencyLimit` describes.
+pub fn deployment_limit(g: &crate::api::GlobalConcurrencyLimit) -> DesiredLimit {
+    let mut settings = Map::new();
+    if let Some(l) = g.limit {
+        settings.insert("limit".into(), Value::from(l));
+    }
+    if let Some(a) = g.active {
+        settings.insert("active".into(), Value::Bool(a));
+    }
+    if let Some(v) = g
+        .slot_decay_per_second
+        .as_deref()
+        .and_then(crate::validate::slot_decay)
+    {
+        settings.insert("slot_decay_per_second".into(), json!(v));
+    }
+    DesiredLimit {
+        name: g.name.clone(),
+        settings,
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -100,13 +161,14 @@ pub fn deployment(valid: &ValidSpec, owner_uid: &str) -> DesiredDeployment {
             .unwrap_or(Value::Null),
     );
     let gcl = d.global_concurrency_limit.as_ref();
-    f.insert(
-        "concurrency_limit".into(),
-        d.concurrency_limit
-            .or(gcl.and_then(|g| g.limit))
-            .map(Value::from)
-            .unwrap_or(Value::Null),
-    );
+    // Attached to a named limit, the deployment's own `concurrency_limit` is never sent:
+    // Prefect would write it into the shared limit, or (as null) delete that limit.
+    if gcl.is_none() {
+        f.insert(
+            "concurrency_limit".into(),
+            d.concurrency_limit.map(Value::from).unwrap_or(Value::Null),
+        );
+    }
     f.insert(
         "concurrency_options".into(),
         match (
@@ -153,6 +215,7 @@ pub fn deployment(valid: &ValidSpec, owner_uid: &str) -> DesiredDeployment {
         automations: automations(d, &valid.name, ""),
         ignored: spec.ignore_fields.clone().unwrap_or_default(),
         report_drift: spec.drift_policy == Some(DriftPolicy::Report),
+        limit: d.global_concurrency_limit.as_ref().map(deployment_limit),
     }
 }
 

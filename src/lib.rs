@@ -59,6 +59,12 @@ pub enum Error {
     Conflict(String),
     #[error("{0}")]
     AutomationFailed(String),
+    /// The named global concurrency limit does not exist and the spec cannot make it.
+    #[error("{0}")]
+    ConcurrencyLimitMissing(String),
+    /// Resources naming the same global concurrency limit declare different settings.
+    #[error("{0}")]
+    ConcurrencyLimitConflict(String),
     #[error("Kubernetes API error: {0}")]
     Kube(#[from] kube::Error),
     /// A bug: a panic caught at the reconcile boundary. Only this resource is affected.
@@ -128,6 +134,20 @@ impl Error {
             Error::AutomationFailed(_) => {
                 (reason::AUTOMATION_FAILED, "automation_failed", false, true)
             }
+            // Someone may create the limit in Prefect: retried.
+            Error::ConcurrencyLimitMissing(_) => (
+                reason::CONCURRENCY_LIMIT_MISSING,
+                "concurrency_limit_missing",
+                false,
+                true,
+            ),
+            // Ends when one of the resources changes its spec (maybe the other one).
+            Error::ConcurrencyLimitConflict(_) => (
+                reason::CONCURRENCY_LIMIT_CONFLICT,
+                "concurrency_limit_conflict",
+                false,
+                true,
+            ),
             Error::Kube(_) => (reason::KUBERNETES_ERROR, "kubernetes", false, false),
             Error::Internal(_) => (reason::INTERNAL_ERROR, "internal", false, false),
         };

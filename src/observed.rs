@@ -73,14 +73,58 @@ impl ObservedDeployment {
         const NULL: &Value = &Value::Null;
         let v = self.fields.get(key).unwrap_or(NULL);
         match key {
+            // Only the deployment's own limit counts as its `concurrency_limit`; a named
+            // limit it is attached to is compared by `planned_limit`.
             "concurrency_limit" if v.is_null() => Some(
                 self.fields
                     .get("global_concurrency_limit")
+                    .filter(|g| {
+                        g.get("name").and_then(Value::as_str)
+                            == Some(crate::desired::own_limit_name(&self.id).as_str())
+                    })
                     .and_then(|g| g.get("limit"))
                     .unwrap_or(NULL),
             ),
             "version_info" if v.is_null() => None,
             _ => Some(v),
+        }
+    }
+}
+
+impl ObservedDeployment {
+    /// The global concurrency limit the deployment is attached to: its own (named
+    /// `deployment:<id>`) or a named one shared with others.
+    pub fn attached_limit(&self) -> Option<ObservedLimit> {
+        let g = self.fields.get("global_concurrency_limit")?;
+        serde_json::from_value(g.clone()).ok()
+    }
+
+    /// The id of the named (shared) limit the deployment is attached to, if any.
+    pub fn shared_limit(&self) -> Option<ObservedLimit> {
+        self.attached_limit()
+            .filter(|g| g.name != crate::desired::own_limit_name(&self.id))
+    }
+}
+
+/// A global concurrency limit (`GlobalConcurrencyLimitResponse`).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+pub struct ObservedLimit {
+    pub id: String,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub limit: Option<Value>,
+    /// The settings as reported (`active`, `slot_decay_per_second`, ...).
+    #[serde(flatten)]
+    pub fields: Map<String, Value>,
+}
+
+impl ObservedLimit {
+    /// The value Prefect holds for a `ConcurrencyLimitV2Update` key.
+    pub fn setting(&self, key: &str) -> Value {
+        match key {
+            "limit" => self.limit.clone().unwrap_or(Value::Null),
+            _ => self.fields.get(key).cloned().unwrap_or(Value::Null),
         }
     }
 }
@@ -121,7 +165,7 @@ mod tests {
             "id": "d1", "flow_id": "f1", "labels": null, "schedules": [
                 {"id": "s1", "slug": null, "active": true, "schedule": {"interval": 60.0, "anchor_date": "2026-01-01T00:00:00Z"}}
             ],
-            "paused": false, "global_concurrency_limit": {"limit": 3}
+            "paused": false, "global_concurrency_limit": {"id": "g1", "name": "deployment:d1", "limit": 3}
         }))
         .unwrap();
         assert!(d.labels.is_empty());

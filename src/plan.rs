@@ -10,8 +10,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::api::IgnoredField;
+pub use crate::api::LimitRecord;
 use crate::desired::{DesiredDeployment, OWNER_LABEL};
-use crate::observed::{ObservedAutomation, ObservedDeployment, ObservedSchedule};
+use crate::observed::{ObservedAutomation, ObservedDeployment, ObservedLimit, ObservedSchedule};
 
 /// What the operator remembers between passes (mirrors the status fields).
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -35,6 +36,13 @@ pub struct SyncState {
     /// Differences left in place this pass (driftPolicy Report), for status.
     #[serde(skip)]
     pub drift: Vec<String>,
+    /// The named global concurrency limit the deployment is attached to.
+    #[serde(rename = "globalConcurrencyLimit")]
+    pub limit: Option<LimitRecord>,
+    /// Another resource names the limit this one created (not kept in status: the
+    /// caller looks it up each pass), so it is not deleted when this one lets go of it.
+    #[serde(skip)]
+    pub limit_shared: bool,
 }
 
 /// What Prefect holds, as far as planning needs to know. `observe` in the executor
@@ -50,6 +58,9 @@ pub struct Observed {
     /// The automations related to the deployment; read only when the recorded state
     /// cannot say which automations to replace (a first apply to an existing deployment).
     pub related_automations: Option<Vec<ObservedAutomation>>,
+    /// The named global concurrency limit the spec asks for; read only when it names one
+    /// (`None`: there is no limit of that name).
+    pub limit: Option<ObservedLimit>,
 }
 
 /// The calls that bring Prefect to the desired state, in the order they are made.
@@ -76,7 +87,64 @@ pub struct Plan {
     /// What to record as applied for the ignored fields once the plan succeeded.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub record_ignored: BTreeMap<String, String>,
+    /// The named global concurrency limit, made or brought in step before the
+    /// deployment is written (the deployment then refers to it by id).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit: Option<LimitPlan>,
+    /// Drop the deployment's own limit in a PATCH of its own before attaching it to a
+    /// named one: in one request Prefect would delete the named limit instead.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub release_own_limit: bool,
+    /// A limit this resource created and no longer names: deleted once the deployment
+    /// is off it (and only if no other resource names it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delete_limit: Option<LimitRecord>,
 }
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LimitPlan {
+    pub name: String,
+    #[serde(flatten)]
+    pub action: LimitAction,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(
+    tag = "action",
+    rename_all = "camelCase",
+    rename_all_fields = "camelCase"
+)]
+pub enum LimitAction {
+    /// It exists with the settings the spec declares.
+    Keep { id: String },
+    /// Missing: create it (`ConcurrencyLimitV2Create`).
+    Create {
+        #[serde(skip)]
+        body: Value,
+    },
+    /// Its settings differ from the spec's: PATCH these.
+    Update {
+        id: String,
+        fields: Vec<FieldChange>,
+    },
+    /// Missing, and the spec gives no `limit` to create it with.
+    Missing,
+}
+
+impl LimitPlan {
+    pub fn id(&self) -> Option<&str> {
+        match &self.action {
+            LimitAction::Keep { id } | LimitAction::Update { id, .. } => Some(id),
+            LimitAction::Create { .. } | LimitAction::Missing => None,
+        }
+    }
+}
+
+/// The deployment field that attaches it to a named global concurrency limit. Where
+/// the limit does not exist yet, the plan holds a placeholder that the executor
+/// replaces with the id of the limit it creates.
+pub const LIMIT_ID_FIELD: &str = "global_concurrency_limit_id";
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(
@@ -182,7 +250,14 @@ impl Plan {
             }
             DeploymentAction::Create { .. } | DeploymentAction::Conflict { .. } => true,
         };
+        let writes_limit = self
+            .limit
+            .as_ref()
+            .is_some_and(|l| !matches!(l.action, LimitAction::Keep { .. }));
         !writes_deployment
+            && !writes_limit
+            && !self.release_own_limit
+            && self.delete_limit.is_none()
             && self.fields.is_empty()
             && self.schedules.is_empty()
             && matches!(
@@ -240,6 +315,8 @@ pub struct Reads {
     pub recorded: Option<String>,
     /// List the automations related to this deployment id.
     pub related_automations: Option<String>,
+    /// Read the named global concurrency limit.
+    pub limit: Option<String>,
 }
 
 pub fn reads(
@@ -247,10 +324,12 @@ pub fn reads(
     recorded: &SyncState,
     by_name: Option<&ObservedDeployment>,
 ) -> Reads {
+    let limit = want.limit.as_ref().map(|l| l.name.clone());
     if by_name.is_none() {
         return Reads {
             recorded: recorded.deployment_id.clone(),
             related_automations: None,
+            limit,
         };
     }
     let related = match target(want, recorded, by_name, None) {
@@ -262,7 +341,100 @@ pub fn reads(
     Reads {
         recorded: None,
         related_automations: related,
+        // Attached to the limit recorded in status under that name: the deployment's
+        // own answer carries the limit, no read needed.
+        limit: limit.filter(|name| !limit_known(recorded, by_name, name)),
     }
+}
+
+/// The deployment is attached to the limit status recorded under `name`, and Prefect's
+/// answer about the deployment shows that limit's settings.
+fn limit_known(recorded: &SyncState, by_name: Option<&ObservedDeployment>, name: &str) -> bool {
+    let attached = by_name.and_then(|d| d.shared_limit());
+    match (&recorded.limit, attached) {
+        (Some(r), Some(a)) => r.name == name && a.name == name && a.id == r.id,
+        _ => false,
+    }
+}
+
+/// The limit `plan` works with: the one read by name, else the one the deployment is
+/// attached to when that is the recorded one (the read was skipped).
+fn observed_limit(
+    want: &DesiredDeployment,
+    recorded: &SyncState,
+    observed: &Observed,
+) -> Option<ObservedLimit> {
+    let name = &want.limit.as_ref()?.name;
+    observed.limit.clone().or_else(|| {
+        let by_name = observed.by_name.as_ref();
+        limit_known(recorded, by_name, name)
+            .then(|| by_name.and_then(|d| d.shared_limit()))
+            .flatten()
+    })
+}
+
+/// What to do to the named limit the spec asks for.
+fn limit_plan(want: &DesiredDeployment, actual: Option<&ObservedLimit>) -> Option<LimitPlan> {
+    let w = want.limit.as_ref()?;
+    let action = match actual {
+        None => match w.create_body() {
+            Some(body) => LimitAction::Create { body },
+            None => LimitAction::Missing,
+        },
+        Some(a) => {
+            let fields: Vec<FieldChange> = w
+                .settings
+                .iter()
+                .filter(|(k, v)| !same(v, &a.setting(k)))
+                .map(|(k, v)| FieldChange {
+                    field: k.clone(),
+                    from: a.setting(k),
+                    to: v.clone(),
+                })
+                .collect();
+            if fields.is_empty() {
+                LimitAction::Keep { id: a.id.clone() }
+            } else {
+                LimitAction::Update {
+                    id: a.id.clone(),
+                    fields,
+                }
+            }
+        }
+    };
+    Some(LimitPlan {
+        name: w.name.clone(),
+        action,
+    })
+}
+
+/// The change to `global_concurrency_limit_id` that attaches the deployment to the
+/// limit the spec names, or detaches it from a named one the spec no longer names.
+fn limit_field(
+    limit: Option<&LimitPlan>,
+    actual: Option<&ObservedDeployment>,
+) -> Option<FieldChange> {
+    let now = actual.and_then(|d| d.shared_limit()).map(|l| l.id);
+    let to = match limit {
+        Some(l) => match l.id() {
+            Some(id) => Value::String(id.to_string()),
+            None => Value::String(format!("(the id of {})", l.name)),
+        },
+        None => Value::Null,
+    };
+    let from = now.map(Value::String).unwrap_or(Value::Null);
+    (from != to).then(|| FieldChange {
+        field: LIMIT_ID_FIELD.into(),
+        from,
+        to,
+    })
+}
+
+/// A limit this resource created that the spec no longer names.
+fn limit_to_delete(want: &DesiredDeployment, recorded: &SyncState) -> Option<LimitRecord> {
+    let r = recorded.limit.as_ref().filter(|r| r.created)?;
+    let still_named = want.limit.as_ref().is_some_and(|l| l.name == r.name);
+    (!still_named && !recorded.limit_shared).then(|| r.clone())
 }
 
 /// Nothing recorded says which automations the triggers replace.
@@ -288,7 +460,15 @@ pub fn plan(want: &DesiredDeployment, recorded: &SyncState, observed: &Observed)
         read_back: false,
         drift: Vec::new(),
         record_ignored: ignored_values(want),
+        limit: None,
+        release_own_limit: false,
+        delete_limit: None,
     };
+    if !matches!(deployment, DeploymentAction::Conflict { .. }) {
+        let limit = observed_limit(want, recorded, observed);
+        plan.limit = limit_plan(want, limit.as_ref());
+        plan.delete_limit = limit_to_delete(want, recorded);
+    }
     let (id, actual, from) = match (&deployment, &observed.by_name) {
         (DeploymentAction::Conflict { .. }, _) => return plan,
         (DeploymentAction::Create { .. }, _) | (_, None) => {
@@ -306,6 +486,9 @@ pub fn plan(want: &DesiredDeployment, recorded: &SyncState, observed: &Observed)
                 delete: Vec::new(),
             };
             plan.read_back = reads_back(&plan.schedules);
+            if let Some(change) = limit_field(plan.limit.as_ref(), None) {
+                plan.fields.push(change);
+            }
             return report_only(plan, want, recorded);
         }
         (DeploymentAction::Update { id }, Some(actual)) => (id, actual, recorded.clone()),
@@ -315,6 +498,12 @@ pub fn plan(want: &DesiredDeployment, recorded: &SyncState, observed: &Observed)
         ) => (id, actual, SyncState::default()),
     };
     plan.fields = field_changes(want, actual);
+    if let Some(change) = limit_field(plan.limit.as_ref(), Some(actual)) {
+        plan.fields.push(change);
+        plan.fields.sort_by(|a, b| a.field.cmp(&b.field));
+    }
+    plan.release_own_limit =
+        want.limit.is_some() && !actual.field("concurrency_limit").is_none_or(Value::is_null);
     plan.schedules = schedule_changes(want, &actual.schedules);
     // What people own in Prefect is left alone unless the spec's value changed since
     // it was last applied (then it is applied once).
@@ -390,6 +579,28 @@ fn report_only(mut plan: Plan, want: &DesiredDeployment, recorded: &SyncState) -
         };
         plan.automations = AutomationAction::Unchanged;
     }
+    if let Some(l) = &mut plan.limit {
+        match &l.action {
+            LimitAction::Update { id, fields } => {
+                let name = &l.name;
+                drift.extend(
+                    fields
+                        .iter()
+                        .map(|f| format!("globalConcurrencyLimit {name}: {}", f.field)),
+                );
+                l.action = LimitAction::Keep { id: id.clone() };
+            }
+            LimitAction::Create { .. } => {
+                drift.push(format!(
+                    "globalConcurrencyLimit {} (missing in Prefect)",
+                    l.name
+                ));
+                plan.limit = None;
+            }
+            LimitAction::Keep { .. } | LimitAction::Missing => {}
+        }
+    }
+    plan.release_own_limit = false;
     drift.extend(plan.fields.drain(..).map(|f| f.field));
     drift.extend(plan.schedules.drain(..).map(|c| match c {
         ScheduleChange::Create { slug, .. } => format!("schedules.{slug} (missing)"),
@@ -723,8 +934,49 @@ impl fmt::Display for Plan {
                 }
             }
         }
+        if let Some(l) = &self.limit {
+            match &l.action {
+                LimitAction::Keep { .. } => {}
+                LimitAction::Create { body } => writeln!(
+                    f,
+                    "  global concurrency limit {}: create {}",
+                    l.name,
+                    short(body)
+                )?,
+                LimitAction::Update { fields, .. } => {
+                    for c in fields {
+                        writeln!(
+                            f,
+                            "  global concurrency limit {}: {}: {} -> {}",
+                            l.name,
+                            c.field,
+                            short(&c.from),
+                            short(&c.to)
+                        )?;
+                    }
+                }
+                LimitAction::Missing => writeln!(
+                    f,
+                    "  global concurrency limit {}: missing, and no limit given to create it",
+                    l.name
+                )?,
+            }
+        }
+        if self.release_own_limit {
+            writeln!(
+                f,
+                "  concurrency_limit: drop the deployment's own limit first"
+            )?;
+        }
         for c in &self.fields {
             writeln!(f, "  {}: {} -> {}", c.field, short(&c.from), short(&c.to))?;
+        }
+        if let Some(l) = &self.delete_limit {
+            writeln!(
+                f,
+                "  delete global concurrency limit {} (made by this resource)",
+                l.name
+            )?;
         }
         for s in &self.schedules {
             match s {

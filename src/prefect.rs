@@ -17,7 +17,7 @@ use prometheus_client::metrics::family::Family;
 
 use crate::limit::{Limit, Outcome as LimitOutcome};
 use crate::metrics::{duration_histogram, HistogramFamily, RequestLabels};
-use crate::observed::{ObservedAutomation, ObservedDeployment};
+use crate::observed::{ObservedAutomation, ObservedDeployment, ObservedLimit};
 use crate::Error;
 
 /// The API version Prefect 3.x clients announce.
@@ -561,6 +561,62 @@ impl PrefectClient {
             Method::DELETE,
             "schedule",
             &format!("/deployments/{deployment_id}/schedules/{schedule_id}"),
+            None,
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// A global concurrency limit by name.
+    pub async fn read_limit(&self, name: &str) -> Result<Option<ObservedLimit>, Error> {
+        let what = "GET concurrency_limit";
+        self.call_opt(
+            Method::GET,
+            "concurrency_limit",
+            &format!("/v2/concurrency_limits/{}", encode_segment(name)),
+            None,
+        )
+        .await?
+        .map(|v| decode(what, v))
+        .transpose()
+    }
+
+    /// Creates a global concurrency limit; `None` when one of that name appeared
+    /// meanwhile (another resource made it first: Prefect answers 409).
+    pub async fn create_limit(&self, body: &Value) -> Result<Option<String>, Error> {
+        let what = "POST concurrency_limits";
+        match self
+            .send(
+                Method::POST,
+                "concurrency_limits",
+                "/v2/concurrency_limits/",
+                Some(body),
+            )
+            .await?
+        {
+            Ok(v) => id_of(what, v).map(Some),
+            Err(f) if f.status == StatusCode::CONFLICT => Ok(None),
+            Err(f) => Err(failure_to_error(what, f)),
+        }
+    }
+
+    pub async fn update_limit(&self, id: &str, body: &Value) -> Result<(), Error> {
+        self.call(
+            Method::PATCH,
+            "concurrency_limit",
+            &format!("/v2/concurrency_limits/{id}"),
+            Some(body),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Deletes a global concurrency limit; one already gone counts as deleted.
+    pub async fn delete_limit(&self, id: &str) -> Result<(), Error> {
+        self.call_opt(
+            Method::DELETE,
+            "concurrency_limit",
+            &format!("/v2/concurrency_limits/{id}"),
             None,
         )
         .await

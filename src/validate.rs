@@ -47,6 +47,17 @@ impl fmt::Display for Problem {
 
 type Check = Result<(), Problem>;
 
+/// A `slotDecayPerSecond` string as the number Prefect takes: digits, optionally a
+/// fraction (the form the CRD's rule accepts, so both evaluators agree).
+pub fn slot_decay(text: &str) -> Option<f64> {
+    let (whole, frac) = text.split_once('.').unwrap_or((text, "0"));
+    let digits = |p: &str| !p.is_empty() && p.len() <= 20 && p.bytes().all(|b| b.is_ascii_digit());
+    if !(digits(whole) && digits(frac)) {
+        return None;
+    }
+    text.parse().ok()
+}
+
 fn problem(field: impl Into<String>, message: impl Into<String>) -> Problem {
     Problem {
         field: field.into(),
@@ -232,19 +243,43 @@ fn deployment(d: &DeploymentSpec, resource_name: &str) -> Result<Vec<ValidSchedu
         }
     }
     if let Some(g) = &d.global_concurrency_limit {
+        if d.concurrency_limit.is_some() {
+            return Err(problem(
+                "spec.deployment.concurrencyLimit",
+                "set concurrencyLimit (this deployment's own limit) or globalConcurrencyLimit (a named limit shared with others), not both",
+            ));
+        }
+        let field = |f: &str| format!("spec.deployment.globalConcurrencyLimit.{f}");
+        if g.name.is_empty() {
+            return Err(problem(field("name"), "must not be empty"));
+        }
+        if let Some(c) = g.name.chars().find(|c| BANNED_NAME_CHARS.contains(c)) {
+            return Err(problem(
+                field("name"),
+                format!(
+                    "{:?} contains {c:?}; Prefect refuses /, %, &, < and > in names",
+                    g.name
+                ),
+            ));
+        }
         if let Some(limit) = g.limit {
-            if limit < 1 {
-                return Err(problem(
-                    "spec.deployment.globalConcurrencyLimit.limit",
-                    "must be at least 1",
-                ));
+            if limit < 0 {
+                return Err(problem(field("limit"), "must be 0 or more"));
             }
         }
         if let Some(s) = &g.collision_strategy {
             if s != "ENQUEUE" && s != "CANCEL_NEW" {
                 return Err(problem(
-                    "spec.deployment.globalConcurrencyLimit.collisionStrategy",
+                    field("collisionStrategy"),
                     format!("{s:?} is not ENQUEUE or CANCEL_NEW"),
+                ));
+            }
+        }
+        if let Some(s) = &g.slot_decay_per_second {
+            if slot_decay(s).is_none() {
+                return Err(problem(
+                    field("slotDecayPerSecond"),
+                    format!("{s:?} is not a non-negative decimal number, such as \"0.5\""),
                 ));
             }
         }

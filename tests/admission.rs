@@ -100,6 +100,28 @@ fn broken() -> Vec<(Value, &'static str)> {
     let trig = |t: Value| with_deployment(json!({"triggers": [t]}));
     vec![
         (
+            with_deployment(
+                json!({"concurrencyLimit": 2, "globalConcurrencyLimit": {"name": "shared", "limit": 2}}),
+            ),
+            "set concurrencyLimit (this deployment's own limit) or globalConcurrencyLimit (a named limit shared with others), not both",
+        ),
+        (
+            with_deployment(
+                json!({"globalConcurrencyLimit": {"name": "shared", "slotDecayPerSecond": "fast"}}),
+            ),
+            "slotDecayPerSecond must be a non-negative decimal number, such as \"0.5\"",
+        ),
+        (
+            with_deployment(
+                json!({"globalConcurrencyLimit": {"name": "shared", "slotDecayPerSecond": "-1"}}),
+            ),
+            "slotDecayPerSecond must be a non-negative decimal number, such as \"0.5\"",
+        ),
+        (
+            with_deployment(json!({"globalConcurrencyLimit": {"name": "team/etl"}})),
+            "name cannot contain /, %, &, < or > (Prefect refuses them in names)",
+        ),
+        (
             sched(json!({"slug": "a"})),
             "a schedule needs exactly one of interval, cron or rrule",
         ),
@@ -221,6 +243,9 @@ fn accepted() -> Vec<Value> {
             {"type": "sequence", "within": 60, "triggers": [{"expect": ["a"]}, {"posture": "Proactive", "expect": ["b"], "within": 30}]},
             {"type": "metric", "metric": {"name": "duration", "operator": ">=", "threshold": 5, "range": 300, "firingFor": 600}},
         ]})),
+        with_deployment(
+            json!({"globalConcurrencyLimit": {"name": "shared", "limit": 0, "active": false, "slotDecayPerSecond": "0.25", "collisionStrategy": "CANCEL_NEW"}}),
+        ),
     ];
     // Every example and fixture manifest in the repository.
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -460,6 +485,10 @@ fn out_of_bounds() -> Vec<(Value, &'static str)> {
         (
             with_deployment(json!({"concurrencyOptions": {"collisionStrategy": "RANDOM"}})),
             "collisionStrategy",
+        ),
+        (
+            with_deployment(json!({"globalConcurrencyLimit": {"name": "shared", "limit": -1}})),
+            "limit",
         ),
         (
             with_deployment(

@@ -94,10 +94,18 @@ fn run(base: &Value, case: &Value, name: &str) -> Outcome {
         serde_json::from_value::<Vec<ObservedAutomation>>(list.clone())
             .unwrap_or_else(|e| panic!("{name}: automations: {e}"))
     });
+    // The named global concurrency limit, when read: `prefect.limit` (null: none).
+    let limit = reads.limit.as_ref().and_then(|_| {
+        let l = prefect
+            .get("limit")
+            .unwrap_or_else(|| panic!("{name}: the planner reads the limit: give prefect.limit"));
+        serde_json::from_value(l.clone()).unwrap_or_else(|e| panic!("{name}: limit: {e}"))
+    });
     let observed = Observed {
         by_name,
         recorded_exists,
         related_automations,
+        limit,
     };
     let plan = plan::plan(&want, &state, &observed);
     // Planning is a function of its inputs: the same inputs give the same plan.
@@ -106,6 +114,7 @@ fn run(base: &Value, case: &Value, name: &str) -> Outcome {
         reads: json!({
             "recorded": reads.recorded,
             "relatedAutomations": reads.related_automations,
+            "limit": reads.limit,
         }),
         plan,
     }
@@ -135,7 +144,8 @@ fn decision_table() {
         let out = run(&base, case, name);
         let expect = &case["expect"];
         let want_reads = expect.get("reads").cloned().unwrap_or(json!({}));
-        let mut reads_expected = json!({"recorded": null, "relatedAutomations": null});
+        let mut reads_expected =
+            json!({"recorded": null, "relatedAutomations": null, "limit": null});
         merge(&mut reads_expected, &want_reads);
         if out.reads != reads_expected {
             failures.push(format!(
@@ -214,6 +224,14 @@ fn every_branch_has_a_case() {
         if plan.get("drift").is_some() {
             seen.insert("drift".into());
         }
+        if let Some(l) = plan.get("limit") {
+            seen.insert(format!("limit:{}", l["action"].as_str().unwrap()));
+        }
+        for key in ["releaseOwnLimit", "deleteLimit"] {
+            if plan.get(key).is_some() {
+                seen.insert(key.into());
+            }
+        }
     }
     let all = [
         "deployment:update",
@@ -235,6 +253,12 @@ fn every_branch_has_a_case() {
         "automations:adopt",
         "readBack",
         "drift",
+        "limit:keep",
+        "limit:create",
+        "limit:update",
+        "limit:missing",
+        "releaseOwnLimit",
+        "deleteLimit",
     ];
     let missing: Vec<&str> = all.iter().copied().filter(|b| !seen.contains(*b)).collect();
     assert!(

@@ -870,3 +870,181 @@ async fn an_overloaded_server_halves_the_requests_in_flight() {
         "per server"
     );
 }
+
+/// `globalConcurrencyLimit`: the named limit is created once and shared; settings are
+/// kept in step; moving a deployment from its own limit onto the named one, and deleting
+/// a deployment attached to it, never deletes the shared limit (Prefect deletes the
+/// limit a deployment is attached to along with it, or when sent concurrency_limit
+/// null); the resource that created it deletes it when it lets go of it.
+#[tokio::test]
+async fn named_global_concurrency_limit_shared_and_released() {
+    let env = Env::new().await;
+    let pool = env.work_pool().await;
+    let limit_name = unique("shared-limit");
+    let read_limit = |name: String| {
+        let env = &env;
+        async move {
+            match env.get(&format!("/v2/concurrency_limits/{name}")).await {
+                (200, v) => Some(v),
+                (404, _) => None,
+                (c, v) => panic!("unexpected {c}: {v}"),
+            }
+        }
+    };
+    let gcl =
+        |limit: i64| json!({"name": limit_name, "limit": limit, "collisionStrategy": "CANCEL_NEW"});
+
+    // A creates the limit and is attached to it.
+    let (a_name, a_uid, mut a) = (unique("gcl-a"), unique("uid"), SyncState::default());
+    let mut a_spec = env.spec(
+        &pool,
+        json!({"entrypoint": "flows/g.py:gcl", "globalConcurrencyLimit": gcl(3)}),
+    );
+    let (r, changes, _) = env.apply(&a_spec, &a_name, &a_uid, &mut a).await;
+    r.unwrap();
+    assert!(changes.contains(&Change::LimitCreated {
+        name: limit_name.clone()
+    }));
+    let limit = read_limit(limit_name.clone()).await.expect("limit created");
+    assert_eq!(limit["limit"], json!(3));
+    let limit_id = limit["id"].as_str().unwrap().to_string();
+    let a_id = a.deployment_id.clone().unwrap();
+    let d = env.deployment(&a_id).await.unwrap();
+    assert_eq!(d["global_concurrency_limit"]["id"], json!(limit_id));
+    assert_eq!(
+        d["concurrency_options"]["collision_strategy"],
+        json!("CANCEL_NEW")
+    );
+    let record = a.limit.clone().unwrap();
+    assert_eq!(
+        (record.id.as_str(), record.created),
+        (limit_id.as_str(), true)
+    );
+    // In step: one read, no writes.
+    let (r, changes, made) = env.apply(&a_spec, &a_name, &a_uid, &mut a).await;
+    r.unwrap();
+    assert!(changes.is_empty(), "{changes:?}");
+    assert_eq!(made, vec!["GET deployment_by_name"]);
+
+    // B starts with its own limit, then names the shared one: its own limit goes, the
+    // shared one stays, and B is attached to it without creating anything.
+    let (b_name, b_uid, mut b) = (unique("gcl-b"), unique("uid"), SyncState::default());
+    let mut b_spec = env.spec(
+        &pool,
+        json!({"entrypoint": "flows/g.py:gcl", "concurrencyLimit": 2}),
+    );
+    env.apply(&b_spec, &b_name, &b_uid, &mut b).await.0.unwrap();
+    let b_id = b.deployment_id.clone().unwrap();
+    let own = format!("deployment:{b_id}");
+    assert!(read_limit(own.clone()).await.is_some());
+    b_spec.deployment.concurrency_limit = None;
+    b_spec.deployment.global_concurrency_limit = Some(serde_json::from_value(gcl(3)).unwrap());
+    let (r, changes, made) = env.apply(&b_spec, &b_name, &b_uid, &mut b).await;
+    r.unwrap();
+    assert!(
+        !made.contains(&"POST concurrency_limits".to_string()),
+        "{made:?}"
+    );
+    assert!(
+        changes
+            .iter()
+            .all(|c| !matches!(c, Change::LimitCreated { .. })),
+        "{changes:?}"
+    );
+    assert!(read_limit(own).await.is_none(), "B's own limit is gone");
+    let shared = read_limit(limit_name.clone())
+        .await
+        .expect("the shared limit stays");
+    assert_eq!(shared["id"], json!(limit_id));
+    let d = env.deployment(&b_id).await.unwrap();
+    assert_eq!(d["global_concurrency_limit"]["id"], json!(limit_id));
+    assert_eq!(b.limit.as_ref().map(|l| l.created), Some(false));
+
+    // A changes the settings: the limit follows, and both stay attached.
+    a_spec.deployment.global_concurrency_limit = Some(
+        serde_json::from_value(
+            json!({"name": limit_name, "limit": 5, "active": false, "slotDecayPerSecond": "0.5"}),
+        )
+        .unwrap(),
+    );
+    let (r, changes, _) = env.apply(&a_spec, &a_name, &a_uid, &mut a).await;
+    r.unwrap();
+    assert!(
+        changes
+            .iter()
+            .any(|c| matches!(c, Change::LimitUpdated { fields, .. } if fields.len() == 3)),
+        "{changes:?}"
+    );
+    let shared = read_limit(limit_name.clone()).await.unwrap();
+    assert_eq!(
+        (
+            &shared["limit"],
+            &shared["active"],
+            &shared["slot_decay_per_second"]
+        ),
+        (&json!(5), &json!(false), &json!(0.5))
+    );
+    // Changed in Prefect by hand: put back.
+    let code = env
+        .call(
+            reqwest::Method::PATCH,
+            &format!("/v2/concurrency_limits/{limit_id}"),
+            Some(json!({"limit": 9})),
+        )
+        .await;
+    assert_eq!(code, 204);
+    let (r, changes, _) = env.apply(&a_spec, &a_name, &a_uid, &mut a).await;
+    r.unwrap();
+    assert_eq!(
+        changes,
+        vec![Change::LimitUpdated {
+            name: limit_name.clone(),
+            fields: vec!["limit".into()]
+        }]
+    );
+
+    // B's deployment deleted: the shared limit survives it.
+    execute::delete(&env.client, &b_spec, &b_name, &b_uid, &b)
+        .await
+        .unwrap();
+    assert!(env.deployment(&b_id).await.is_none());
+    assert!(read_limit(limit_name.clone()).await.is_some());
+
+    // A goes back to a limit of its own: detached, its own limit made, and the shared
+    // limit (which A created, and nothing else names now) deleted.
+    a_spec.deployment.global_concurrency_limit = None;
+    a_spec.deployment.concurrency_limit = Some(1);
+    let (r, changes, _) = env.apply(&a_spec, &a_name, &a_uid, &mut a).await;
+    r.unwrap();
+    assert!(
+        changes.contains(&Change::LimitDeleted {
+            name: limit_name.clone()
+        }),
+        "{changes:?}"
+    );
+    assert!(read_limit(limit_name.clone()).await.is_none());
+    let d = env.deployment(&a_id).await.unwrap();
+    assert_eq!(
+        (
+            &d["global_concurrency_limit"]["name"],
+            &d["global_concurrency_limit"]["limit"]
+        ),
+        (&json!(format!("deployment:{a_id}")), &json!(1))
+    );
+    assert_eq!(a.limit, None);
+    let (r, changes, _) = env.apply(&a_spec, &a_name, &a_uid, &mut a).await;
+    r.unwrap();
+    assert!(changes.is_empty(), "{changes:?}");
+
+    // A limit named without `limit` to create it with, and none in Prefect: a clear
+    // error, and nothing written.
+    let (c_name, c_uid, mut c) = (unique("gcl-c"), unique("uid"), SyncState::default());
+    let c_spec = env.spec(
+        &pool,
+        json!({"entrypoint": "flows/g.py:gcl", "globalConcurrencyLimit": {"name": unique("nowhere")}}),
+    );
+    let (r, _, made) = env.apply(&c_spec, &c_name, &c_uid, &mut c).await;
+    let e = r.unwrap_err();
+    assert_eq!(e.reason(), "ConcurrencyLimitMissing", "{e}");
+    assert!(made.iter().all(|m| m.starts_with("GET")), "{made:?}");
+}

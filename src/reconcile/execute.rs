@@ -11,7 +11,10 @@ use serde_json::Value;
 use crate::api::PrefectDeploymentSpec;
 use crate::desired::{self, DesiredDeployment, OWNER_LABEL};
 use crate::observed::ObservedDeployment;
-use crate::plan::{self, AutomationAction, DeploymentAction, Observed, Plan, ScheduleChange};
+use crate::plan::{
+    self, AutomationAction, DeploymentAction, LimitAction, LimitRecord, Observed, Plan,
+    ScheduleChange, LIMIT_ID_FIELD,
+};
 use crate::prefect::PrefectClient;
 use crate::validate::ValidSpec;
 use crate::{Error, Result};
@@ -42,6 +45,16 @@ pub enum Change {
     AutomationsReplaced {
         count: usize,
     },
+    LimitCreated {
+        name: String,
+    },
+    LimitUpdated {
+        name: String,
+        fields: Vec<String>,
+    },
+    LimitDeleted {
+        name: String,
+    },
     /// A flow run made for a `prefect.io/run-requested-at` token.
     RunCreated {
         token: String,
@@ -63,6 +76,9 @@ impl Change {
             Change::Updated { .. } => "Updated",
             Change::SchedulesChanged { .. } => "SchedulesUpdated",
             Change::AutomationsReplaced { .. } => "AutomationsReplaced",
+            Change::LimitCreated { .. } => "ConcurrencyLimitCreated",
+            Change::LimitUpdated { .. } => "ConcurrencyLimitUpdated",
+            Change::LimitDeleted { .. } => "ConcurrencyLimitDeleted",
             Change::RunCreated { .. } => "RunCreated",
             Change::RunRejected { .. } => "RunRejected",
         }
@@ -100,6 +116,18 @@ impl Change {
             }
             Change::AutomationsReplaced { count } => {
                 format!("Applied {count} trigger automation(s)")
+            }
+            Change::LimitCreated { name } => {
+                format!("Created global concurrency limit {name}")
+            }
+            Change::LimitUpdated { name, fields } => {
+                format!(
+                    "Updated {} of global concurrency limit {name}",
+                    fields.join(", ")
+                )
+            }
+            Change::LimitDeleted { name } => {
+                format!("Deleted global concurrency limit {name} (this resource created it)")
             }
             Change::RunCreated { token, flow_run_id } => {
                 format!("Created flow run {flow_run_id} for run request {token}")
@@ -144,8 +172,7 @@ pub async fn apply_from(
         if same_deployment && plan::reads(&want, state, Some(&d)) == plan::Reads::default() {
             let observed = Observed {
                 by_name: Some(d),
-                recorded_exists: None,
-                related_automations: None,
+                ..Observed::default()
             };
             let p = plan::plan(&want, state, &observed);
             if p.is_noop() && p.drift.is_empty() {
@@ -189,10 +216,15 @@ pub async fn observe(
         ),
         None => None,
     };
+    let limit = match &reads.limit {
+        Some(name) => client.read_limit(name).await?,
+        None => None,
+    };
     Ok(Observed {
         by_name,
         recorded_exists,
         related_automations,
+        limit,
     })
 }
 
@@ -206,13 +238,15 @@ pub async fn perform(
     state: &mut SyncState,
     changes: &mut Vec<Change>,
 ) -> Result<()> {
+    if let DeploymentAction::Conflict { id } = &plan.deployment {
+        return Err(Error::Conflict(format!(
+            "Prefect already has a deployment {}/{} ({id}) that this resource did not create; set spec.adoptExisting: true to manage it",
+            plan.flow_name, plan.name
+        )));
+    }
+    let limit_id = apply_limit(client, plan, state, changes).await?;
     let id = match &plan.deployment {
-        DeploymentAction::Conflict { id } => {
-            return Err(Error::Conflict(format!(
-                "Prefect already has a deployment {}/{} ({id}) that this resource did not create; set spec.adoptExisting: true to manage it",
-                plan.flow_name, plan.name
-            )));
-        }
+        DeploymentAction::Conflict { .. } => unreachable!("returned above"),
         DeploymentAction::Update { id } => id.clone(),
         DeploymentAction::Resume { id, retire } | DeploymentAction::Adopt { id, retire } => {
             if let Some(old) = retire {
@@ -231,13 +265,18 @@ pub async fn perform(
             schedules_in_body,
         } => {
             let mut flow_id = client.flow_id(&want.flow_name).await?;
-            let id = match client.create_deployment(&want.create_body(&flow_id)).await {
+            let body = |flow_id: &str| {
+                let mut body = want.create_body(flow_id);
+                if let Some(l) = &limit_id {
+                    body[LIMIT_ID_FIELD] = Value::String(l.clone());
+                }
+                body
+            };
+            let id = match client.create_deployment(&body(&flow_id)).await {
                 // A cached flow id whose flow was deleted in Prefect: ask again, once.
                 Err(Error::PrefectRejected(_)) if client.forget_flow(&want.flow_name) => {
                     flow_id = client.flow_id(&want.flow_name).await?;
-                    client
-                        .create_deployment(&want.create_body(&flow_id))
-                        .await?
+                    client.create_deployment(&body(&flow_id)).await?
                 }
                 other => other?,
             };
@@ -264,7 +303,12 @@ pub async fn perform(
     if let Some(actual) = actual.filter(|a| a.id == id) {
         state.flow_id = actual.flow_id.clone();
         state.schedules_seen = actual.schedules.clone();
-        update_fields(client, &id, plan, changes).await?;
+        if plan.release_own_limit {
+            client
+                .update_deployment(&id, &serde_json::json!({"concurrency_limit": null}))
+                .await?;
+        }
+        update_fields(client, &id, plan, limit_id.as_deref(), changes).await?;
         update_schedules(client, &id, &plan.schedules, changes).await?;
     }
     if plan.read_back {
@@ -273,6 +317,15 @@ pub async fn perform(
         }
     }
     apply_automations(client, want, &id, &plan.automations, state, changes).await?;
+    if let Some(old) = &plan.delete_limit {
+        client.delete_limit(&old.id).await?;
+        changes.push(Change::LimitDeleted {
+            name: old.name.clone(),
+        });
+    }
+    if plan.limit.is_none() {
+        state.limit = None;
+    }
     state.applied_ignored = plan.record_ignored.clone();
     state.drift = plan.drift.clone();
     Ok(())
@@ -297,24 +350,98 @@ async fn create_schedules(
 }
 
 /// Removes a deployment this resource no longer describes, with its automations.
+/// Prefect deletes the global concurrency limit a deployment is attached to along with
+/// it; a named limit others may share is first let go of, so only the deployment's
+/// own limit goes.
 async fn retire_deployment(client: &PrefectClient, id: &str) -> Result<()> {
     client
         .delete_owned_automations(&desired::owner_resource(id))
         .await?;
-    client.delete_deployment(id).await?;
+    if let Some(d) = client.read_deployment(id).await? {
+        if d.shared_limit().is_some() {
+            let detach = serde_json::json!({ LIMIT_ID_FIELD: null });
+            client.update_deployment(id, &detach).await?;
+        }
+        client.delete_deployment(id).await?;
+    }
     Ok(())
+}
+
+/// Makes or updates the named global concurrency limit the plan names, records it, and
+/// returns its id.
+async fn apply_limit(
+    client: &PrefectClient,
+    plan: &Plan,
+    state: &mut SyncState,
+    changes: &mut Vec<Change>,
+) -> Result<Option<String>> {
+    let Some(l) = &plan.limit else {
+        return Ok(None);
+    };
+    let (id, created) = match &l.action {
+        LimitAction::Keep { id } => (id.clone(), false),
+        LimitAction::Update { id, fields } => {
+            let body: serde_json::Map<String, Value> = fields
+                .iter()
+                .map(|f| (f.field.clone(), f.to.clone()))
+                .collect();
+            client.update_limit(id, &Value::Object(body)).await?;
+            changes.push(Change::LimitUpdated {
+                name: l.name.clone(),
+                fields: fields.iter().map(|f| f.field.clone()).collect(),
+            });
+            (id.clone(), false)
+        }
+        LimitAction::Create { body } => match client.create_limit(body).await? {
+            Some(id) => {
+                changes.push(Change::LimitCreated {
+                    name: l.name.clone(),
+                });
+                (id, true)
+            }
+            // Made by another resource meanwhile: use it; the next pass brings its
+            // settings in step if they differ.
+            None => match client.read_limit(&l.name).await? {
+                Some(found) => (found.id, false),
+                None => return Err(limit_missing(&l.name)),
+            },
+        },
+        LimitAction::Missing => return Err(limit_missing(&l.name)),
+    };
+    let created = created
+        || state
+            .limit
+            .as_ref()
+            .is_some_and(|r| r.created && r.id == id);
+    state.limit = Some(LimitRecord {
+        name: l.name.clone(),
+        id: id.clone(),
+        created,
+    });
+    Ok(Some(id))
+}
+
+fn limit_missing(name: &str) -> Error {
+    Error::ConcurrencyLimitMissing(format!(
+        "Prefect has no global concurrency limit {name:?}, and spec.deployment.globalConcurrencyLimit.limit is not set to create it"
+    ))
 }
 
 async fn update_fields(
     client: &PrefectClient,
     id: &str,
     plan: &Plan,
+    limit_id: Option<&str>,
     changes: &mut Vec<Change>,
 ) -> Result<()> {
     if plan.fields.is_empty() {
         return Ok(());
     }
-    client.update_deployment(id, &plan.patch_body()).await?;
+    let mut body = plan.patch_body();
+    if let (Some(l), Some(field)) = (limit_id, body.get_mut(LIMIT_ID_FIELD)) {
+        *field = Value::String(l.to_string());
+    }
+    client.update_deployment(id, &body).await?;
     changes.push(Change::Updated {
         fields: plan.fields.iter().map(|f| f.field.clone()).collect(),
     });
@@ -467,6 +594,13 @@ pub async fn delete(
     };
     if let Some(id) = &id {
         retire_deployment(client, id).await?;
+    }
+    if let Some(l) = state
+        .limit
+        .as_ref()
+        .filter(|l| l.created && !state.limit_shared)
+    {
+        client.delete_limit(&l.id).await?;
     }
     Ok(id)
 }

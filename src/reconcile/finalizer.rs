@@ -85,8 +85,9 @@ pub(super) async fn finalize(
     }
     let ns = obj.namespace().unwrap_or_default();
     if obj.deletion_policy() == DeletionPolicy::Delete {
-        let state = status::state_of(obj.status.as_ref());
+        let mut state = status::state_of(obj.status.as_ref());
         let result = async {
+            ctx.limit_peers(obj, None, &mut state)?;
             let client = prefect_client(obj, ctx, &ns).await?;
             execute::delete(
                 &client,

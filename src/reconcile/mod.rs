@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::ObjectRef;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Api, Resource, ResourceExt};
 
@@ -96,6 +96,9 @@ pub struct Context {
     flows: Arc<FlowCache>,
     /// Bulk reads of the managed deployments, per server, for drift checks.
     snapshots: Snapshots,
+    /// The controllers' caches of resources, to see which others name the same global
+    /// concurrency limit.
+    stores: Mutex<Vec<Store<PrefectDeployment>>>,
 }
 
 impl Context {
@@ -115,6 +118,7 @@ impl Context {
             limits: Arc::new(Limits::new(DEFAULT_REQUEST_LIMIT)),
             flows: Arc::default(),
             snapshots: Snapshots::default(),
+            stores: Mutex::default(),
         }
     }
 
@@ -128,6 +132,60 @@ impl Context {
     pub fn with_access(mut self, access: Access) -> Self {
         self.access = access;
         self
+    }
+
+    /// Checks the named global concurrency limit `valid` asks for against the other
+    /// resources that name a limit of the same name on the same server: their declared
+    /// settings must agree. Records in `state` whether any of them names the limit this
+    /// resource created (then it is not deleted when this resource lets go of it).
+    fn limit_peers(
+        &self,
+        obj: &PrefectDeployment,
+        valid: Option<&crate::validate::ValidSpec>,
+        state: &mut SyncState,
+    ) -> Result<()> {
+        let ns = obj.namespace().unwrap_or_default();
+        let server = server::base_url(&obj.spec.server, &ns);
+        let mine = valid.and_then(|v| {
+            let g = v.spec.deployment.global_concurrency_limit.as_ref()?;
+            Some(crate::desired::deployment_limit(g))
+        });
+        let created = state
+            .limit
+            .as_ref()
+            .filter(|l| l.created)
+            .map(|l| l.name.clone());
+        state.limit_shared = false;
+        if mine.is_none() && created.is_none() {
+            return Ok(());
+        }
+        let uid = obj.uid();
+        let stores = self.stores.lock().expect("lock").clone();
+        for other in stores.iter().flat_map(|s| s.state()) {
+            // Resources on their way out no longer hold a claim.
+            if other.uid() == uid || other.meta().deletion_timestamp.is_some() {
+                continue;
+            }
+            let Some(g) = &other.spec.deployment.global_concurrency_limit else {
+                continue;
+            };
+            let other_ns = other.namespace().unwrap_or_default();
+            if server::base_url(&other.spec.server, &other_ns) != server {
+                continue;
+            }
+            if created.as_deref() == Some(g.name.as_str()) {
+                state.limit_shared = true;
+            }
+            let theirs = crate::desired::deployment_limit(g);
+            if let Some(difference) = mine.as_ref().and_then(|m| m.conflict_with(&theirs)) {
+                return Err(Error::ConcurrencyLimitConflict(format!(
+                    "globalConcurrencyLimit {:?}: {difference} in {other_ns}/{}; resources naming one limit must declare the same settings (or leave them unset)",
+                    theirs.name,
+                    other.name_any()
+                )));
+            }
+        }
+        Ok(())
     }
 
     fn resync(&self, asked: Option<Duration>) -> Duration {
@@ -194,6 +252,7 @@ pub(crate) fn build_with(
 }
 
 pub(crate) async fn drive(c: Controller<PrefectDeployment>, ctx: Arc<Context>) {
+    ctx.stores.lock().expect("lock").push(c.store());
     c.run(reconcile, error_policy, ctx)
         .for_each(|res| async move {
             if let Err(e) = res {
@@ -379,6 +438,7 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
     let mut changes = Vec::new();
     let mut last_run = old.and_then(|s| s.last_run.clone());
     let outcome = async {
+        ctx.limit_peers(obj, Some(&valid), &mut state)?;
         let client = prefect_client(obj, ctx, &ns).await?;
         // A drift check (nothing new asked) plans against the server's bulk snapshot.
         let recorded = state.deployment_id.clone();

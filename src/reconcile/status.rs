@@ -144,6 +144,7 @@ pub fn build(
         last_run: None,
         applied_ignored_fields: (!state.applied_ignored.is_empty())
             .then(|| state.applied_ignored.clone()),
+        global_concurrency_limit: state.limit.clone(),
     }
 }
 
@@ -167,6 +168,8 @@ pub fn state_of(status: Option<&PrefectDeploymentStatus>) -> SyncState {
             applied_ignored: s.applied_ignored_fields.clone().unwrap_or_default(),
             spec_applied: false,
             drift: Vec::new(),
+            limit: s.global_concurrency_limit.clone(),
+            limit_shared: false,
         })
         .unwrap_or_default()
 }
