@@ -711,44 +711,112 @@ async fn steady_state_writes_nothing() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kubectl_explain_describes_every_schedule_field() {
-    let cp = ControlPlane::shared();
-    // The apiserver publishes a new CRD's OpenAPI a moment after it is established.
+/// `kubectl explain` output for a path of the CRD, waiting for the apiserver to publish
+/// a new CRD's OpenAPI (a moment after it is established).
+async fn explain(cp: &ControlPlane, path: &str) -> String {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    let out = loop {
-        let (ok, out, err) =
-            cp.kubectl(&["explain", "prefectdeployment.spec.deployment.schedules"]);
+    loop {
+        let (ok, out, err) = cp.kubectl(&["explain", path]);
         if ok {
-            break out;
+            return out;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "kubectl explain: {err}"
+            "kubectl explain {path}: {err}"
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
-    };
-    for (field, words) in [
-        ("slug", "unique"),
-        ("interval", "Time between runs"),
-        ("anchor_date", "RFC 3339"),
-        ("cron", "five-field cron"),
-        ("day_or", "day-of-week"),
-        ("rrule", "RFC 5545"),
-        ("timezone", "IANA time zone"),
-        ("active", "inactive schedule"),
-        ("max_scheduled_runs", "1 to 50"),
-        ("parameters", "Parameter values"),
-    ] {
+    }
+}
+
+/// Each listed field appears in `out` with words of its description.
+fn assert_explained(path: &str, out: &str, fields: &[(&str, &str)]) {
+    for (field, words) in fields {
         let at = out
             .find(&format!("{field}\t"))
             .or_else(|| out.find(&format!("{field} ")));
-        assert!(at.is_some(), "{field} missing from kubectl explain:\n{out}");
+        assert!(
+            at.is_some(),
+            "{path}.{field} missing from kubectl explain:\n{out}"
+        );
         assert!(
             out.contains(words),
-            "description of {field} ({words:?}) missing:\n{out}"
+            "description of {path}.{field} ({words:?}) missing:\n{out}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_explain_describes_every_schedule_field() {
+    let cp = ControlPlane::shared();
+    let path = "prefectdeployment.spec.deployment.schedules";
+    let out = explain(cp, path).await;
+    assert_explained(
+        path,
+        &out,
+        &[
+            ("slug", "unique"),
+            ("interval", "Time between runs"),
+            ("anchor_date", "RFC 3339"),
+            ("cron", "five-field cron"),
+            ("day_or", "day-of-week"),
+            ("rrule", "RFC 5545"),
+            ("timezone", "IANA time zone"),
+            ("active", "inactive schedule"),
+            ("max_scheduled_runs", "1 to 50"),
+            ("parameters", "Parameter values"),
+            ("replaces", "keeping its id"),
+        ],
+    );
+}
+
+/// The fields of this round's Prefect features are described where users look.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_explain_describes_policies_and_concurrency() {
+    let cp = ControlPlane::shared();
+    let out = explain(cp, "prefectdeployment.spec").await;
+    assert_explained(
+        "spec",
+        &out,
+        &[
+            ("driftPolicy", "Report"),
+            ("ignoreFields", "Fields people may own in Prefect"),
+            ("adoptExisting", "Take over a deployment"),
+        ],
+    );
+    let path = "prefectdeployment.spec.deployment";
+    let out = explain(cp, path).await;
+    assert_explained(
+        path,
+        &out,
+        &[
+            ("concurrencyLimit", "concurrent runs"),
+            ("concurrencyOptions", "concurrency_options"),
+            ("globalConcurrencyLimit", "named global concurrency limit"),
+        ],
+    );
+    let path = "prefectdeployment.spec.deployment.globalConcurrencyLimit";
+    let out = explain(cp, path).await;
+    assert_explained(
+        path,
+        &out,
+        &[
+            ("name", "global concurrency limit in Prefect"),
+            ("limit", "Needed to create the limit"),
+            ("active", "enforced"),
+            ("slotDecayPerSecond", "rate limit"),
+            ("collisionStrategy", "CANCEL_NEW"),
+        ],
+    );
+    let path = "prefectdeployment.spec.deployment.concurrencyOptions";
+    let out = explain(cp, path).await;
+    assert_explained(
+        path,
+        &out,
+        &[
+            ("collisionStrategy", "ENQUEUE"),
+            ("gracePeriodSeconds", "60 to 86400"),
+        ],
+    );
 }
 
 /// Runs an Argo CD action script (`argocd/actions/<script>.lua`) on the live object;
@@ -1559,4 +1627,95 @@ async fn diff_from_cluster_uses_the_live_status_and_secret() {
     let (code, out) = diff(manifest("one"));
     assert_eq!(code, 2, "{out}");
     assert!(out.contains("prefect-auth"), "{out}");
+}
+
+/// Resources naming one global concurrency limit: the first creates it; one declaring
+/// other settings is refused with a condition (and the limit is not fought over); the
+/// creator's deletion leaves the limit to the resource still naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_global_concurrency_limit_between_resources() {
+    let (env, pool) = Env::new(Duration::from_secs(300)).await;
+    let limit_name = unique("team-limit");
+    let spec = |limit: i64| {
+        json!({"deployment": {"entrypoint": "flows/s.py:shared",
+            "globalConcurrencyLimit": {"name": limit_name, "limit": limit}}})
+    };
+    let limit_path = format!("/v2/concurrency_limits/{limit_name}");
+    let read_limit = || env.prefect_get(&limit_path);
+
+    env.api
+        .create(
+            &PostParams::default(),
+            &resource(&env, &pool, "first", spec(2)),
+        )
+        .await
+        .unwrap();
+    let first = env.wait_for("first", "first ready", is_ready).await;
+    let record = first.status.unwrap().global_concurrency_limit.unwrap();
+    assert!(record.created, "{record:?}");
+    let (code, limit) = read_limit().await;
+    assert_eq!((code, &limit["limit"]), (200, &json!(2)));
+
+    // Other settings for the same limit: refused, nothing written to the limit.
+    env.api
+        .create(
+            &PostParams::default(),
+            &resource(&env, &pool, "second", spec(3)),
+        )
+        .await
+        .unwrap();
+    let second = env
+        .wait_for("second", "the conflict", |o| {
+            ready(o).is_some_and(|r| r.1 == "ConcurrencyLimitConflict")
+        })
+        .await;
+    let (_, _, message) = ready(&second).unwrap();
+    assert!(
+        message.contains("first"),
+        "names the other resource: {message}"
+    );
+    assert_eq!(
+        kstatus_of(&second),
+        "Failed",
+        "stalled until a spec changes"
+    );
+    assert_eq!(read_limit().await.1["limit"], json!(2));
+
+    // Agreeing settings: attached to the same limit, not its creator.
+    env.api
+        .patch(
+            "second",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": spec(2)})),
+        )
+        .await
+        .unwrap();
+    let second = env.wait_for("second", "second ready", is_ready).await;
+    let status = second.status.unwrap();
+    let record = status.global_concurrency_limit.unwrap();
+    assert!(!record.created);
+    assert_eq!(record.id, limit["id"].as_str().unwrap());
+    let second_id = status.deployment_id.unwrap();
+
+    // The creator goes while "second" still names the limit: the limit stays, and
+    // "second" stays attached to it.
+    env.api
+        .delete("first", &DeleteParams::default())
+        .await
+        .unwrap();
+    env.wait_gone("first").await;
+    let (code, after) = read_limit().await;
+    assert_eq!((code, &after["id"]), (200, &limit["id"]));
+    let (_, d) = env.prefect_get(&format!("/deployments/{second_id}")).await;
+    assert_eq!(d["global_concurrency_limit"]["id"], limit["id"]);
+
+    // "second" did not create it: its deletion leaves the limit too.
+    env.api
+        .delete("second", &DeleteParams::default())
+        .await
+        .unwrap();
+    env.wait_gone("second").await;
+    assert_eq!(read_limit().await.0, 200);
+    let url = format!("{}/v2/concurrency_limits/{limit_name}", env.prefect.url);
+    support::prefect_call(&env.raw, reqwest::Method::DELETE, &url, None).await;
 }
