@@ -1,34 +1,58 @@
 #!/usr/bin/env bash
 # Provisions the real servers the tests and the demo run against, on a machine that
 # reaches only package registries, and caches them so later runs take seconds:
-#   - Prefect 3.9.1 (PyPI) in a venv
+#   - Prefect 3.9.1 (PyPI) in a venv, and the latest 3.1 and 3.4 releases (older servers
+#     the Prefect API suite also runs against)
 #   - kube-apiserver 1.20.2, built from Debian bookworm's source package
 #     (no prebuilt apiserver is published in any registry reachable here)
 #   - etcd comes from the `etcd-bin-vendored` crate (a dev-dependency)
 #   - Helm 3.18.0 (inside an npm package), lua5.4 + lua-yaml (Debian)
 # Prints nothing but progress on stderr; on success the last line on stdout is the
-# env to export (KUBEBUILDER_ASSETS, PREFECT_BIN, HELM_BIN).
+# env to export (KUBEBUILDER_ASSETS, PREFECT_BIN, PREFECT_OLDER_BINS, HELM_BIN).
 # Respects an existing KUBEBUILDER_ASSETS (envtest convention): a newer apiserver
 # supplied that way is used as is.
 set -euo pipefail
 
 CACHE="${PREFECT_OPERATOR_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/prefect-operator}"
 PREFECT_VERSION=3.9.1
+# The latest patch of each older minor the operator supports (see the README).
+PREFECT_OLDER_VERSIONS="3.1.15 3.4.25"
 KUBE_VERSION=1.20.2
 mkdir -p "$CACHE"
 log() { echo "[test-assets] $*" >&2; }
+# Every test binary runs this script; one provisions at a time, the others then find
+# everything in place.
+exec 9>"$CACHE/.lock"
+flock 9
 
 # ---------------------------------------------------------------- Prefect
+# One venv per version. The marker is written last, so an interrupted install is redone
+# rather than trusted.
+# Older releases need what their dependency ranges no longer guarantee: they import
+# importlib_metadata without declaring it, and use a FastAPI argument (min_items) that
+# later FastAPI releases removed.
+OLDER_PINS="importlib_metadata fastapi==0.115.14"
+prefect_venv() {
+  local version="$1" venv="$CACHE/prefect-$1" pins="${2:-}"
+  if [ ! -f "$venv/.complete" ]; then
+    log "installing prefect==$version into $venv"
+    rm -rf "$venv"
+    python3 -m venv "$venv"
+    # shellcheck disable=SC2086
+    "$venv/bin/pip" install --quiet "prefect==$version" $pins >&2
+    "$venv/bin/python" -c "import prefect, sys; sys.exit(prefect.__version__ != '$version')"
+    "$venv/bin/prefect" version >/dev/null
+    touch "$venv/.complete"
+  fi
+}
 VENV="$CACHE/prefect-$PREFECT_VERSION"
-# The marker is written last, so an interrupted install is redone rather than trusted.
-if [ ! -f "$VENV/.complete" ]; then
-  log "installing prefect==$PREFECT_VERSION into $VENV"
-  rm -rf "$VENV"
-  python3 -m venv "$VENV"
-  "$VENV/bin/pip" install --quiet "prefect==$PREFECT_VERSION" >&2
-  "$VENV/bin/python" -c "import prefect, sys; sys.exit(prefect.__version__ != '$PREFECT_VERSION')"
-  touch "$VENV/.complete"
-fi
+prefect_venv "$PREFECT_VERSION"
+OLDER_BINS=""
+for v in $PREFECT_OLDER_VERSIONS; do
+  prefect_venv "$v" "$OLDER_PINS"
+  OLDER_BINS="$OLDER_BINS $v=$CACHE/prefect-$v/bin/prefect"
+done
+OLDER_BINS="${OLDER_BINS# }"
 
 # ---------------------------------------------------------------- kube-apiserver
 if [ -n "${KUBEBUILDER_ASSETS:-}" ] && [ -x "$KUBEBUILDER_ASSETS/kube-apiserver" ]; then
@@ -106,4 +130,4 @@ if ! command -v lua5.4 >/dev/null || ! command -v lua5.1 >/dev/null \
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq lua5.4 lua5.1 lua-yaml >&2
 fi
 
-echo "export KUBEBUILDER_ASSETS='$ASSETS' PREFECT_BIN='$VENV/bin/prefect' HELM_BIN='$HELM_DIR/helm'"
+echo "export KUBEBUILDER_ASSETS='$ASSETS' PREFECT_BIN='$VENV/bin/prefect' PREFECT_OLDER_BINS='$OLDER_BINS' HELM_BIN='$HELM_DIR/helm'"

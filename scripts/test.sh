@@ -15,9 +15,14 @@ if [[ "${1:-}" == "--fast" ]]; then
 fi
 
 eval "$(bash scripts/test-assets.sh)"
-export KUBEBUILDER_ASSETS PREFECT_BIN HELM_BIN
+export KUBEBUILDER_ASSETS PREFECT_BIN PREFECT_OLDER_BINS HELM_BIN
 
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
 cargo test --all-targets
+# The Prefect API suite again against each older supported server (3.1, 3.4).
+for pair in $PREFECT_OLDER_BINS; do
+  echo "== Prefect API suite against Prefect ${pair%%=*}"
+  PREFECT_SERVER_VERSION="${pair%%=*}" cargo test --test prefect_api
+done
 bash scripts/build-static.sh

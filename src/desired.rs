@@ -7,6 +7,7 @@ use sha2::{Digest, Sha256};
 use crate::api::{
     DeploymentSpec, DriftPolicy, IgnoredField, Posture, Trigger, TriggerCondition, TriggerType,
 };
+use crate::capabilities::Capabilities;
 use crate::schedule::{zone, Rule};
 use crate::validate::{ValidSchedule, ValidSpec};
 
@@ -39,6 +40,11 @@ pub struct DesiredDeployment {
     pub report_drift: bool,
     /// The named global concurrency limit the deployment is attached to.
     pub limit: Option<DesiredLimit>,
+    /// The server keeps schedule slugs: schedules are matched by slug (else by what
+    /// they say).
+    pub schedules_by_slug: bool,
+    /// Fields the server takes only when the deployment is created (not in its PATCH).
+    pub create_only: Vec<&'static str>,
 }
 
 /// A named global concurrency limit: the name, and the settings the spec declares (a
@@ -216,10 +222,71 @@ pub fn deployment(valid: &ValidSpec, owner_uid: &str) -> DesiredDeployment {
         ignored: spec.ignore_fields.clone().unwrap_or_default(),
         report_drift: spec.drift_policy == Some(DriftPolicy::Report),
         limit: d.global_concurrency_limit.as_ref().map(deployment_limit),
+        schedules_by_slug: true,
+        create_only: Vec::new(),
     }
 }
 
 impl DesiredDeployment {
+    /// The deployment as a server with `caps` can hold it (an older server refuses a
+    /// request with a field it does not know), and the spec's settings it cannot hold,
+    /// for the resource's condition.
+    pub fn for_server(mut self, caps: &Capabilities) -> (DesiredDeployment, Vec<String>) {
+        let mut lost = Vec::new();
+        if !caps.version_info
+            && self
+                .fields
+                .remove("version_info")
+                .is_some_and(|v| !v.is_null())
+        {
+            lost.push("versionInfo".to_string());
+        }
+        if !caps.schedule_slugs {
+            self.schedules_by_slug = false;
+            let mut parameters = false;
+            for s in &mut self.schedules {
+                if let Value::Object(body) = &mut s.body {
+                    body.remove("slug");
+                    let p = body.remove("parameters");
+                    parameters |= p.is_some_and(|p| !crate::plan::same(&p, &json!({})));
+                }
+            }
+            if parameters {
+                lost.push("schedules[].parameters".to_string());
+            }
+        }
+        if !caps.update_schema_and_pull_steps {
+            for (key, spec_name) in [
+                ("parameter_openapi_schema", "parameterOpenApiSchema"),
+                ("pull_steps", "pullSteps"),
+            ] {
+                self.create_only.push(key);
+                if self.fields.get(key).is_some_and(|v| !v.is_null()) {
+                    lost.push(format!("{spec_name} (set at creation only)"));
+                }
+            }
+        }
+        if !caps.grace_period {
+            if let Some(Value::Object(o)) = self.fields.get_mut("concurrency_options") {
+                if o.remove("grace_period_seconds").is_some() {
+                    lost.push("concurrencyOptions.gracePeriodSeconds".to_string());
+                }
+            }
+        }
+        if !caps.limit_id {
+            if let Some(l) = self.limit.take() {
+                // The nearest this server has: a limit of the deployment's own.
+                let own = l.settings.get("limit").cloned().unwrap_or(Value::Null);
+                self.fields.insert("concurrency_limit".into(), own);
+                lost.push(format!(
+                    "globalConcurrencyLimit {} (the deployment gets a limit of its own instead)",
+                    l.name
+                ));
+            }
+        }
+        (self, lost)
+    }
+
     /// Whether the schedules can go in the create body (one request fewer). Not when one
     /// sets `max_scheduled_runs`: that endpoint drops it, the schedules sub-resource
     /// keeps it.

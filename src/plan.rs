@@ -39,6 +39,9 @@ pub struct SyncState {
     /// The named global concurrency limit the deployment is attached to.
     #[serde(rename = "globalConcurrencyLimit")]
     pub limit: Option<LimitRecord>,
+    /// What the server could not hold of the spec (older servers), for the condition.
+    #[serde(skip)]
+    pub unsupported: Option<String>,
     /// Another resource names the limit this one created (not kept in status: the
     /// caller looks it up each pass), so it is not deleted when this one lets go of it.
     #[serde(skip)]
@@ -95,6 +98,11 @@ pub struct Plan {
     /// named one: in one request Prefect would delete the named limit instead.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub release_own_limit: bool,
+    /// Detach the deployment from a named limit the spec no longer names, in a PATCH of
+    /// its own before the others (Prefect 3.4 given the detach and a new own limit in
+    /// one request keeps neither).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub detach_shared_limit: bool,
     /// A limit this resource created and no longer names: deleted once the deployment
     /// is off it (and only if no other resource names it).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -257,6 +265,7 @@ impl Plan {
         !writes_deployment
             && !writes_limit
             && !self.release_own_limit
+            && !self.detach_shared_limit
             && self.delete_limit.is_none()
             && self.fields.is_empty()
             && self.schedules.is_empty()
@@ -462,6 +471,7 @@ pub fn plan(want: &DesiredDeployment, recorded: &SyncState, observed: &Observed)
         record_ignored: ignored_values(want),
         limit: None,
         release_own_limit: false,
+        detach_shared_limit: false,
         delete_limit: None,
     };
     if !matches!(deployment, DeploymentAction::Conflict { .. }) {
@@ -498,9 +508,13 @@ pub fn plan(want: &DesiredDeployment, recorded: &SyncState, observed: &Observed)
         ) => (id, actual, SyncState::default()),
     };
     plan.fields = field_changes(want, actual);
-    if let Some(change) = limit_field(plan.limit.as_ref(), Some(actual)) {
-        plan.fields.push(change);
-        plan.fields.sort_by(|a, b| a.field.cmp(&b.field));
+    match limit_field(plan.limit.as_ref(), Some(actual)) {
+        Some(change) if change.to.is_null() => plan.detach_shared_limit = true,
+        Some(change) => {
+            plan.fields.push(change);
+            plan.fields.sort_by(|a, b| a.field.cmp(&b.field));
+        }
+        None => {}
     }
     plan.release_own_limit =
         want.limit.is_some() && !actual.field("concurrency_limit").is_none_or(Value::is_null);
@@ -601,6 +615,9 @@ fn report_only(mut plan: Plan, want: &DesiredDeployment, recorded: &SyncState) -
         }
     }
     plan.release_own_limit = false;
+    if std::mem::take(&mut plan.detach_shared_limit) {
+        drift.push(LIMIT_ID_FIELD.to_string());
+    }
     drift.extend(plan.fields.drain(..).map(|f| f.field));
     drift.extend(plan.schedules.drain(..).map(|c| match c {
         ScheduleChange::Create { slug, .. } => format!("schedules.{slug} (missing)"),
@@ -632,13 +649,14 @@ fn field_changes(want: &DesiredDeployment, actual: &ObservedDeployment) -> Vec<F
         from: actual.field(key).cloned().unwrap_or(Value::Null),
         to: to.clone(),
     };
-    for (key, value) in &want.fields {
+    let patchable = |key: &str| !want.create_only.contains(&key);
+    for (key, value) in want.fields.iter().filter(|(k, _)| patchable(k)) {
         if actual.field(key).is_some_and(|a| !same(value, a)) {
             out.insert(key, change(key, value));
         }
     }
     if PARAMS.iter().any(|k| out.contains_key(k)) {
-        for k in PARAMS {
+        for k in PARAMS.into_iter().filter(|k| patchable(k)) {
             if let Some(v) = want.fields.get(k) {
                 out.entry(k).or_insert_with(|| change(k, v));
             }
@@ -648,6 +666,9 @@ fn field_changes(want: &DesiredDeployment, actual: &ObservedDeployment) -> Vec<F
 }
 
 fn schedule_changes(want: &DesiredDeployment, actual: &[ObservedSchedule]) -> Vec<ScheduleChange> {
+    if !want.schedules_by_slug {
+        return schedule_changes_by_definition(want, actual);
+    }
     let wanted = |slug: &Option<String>| {
         want.schedules
             .iter()
@@ -704,6 +725,36 @@ fn schedule_changes(want: &DesiredDeployment, actual: &[ObservedSchedule]) -> Ve
         })
         .collect();
     out.extend(updates);
+    out.extend(creates);
+    out
+}
+
+/// For a server without schedule slugs: a schedule in Prefect that says what a desired
+/// one says is that one; the others are deleted, the missing ones created.
+fn schedule_changes_by_definition(
+    want: &DesiredDeployment,
+    actual: &[ObservedSchedule],
+) -> Vec<ScheduleChange> {
+    let mut unclaimed: Vec<&ObservedSchedule> = actual.iter().collect();
+    let mut creates = Vec::new();
+    for w in &want.schedules {
+        match unclaimed.iter().position(|a| schedule_same(&w.body, a)) {
+            Some(i) => {
+                unclaimed.remove(i);
+            }
+            None => creates.push(ScheduleChange::Create {
+                slug: w.slug.clone(),
+                body: w.body.clone(),
+            }),
+        }
+    }
+    let mut out: Vec<ScheduleChange> = unclaimed
+        .into_iter()
+        .map(|a| ScheduleChange::Delete {
+            slug: a.slug.clone(),
+            id: a.id.clone(),
+        })
+        .collect();
     out.extend(creates);
     out
 }
@@ -967,6 +1018,9 @@ impl fmt::Display for Plan {
                 f,
                 "  concurrency_limit: drop the deployment's own limit first"
             )?;
+        }
+        if self.detach_shared_limit {
+            writeln!(f, "  {LIMIT_ID_FIELD}: detach from the named limit first")?;
         }
         for c in &self.fields {
             writeln!(f, "  {}: {} -> {}", c.field, short(&c.from), short(&c.to))?;

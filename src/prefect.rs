@@ -15,6 +15,7 @@ use serde_json::Value;
 
 use prometheus_client::metrics::family::Family;
 
+use crate::capabilities::Capabilities;
 use crate::limit::{Limit, Outcome as LimitOutcome};
 use crate::metrics::{duration_histogram, HistogramFamily, RequestLabels};
 use crate::observed::{ObservedAutomation, ObservedDeployment, ObservedLimit};
@@ -147,7 +148,14 @@ pub struct PrefectClient {
     limit: Option<Arc<Limit>>,
     /// Flow ids by (server, flow name), shared by every client.
     flows: Option<Arc<FlowCache>>,
+    /// This client's own memory of the server's capabilities, when no `FlowCache` is
+    /// shared.
+    capabilities: Arc<Mutex<Option<(Capabilities, std::time::Instant)>>>,
 }
+
+/// How long a server's version is trusted before it is read again (servers are
+/// upgraded in place).
+const VERSION_TTL: Duration = Duration::from_secs(600);
 
 impl std::fmt::Debug for PrefectClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -162,6 +170,8 @@ impl std::fmt::Debug for PrefectClient {
 #[derive(Default)]
 pub struct FlowCache {
     ids: Mutex<std::collections::HashMap<(String, String), String>>,
+    /// Each server's capabilities, and when they were read.
+    versions: Mutex<std::collections::HashMap<String, (Capabilities, std::time::Instant)>>,
 }
 
 impl FlowCache {
@@ -202,7 +212,50 @@ impl PrefectClient {
             calls,
             limit: None,
             flows: None,
+            capabilities: Arc::default(),
         }
+    }
+
+    /// What the server can hold, from its version (`GET /admin/version`), read once per
+    /// server and kept for ten minutes. A server that does not say (404) is taken to
+    /// have everything.
+    pub async fn capabilities(&self) -> Result<Capabilities, Error> {
+        let fresh = |c: &Option<(Capabilities, std::time::Instant)>| {
+            c.filter(|(_, at)| at.elapsed() < VERSION_TTL)
+                .map(|(c, _)| c)
+        };
+        let known = match &self.flows {
+            Some(f) => fresh(
+                &f.versions
+                    .lock()
+                    .expect("version cache lock")
+                    .get(&self.base)
+                    .copied(),
+            ),
+            None => fresh(&self.capabilities.lock().expect("version cache lock")),
+        };
+        if let Some(c) = known {
+            return Ok(c);
+        }
+        let caps = match self
+            .call_opt(Method::GET, "admin_version", "/admin/version", None)
+            .await?
+        {
+            Some(Value::String(v)) => Capabilities::of(&v),
+            _ => Capabilities::LATEST,
+        };
+        let entry = (caps, std::time::Instant::now());
+        match &self.flows {
+            Some(f) => {
+                let mut map = f.versions.lock().expect("version cache lock");
+                if map.len() >= 10_000 {
+                    map.clear();
+                }
+                map.insert(self.base.clone(), entry);
+            }
+            None => *self.capabilities.lock().expect("version cache lock") = Some(entry),
+        }
+        Ok(caps)
     }
 
     /// Shares an adaptive in-flight limit with every other client of this server.

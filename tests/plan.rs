@@ -227,7 +227,7 @@ fn every_branch_has_a_case() {
         if let Some(l) = plan.get("limit") {
             seen.insert(format!("limit:{}", l["action"].as_str().unwrap()));
         }
-        for key in ["releaseOwnLimit", "deleteLimit"] {
+        for key in ["releaseOwnLimit", "detachSharedLimit", "deleteLimit"] {
             if plan.get(key).is_some() {
                 seen.insert(key.into());
             }
@@ -258,6 +258,7 @@ fn every_branch_has_a_case() {
         "limit:update",
         "limit:missing",
         "releaseOwnLimit",
+        "detachSharedLimit",
         "deleteLimit",
     ];
     let missing: Vec<&str> = all.iter().copied().filter(|b| !seen.contains(*b)).collect();

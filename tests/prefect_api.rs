@@ -79,6 +79,22 @@ impl Env {
         self.get(&format!("/automations/{id}")).await.0 == 200
     }
 
+    /// Whether the server keeps schedule slugs (Prefect 3.2 and later).
+    async fn slugs(&self) -> bool {
+        self.client.capabilities().await.unwrap().schedule_slugs
+    }
+
+    /// A schedule body for a request a test makes itself: without `slug` and
+    /// `parameters` for a server that does not know them (it would refuse the request).
+    async fn schedule_body(&self, mut body: Value) -> Value {
+        if !self.slugs().await {
+            let o = body.as_object_mut().unwrap();
+            o.remove("slug");
+            o.remove("parameters");
+        }
+        body
+    }
+
     fn spec(&self, pool: &str, deployment: Value) -> PrefectDeploymentSpec {
         serde_json::from_value(json!({
             "server": {"remoteApiUrl": self.url},
@@ -114,16 +130,23 @@ impl Env {
     }
 }
 
+/// Schedule ids by slug; by what the schedule says (`cron 0 6 * * *`) where the server
+/// keeps no slugs.
 fn schedule_ids(d: &Value) -> std::collections::BTreeMap<String, String> {
     d["schedules"]
         .as_array()
         .unwrap()
         .iter()
         .map(|s| {
-            (
-                s["slug"].as_str().unwrap().to_string(),
-                s["id"].as_str().unwrap().to_string(),
-            )
+            let key = match s["slug"].as_str() {
+                Some(slug) => slug.to_string(),
+                None => ["interval", "cron", "rrule"]
+                    .iter()
+                    .find(|k| !s["schedule"][**k].is_null())
+                    .map(|k| format!("{k} {}", s["schedule"][*k]).replace('"', ""))
+                    .unwrap(),
+            };
+            (key, s["id"].as_str().unwrap().to_string())
         })
         .collect()
 }
@@ -146,10 +169,16 @@ async fn client_calls_against_real_server() {
         .await
         .unwrap()
         .is_none());
+    let first = env
+        .schedule_body(json!({"schedule": {"interval": 600, "timezone": "UTC"}, "slug": "a", "active": true, "parameters": {}}))
+        .await;
     let id = c
-        .create_deployment(&json!({"name": name, "flow_id": f1, "work_pool_name": pool, "schedules": [
-            {"schedule": {"interval": 600, "timezone": "UTC"}, "slug": "a", "active": true, "parameters": {}}
-        ]}))
+        .create_deployment(
+            // Prefect 3.1 enforces a parameter schema by default, and with none refuses
+            // every later PATCH.
+            &json!({"name": name, "flow_id": f1, "work_pool_name": pool, "schedules": [first],
+                    "enforce_parameter_schema": false}),
+        )
         .await
         .unwrap();
     let by_name = c
@@ -180,22 +209,20 @@ async fn client_calls_against_real_server() {
     let scheds = env.schedules(&id).await;
     assert_eq!(scheds.len(), 1);
     let sid = scheds[0]["id"].as_str().unwrap().to_string();
-    c.update_schedule(
-        &id,
-        &sid,
-        &json!({"schedule": {"interval": 1200, "timezone": "UTC"}, "slug": "a"}),
-    )
-    .await
-    .unwrap();
-    c.create_schedules(
-        &id,
-        &[json!({"schedule": {"cron": "0 1 * * *", "timezone": "UTC"}, "slug": "b"})],
-    )
-    .await
-    .unwrap();
+    let a = env
+        .schedule_body(json!({"schedule": {"interval": 1200, "timezone": "UTC"}, "slug": "a"}))
+        .await;
+    c.update_schedule(&id, &sid, &a).await.unwrap();
+    let b = env
+        .schedule_body(json!({"schedule": {"cron": "0 1 * * *", "timezone": "UTC"}, "slug": "b"}))
+        .await;
+    c.create_schedules(&id, &[b]).await.unwrap();
     let scheds = env.schedules(&id).await;
     assert_eq!(scheds.len(), 2);
-    let a = scheds.iter().find(|s| s["slug"] == "a").unwrap();
+    let a = scheds
+        .iter()
+        .find(|s| s["schedule"]["interval"].as_f64() == Some(1200.0))
+        .unwrap();
     assert_eq!(a["id"], json!(sid), "in-place schedule update keeps the id");
     assert_eq!(a["schedule"]["interval"].as_f64(), Some(1200.0));
     c.delete_schedule(&id, &sid).await.unwrap();
@@ -306,6 +333,15 @@ async fn create_noop_update_and_drift() {
     );
     assert_eq!(d["schedules"].as_array().unwrap().len(), 3);
     let ids = schedule_ids(&d);
+    // What an older server cannot hold is named, not silently dropped.
+    let caps = env.client.capabilities().await.unwrap();
+    let lost = state.unsupported.clone().unwrap_or_default();
+    assert_eq!(!caps.version_info, lost.contains("versionInfo"), "{lost}");
+    assert_eq!(
+        !caps.update_schema_and_pull_steps,
+        lost.contains("pullSteps (set at creation only)"),
+        "{lost}"
+    );
 
     // Nothing changed: one read, no writes.
     let (r, changes, made) = env.apply(&spec, &name, &uid, &mut state).await;
@@ -344,34 +380,52 @@ async fn create_noop_update_and_drift() {
     scheds.push(serde_json::from_value(json!({"slug": "extra", "interval": 900})).unwrap());
     let (r, changes, made) = env.apply(&spec, &name, &uid, &mut state).await;
     r.unwrap();
-    assert_eq!(
-        changes,
-        vec![Change::SchedulesChanged {
-            created: vec!["extra".into()],
-            updated: vec!["daily".into()],
-            deleted: vec!["weekly".into()]
-        }]
-    );
     assert!(
         !made.iter().any(|m| m == "POST deployments"),
         "never the upsert: {made:?}"
     );
     let d = env.deployment(&id).await.unwrap();
     let after = schedule_ids(&d);
-    assert_eq!(
-        after["hourly"], ids["hourly"],
-        "untouched schedule keeps its id"
-    );
-    assert_eq!(
-        after["daily"], ids["daily"],
-        "edited schedule is updated in place"
-    );
-    assert!(!after.contains_key("weekly"));
+    if env.slugs().await {
+        assert_eq!(
+            changes,
+            vec![Change::SchedulesChanged {
+                created: vec!["extra".into()],
+                updated: vec!["daily".into()],
+                deleted: vec!["weekly".into()]
+            }]
+        );
+        assert_eq!(
+            after["hourly"], ids["hourly"],
+            "untouched schedule keeps its id"
+        );
+        assert_eq!(
+            after["daily"], ids["daily"],
+            "edited schedule is updated in place"
+        );
+        assert!(!after.contains_key("weekly"));
+    } else {
+        // Without slugs a schedule is known by what it says: an edited one is a new one.
+        assert_eq!(
+            changes,
+            vec![Change::SchedulesChanged {
+                created: vec!["daily".into(), "extra".into()],
+                updated: vec![],
+                deleted: vec!["(no slug)".into(), "(no slug)".into()]
+            }]
+        );
+        assert_eq!(
+            after["interval 3600.0"], ids["interval 3600.0"],
+            "untouched schedule keeps its id"
+        );
+        assert_eq!(after.len(), 3, "{after:?}");
+        assert!(after.contains_key("interval 900.0"), "{after:?}");
+    }
     let daily = d["schedules"]
         .as_array()
         .unwrap()
         .iter()
-        .find(|s| s["slug"] == "daily")
+        .find(|s| !s["schedule"]["cron"].is_null())
         .unwrap();
     assert_eq!(daily["schedule"]["cron"], json!("30 7 * * *"));
     assert_eq!(daily["schedule"]["day_or"], json!(false));
@@ -598,11 +652,13 @@ async fn conflict_and_adoption() {
     let name = unique("taken");
     // Someone else's deployment of the same flow and name.
     let flow_id = env.client.upsert_flow("job").await.unwrap();
+    let keep = env
+        .schedule_body(json!({"schedule": {"interval": 60}, "slug": "keep"}))
+        .await;
     let (code, theirs) = env
         .post(
             "/deployments/",
-            json!({"name": name, "flow_id": flow_id, "description": "theirs",
-        "schedules": [{"schedule": {"interval": 60}, "slug": "keep"}]}),
+            json!({"name": name, "flow_id": flow_id, "description": "theirs", "schedules": [keep]}),
         )
         .await;
     assert_eq!(code, 201);
@@ -744,10 +800,24 @@ async fn concurrency_options_set_and_cleared() {
     env.apply(&spec, &name, &uid, &mut state).await.0.unwrap();
     let id = state.deployment_id.clone().unwrap();
     let d = env.deployment(&id).await.unwrap();
-    assert_eq!(
-        d["concurrency_options"],
-        json!({"collision_strategy": "CANCEL_NEW", "grace_period_seconds": 120})
-    );
+    // Servers before 3.7 have no grace period: it is left out, and said so.
+    if env.client.capabilities().await.unwrap().grace_period {
+        assert_eq!(
+            d["concurrency_options"],
+            json!({"collision_strategy": "CANCEL_NEW", "grace_period_seconds": 120})
+        );
+        assert_eq!(state.unsupported, None);
+    } else {
+        assert_eq!(
+            d["concurrency_options"],
+            json!({"collision_strategy": "CANCEL_NEW"})
+        );
+        let lost = state.unsupported.clone().unwrap_or_default();
+        assert!(
+            lost.contains("concurrencyOptions.gracePeriodSeconds"),
+            "{lost}"
+        );
+    }
     let (r, changes, made) = env.apply(&spec, &name, &uid, &mut state).await;
     r.unwrap();
     assert!(changes.is_empty(), "{changes:?}");
@@ -902,6 +972,22 @@ async fn named_global_concurrency_limit_shared_and_released() {
     );
     let (r, changes, _) = env.apply(&a_spec, &a_name, &a_uid, &mut a).await;
     r.unwrap();
+    if !env.client.capabilities().await.unwrap().limit_id {
+        // Before 3.3 a deployment cannot be attached to a named limit: it gets a limit
+        // of its own with the declared value, and the resource says so.
+        let d = env
+            .deployment(a.deployment_id.as_ref().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(d["global_concurrency_limit"]["limit"], json!(3));
+        assert!(read_limit(limit_name.clone()).await.is_none());
+        let lost = a.unsupported.clone().unwrap_or_default();
+        assert!(lost.contains("globalConcurrencyLimit"), "{lost}");
+        let (r, changes, _) = env.apply(&a_spec, &a_name, &a_uid, &mut a).await;
+        r.unwrap();
+        assert!(changes.is_empty(), "{changes:?}");
+        return;
+    }
     assert!(changes.contains(&Change::LimitCreated {
         name: limit_name.clone()
     }));

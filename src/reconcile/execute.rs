@@ -163,7 +163,15 @@ pub async fn apply_from(
     changes: &mut Vec<Change>,
     snapshot: Option<ObservedDeployment>,
 ) -> Result<()> {
-    let want = desired::deployment(valid, owner_uid);
+    let caps = client.capabilities().await?;
+    if caps.too_old() {
+        return Err(Error::PrefectRejected(format!(
+            "{caps} is older than the oldest supported server (3.1); no request was made"
+        )));
+    }
+    let (want, lost) = desired::deployment(valid, owner_uid).for_server(&caps);
+    state.unsupported =
+        (!lost.is_empty()).then(|| format!("{caps} cannot hold {}", lost.join(", ")));
     if let Some(d) = snapshot {
         let same_deployment = state.deployment_id.as_deref() == Some(d.id.as_str())
             && d.fields.get("name").and_then(Value::as_str) == Some(want.name.as_str())
@@ -303,6 +311,10 @@ pub async fn perform(
     if let Some(actual) = actual.filter(|a| a.id == id) {
         state.flow_id = actual.flow_id.clone();
         state.schedules_seen = actual.schedules.clone();
+        if plan.detach_shared_limit {
+            let detach = serde_json::json!({ LIMIT_ID_FIELD: null });
+            client.update_deployment(&id, &detach).await?;
+        }
         if plan.release_own_limit {
             client
                 .update_deployment(&id, &serde_json::json!({"concurrency_limit": null}))

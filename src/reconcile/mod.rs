@@ -476,7 +476,16 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
     }
     match outcome {
         Ok(base) => {
-            let message = format!("Deployment {name} is applied in Prefect at {base}");
+            let mut message = format!("Deployment {name} is applied in Prefect at {base}");
+            if let Some(lost) = &state.unsupported {
+                message.push_str(&format!("; {lost}"));
+                // Once per change of the spec, not on every drift check.
+                if !state.spec_applied {
+                    let note = format!("{lost}; those settings are left out");
+                    ctx.event(obj, EventType::Warning, "UnsupportedByServer", note, "Sync")
+                        .await;
+                }
+            }
             let mut conds = status::conditions(
                 old,
                 status::Outcome::Ready { message: &message },

@@ -170,6 +170,7 @@ pub fn state_of(status: Option<&PrefectDeploymentStatus>) -> SyncState {
             drift: Vec::new(),
             limit: s.global_concurrency_limit.clone(),
             limit_shared: false,
+            unsupported: None,
         })
         .unwrap_or_default()
 }

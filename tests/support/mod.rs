@@ -43,9 +43,20 @@ pub fn assets() -> &'static Assets {
             let end = start + line[start..].find('\'').expect("closing quote");
             PathBuf::from(&line[start..end])
         };
+        // PREFECT_SERVER_VERSION picks one of the older servers the script provisions
+        // (the Prefect API suite runs against each); by default the current one.
+        let older = get("PREFECT_OLDER_BINS");
+        let prefect_bin = match std::env::var("PREFECT_SERVER_VERSION") {
+            Ok(v) if !v.is_empty() => older
+                .to_string_lossy()
+                .split(' ')
+                .find_map(|pair| pair.strip_prefix(&format!("{v}=")).map(PathBuf::from))
+                .unwrap_or_else(|| panic!("PREFECT_SERVER_VERSION={v} is not provisioned")),
+            _ => get("PREFECT_BIN"),
+        };
         Assets {
             kube_dir: get("KUBEBUILDER_ASSETS"),
-            prefect_bin: get("PREFECT_BIN"),
+            prefect_bin,
             helm: get("HELM_BIN"),
         }
     })
