@@ -1719,3 +1719,55 @@ async fn shared_global_concurrency_limit_between_resources() {
     let url = format!("{}/v2/concurrency_limits/{limit_name}", env.prefect.url);
     support::prefect_call(&env.raw, reqwest::Method::DELETE, &url, None).await;
 }
+
+/// Against a Prefect 3.1 server: the deployment is applied without the fields 3.1
+/// refuses, the resource says which settings that server cannot hold (condition and
+/// Event), and a drift check afterwards writes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn older_prefect_server_gets_what_it_can_hold() {
+    let (env, _) = Env::new(Duration::from_secs(300)).await;
+    let older = PrefectServer::start_version("3.1.15");
+    let pool = support::create_pool(&older);
+    let name = "on-3-1";
+    let mut pd = resource(
+        &env,
+        &pool,
+        name,
+        json!({"deployment": {
+            "entrypoint": "flows/o.py:older",
+            "versionInfo": {"type": "git", "version": "abc"},
+            "globalConcurrencyLimit": {"name": unique("limit"), "limit": 2},
+            "schedules": [
+                {"slug": "hourly", "interval": 3600, "parameters": {"x": 1}},
+                {"slug": "daily", "cron": "0 6 * * *"},
+            ],
+        }}),
+    );
+    pd.spec.server.remote_api_url = Some(older.url.clone());
+    env.api.create(&PostParams::default(), &pd).await.unwrap();
+    let obj = env.wait_for(name, "ready", is_ready).await;
+    let (_, _, message) = ready(&obj).unwrap();
+    for lost in [
+        "Prefect 3.1.15 cannot hold",
+        "versionInfo",
+        "schedules[].parameters",
+        "globalConcurrencyLimit",
+    ] {
+        assert!(message.contains(lost), "{lost} not named: {message}");
+    }
+    assert!(env
+        .events(name)
+        .iter()
+        .any(|e| e.0 == "Warning" && e.1 == "UnsupportedByServer" && e.2.contains("versionInfo")));
+    let id = obj.status.unwrap().deployment_id.unwrap();
+    let url = format!("{}/deployments/{id}", older.url);
+    let (code, d) = support::prefect_get(&env.raw, &url).await;
+    assert_eq!(code, 200);
+    assert_eq!(d["schedules"].as_array().unwrap().len(), 2);
+    assert_eq!(d["global_concurrency_limit"]["limit"], json!(2));
+
+    // A drift check finds everything in place: no write to Prefect.
+    let writes = env.ctx.calls.writes();
+    env.reconcile_now(name, "check").await;
+    assert_eq!(env.ctx.calls.writes(), writes);
+}

@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 pub struct Assets {
     pub kube_dir: PathBuf,
     pub prefect_bin: PathBuf,
+    /// The older Prefect servers provisioned, by version.
+    pub older_prefect_bins: Vec<(String, PathBuf)>,
     pub helm: PathBuf,
 }
 
@@ -45,18 +47,24 @@ pub fn assets() -> &'static Assets {
         };
         // PREFECT_SERVER_VERSION picks one of the older servers the script provisions
         // (the Prefect API suite runs against each); by default the current one.
-        let older = get("PREFECT_OLDER_BINS");
+        let older: Vec<(String, PathBuf)> = get("PREFECT_OLDER_BINS")
+            .to_string_lossy()
+            .split(' ')
+            .filter_map(|pair| pair.split_once('='))
+            .map(|(v, bin)| (v.to_string(), PathBuf::from(bin)))
+            .collect();
         let prefect_bin = match std::env::var("PREFECT_SERVER_VERSION") {
             Ok(v) if !v.is_empty() => older
-                .to_string_lossy()
-                .split(' ')
-                .find_map(|pair| pair.strip_prefix(&format!("{v}=")).map(PathBuf::from))
+                .iter()
+                .find(|(have, _)| *have == v)
+                .map(|(_, bin)| bin.clone())
                 .unwrap_or_else(|| panic!("PREFECT_SERVER_VERSION={v} is not provisioned")),
             _ => get("PREFECT_BIN"),
         };
         Assets {
             kube_dir: get("KUBEBUILDER_ASSETS"),
             prefect_bin,
+            older_prefect_bins: older,
             helm: get("HELM_BIN"),
         }
     })
@@ -171,10 +179,32 @@ impl PrefectServer {
         Self::launch(None, None, true, settings)
     }
 
+    /// Starts an older Prefect server (one of the versions `test-assets.sh` provisions),
+    /// API only.
+    pub fn start_version(version: &str) -> PrefectServer {
+        let bin = assets()
+            .older_prefect_bins
+            .iter()
+            .find(|(v, _)| v == version)
+            .map(|(_, bin)| bin.clone())
+            .unwrap_or_else(|| panic!("Prefect {version} is not provisioned by test-assets.sh"));
+        Self::launch_bin(&bin, None, None, false, &[])
+    }
+
+    fn launch(
+        port: Option<u16>,
+        auth_string: Option<&str>,
+        services: bool,
+        settings: &[(&'static str, &str)],
+    ) -> PrefectServer {
+        Self::launch_bin(&assets().prefect_bin, port, auth_string, services, settings)
+    }
+
     /// Starts a server on `port`, or on a free port of its own choosing. A port found
     /// free can be taken by another process before the server binds it: then the launch
     /// is retried on another port, so the race never fails a test.
-    fn launch(
+    fn launch_bin(
+        bin: &Path,
         port: Option<u16>,
         auth_string: Option<&str>,
         services: bool,
@@ -183,7 +213,7 @@ impl PrefectServer {
         let mut attempt = 0;
         loop {
             let p = port.unwrap_or_else(free_port);
-            match Self::try_launch(p, auth_string, services, settings) {
+            match Self::try_launch(bin, p, auth_string, services, settings) {
                 Ok(server) => return server,
                 Err(Launch::PortTaken(log)) if port.is_none() && attempt < 5 => {
                     eprintln!("port {p} was taken before Prefect bound it; retrying\n{log}");
@@ -197,12 +227,12 @@ impl PrefectServer {
     }
 
     fn try_launch(
+        bin: &Path,
         port: u16,
         auth_string: Option<&str>,
         services: bool,
         settings: &[(&'static str, &str)],
     ) -> Result<PrefectServer, Launch> {
-        let a = assets();
         let dir = tempfile::tempdir().unwrap();
         if TcpListener::bind(("127.0.0.1", port)).is_err() {
             return Err(Launch::PortTaken(format!("port {port} is in use")));
@@ -233,7 +263,7 @@ impl PrefectServer {
         .filter(|s| !services || **s != "--no-services")
         .map(|s| s.to_string())
         .collect();
-        let mut child = spawn_watched(&a.prefect_bin, &args, &envs, &log);
+        let mut child = spawn_watched(bin, &args, &envs, &log);
         let deadline = Instant::now() + Duration::from_secs(90);
         loop {
             if let Some((200, body)) = http_get(port, "/api/health", None) {
