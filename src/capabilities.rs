@@ -5,7 +5,8 @@
 //! Measured on the request models of the latest patch of 3.1, 3.2, 3.3, 3.4 and of 3.9.1:
 //! schedule slugs and schedule parameters, and `parameter_openapi_schema` / `pull_steps`
 //! in a PATCH, arrived in 3.2; `version_info` and `global_concurrency_limit_id` in 3.3.
-//! `concurrency_options.grace_period_seconds` arrived in 3.7 (read in the 3.5 to 3.8
+//! `concurrency_options.grace_period_seconds` and the deployment events
+//! (`prefect.deployment.updated` / `.deleted`) arrived in 3.7 (read in the 3.5 to 3.8
 //! release files). A feature is assumed from the first patch of the minor where it was measured.
 
 use std::fmt;
@@ -24,6 +25,8 @@ pub struct Capabilities {
     pub limit_id: bool,
     /// `concurrency_options` keeps `grace_period_seconds`.
     pub grace_period: bool,
+    /// The event stream carries `prefect.deployment.updated` / `.deleted`.
+    pub deployment_events: bool,
 }
 
 impl Capabilities {
@@ -36,6 +39,7 @@ impl Capabilities {
         version_info: true,
         limit_id: true,
         grace_period: true,
+        deployment_events: true,
     };
 
     /// The capabilities of a server reporting `version` (`3.4.25`, `3.1.15.dev3`, ...).
@@ -51,6 +55,7 @@ impl Capabilities {
             version_info: minor >= (3, 3),
             limit_id: minor >= (3, 3),
             grace_period: minor >= (3, 7),
+            deployment_events: minor >= (3, 7),
         }
     }
 
@@ -104,6 +109,8 @@ mod tests {
         assert!(Capabilities::of("3.9.1").version_info);
         assert!(!Capabilities::of("3.4.25").grace_period);
         assert!(Capabilities::of("3.7.0").grace_period);
+        assert!(!Capabilities::of("3.6.29").deployment_events);
+        assert!(Capabilities::of("3.7.0").deployment_events);
         assert_eq!(Capabilities::of("garbage"), Capabilities::LATEST);
         assert!(Capabilities::of("2.20.1").too_old());
         assert!(!Capabilities::of("3.1.0").too_old());

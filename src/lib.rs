@@ -25,6 +25,7 @@ pub mod metrics;
 pub mod observed;
 pub mod plan;
 pub mod prefect;
+pub mod prefect_events;
 pub mod preview;
 pub mod reconcile;
 pub mod runtime;

@@ -47,6 +47,10 @@ pub struct Metrics {
     ready_by_uid: Mutex<HashMap<String, &'static str>>,
     drifted: Gauge,
     drifted_uids: Mutex<std::collections::HashSet<String>>,
+    /// Prefect servers whose event stream is connected.
+    pub event_streams: Gauge,
+    /// Event streams lost (each falls back to the resync until it is back).
+    pub event_stream_drops: Counter,
 }
 
 impl Metrics {
@@ -88,8 +92,22 @@ impl Metrics {
             "PrefectDeployments with driftPolicy Report whose deployment differs in Prefect",
             drifted.clone(),
         );
+        let event_streams = Gauge::default();
+        registry.register(
+            "event_streams_connected",
+            "Prefect servers whose event stream is connected (changes there are repaired at once)",
+            event_streams.clone(),
+        );
+        let event_stream_drops = Counter::default();
+        registry.register(
+            "event_stream_drops",
+            "Prefect event streams lost; until one is back, drift is found by the resync",
+            event_stream_drops.clone(),
+        );
         Self {
             registry,
+            event_streams,
+            event_stream_drops,
             drifted,
             drifted_uids: Mutex::default(),
             reconciles,

@@ -274,6 +274,10 @@ impl PrefectClient {
         &self.base
     }
 
+    pub fn auth(&self) -> Option<&Auth> {
+        self.auth.as_ref()
+    }
+
     /// Sends one request with retries; `Ok(Err(failure))` is a definite non-2xx answer.
     async fn send(
         &self,

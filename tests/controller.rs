@@ -1771,3 +1771,64 @@ async fn older_prefect_server_gets_what_it_can_hold() {
     env.reconcile_now(name, "check").await;
     assert_eq!(env.ctx.calls.writes(), writes);
 }
+
+/// With an hour between drift checks, an edit and a deletion made in Prefect are
+/// repaired at once: Prefect's event stream triggers the pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_in_prefect_are_repaired_from_its_event_stream() {
+    let (env, pool) = Env::new(Duration::from_secs(3600)).await;
+    let name = "event-driven";
+    let pd = resource(
+        &env,
+        &pool,
+        name,
+        json!({"deployment": {"entrypoint": "flows/e.py:events", "description": "declared",
+            "schedules": [{"slug": "hourly", "interval": 3600}]}}),
+    );
+    env.api.create(&PostParams::default(), &pd).await.unwrap();
+    let obj = env.wait_for(name, "ready", is_ready).await;
+    let id = obj.status.unwrap().deployment_id.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while env.ctx.metrics.event_streams.get() < 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the event stream did not connect"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Edited in Prefect: put back without waiting for the resync.
+    let url = format!("{}/deployments/{id}", env.prefect.url);
+    let body = json!({"description": "by hand", "paused": true});
+    let (code, _) =
+        support::prefect_call(&env.raw, reqwest::Method::PATCH, &url, Some(&body)).await;
+    assert_eq!(code, 204);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, d) = env.prefect_get(&format!("/deployments/{id}")).await;
+        if d["description"] == json!("declared") && d["paused"] == json!(false) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the edit was not repaired: {d}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Deleted in Prefect: created again.
+    let (code, _) = support::prefect_call(&env.raw, reqwest::Method::DELETE, &url, None).await;
+    assert_eq!(code, 204);
+    let obj = env
+        .wait_for(name, "a new deployment", |o| {
+            o.status
+                .as_ref()
+                .and_then(|s| s.deployment_id.as_deref())
+                .is_some_and(|d| d != id)
+        })
+        .await;
+    let new_id = obj.status.unwrap().deployment_id.unwrap();
+    let (code, d) = env.prefect_get(&format!("/deployments/{new_id}")).await;
+    assert_eq!(code, 200);
+    assert_eq!(d["description"], json!("declared"));
+}

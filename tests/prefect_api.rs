@@ -5,6 +5,7 @@
 mod support;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use prefect_operator::api::PrefectDeploymentSpec;
 use prefect_operator::prefect::{http_client, Auth, CallLog, PrefectClient};
@@ -1133,4 +1134,73 @@ async fn named_global_concurrency_limit_shared_and_released() {
     let e = r.unwrap_err();
     assert_eq!(e.reason(), "ConcurrencyLimitMissing", "{e}");
     assert!(made.iter().all(|m| m.starts_with("GET")), "{made:?}");
+}
+
+/// The event stream of a server with basic auth: it authenticates with the auth
+/// string, and an edit and a deletion of a watched deployment each trigger its resource;
+/// an edit of an unwatched one does not.
+#[tokio::test]
+async fn event_stream_with_basic_auth_triggers_watched_resources() {
+    use futures::StreamExt;
+    use prefect_operator::metrics::Metrics;
+    use prefect_operator::prefect_events::EventStreams;
+    support::install_crypto();
+    let server = PrefectServer::start(Some("admin:s3cret"));
+    let auth = Auth::Basic("admin:s3cret".into());
+    let calls = Arc::new(CallLog::default());
+    let client = PrefectClient::new(
+        http_client(),
+        &server.url,
+        Some(auth.clone()),
+        calls.clone(),
+    );
+    let flow = client.upsert_flow("watched").await.unwrap();
+    let create = |name: &str| {
+        let client = client.clone();
+        let body = json!({"name": name, "flow_id": flow, "enforce_parameter_schema": false});
+        async move { client.create_deployment(&body).await.unwrap() }
+    };
+    let (watched, other) = (create("watched").await, create("other").await);
+
+    let streams = Arc::new(EventStreams::new(Arc::new(Metrics::new(
+        calls.durations.clone(),
+    ))));
+    let mut triggers = Box::pin(streams.subscribe());
+    let who = kube::runtime::reflector::ObjectRef::new("watched").within("team");
+    let caps = client.capabilities().await.unwrap();
+    let base = client.base_url().to_string();
+    let following = streams.watch(&base, &caps, Some(auth), &watched, who.clone());
+    // Before 3.7 Prefect announces no deployment changes: nothing to follow, the
+    // resync alone finds them.
+    assert_eq!(following, caps.deployment_events);
+    if !following {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(streams.connected(), 0);
+        return;
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while streams.connected() < 1 {
+        assert!(tokio::time::Instant::now() < deadline, "no event stream");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    client
+        .update_deployment(&other, &json!({"description": "not watched"}))
+        .await
+        .unwrap();
+    client
+        .update_deployment(&watched, &json!({"description": "edited"}))
+        .await
+        .unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(20), triggers.next()).await;
+    assert_eq!(next.expect("a trigger").unwrap(), who);
+    assert!(streams.take_changed(&who));
+    assert!(!streams.take_changed(&who), "taken once");
+
+    client.delete_deployment(&watched).await.unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(20), triggers.next()).await;
+    assert_eq!(next.expect("a trigger").unwrap(), who);
+    // Nothing about the unwatched deployment came through.
+    let more = tokio::time::timeout(Duration::from_secs(2), triggers.next()).await;
+    assert!(more.is_err(), "unexpected trigger: {more:?}");
 }

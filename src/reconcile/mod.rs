@@ -26,6 +26,7 @@ use crate::api::{
 use crate::limit::Limits;
 use crate::metrics::{Metrics, ReconcileLabels};
 use crate::prefect::{CallLog, FlowCache, PrefectClient};
+use crate::prefect_events::EventStreams;
 use crate::snapshot::Snapshots;
 use crate::validate::{validate, ValidSchedule};
 use crate::{Error, Result};
@@ -99,6 +100,8 @@ pub struct Context {
     /// The controllers' caches of resources, to see which others name the same global
     /// concurrency limit.
     stores: Mutex<Vec<Store<PrefectDeployment>>>,
+    /// Prefect's event streams: a change made in Prefect triggers a pass at once.
+    events: Arc<EventStreams>,
 }
 
 impl Context {
@@ -110,7 +113,6 @@ impl Context {
             kube,
             http: crate::prefect::http_client(),
             calls,
-            metrics,
             default_resync,
             failures: Mutex::default(),
             synced: Mutex::default(),
@@ -119,6 +121,8 @@ impl Context {
             flows: Arc::default(),
             snapshots: Snapshots::default(),
             stores: Mutex::default(),
+            events: Arc::new(EventStreams::new(metrics.clone())),
+            metrics,
         }
     }
 
@@ -253,6 +257,7 @@ pub(crate) fn build_with(
 
 pub(crate) async fn drive(c: Controller<PrefectDeployment>, ctx: Arc<Context>) {
     ctx.stores.lock().expect("lock").push(c.store());
+    let c = c.reconcile_on(ctx.events.subscribe());
     c.run(reconcile, error_policy, ctx)
         .for_each(|res| async move {
             if let Err(e) = res {
@@ -373,6 +378,7 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
 
     if obj.meta().deletion_timestamp.is_some() {
         ctx.synced.lock().expect("lock").remove(&oref);
+        ctx.events.forget(&oref);
         return finalizer::finalize(obj, ctx, &api).await;
     }
     if !obj.finalizers().iter().any(|f| f == FINALIZER) {
@@ -404,6 +410,9 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
     let previewed = last.as_ref().map(|l| (l.generation, l.at));
     // A new action annotation (reconcile now, run now) makes a full pass due now.
     let last = last.filter(|l| l.requests == requests);
+    // Prefect reported a change to the deployment: look now, and at Prefect itself.
+    let changed_in_prefect = ctx.events.take_changed(&oref);
+    let last = last.filter(|_| !changed_in_prefect);
     if let (
         Some(g),
         Some(Synced {
@@ -443,6 +452,7 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
         // A drift check (nothing new asked) plans against the server's bulk snapshot.
         let recorded = state.deployment_id.clone();
         let checking = state.spec_applied
+            && !changed_in_prefect
             && requests.reconcile == old.and_then(|s| s.last_handled_reconcile_at.clone());
         let snapshot = match (&recorded, checking) {
             (Some(id), true) => match ctx.snapshots.lookup(&client, id, resync / 4).await {
@@ -457,6 +467,15 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
         execute::apply_from(&client, &valid, &uid, &mut state, &mut changes, snapshot).await?;
         if let Some(id) = &state.deployment_id {
             ctx.snapshots.register(&client, id);
+            // Known from this pass (kept for ten minutes): no request.
+            let caps = client.capabilities().await?;
+            ctx.events.watch(
+                client.base_url(),
+                &caps,
+                client.auth().cloned(),
+                id,
+                oref.clone(),
+            );
         }
         if let Some(old_id) = recorded.filter(|o| Some(o) != state.deployment_id.as_ref()) {
             ctx.snapshots.forget(&client, &old_id);
