@@ -2,7 +2,9 @@
 //! `RunnerDeployment.apply()` loop and with the server's floor (the same HTTP calls from a
 //! minimal keep-alive client), on the same machine in the same run.
 //!
-//! `cargo bench --bench convergence` (sizes from BENCH_SIZES, default "100,1000").
+//! `cargo bench --bench convergence` (sizes from BENCH_SIZES, default "100,1000";
+//! `BENCH_DB=postgres` for a PostgreSQL-backed Prefect, SQLite otherwise; each phase
+//! gets a fresh database).
 //! Prints figures; asserts nothing about speed (shared machines are noisy).
 
 #[path = "../tests/support/mod.rs"]
@@ -25,6 +27,26 @@ const BIN: &str = env!("CARGO_BIN_EXE_prefect-operator");
 const CONCURRENCY: usize = 8;
 /// Drift-check interval for the benchmark's operator, so one full resync fits in a run.
 const RESYNC: &str = "60s";
+
+/// The Prefect server of a phase, on a fresh database: PostgreSQL with
+/// `BENCH_DB=postgres` (production's database), else SQLite (Prefect's default).
+fn start_prefect(services: bool) -> PrefectServer {
+    static PG: std::sync::OnceLock<Option<support::Postgres>> = std::sync::OnceLock::new();
+    let pg = PG.get_or_init(|| {
+        (std::env::var("BENCH_DB").as_deref() == Ok("postgres")).then(support::Postgres::start)
+    });
+    match pg {
+        Some(pg) => PrefectServer::start_on_postgres(pg, services),
+        None => PrefectServer::start_with(support::free_port(), None, services),
+    }
+}
+
+fn database() -> &'static str {
+    match std::env::var("BENCH_DB").as_deref() {
+        Ok("postgres") => "PostgreSQL 15",
+        _ => "SQLite",
+    }
+}
 
 fn main() {
     // `cargo test --all-targets` also builds and runs benches; only `cargo bench` runs it.
@@ -373,7 +395,7 @@ async fn operator_round(
     (f64, u64, usize),
     (f64, f64),
 ) {
-    let prefect = PrefectServer::start_with(support::free_port(), None, services);
+    let prefect = start_prefect(services);
     let pool = create_pool(&prefect);
     let kube = cp.client().await;
     let ns = unique("bench");
@@ -518,7 +540,7 @@ async fn operator_round(
 
 /// Prefect's Python `RunnerDeployment.apply()` in a loop, on a fresh database.
 fn python_round(n: usize, services: bool) -> f64 {
-    let prefect = PrefectServer::start_with(support::free_port(), None, services);
+    let prefect = start_prefect(services);
     let pool = create_pool(&prefect);
     let python = support::assets().prefect_bin.with_file_name("python");
     let dir = tempfile::tempdir().unwrap();
@@ -551,7 +573,7 @@ fn python_round(n: usize, services: bool) -> f64 {
 
 /// The same create calls from a minimal keep-alive client, no logic in between.
 async fn floor_round(n: usize, services: bool) -> f64 {
-    let prefect = PrefectServer::start_with(support::free_port(), None, services);
+    let prefect = start_prefect(services);
     let pool = create_pool(&prefect);
     let http = reqwest::Client::new();
     let url = Arc::new(prefect.url.clone());
@@ -618,6 +640,7 @@ fn fmt_calls(calls: &BTreeMap<String, f64>) -> String {
 
 fn report(rows: &[Row], binary_size: u64) {
     println!();
+    println!("Prefect's database: {}", database());
     println!("| N | Prefect services | operator res/s | latency p50 / p95 / max (s) | Python apply() res/s | floor res/s | operator/floor | operator/Python |");
     println!("|---|---|---|---|---|---|---|---|");
     for r in rows {

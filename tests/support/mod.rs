@@ -179,6 +179,17 @@ impl PrefectServer {
         Self::launch(None, None, true, settings)
     }
 
+    /// A server on a database of its own in `pg` (PostgreSQL), services as asked.
+    pub fn start_on_postgres(pg: &Postgres, services: bool) -> PrefectServer {
+        let url = pg.fresh_database();
+        Self::launch(
+            None,
+            None,
+            services,
+            &[("PREFECT_API_DATABASE_CONNECTION_URL", &url)],
+        )
+    }
+
     /// Starts an older Prefect server (one of the versions `test-assets.sh` provisions),
     /// API only.
     pub fn start_version(version: &str) -> PrefectServer {
@@ -774,4 +785,128 @@ pub fn argocd_health(lua: &str, object: &Path) -> (String, String) {
         lines.next().unwrap_or("").to_string(),
         lines.next().unwrap_or("").to_string(),
     )
+}
+
+/// A PostgreSQL 15 instance on loopback for the benchmark (`scripts/bench-assets.sh`
+/// installs it), run as the `postgres` user with its data in a temporary directory.
+pub struct Postgres {
+    bin: PathBuf,
+    dir: tempfile::TempDir,
+    pub port: u16,
+}
+
+impl Postgres {
+    pub fn start() -> Postgres {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let out = Command::new("bash")
+            .arg(root.join("scripts/bench-assets.sh"))
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run scripts/bench-assets.sh");
+        assert!(out.status.success(), "scripts/bench-assets.sh failed");
+        let line = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .to_string();
+        let bin = PathBuf::from(
+            line.split_once("PG_BIN='")
+                .and_then(|(_, rest)| rest.split_once('\''))
+                .map(|(p, _)| p)
+                .expect("PG_BIN"),
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let as_postgres = |args: &[&str]| {
+            let status = Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .args(args)
+                .stdout(Stdio::null())
+                .status()
+                .expect("runuser");
+            assert!(status.success(), "{args:?} failed");
+        };
+        // The data directory must belong to postgres, and it must reach it.
+        let chown = |p: &Path| {
+            Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(p)
+                .status()
+                .expect("chown");
+        };
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        chown(dir.path());
+        let data_s = data.display().to_string();
+        as_postgres(&[
+            &bin.join("initdb").display().to_string(),
+            "-D",
+            &data_s,
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+        ]);
+        let mut attempt = 0;
+        loop {
+            let port = free_port();
+            let opts = format!(
+                "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=300",
+                dir.path().display()
+            );
+            let log = dir.path().join("pg.log").display().to_string();
+            let started = Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .arg(bin.join("pg_ctl"))
+                .args(["-D", &data_s, "-l", &log, "-w", "-o", &opts, "start"])
+                .stdout(Stdio::null())
+                .status()
+                .expect("pg_ctl");
+            if started.success() {
+                return Postgres { bin, dir, port };
+            }
+            attempt += 1;
+            assert!(
+                attempt < 5,
+                "PostgreSQL did not start:\n{}",
+                tail(Path::new(&log))
+            );
+        }
+    }
+
+    /// A new empty database; its asyncpg URL for Prefect.
+    pub fn fresh_database(&self) -> String {
+        let name = unique("prefect").replace('-', "_");
+        let status = Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join("createdb"))
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), &name])
+            .status()
+            .expect("createdb");
+        assert!(status.success(), "createdb {name} failed");
+        format!(
+            "postgresql+asyncpg://postgres@127.0.0.1:{}/{name}",
+            self.port
+        )
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let _ = Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join("pg_ctl"))
+            .args([
+                "-D",
+                &self.dir.path().join("data").display().to_string(),
+                "-m",
+                "immediate",
+                "stop",
+            ])
+            .stdout(Stdio::null())
+            .status();
+    }
 }
