@@ -24,27 +24,8 @@ pub struct Assets {
 pub fn assets() -> &'static Assets {
     static ASSETS: OnceLock<Assets> = OnceLock::new();
     ASSETS.get_or_init(|| {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let out = Command::new("bash")
-            .arg(root.join("scripts/test-assets.sh"))
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("run scripts/test-assets.sh");
-        assert!(out.status.success(), "scripts/test-assets.sh failed");
-        let line = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .last()
-            .unwrap_or_default()
-            .to_string();
-        let get = |key: &str| -> PathBuf {
-            let start = line
-                .find(&format!("{key}='"))
-                .unwrap_or_else(|| panic!("{key} missing in {line:?}"))
-                + key.len()
-                + 2;
-            let end = start + line[start..].find('\'').expect("closing quote");
-            PathBuf::from(&line[start..end])
-        };
+        let line = run_script("scripts/test-assets.sh");
+        let get = |key: &str| export_value(&line, key);
         // PREFECT_SERVER_VERSION picks one of the older servers the script provisions
         // (the Prefect API suite runs against each); by default the current one.
         let older: Vec<(String, PathBuf)> = get("PREFECT_OLDER_BINS")
@@ -68,6 +49,33 @@ pub fn assets() -> &'static Assets {
             helm: get("HELM_BIN"),
         }
     })
+}
+
+/// Runs a provisioning script of the project; returns its last line (the exports).
+fn run_script(script: &str) -> String {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new("bash")
+        .arg(root.join(script))
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap_or_else(|e| panic!("run {script}: {e}"));
+    assert!(out.status.success(), "{script} failed");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// The value of `KEY='value'` in a line of exports.
+fn export_value(line: &str, key: &str) -> PathBuf {
+    let start = line
+        .find(&format!("{key}='"))
+        .unwrap_or_else(|| panic!("{key} missing in {line:?}"))
+        + key.len()
+        + 2;
+    let end = start + line[start..].find('\'').expect("closing quote");
+    PathBuf::from(&line[start..end])
 }
 
 pub fn free_port() -> u16 {
@@ -797,92 +805,59 @@ pub struct Postgres {
 
 impl Postgres {
     pub fn start() -> Postgres {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let out = Command::new("bash")
-            .arg(root.join("scripts/bench-assets.sh"))
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("run scripts/bench-assets.sh");
-        assert!(out.status.success(), "scripts/bench-assets.sh failed");
-        let line = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .last()
-            .unwrap_or_default()
-            .to_string();
-        let bin = PathBuf::from(
-            line.split_once("PG_BIN='")
-                .and_then(|(_, rest)| rest.split_once('\''))
-                .map(|(p, _)| p)
-                .expect("PG_BIN"),
-        );
+        let line = run_script("scripts/bench-assets.sh");
+        let bin = export_value(&line, "PG_BIN");
         let dir = tempfile::tempdir().unwrap();
-        let data = dir.path().join("data");
-        let as_postgres = |args: &[&str]| {
-            let status = Command::new("runuser")
-                .args(["-u", "postgres", "--"])
-                .args(args)
-                .stdout(Stdio::null())
-                .status()
-                .expect("runuser");
-            assert!(status.success(), "{args:?} failed");
-        };
-        // The data directory must belong to postgres, and it must reach it.
-        let chown = |p: &Path| {
-            Command::new("chown")
-                .args(["-R", "postgres:postgres"])
-                .arg(p)
-                .status()
-                .expect("chown");
-        };
+        // initdb and the server run as postgres: it must own the directory and reach it.
         std::fs::set_permissions(
             dir.path(),
             std::os::unix::fs::PermissionsExt::from_mode(0o755),
         )
         .unwrap();
-        chown(dir.path());
-        let data_s = data.display().to_string();
-        as_postgres(&[
-            &bin.join("initdb").display().to_string(),
-            "-D",
-            &data_s,
-            "-A",
-            "trust",
-            "-U",
-            "postgres",
-        ]);
-        let mut attempt = 0;
-        loop {
+        let owned = Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(dir.path())
+            .status()
+            .expect("chown");
+        assert!(owned.success(), "chown of the PostgreSQL directory failed");
+        let data = dir.path().join("data").display().to_string();
+        let initdb = pg_tool(&bin, "initdb")
+            .args(["-D", &data, "-A", "trust", "-U", "postgres"])
+            .status()
+            .expect("initdb");
+        assert!(initdb.success(), "initdb failed");
+        let log = dir.path().join("pg.log");
+        // A port found free may be taken before the server binds it: try another.
+        for _ in 0..5 {
             let port = free_port();
             let opts = format!(
                 "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=300",
                 dir.path().display()
             );
-            let log = dir.path().join("pg.log").display().to_string();
-            let started = Command::new("runuser")
-                .args(["-u", "postgres", "--"])
-                .arg(bin.join("pg_ctl"))
-                .args(["-D", &data_s, "-l", &log, "-w", "-o", &opts, "start"])
-                .stdout(Stdio::null())
+            let started = pg_tool(&bin, "pg_ctl")
+                .args([
+                    "-D",
+                    &data,
+                    "-l",
+                    &log.display().to_string(),
+                    "-w",
+                    "-o",
+                    &opts,
+                    "start",
+                ])
                 .status()
                 .expect("pg_ctl");
             if started.success() {
                 return Postgres { bin, dir, port };
             }
-            attempt += 1;
-            assert!(
-                attempt < 5,
-                "PostgreSQL did not start:\n{}",
-                tail(Path::new(&log))
-            );
         }
+        panic!("PostgreSQL did not start:\n{}", tail(&log));
     }
 
     /// A new empty database; its asyncpg URL for Prefect.
     pub fn fresh_database(&self) -> String {
         let name = unique("prefect").replace('-', "_");
-        let status = Command::new("runuser")
-            .args(["-u", "postgres", "--"])
-            .arg(self.bin.join("createdb"))
+        let status = pg_tool(&self.bin, "createdb")
             .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), &name])
             .status()
             .expect("createdb");
@@ -894,19 +869,20 @@ impl Postgres {
     }
 }
 
+/// A PostgreSQL tool run as the `postgres` user.
+fn pg_tool(bin: &Path, tool: &str) -> Command {
+    let mut cmd = Command::new("runuser");
+    cmd.args(["-u", "postgres", "--"])
+        .arg(bin.join(tool))
+        .stdout(Stdio::null());
+    cmd
+}
+
 impl Drop for Postgres {
     fn drop(&mut self) {
-        let _ = Command::new("runuser")
-            .args(["-u", "postgres", "--"])
-            .arg(self.bin.join("pg_ctl"))
-            .args([
-                "-D",
-                &self.dir.path().join("data").display().to_string(),
-                "-m",
-                "immediate",
-                "stop",
-            ])
-            .stdout(Stdio::null())
+        let data = self.dir.path().join("data").display().to_string();
+        let _ = pg_tool(&self.bin, "pg_ctl")
+            .args(["-D", &data, "-m", "immediate", "stop"])
             .status();
     }
 }
