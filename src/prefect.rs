@@ -172,6 +172,9 @@ pub struct FlowCache {
     ids: Mutex<std::collections::HashMap<(String, String), String>>,
     /// Each server's capabilities, and when they were read.
     versions: Mutex<std::collections::HashMap<String, (Capabilities, std::time::Instant)>>,
+    /// Per server, held while its version is read, so concurrent passes wait for one
+    /// read (and a slow server delays only its own).
+    reading_version: Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl FlowCache {
@@ -224,7 +227,7 @@ impl PrefectClient {
             c.filter(|(_, at)| at.elapsed() < VERSION_TTL)
                 .map(|(c, _)| c)
         };
-        let known = match &self.flows {
+        let known = || match &self.flows {
             Some(f) => fresh(
                 &f.versions
                     .lock()
@@ -234,7 +237,21 @@ impl PrefectClient {
             ),
             None => fresh(&self.capabilities.lock().expect("version cache lock")),
         };
-        if let Some(c) = known {
+        if let Some(c) = known() {
+            return Ok(c);
+        }
+        let gate = self.flows.as_ref().map(|f| {
+            let mut gates = f.reading_version.lock().expect("version cache lock");
+            if gates.len() >= 10_000 {
+                gates.clear();
+            }
+            gates.entry(self.base.clone()).or_default().clone()
+        });
+        let _reading = match &gate {
+            Some(g) => Some(g.lock().await),
+            None => None,
+        };
+        if let Some(c) = known() {
             return Ok(c);
         }
         let caps = match self

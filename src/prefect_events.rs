@@ -156,12 +156,17 @@ impl EventStreams {
         let who = server.watched.lock().expect("events lock").get(id).cloned();
         if let Some(who) = who {
             tracing::debug!(event = name, deployment = id, resource = %who, "change in Prefect");
-            self.changed
-                .lock()
-                .expect("events lock")
-                .insert(who.clone());
-            let _ = self.triggers.send(who);
+            self.notify(who);
         }
+    }
+
+    /// Marks resource `who` as changed in Prefect and asks its controller for a pass.
+    pub fn notify(&self, who: Trigger) {
+        self.changed
+            .lock()
+            .expect("events lock")
+            .insert(who.clone());
+        let _ = self.triggers.send(who);
     }
 
     fn set_connected(&self, server: &Server, up: bool) {

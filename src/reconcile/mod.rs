@@ -379,6 +379,7 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
     if obj.meta().deletion_timestamp.is_some() {
         ctx.synced.lock().expect("lock").remove(&oref);
         ctx.events.forget(&oref);
+        ctx.snapshots.forget_resource(&oref);
         return finalizer::finalize(obj, ctx, &api).await;
     }
     if !obj.finalizers().iter().any(|f| f == FINALIZER) {
@@ -455,7 +456,15 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
             && !changed_in_prefect
             && requests.reconcile == old.and_then(|s| s.last_handled_reconcile_at.clone());
         let snapshot = match (&recorded, checking) {
-            (Some(id), true) => match ctx.snapshots.lookup(&client, id, resync / 4).await {
+            (Some(id), true) => match ctx
+                .snapshots
+                .lookup(&client, id, resync, |changed| {
+                    for who in changed {
+                        ctx.events.notify(who);
+                    }
+                })
+                .await
+            {
                 Ok(found) => found,
                 Err(e) => {
                     tracing::debug!(error = %e, "bulk read failed; reading directly");
@@ -466,7 +475,7 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
         };
         execute::apply_from(&client, &valid, &uid, &mut state, &mut changes, snapshot).await?;
         if let Some(id) = &state.deployment_id {
-            ctx.snapshots.register(&client, id);
+            ctx.snapshots.register(&client, id, oref.clone());
             // Known from this pass (kept for ten minutes): no request.
             let caps = client.capabilities().await?;
             ctx.events.watch(
