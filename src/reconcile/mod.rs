@@ -102,6 +102,8 @@ pub struct Context {
     stores: Mutex<Vec<Store<PrefectDeployment>>>,
     /// Prefect's event streams: a change made in Prefect triggers a pass at once.
     events: Arc<EventStreams>,
+    /// When this operator started.
+    started: Instant,
 }
 
 impl Context {
@@ -123,6 +125,7 @@ impl Context {
             stores: Mutex::default(),
             events: Arc::new(EventStreams::new(metrics.clone())),
             metrics,
+            started: Instant::now(),
         }
     }
 
@@ -541,6 +544,14 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
             // A preview of this generation written less than PREVIEW_REFRESH ago stays
             // when this pass changed nothing in Prefect: refreshing it only because
             // time moved on is a status write per resource per resync.
+            // A restarted operator does not know when the preview it finds in an applied
+            // status was written: it counts it as written at start, so a restart
+            // rewrites no preview sooner than a running operator would.
+            let previewed = previewed.or_else(|| {
+                generation
+                    .filter(|_| state.spec_applied)
+                    .map(|g| (g, ctx.started))
+            });
             let recent = previewed.filter(|(g, at)| {
                 Some(*g) == generation && at.elapsed() < PREVIEW_REFRESH && changes.is_empty()
             });
