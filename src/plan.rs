@@ -717,6 +717,16 @@ fn schedule_changes(want: &DesiredDeployment, actual: &[ObservedSchedule]) -> Ve
             }),
         }
     }
+    in_order(unclaimed, updates, creates)
+}
+
+/// Deletions of the schedules nothing claimed first, then updates, then creations: the
+/// order `Plan.schedules` promises.
+fn in_order(
+    unclaimed: Vec<&ObservedSchedule>,
+    updates: Vec<ScheduleChange>,
+    creates: Vec<ScheduleChange>,
+) -> Vec<ScheduleChange> {
     let mut out: Vec<ScheduleChange> = unclaimed
         .into_iter()
         .map(|a| ScheduleChange::Delete {
@@ -748,15 +758,7 @@ fn schedule_changes_by_definition(
             }),
         }
     }
-    let mut out: Vec<ScheduleChange> = unclaimed
-        .into_iter()
-        .map(|a| ScheduleChange::Delete {
-            slug: a.slug.clone(),
-            id: a.id.clone(),
-        })
-        .collect();
-    out.extend(creates);
-    out
+    in_order(unclaimed, Vec::new(), creates)
 }
 
 fn automation_action(
