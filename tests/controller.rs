@@ -728,8 +728,9 @@ async fn explain(cp: &ControlPlane, path: &str) -> String {
     }
 }
 
-/// Each listed field appears in `out` with words of its description.
-fn assert_explained(path: &str, out: &str, fields: &[(&str, &str)]) {
+/// `kubectl explain PATH` lists each field with words of its description.
+async fn assert_explained(cp: &ControlPlane, path: &str, fields: &[(&str, &str)]) {
+    let out = explain(cp, path).await;
     for (field, words) in fields {
         let at = out
             .find(&format!("{field}\t"))
@@ -748,11 +749,9 @@ fn assert_explained(path: &str, out: &str, fields: &[(&str, &str)]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_explain_describes_every_schedule_field() {
     let cp = ControlPlane::shared();
-    let path = "prefectdeployment.spec.deployment.schedules";
-    let out = explain(cp, path).await;
     assert_explained(
-        path,
-        &out,
+        cp,
+        "prefectdeployment.spec.deployment.schedules",
         &[
             ("slug", "unique"),
             ("interval", "Time between runs"),
@@ -766,39 +765,37 @@ async fn kubectl_explain_describes_every_schedule_field() {
             ("parameters", "Parameter values"),
             ("replaces", "keeping its id"),
         ],
-    );
+    )
+    .await;
 }
 
 /// The fields of this round's Prefect features are described where users look.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_explain_describes_policies_and_concurrency() {
     let cp = ControlPlane::shared();
-    let out = explain(cp, "prefectdeployment.spec").await;
     assert_explained(
-        "spec",
-        &out,
+        cp,
+        "prefectdeployment.spec",
         &[
             ("driftPolicy", "Report"),
             ("ignoreFields", "Fields people may own in Prefect"),
             ("adoptExisting", "Take over a deployment"),
         ],
-    );
-    let path = "prefectdeployment.spec.deployment";
-    let out = explain(cp, path).await;
+    )
+    .await;
     assert_explained(
-        path,
-        &out,
+        cp,
+        "prefectdeployment.spec.deployment",
         &[
             ("concurrencyLimit", "concurrent runs"),
             ("concurrencyOptions", "concurrency_options"),
             ("globalConcurrencyLimit", "named global concurrency limit"),
         ],
-    );
-    let path = "prefectdeployment.spec.deployment.globalConcurrencyLimit";
-    let out = explain(cp, path).await;
+    )
+    .await;
     assert_explained(
-        path,
-        &out,
+        cp,
+        "prefectdeployment.spec.deployment.globalConcurrencyLimit",
         &[
             ("name", "global concurrency limit in Prefect"),
             ("limit", "Needed to create the limit"),
@@ -806,17 +803,17 @@ async fn kubectl_explain_describes_policies_and_concurrency() {
             ("slotDecayPerSecond", "rate limit"),
             ("collisionStrategy", "CANCEL_NEW"),
         ],
-    );
-    let path = "prefectdeployment.spec.deployment.concurrencyOptions";
-    let out = explain(cp, path).await;
+    )
+    .await;
     assert_explained(
-        path,
-        &out,
+        cp,
+        "prefectdeployment.spec.deployment.concurrencyOptions",
         &[
             ("collisionStrategy", "ENQUEUE"),
             ("gracePeriodSeconds", "60 to 86400"),
         ],
-    );
+    )
+    .await;
 }
 
 /// Runs an Argo CD action script (`argocd/actions/<script>.lua`) on the live object;
