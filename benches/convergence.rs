@@ -23,21 +23,39 @@ use serde_json::{json, Value};
 use support::{create_pool, http_get, unique, ControlPlane, PrefectServer};
 
 const BIN: &str = env!("CARGO_BIN_EXE_prefect-operator");
-/// Parallel requests for the floor client; the operator's default concurrency.
+/// Parallel requests for the floor client: the operator's default limit of requests in
+/// flight per server (`--max-requests-per-server`).
 const CONCURRENCY: usize = 8;
+/// The floor again at the operator's default number of parallel passes
+/// (`--concurrency`), for comparison.
+const PASSES: usize = 16;
 /// Drift-check interval for the benchmark's operator, so one full resync fits in a run.
 const RESYNC: &str = "60s";
+
+/// The PostgreSQL instance of this run, with `BENCH_DB=postgres`.
+fn postgres() -> Option<&'static support::Postgres> {
+    static PG: std::sync::OnceLock<Option<support::Postgres>> = std::sync::OnceLock::new();
+    PG.get_or_init(|| {
+        (std::env::var("BENCH_DB").as_deref() == Ok("postgres")).then(support::Postgres::start)
+    })
+    .as_ref()
+}
 
 /// The Prefect server of a phase, on a fresh database: PostgreSQL with
 /// `BENCH_DB=postgres` (production's database), else SQLite (Prefect's default).
 fn start_prefect(services: bool) -> PrefectServer {
-    static PG: std::sync::OnceLock<Option<support::Postgres>> = std::sync::OnceLock::new();
-    let pg = PG.get_or_init(|| {
-        (std::env::var("BENCH_DB").as_deref() == Ok("postgres")).then(support::Postgres::start)
-    });
-    match pg {
+    match postgres() {
         Some(pg) => PrefectServer::start_on_postgres(pg, services),
         None => PrefectServer::start_with(support::free_port(), None, services),
+    }
+}
+
+/// A fresh database that outlives the server using it (a new one in PostgreSQL, or a
+/// SQLite file in `dir`), so a server started again on it finds everything.
+fn durable_database(dir: &std::path::Path) -> String {
+    match postgres() {
+        Some(pg) => pg.fresh_database(),
+        None => format!("sqlite+aiosqlite:///{}/prefect.db", dir.display()),
     }
 }
 
@@ -59,6 +77,9 @@ fn main() {
         .split(',')
         .filter_map(|s| s.trim().parse().ok())
         .collect();
+    // Phases beyond the per-size rounds: the event stream cut, and a Prefect outage
+    // during a cold start (at the largest size, at most 1000).
+    let phases = std::env::var("BENCH_PHASES").unwrap_or_else(|_| "cut,outage".into());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -73,8 +94,19 @@ fn main() {
         if sizes.contains(&100) {
             rows.push(round(cp, 100, true).await);
         }
+        let cut = if phases.contains("cut") {
+            Some(cut_round(cp, 100).await)
+        } else {
+            None
+        };
+        let outage = if phases.contains("outage") {
+            let n = sizes.iter().copied().max().unwrap_or(100).min(1000);
+            Some(outage_round(cp, n).await)
+        } else {
+            None
+        };
         let size = std::fs::metadata(BIN).map(|m| m.len()).unwrap_or(0);
-        report(&rows, size);
+        report(&rows, cut.as_ref(), outage.as_ref(), size);
     });
 }
 
@@ -83,16 +115,21 @@ struct Row {
     services: bool,
     op_secs: f64,
     latency: (f64, f64, f64),
-    python_secs: f64,
-    floor_secs: f64,
+    /// Deployments the Python loop applied (`BENCH_COMPARE_MAX` caps it) and its seconds.
+    python: (usize, f64),
+    /// The same for the floor client, at 8 and at 16 requests in flight.
+    floor: (usize, f64),
+    floor_wide: (usize, f64),
     steady: Steady,
     change_ms: f64,
     change_calls: BTreeMap<String, f64>,
     restart_secs: f64,
     restart_writes: u64,
     restart_k8s_writes: usize,
+    repair: Repair,
     rss_mib: f64,
     cpu_secs: f64,
+    cold_calls: BTreeMap<String, f64>,
 }
 
 struct Steady {
@@ -104,34 +141,35 @@ struct Steady {
     preview_refreshes: usize,
 }
 
+/// Seconds from an out-of-band change in Prefect to its repair, one sample per change.
+#[derive(Default)]
+struct Repair {
+    edits: Vec<f64>,
+    deletes: Vec<f64>,
+}
+
 async fn round(cp: &ControlPlane, n: usize, services: bool) -> Row {
     eprintln!(
         "== N={n}, Prefect services {}",
         if services { "on" } else { "off" }
     );
-    let (op_secs, latency, steady, change_ms, change_calls, restart, cost) =
-        operator_round(cp, n, services).await;
-    eprintln!("   operator: {op_secs:.1} s");
-    let python_secs = python_round(n, services);
-    eprintln!("   python apply(): {python_secs:.1} s");
-    let floor_secs = floor_round(n, services).await;
-    eprintln!("   floor: {floor_secs:.1} s");
-    Row {
-        n,
-        services,
-        op_secs,
-        latency,
-        python_secs,
-        floor_secs,
-        steady,
-        change_ms,
-        change_calls,
-        restart_secs: restart.0,
-        restart_writes: restart.1,
-        restart_k8s_writes: restart.2,
-        rss_mib: cost.0,
-        cpu_secs: cost.1,
+    let mut row = operator_round(cp, n, services).await;
+    eprintln!("   operator: {:.1} s", row.op_secs);
+    // The comparison loops can be capped (`BENCH_COMPARE_MAX`, 0 skips them): at
+    // N=10000 Prefect's own loop alone takes about 20 minutes.
+    let cap = std::env::var("BENCH_COMPARE_MAX")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(n, |max: usize| n.min(max));
+    if cap > 0 {
+        row.python = (cap, python_round(cap, services));
+        eprintln!("   python apply() of {cap}: {:.1} s", row.python.1);
+        row.floor = (cap, floor_round(cap, services, CONCURRENCY).await);
+        eprintln!("   floor of {cap}: {:.1} s", row.floor.1);
+        row.floor_wide = (cap, floor_round(cap, services, PASSES).await);
+        eprintln!("   floor of {cap} at {PASSES}: {:.1} s", row.floor_wide.1);
     }
+    row
 }
 
 fn manifest(i: usize, ns: &str, url: &str, pool: &str) -> PrefectDeployment {
@@ -167,14 +205,15 @@ struct OperatorProcess {
 }
 
 impl OperatorProcess {
-    fn start(cp: &ControlPlane, ns: &str) -> Self {
+    /// The release binary watching `ns`, with `resync` between drift checks.
+    fn start(cp: &ControlPlane, ns: &str, resync: &str) -> Self {
         let port = support::free_port();
         let child = Command::new(BIN)
             .args([
                 "run",
                 &format!("--namespace={ns}"),
                 &format!("--admin-addr=127.0.0.1:{port}"),
-                &format!("--default-resync-interval={RESYNC}"),
+                &format!("--default-resync-interval={resync}"),
             ])
             .env("KUBECONFIG", &cp.kubeconfig)
             .env("RUST_LOG", "warn")
@@ -189,6 +228,17 @@ impl OperatorProcess {
             std::thread::sleep(Duration::from_millis(50));
         }
         op
+    }
+
+    /// The sum of a metric's series (0 when absent).
+    fn metric(&self, name: &str) -> f64 {
+        let text = http_get(self.port, "/metrics", None)
+            .map(|(_, b)| b)
+            .unwrap_or_default();
+        text.lines()
+            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
     }
 
     /// Reconcile passes that ended well, from the operator's own metric. A drift check
@@ -283,6 +333,19 @@ impl OperatorProcess {
             .filter(|(_, (_, c))| *c > 0.0)
             .map(|(k, (s, c))| (k, s / c * 1000.0, c))
             .collect()
+    }
+
+    /// Resident memory now (MiB), for the progress lines.
+    fn rss_now(&self) -> f64 {
+        let pid = self.child.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+            / 1024.0
     }
 
     /// Peak RSS (MiB) and CPU seconds so far.
@@ -382,19 +445,65 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 #[allow(clippy::type_complexity)]
-async fn operator_round(
-    cp: &ControlPlane,
+/// Creates resources `0..n` for `prefect` (at most 16 at a time); when each was created.
+async fn create_resources(
+    api: &Api<PrefectDeployment>,
+    ns: &str,
+    url: &str,
+    pool: &str,
     n: usize,
-    services: bool,
-) -> (
-    f64,
-    (f64, f64, f64),
-    Steady,
-    f64,
-    BTreeMap<String, f64>,
-    (f64, u64, usize),
-    (f64, f64),
-) {
+) -> HashMap<String, Instant> {
+    stream::iter(0..n)
+        .map(|i| {
+            let api = api.clone();
+            let pd = manifest(i, ns, url, pool);
+            async move {
+                api.create(&PostParams::default(), &pd).await.unwrap();
+                (format!("bench-{i}"), Instant::now())
+            }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await
+}
+
+/// Waits until `n` resources of the namespace are Ready for their generation, and says
+/// when each first was. A watch, not repeated lists: measuring must not load the
+/// apiserver that the operator shares the machine with.
+async fn wait_ready(
+    api: &Api<PrefectDeployment>,
+    n: usize,
+    limit: Duration,
+) -> HashMap<String, Instant> {
+    use kube::runtime::watcher::{self, Event};
+    use kube::runtime::WatchStreamExt;
+    let events = watcher::watcher(api.clone(), watcher::Config::default()).default_backoff();
+    futures::pin_mut!(events);
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut ready = HashMap::new();
+    while ready.len() < n {
+        match tokio::time::timeout_at(deadline, events.next()).await {
+            Ok(Some(Ok(Event::Apply(o) | Event::InitApply(o)))) => {
+                if is_ready(&o) {
+                    ready
+                        .entry(o.metadata.name.clone().unwrap())
+                        .or_insert_with(Instant::now);
+                }
+            }
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("the watch ended"),
+            Err(_) => panic!("only {}/{n} Ready after {limit:?}", ready.len()),
+        }
+    }
+    ready
+}
+
+/// Time allowed for a cold start of `n` resources.
+fn cold_limit(n: usize) -> Duration {
+    Duration::from_secs(600.max(n as u64 / 4))
+}
+
+async fn operator_round(cp: &ControlPlane, n: usize, services: bool) -> Row {
     let prefect = start_prefect(services);
     let pool = create_pool(&prefect);
     let kube = cp.client().await;
@@ -403,38 +512,18 @@ async fn operator_round(
     let api: Api<PrefectDeployment> = Api::namespaced(kube.clone(), &ns);
 
     // Create the N resources first, then start the operator: a fresh install.
-    let created: HashMap<String, Instant> = stream::iter(0..n)
-        .map(|i| {
-            let api = api.clone();
-            let pd = manifest(i, &ns, &prefect.url, &pool);
-            async move {
-                api.create(&PostParams::default(), &pd).await.unwrap();
-                (format!("bench-{i}"), Instant::now())
-            }
-        })
-        .buffer_unordered(16)
-        .collect()
-        .await;
-
-    let mut op = OperatorProcess::start(cp, &ns);
+    let created = create_resources(&api, &ns, &prefect.url, &pool, n).await;
+    let mut op = OperatorProcess::start(cp, &ns, RESYNC);
     let started = Instant::now();
-    let mut ready_at: HashMap<String, Instant> = HashMap::new();
-    let deadline = Instant::now() + Duration::from_secs(600);
-    while ready_at.len() < n {
-        for o in api.list(&ListParams::default()).await.unwrap().items {
-            let name = o.metadata.name.clone().unwrap();
-            if is_ready(&o) && !ready_at.contains_key(&name) {
-                ready_at.insert(name, Instant::now());
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "only {}/{n} Ready after 10 min",
-            ready_at.len()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let ready_at = wait_ready(&api, n, cold_limit(n)).await;
     let op_secs = started.elapsed().as_secs_f64();
+    let cold_calls = op.calls();
+    eprintln!(
+        "   cold start: {op_secs:.1} s, RSS {:.1} MiB (peak {:.1}), limit decreases {}",
+        op.rss_now(),
+        op.cost().0,
+        op.metric("prefect_operator_request_limit_decreases_total")
+    );
     eprintln!("   cold convergence profile (mean ms, count):");
     for (what, mean_ms, count) in op.profile() {
         eprintln!("     {what:<32} {mean_ms:>8.1} ms  x{count}");
@@ -476,6 +565,11 @@ async fn operator_round(
         .iter()
         .filter(|(k, v)| rv0.get(*k) != Some(*v) && due.contains(k))
         .count();
+    eprintln!(
+        "   steady state: RSS {:.1} MiB (peak {:.1})",
+        op.rss_now(),
+        op.cost().0
+    );
     let steady = Steady {
         secs: t0.elapsed().as_secs_f64(),
         calls: diff(&op.calls(), &calls0),
@@ -503,10 +597,11 @@ async fn operator_round(
     let change_calls = diff(&op.calls(), &before);
     let first_cost = op.cost();
 
-    // Restart: kill it, start again, wait until every resource was re-checked.
+    // Restart: kill it, start again (now with an hour between drift checks, for the
+    // repair phase below), wait until every resource was re-checked.
     let rv0 = resource_versions(&api).await;
     drop(op);
-    op = OperatorProcess::start(cp, &ns);
+    op = OperatorProcess::start(cp, &ns, "1h");
     let t = Instant::now();
     while op.passes() < n as f64 {
         assert!(
@@ -516,26 +611,304 @@ async fn operator_round(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let restart_secs = t.elapsed().as_secs_f64();
+    eprintln!(
+        "   restart: {restart_secs:.1} s, RSS {:.1} MiB (peak {:.1})",
+        op.rss_now(),
+        op.cost().0
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let restart = (
-        restart_secs,
-        writes(&op.calls()),
-        changed(&rv0, &resource_versions(&api).await),
-    );
+    let restart_writes = writes(&op.calls());
+    let restart_k8s_writes = changed(&rv0, &resource_versions(&api).await);
+
+    // Out-of-band changes in Prefect with a 1 h resync: only the event stream can
+    // bring the repair within seconds.
+    let repair = repair_round(&api, &prefect, &op, n).await;
     let second_cost = op.cost();
-    let cost = (
-        first_cost.0.max(second_cost.0),
-        first_cost.1 + second_cost.1,
-    );
-    (
+    Row {
+        n,
+        services,
         op_secs,
         latency,
+        python: (0, 0.0),
+        floor: (0, 0.0),
+        floor_wide: (0, 0.0),
         steady,
         change_ms,
         change_calls,
-        restart,
-        cost,
-    )
+        restart_secs,
+        restart_writes,
+        restart_k8s_writes,
+        repair,
+        rss_mib: first_cost.0.max(second_cost.0),
+        cpu_secs: first_cost.1 + second_cost.1,
+        cold_calls,
+    }
+}
+
+/// Each resource's recorded deployment id.
+async fn deployment_ids(api: &Api<PrefectDeployment>) -> HashMap<String, String> {
+    api.list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter_map(|o| Some((o.metadata.name?, o.status?.deployment_id?)))
+        .collect()
+}
+
+const EDITED: &str = "edited-out-of-band";
+
+/// Tags an out-of-band edit gives a deployment (the resources declare others).
+fn edit_body() -> Value {
+    json!({"tags": [EDITED]})
+}
+
+/// Whether deployment `id` no longer shows the out-of-band edit.
+async fn edit_undone(http: &reqwest::Client, prefect: &str, id: &str) -> bool {
+    let (code, d) = support::prefect_get(http, &format!("{prefect}/deployments/{id}")).await;
+    code == 200 && d["tags"] != json!([EDITED])
+}
+
+/// Edits and deletes deployments in Prefect, one at a time, and measures how long each
+/// takes to be put back.
+async fn repair_round(
+    api: &Api<PrefectDeployment>,
+    prefect: &PrefectServer,
+    op: &OperatorProcess,
+    n: usize,
+) -> Repair {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while op.metric("prefect_operator_event_streams_connected") < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the operator's event stream did not connect"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let http = reqwest::Client::new();
+    let ids = deployment_ids(api).await;
+    let samples = 20.min(n / 2);
+    let mut repair = Repair::default();
+    for k in 0..samples {
+        let name = format!("bench-{}", k * n / samples);
+        let id = &ids[&name];
+        let url = format!("{}/deployments/{id}", prefect.url);
+        let delete = k % 2 == 1;
+        let t = Instant::now();
+        let (code, _) = if delete {
+            support::prefect_call(&http, reqwest::Method::DELETE, &url, None).await
+        } else {
+            support::prefect_call(&http, reqwest::Method::PATCH, &url, Some(&edit_body())).await
+        };
+        assert!(code < 300, "out-of-band change of {name}: {code}");
+        loop {
+            let done = if delete {
+                let o = api.get(&name).await.unwrap();
+                let now = o.status.and_then(|s| s.deployment_id);
+                now.is_some_and(|now| &now != id)
+            } else {
+                edit_undone(&http, &prefect.url, id).await
+            };
+            if done {
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(600),
+                "{name} was not repaired"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let secs = t.elapsed().as_secs_f64();
+        if delete {
+            repair.deletes.push(secs);
+        } else {
+            repair.edits.push(secs);
+        }
+    }
+    repair
+}
+
+/// The stream cut: a server whose event stream never delivers
+/// (`PREFECT_SERVER_EVENTS_STREAM_OUT_ENABLED=false`), resync 30 s. Out-of-band edits
+/// and deletions must still be repaired within one interval (by the bulk reads).
+struct Cut {
+    n: usize,
+    resync_secs: f64,
+    repair: Repair,
+    calls_per_interval: f64,
+}
+
+async fn cut_round(cp: &ControlPlane, n: usize) -> Cut {
+    eprintln!("== event stream cut, N={n}");
+    let dir = tempfile::tempdir().unwrap();
+    let prefect = PrefectServer::start_on_database(
+        None,
+        &durable_database(dir.path()),
+        &[("PREFECT_SERVER_EVENTS_STREAM_OUT_ENABLED", "false")],
+    );
+    let pool = create_pool(&prefect);
+    let kube = cp.client().await;
+    let ns = unique("bench-cut");
+    cp.kubectl_ok(&["create", "namespace", &ns]);
+    let api: Api<PrefectDeployment> = Api::namespaced(kube, &ns);
+    create_resources(&api, &ns, &prefect.url, &pool, n).await;
+    let resync = 30.0;
+    let op = OperatorProcess::start(cp, &ns, "30s");
+    wait_ready(&api, n, cold_limit(n)).await;
+    // Let the first drift checks register every deployment with the bulk reads.
+    tokio::time::sleep(Duration::from_secs_f64(resync)).await;
+    let ids = deployment_ids(&api).await;
+    let http = reqwest::Client::new();
+    let before = op.calls();
+    let t_calls = Instant::now();
+
+    // Five edits and five deletions at once.
+    let picked: Vec<(String, String)> = (0..10)
+        .map(|k| {
+            let name = format!("bench-{}", k * n / 10);
+            (name.clone(), ids[&name].clone())
+        })
+        .collect();
+    let t = Instant::now();
+    for (k, (_, id)) in picked.iter().enumerate() {
+        let url = format!("{}/deployments/{id}", prefect.url);
+        let (code, _) = if k % 2 == 1 {
+            support::prefect_call(&http, reqwest::Method::DELETE, &url, None).await
+        } else {
+            support::prefect_call(&http, reqwest::Method::PATCH, &url, Some(&edit_body())).await
+        };
+        assert!(code < 300, "out-of-band change: {code}");
+    }
+    let mut repair = Repair::default();
+    let mut pending: Vec<(usize, &(String, String))> = picked.iter().enumerate().collect();
+    while !pending.is_empty() {
+        let mut left = Vec::new();
+        for (k, (name, id)) in pending {
+            let done = if k % 2 == 1 {
+                let o = api.get(name).await.unwrap();
+                o.status
+                    .and_then(|s| s.deployment_id)
+                    .is_some_and(|now| &now != id)
+            } else {
+                edit_undone(&http, &prefect.url, id).await
+            };
+            match (done, k % 2 == 1) {
+                (true, true) => repair.deletes.push(t.elapsed().as_secs_f64()),
+                (true, false) => repair.edits.push(t.elapsed().as_secs_f64()),
+                (false, _) => left.push((k, &picked[k])),
+            }
+        }
+        pending = left;
+        assert!(
+            t.elapsed() < Duration::from_secs(600),
+            "not repaired without the stream"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let bulk = diff(&op.calls(), &before)
+        .get("POST deployments_filter")
+        .copied()
+        .unwrap_or(0.0);
+    Cut {
+        n,
+        resync_secs: resync,
+        repair,
+        calls_per_interval: bulk * resync / t_calls.elapsed().as_secs_f64(),
+    }
+}
+
+/// A Prefect outage of 60 s during a cold start.
+struct Outage {
+    n: usize,
+    /// Resources Ready when the server went away.
+    ready_before: usize,
+    /// Seconds from the server's return to every resource Ready.
+    converge_after: f64,
+    deployments: usize,
+    distinct_deployment_names: usize,
+    automations: usize,
+    distinct_automation_names: usize,
+    /// Resources whose recorded deployment id is not a deployment of the server.
+    dangling_ids: usize,
+}
+
+async fn outage_round(cp: &ControlPlane, n: usize) -> Outage {
+    eprintln!("== Prefect outage of 60 s during a cold start, N={n}");
+    let dir = tempfile::tempdir().unwrap();
+    let db = durable_database(dir.path());
+    let port = support::free_port();
+    let prefect = PrefectServer::start_on_database(Some(port), &db, &[]);
+    let url = prefect.url.clone();
+    let pool = create_pool(&prefect);
+    let kube = cp.client().await;
+    let ns = unique("bench-outage");
+    cp.kubectl_ok(&["create", "namespace", &ns]);
+    let api: Api<PrefectDeployment> = Api::namespaced(kube, &ns);
+    create_resources(&api, &ns, &url, &pool, n).await;
+    let _op = OperatorProcess::start(cp, &ns, RESYNC);
+    // Down in the middle of the work: once a quarter is Ready.
+    let ready_before = wait_ready(&api, n / 4, cold_limit(n)).await.len();
+    drop(prefect);
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let prefect = PrefectServer::start_on_database(Some(port), &db, &[]);
+    let back = Instant::now();
+    wait_ready(&api, n, cold_limit(n)).await;
+    let converge_after = back.elapsed().as_secs_f64();
+
+    let http = reqwest::Client::new();
+    let names = |kind: &'static str| {
+        let (http, base) = (http.clone(), prefect.url.clone());
+        async move {
+            let mut out: Vec<(String, String)> = Vec::new();
+            loop {
+                let body = json!({"limit": 200, "offset": out.len()});
+                let (code, page) = support::prefect_call(
+                    &http,
+                    reqwest::Method::POST,
+                    &format!("{base}/{kind}/filter"),
+                    Some(&body),
+                )
+                .await;
+                assert_eq!(code, 200, "{kind}/filter");
+                let page = page.as_array().cloned().unwrap_or_default();
+                let len = page.len();
+                out.extend(page.into_iter().map(|d| {
+                    (
+                        d["id"].as_str().unwrap_or_default().to_string(),
+                        d["name"].as_str().unwrap_or_default().to_string(),
+                    )
+                }));
+                if len < 200 {
+                    return out;
+                }
+            }
+        }
+    };
+    let deployments = names("deployments").await;
+    let automations = names("automations").await;
+    let distinct = |v: &[(String, String)]| {
+        v.iter()
+            .map(|(_, n)| n.as_str())
+            .collect::<std::collections::HashSet<_>>()
+            .len()
+    };
+    let known: std::collections::HashSet<&str> =
+        deployments.iter().map(|(id, _)| id.as_str()).collect();
+    let dangling_ids = deployment_ids(&api)
+        .await
+        .values()
+        .filter(|id| !known.contains(id.as_str()))
+        .count();
+    Outage {
+        n,
+        ready_before,
+        converge_after,
+        deployments: deployments.len(),
+        distinct_deployment_names: distinct(&deployments),
+        automations: automations.len(),
+        distinct_automation_names: distinct(&automations),
+        dangling_ids,
+    }
 }
 
 /// Prefect's Python `RunnerDeployment.apply()` in a loop, on a fresh database.
@@ -572,7 +945,7 @@ fn python_round(n: usize, services: bool) -> f64 {
 }
 
 /// The same create calls from a minimal keep-alive client, no logic in between.
-async fn floor_round(n: usize, services: bool) -> f64 {
+async fn floor_round(n: usize, services: bool, parallel: usize) -> f64 {
     let prefect = start_prefect(services);
     let pool = create_pool(&prefect);
     let http = reqwest::Client::new();
@@ -621,7 +994,7 @@ async fn floor_round(n: usize, services: bool) -> f64 {
                 }
             }
         })
-        .buffer_unordered(CONCURRENCY)
+        .buffer_unordered(parallel)
         .collect::<Vec<()>>()
         .await;
     started.elapsed().as_secs_f64()
@@ -638,19 +1011,40 @@ fn fmt_calls(calls: &BTreeMap<String, f64>) -> String {
         .join(", ")
 }
 
-fn report(rows: &[Row], binary_size: u64) {
+fn summary(v: &[f64]) -> String {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    match v.last() {
+        Some(max) => format!(
+            "{:.2} / {:.2} / {:.2} (x{})",
+            percentile(&v, 0.5),
+            percentile(&v, 0.95),
+            max,
+            v.len()
+        ),
+        None => "none".into(),
+    }
+}
+
+fn report(rows: &[Row], cut: Option<&Cut>, outage: Option<&Outage>, binary_size: u64) {
     println!();
     println!("Prefect's database: {}", database());
-    println!("| N | Prefect services | operator res/s | latency p50 / p95 / max (s) | Python apply() res/s | floor res/s | operator/floor | operator/Python |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("| N | Prefect services | operator res/s | latency p50 / p95 / max (s) | Python apply() res/s | floor res/s (8 in flight) | floor res/s (16) | operator/floor | operator/Python |");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for r in rows {
-        let (op, py, fl) = (
-            r.n as f64 / r.op_secs,
-            r.n as f64 / r.python_secs,
-            r.n as f64 / r.floor_secs,
-        );
+        let op = r.n as f64 / r.op_secs;
+        let rate = |(k, secs): (usize, f64)| match k {
+            0 => ("skipped".to_string(), f64::NAN),
+            k if k < r.n => (
+                format!("{:.1} (first {k})", k as f64 / secs),
+                k as f64 / secs,
+            ),
+            k => (format!("{:.1}", k as f64 / secs), k as f64 / secs),
+        };
+        let ((py_text, py), (fl_text, fl)) = (rate(r.python), rate(r.floor));
+        let wide = rate(r.floor_wide).0;
         println!(
-            "| {} | {} | {op:.1} | {:.1} / {:.1} / {:.1} | {py:.1} | {fl:.1} | {:.2}x | {:.2}x |",
+            "| {} | {} | {op:.1} | {:.1} / {:.1} / {:.1} | {py_text} | {fl_text} | {wide} | {:.2}x | {:.2}x |",
             r.n,
             if r.services { "on" } else { "off" },
             r.latency.0,
@@ -682,12 +1076,58 @@ fn report(rows: &[Row], binary_size: u64) {
         );
     }
     println!();
+    println!("Out-of-band changes in Prefect, resync 1 h (event stream), seconds to repair p50 / p95 / max:");
+    println!("| N | services | edits | deletions |");
+    println!("|---|---|---|---|");
+    for r in rows {
+        println!(
+            "| {} | {} | {} | {} |",
+            r.n,
+            if r.services { "on" } else { "off" },
+            summary(&r.repair.edits),
+            summary(&r.repair.deletes)
+        );
+    }
+    if let Some(c) = cut {
+        println!();
+        println!(
+            "Event stream cut (server never delivers events), N={}, resync {:.0} s: edits {}, deletions {} (s, p50 / p95 / max); bulk reads {:.1} per interval",
+            c.n,
+            c.resync_secs,
+            summary(&c.repair.edits),
+            summary(&c.repair.deletes),
+            c.calls_per_interval
+        );
+    }
+    if let Some(o) = outage {
+        println!();
+        println!(
+            "Prefect outage of 60 s during a cold start, N={}: {} Ready when it went down; all Ready {:.1} s after it returned; deployments {} ({} distinct names), automations {} ({} distinct names, {} expected), recorded ids not in Prefect: {}",
+            o.n,
+            o.ready_before,
+            o.converge_after,
+            o.deployments,
+            o.distinct_deployment_names,
+            o.automations,
+            o.distinct_automation_names,
+            o.n.div_ceil(4),
+            o.dangling_ids
+        );
+    }
+    println!();
     for r in rows {
         println!(
             "N={} services={}: Prefect calls for one cron change: {}",
             r.n,
             r.services,
             fmt_calls(&r.change_calls)
+        );
+        println!(
+            "N={} services={}: Prefect calls per deployment, cold start: {:.2} ({})",
+            r.n,
+            r.services,
+            r.cold_calls.values().sum::<f64>() / r.n as f64,
+            fmt_calls(&r.cold_calls)
         );
     }
     println!(

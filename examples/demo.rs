@@ -42,7 +42,8 @@ async fn main() {
     tokio::spawn(async move {
         let opts = RunOptions {
             namespaces: vec![],
-            concurrency: 8,
+            concurrency: 16,
+            max_requests_per_server: 8,
             default_resync: Duration::from_secs(300),
             admin_addr: None,
             leader_election: None,

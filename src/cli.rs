@@ -135,9 +135,15 @@ pub struct RunArgs {
     /// Watch only these namespaces, comma-separated (default: all namespaces).
     #[arg(long, env = "PREFECT_OPERATOR_NAMESPACE", value_delimiter = ',')]
     pub namespace: Vec<String>,
-    /// How many resources are reconciled in parallel.
-    #[arg(long, env = "PREFECT_OPERATOR_CONCURRENCY", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..))]
+    /// How many resources are reconciled in parallel. A pass spends much of its time on
+    /// Kubernetes (finalizer, status, events), so this is larger than the number of
+    /// requests a Prefect server is sent at once.
+    #[arg(long, env = "PREFECT_OPERATOR_CONCURRENCY", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
     pub concurrency: u16,
+    /// At most this many requests in flight to one Prefect server (fewer while it
+    /// answers 429/503 or slows down), however many passes run.
+    #[arg(long, env = "PREFECT_OPERATOR_MAX_REQUESTS_PER_SERVER", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..))]
+    pub max_requests_per_server: u16,
     /// How often each resource is compared with Prefect to repair drift, unless its
     /// spec.interval says otherwise (e.g. 30s, 5m, 1h).
     #[arg(long, env = "PREFECT_OPERATOR_DEFAULT_RESYNC_INTERVAL", default_value = "5m", value_parser = parse_duration)]
@@ -235,7 +241,8 @@ mod tests {
         let Command::Run(args) = cli.command else {
             panic!("run expected")
         };
-        assert_eq!(args.concurrency, 8);
+        assert_eq!(args.concurrency, 16);
+        assert_eq!(args.max_requests_per_server, 8);
         assert_eq!(args.default_resync_interval, Duration::from_secs(300));
         assert_eq!(args.log_format, LogFormat::Text);
         assert!(Cli::try_parse_from(["prefect-operator", "run", "--concurrency", "0"]).is_err());

@@ -20,6 +20,7 @@ pub mod desired;
 pub mod export;
 pub mod leader;
 pub mod limit;
+pub mod lookup;
 pub mod manifests;
 pub mod metrics;
 pub mod observed;

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use prometheus_client::metrics::counter::Counter;
 use tokio::sync::Notify;
 
 /// The limits of every server this process calls, by base URL.
@@ -14,6 +15,7 @@ use tokio::sync::Notify;
 pub struct Limits {
     max: usize,
     servers: Mutex<HashMap<String, Arc<Limit>>>,
+    decreases: Counter,
 }
 
 impl Limits {
@@ -22,13 +24,24 @@ impl Limits {
         Limits {
             max: max.max(1),
             servers: Mutex::default(),
+            decreases: Counter::default(),
         }
+    }
+
+    /// Counts every decrease of any server's limit in `decreases`.
+    pub fn counting(mut self, decreases: Counter) -> Self {
+        self.decreases = decreases;
+        self
     }
 
     pub fn for_server(&self, base: &str) -> Arc<Limit> {
         let mut map = self.servers.lock().expect("limits lock");
         map.entry(base.to_string())
-            .or_insert_with(|| Arc::new(Limit::new(self.max)))
+            .or_insert_with(|| {
+                let mut limit = Limit::new(self.max);
+                limit.decreases = self.decreases.clone();
+                Arc::new(limit)
+            })
             .clone()
     }
 }
@@ -37,6 +50,7 @@ impl Limits {
 pub struct Limit {
     state: Mutex<State>,
     freed: Notify,
+    decreases: Counter,
 }
 
 struct State {
@@ -78,6 +92,7 @@ impl Limit {
                 typical: None,
             }),
             freed: Notify::new(),
+            decreases: Counter::default(),
         }
     }
 
@@ -114,7 +129,7 @@ impl Limit {
             (Outcome::Ok(d), Some(t)) => d > t * 4 && d > Duration::from_millis(200),
             _ => false,
         };
-        match outcome {
+        let decreased = match outcome {
             Outcome::Overloaded => decrease(&mut s, now),
             Outcome::Ok(_) if slow => decrease(&mut s, now),
             Outcome::Ok(d) => {
@@ -123,15 +138,20 @@ impl Limit {
                     Some(t) => t.mul_f64(0.9) + d.mul_f64(0.1),
                     None => d,
                 });
+                false
             }
-            Outcome::Other => {}
-        }
+            Outcome::Other => false,
+        };
         drop(s);
+        if decreased {
+            self.decreases.inc();
+        }
         self.freed.notify_waiters();
     }
 }
 
-fn decrease(s: &mut State, now: Instant) {
+/// Halves the limit unless it was halved less than a second ago; says whether it did.
+fn decrease(s: &mut State, now: Instant) -> bool {
     let recent = s
         .last_decrease
         .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1));
@@ -139,6 +159,7 @@ fn decrease(s: &mut State, now: Instant) {
         s.limit = (s.limit / 2.0).max(1.0);
         s.last_decrease = Some(now);
     }
+    !recent
 }
 
 impl Permit {

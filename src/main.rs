@@ -42,6 +42,7 @@ async fn main() -> ExitCode {
             let opts = RunOptions {
                 namespaces: args.namespace,
                 concurrency: args.concurrency,
+                max_requests_per_server: args.max_requests_per_server,
                 default_resync: args.default_resync_interval,
                 admin_addr: Some(args.admin_addr),
                 leader_election,
@@ -54,6 +55,7 @@ async fn main() -> ExitCode {
             tracing::info!(
                 namespaces = ?opts.namespaces,
                 concurrency = opts.concurrency,
+                max_requests_per_server = opts.max_requests_per_server,
                 leader_election = opts.leader_election.is_some(),
                 "starting"
             );

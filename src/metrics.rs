@@ -51,6 +51,8 @@ pub struct Metrics {
     pub event_streams: Gauge,
     /// Event streams lost (each falls back to the resync until it is back).
     pub event_stream_drops: Counter,
+    /// Times a server's in-flight request limit was halved (429/503 or slow answers).
+    pub request_limit_decreases: Counter,
 }
 
 impl Metrics {
@@ -104,8 +106,15 @@ impl Metrics {
             "Prefect event streams lost; until one is back, drift is found by the resync",
             event_stream_drops.clone(),
         );
+        let request_limit_decreases = Counter::default();
+        registry.register(
+            "request_limit_decreases",
+            "Times a Prefect server's in-flight request limit was halved because it answered 429/503 or slowed down",
+            request_limit_decreases.clone(),
+        );
         Self {
             registry,
+            request_limit_decreases,
             event_streams,
             event_stream_drops,
             drifted,

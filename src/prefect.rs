@@ -148,6 +148,8 @@ pub struct PrefectClient {
     limit: Option<Arc<Limit>>,
     /// Flow ids by (server, flow name), shared by every client.
     flows: Option<Arc<FlowCache>>,
+    /// Guard reads by name, coalesced with those of other passes.
+    lookups: Option<Arc<crate::lookup::Lookups>>,
     /// This client's own memory of the server's capabilities, when no `FlowCache` is
     /// shared.
     capabilities: Arc<Mutex<Option<(Capabilities, std::time::Instant)>>>,
@@ -215,6 +217,7 @@ impl PrefectClient {
             calls,
             limit: None,
             flows: None,
+            lookups: None,
             capabilities: Arc::default(),
         }
     }
@@ -284,6 +287,12 @@ impl PrefectClient {
     /// Shares known flow ids with every other client.
     pub fn with_flow_cache(mut self, flows: Arc<FlowCache>) -> Self {
         self.flows = Some(flows);
+        self
+    }
+
+    /// Coalesces this client's reads by name with those of every other client.
+    pub fn with_lookups(mut self, lookups: Arc<crate::lookup::Lookups>) -> Self {
+        self.lookups = Some(lookups);
         self
     }
 
@@ -523,6 +532,19 @@ impl PrefectClient {
         let digest = Sha256::digest(auth.as_bytes());
         let short: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
         format!("{} {short}", self.base)
+    }
+
+    /// Deployment `flow`/`name` as the server has it now: through the shared lookups
+    /// when this client has them, else one GET.
+    pub async fn deployment_by_name(
+        &self,
+        flow: &str,
+        name: &str,
+    ) -> Result<Option<ObservedDeployment>, Error> {
+        match &self.lookups {
+            Some(l) => l.by_name(self, flow, name).await,
+            None => self.read_deployment_by_name(flow, name).await,
+        }
     }
 
     pub async fn read_deployment_by_name(

@@ -18,7 +18,10 @@ use crate::reconcile::{self, Context};
 pub struct RunOptions {
     /// Namespaces to watch; empty means all.
     pub namespaces: Vec<String>,
+    /// Resources reconciled in parallel.
     pub concurrency: u16,
+    /// Requests in flight per Prefect server, at most.
+    pub max_requests_per_server: u16,
     pub default_resync: Duration,
     /// Where to serve /livez, /readyz and /metrics.
     pub admin_addr: Option<std::net::SocketAddr>,
@@ -52,7 +55,7 @@ pub async fn run(kube: kube::Client, opts: RunOptions) -> Result<(), String> {
     let ctx = Arc::new(
         Context::new(kube.clone(), opts.default_resync)
             .with_access(opts.access)
-            .with_request_limit(usize::from(opts.concurrency)),
+            .with_request_limit(usize::from(opts.max_requests_per_server)),
     );
     let metrics = ctx.metrics.clone();
     let health = Arc::new(Health::default());

@@ -11,7 +11,7 @@
 //! So a change is found within about one interval for `ceil(N/200)` requests per server
 //! per interval, with or without an event stream.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -32,9 +32,38 @@ pub struct Snapshots {
 struct Server {
     /// The deployment ids resources recorded for this server, and their resources.
     ids: Mutex<HashMap<String, Trigger>>,
-    /// The last read and when it was taken; the async lock makes concurrent passes
-    /// wait for one read instead of each making their own.
-    data: tokio::sync::Mutex<Option<(Instant, HashMap<String, ObservedDeployment>)>>,
+    /// The last read; the async lock makes concurrent passes wait for one read instead
+    /// of each making their own.
+    data: tokio::sync::Mutex<Data>,
+}
+
+#[derive(Default)]
+struct Data {
+    read_at: Option<Instant>,
+    entries: HashMap<String, Entry>,
+}
+
+/// One deployment as last read, kept as compact JSON text: at 10,000 deployments the
+/// decoded form would be several times larger, and only the resource that asks for it
+/// decodes it, at most once per interval.
+struct Entry {
+    updated: Option<Box<str>>,
+    text: Box<str>,
+}
+
+impl Entry {
+    fn of(d: &ObservedDeployment) -> Entry {
+        Entry {
+            updated: d
+                .fields
+                .get("updated")
+                .and_then(|v| v.as_str())
+                .map(Box::from),
+            text: serde_json::to_string(d)
+                .expect("a decoded deployment encodes")
+                .into_boxed_str(),
+        }
+    }
 }
 
 impl Snapshots {
@@ -84,46 +113,93 @@ impl Snapshots {
     ) -> Result<Option<ObservedDeployment>> {
         let server = self.server(client);
         let mut data = server.data.lock().await;
-        let fresh = data.as_ref().is_some_and(|(at, _)| at.elapsed() < max_age);
+        let fresh = data.read_at.is_some_and(|at| at.elapsed() < max_age);
         if !fresh {
             let ids: Vec<(String, Trigger)> = {
                 let map = server.ids.lock().expect("snapshot ids lock");
                 map.iter().map(|(i, w)| (i.clone(), w.clone())).collect()
             };
-            let mut all = HashMap::with_capacity(ids.len());
+            // Merged page by page into the entries in place, so memory holds one copy
+            // plus a page. Changes found before a failed page are still handed on.
+            let mut merge = Merge::new(id);
+            let mut failed = None;
             for chunk in ids.chunks(PAGE) {
                 let page: Vec<String> = chunk.iter().map(|(i, _)| i.clone()).collect();
-                for d in client.read_deployments(&page).await? {
-                    all.insert(d.id.clone(), d);
+                match client.read_deployments(&page).await {
+                    Ok(found) => merge.page(&mut data.entries, &found, chunk),
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
                 }
             }
-            if let Some((_, before)) = data.as_ref() {
-                changed(changed_since(before, &all, &ids, id));
+            if let Some(e) = failed {
+                changed(merge.changed);
+                return Err(e);
             }
-            *data = Some((Instant::now(), all));
+            merge.finish(&mut data.entries, &ids);
+            changed(merge.changed);
+            data.read_at = Some(Instant::now());
         }
-        Ok(data.as_ref().and_then(|(_, all)| all.get(id).cloned()))
+        match data.entries.get(id) {
+            Some(e) => Ok(serde_json::from_str(&e.text).ok()),
+            None => Ok(None),
+        }
     }
 }
 
-/// The resources whose deployment the new read shows updated, or no longer shows,
-/// compared with the read before (deployments registered since then are not compared).
-fn changed_since(
-    before: &HashMap<String, ObservedDeployment>,
-    now: &HashMap<String, ObservedDeployment>,
-    ids: &[(String, Trigger)],
-    asking: &str,
-) -> Vec<Trigger> {
-    let updated = |d: &ObservedDeployment| d.fields.get("updated").cloned();
-    ids.iter()
-        .filter(|(id, _)| id != asking)
-        .filter(|(id, _)| match (before.get(id), now.get(id)) {
-            (Some(b), Some(n)) => updated(b) != updated(n),
-            (Some(_), None) => true,
-            _ => false,
-        })
-        .map(|(_, who)| who.clone())
-        .collect()
+/// One re-read of a snapshot: the deployments whose `updated` time moved, or that are
+/// gone, compared with the read before (deployments registered since then are not
+/// compared), other than the one `asking`.
+struct Merge<'a> {
+    asking: &'a str,
+    seen: HashSet<String>,
+    changed: Vec<Trigger>,
+}
+
+impl<'a> Merge<'a> {
+    fn new(asking: &'a str) -> Self {
+        Merge {
+            asking,
+            seen: HashSet::new(),
+            changed: Vec::new(),
+        }
+    }
+
+    /// One page's answer for the ids in `asked`.
+    fn page(
+        &mut self,
+        entries: &mut HashMap<String, Entry>,
+        found: &[ObservedDeployment],
+        asked: &[(String, Trigger)],
+    ) {
+        for d in found {
+            let Some((_, who)) = asked.iter().find(|(i, _)| *i == d.id) else {
+                continue;
+            };
+            let new = Entry::of(d);
+            let moved = entries
+                .get(&d.id)
+                .is_some_and(|old| old.updated != new.updated);
+            if moved && d.id != self.asking {
+                self.changed.push(who.clone());
+            }
+            entries.insert(d.id.clone(), new);
+            self.seen.insert(d.id.clone());
+        }
+    }
+
+    /// Drops what the read no longer shows (a change, when it was there before) and
+    /// what is no longer registered.
+    fn finish(&mut self, entries: &mut HashMap<String, Entry>, ids: &[(String, Trigger)]) {
+        for (id, who) in ids {
+            if !self.seen.contains(id) && entries.remove(id).is_some() && id != self.asking {
+                self.changed.push(who.clone());
+            }
+        }
+        let seen = &self.seen;
+        entries.retain(|id, _| seen.contains(id));
+    }
 }
 
 #[cfg(test)]
@@ -131,34 +207,60 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn deployment(id: &str, updated: &str) -> (String, ObservedDeployment) {
-        let d = serde_json::from_value(json!({"id": id, "updated": updated})).unwrap();
-        (id.to_string(), d)
+    fn deployment(id: &str, updated: &str) -> ObservedDeployment {
+        serde_json::from_value(json!({"id": id, "updated": updated})).unwrap()
+    }
+
+    fn read(
+        entries: &mut HashMap<String, Entry>,
+        found: &[ObservedDeployment],
+        ids: &[(String, Trigger)],
+        asking: &str,
+    ) -> Vec<Trigger> {
+        let mut merge = Merge::new(asking);
+        // Two pages, as the ids come in pages.
+        let (a, b) = ids.split_at(ids.len() / 2);
+        merge.page(entries, found, a);
+        merge.page(entries, found, b);
+        merge.finish(entries, ids);
+        let mut changed = merge.changed;
+        changed.sort_by_key(|t| t.name.clone());
+        changed
     }
 
     #[test]
     fn changes_between_two_reads() {
-        let before: HashMap<_, _> = [
+        let who = |n: &str| Trigger::new(n).within("ns");
+        let ids = |names: &[&str]| -> Vec<(String, Trigger)> {
+            names.iter().map(|n| (n.to_string(), who(n))).collect()
+        };
+        let mut entries = HashMap::new();
+        let first = [
             deployment("same", "t1"),
             deployment("edited", "t1"),
             deployment("gone", "t1"),
             deployment("asking", "t1"),
-        ]
-        .into();
-        let now: HashMap<_, _> = [
+        ];
+        let registered = ids(&["same", "edited", "gone", "asking"]);
+        assert!(read(&mut entries, &first, &registered, "asking").is_empty());
+        assert_eq!(entries.len(), 4);
+
+        let second = [
             deployment("same", "t1"),
             deployment("edited", "t2"),
             deployment("asking", "t2"),
             deployment("new", "t1"),
-        ]
-        .into();
-        let who = |n: &str| Trigger::new(n).within("ns");
-        let ids: Vec<(String, Trigger)> = ["same", "edited", "gone", "asking", "new"]
-            .iter()
-            .map(|n| (n.to_string(), who(n)))
-            .collect();
-        let mut changed = changed_since(&before, &now, &ids, "asking");
-        changed.sort_by_key(|t| t.name.clone());
+        ];
+        let registered = ids(&["same", "edited", "gone", "asking", "new"]);
+        let changed = read(&mut entries, &second, &registered, "asking");
         assert_eq!(changed, vec![who("edited"), who("gone")]);
+        assert_eq!(entries.len(), 4, "gone is dropped, new is kept");
+        let kept: ObservedDeployment = serde_json::from_str(&entries["edited"].text).unwrap();
+        assert_eq!(kept, second[1], "kept as read");
+
+        // No longer registered: dropped without counting as a change.
+        let changed = read(&mut entries, &second, &ids(&["same"]), "x");
+        assert!(changed.is_empty());
+        assert_eq!(entries.keys().collect::<Vec<_>>(), vec!["same"]);
     }
 }

@@ -1204,3 +1204,112 @@ async fn event_stream_with_basic_auth_triggers_watched_resources() {
     let more = tokio::time::timeout(Duration::from_secs(2), triggers.next()).await;
     assert!(more.is_err(), "unexpected trigger: {more:?}");
 }
+
+/// The ownership guard's reads by name, coalesced: lookups asked together go out as one
+/// `POST /deployments/filter` per flow and get the answer a GET by name would give; a
+/// lone lookup is the GET itself; a server that cannot be reached fails each lookup with
+/// its own error.
+#[tokio::test]
+async fn lookups_by_name_are_coalesced_per_flow() {
+    use prefect_operator::lookup::Lookups;
+    let env = Env::new().await;
+    let lookups = Arc::new(Lookups::default());
+    let client = env.client.clone().with_lookups(lookups.clone());
+    let (flow_a, flow_b) = (unique("lookup-a"), unique("lookup-b"));
+    let ids = {
+        let mut ids = std::collections::HashMap::new();
+        for (flow, name) in [(&flow_a, "one"), (&flow_a, "two"), (&flow_b, "one")] {
+            let flow_id = client.upsert_flow(flow).await.unwrap();
+            let body = json!({"name": name, "flow_id": flow_id, "enforce_parameter_schema": false});
+            ids.insert(
+                (flow.clone(), name),
+                client.create_deployment(&body).await.unwrap(),
+            );
+        }
+        ids
+    };
+    let asked: Vec<(String, &str)> = vec![
+        (flow_a.clone(), "one"),
+        (flow_a.clone(), "two"),
+        (flow_a.clone(), "absent"),
+        (flow_a.clone(), "one"),
+        (flow_b.clone(), "one"),
+        (flow_b.clone(), "two"),
+    ];
+    let before = env.calls.snapshot();
+    // All asked in the same poll: the read for them starts only after every one queued.
+    let answers = futures::future::join_all(
+        asked
+            .iter()
+            .map(|(flow, name)| client.deployment_by_name(flow, name)),
+    )
+    .await;
+    let made = |before: &std::collections::BTreeMap<(String, &'static str), u64>| {
+        let after = env.calls.snapshot();
+        after
+            .iter()
+            .filter_map(|((m, e), n)| {
+                let d = n - before.get(&(m.clone(), *e)).copied().unwrap_or(0);
+                (d > 0).then(|| format!("{m} {e} x{d}"))
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(made(&before), vec!["POST deployments_filter x2"]);
+    for ((flow, name), answer) in asked.iter().zip(answers) {
+        let got = answer.unwrap().map(|d| d.id);
+        assert_eq!(
+            got.as_ref(),
+            ids.get(&(flow.clone(), *name)),
+            "{flow}/{name}"
+        );
+        // The same answer as the plain GET by name.
+        let direct = env
+            .client
+            .read_deployment_by_name(flow, name)
+            .await
+            .unwrap()
+            .map(|d| d.id);
+        assert_eq!(got, direct, "{flow}/{name}");
+    }
+
+    // A lone lookup is the GET by name.
+    let before = env.calls.snapshot();
+    let found = client.deployment_by_name(&flow_b, "one").await.unwrap();
+    assert_eq!(
+        found.map(|d| d.id),
+        ids.get(&(flow_b.clone(), "one")).cloned()
+    );
+    assert_eq!(made(&before), vec!["GET deployment_by_name x1"]);
+
+    // Created after the last lookup: the next one sees it (no answer is kept).
+    let flow_id = client.upsert_flow(&flow_a).await.unwrap();
+    let body = json!({"name": "absent", "flow_id": flow_id, "enforce_parameter_schema": false});
+    let late = client.create_deployment(&body).await.unwrap();
+    let both = futures::future::join_all([
+        client.deployment_by_name(&flow_a, "absent"),
+        client.deployment_by_name(&flow_a, "two"),
+    ])
+    .await;
+    assert_eq!(
+        both[0].as_ref().unwrap().as_ref().map(|d| &d.id),
+        Some(&late)
+    );
+
+    // Nothing listening: every lookup fails with the unreachable server's error.
+    let port = support::free_port();
+    let down = PrefectClient::new(
+        http_client(),
+        &format!("http://127.0.0.1:{port}/api"),
+        None,
+        Arc::new(CallLog::default()),
+    )
+    .with_lookups(lookups);
+    let failed = futures::future::join_all([
+        down.deployment_by_name("f", "a"),
+        down.deployment_by_name("f", "b"),
+    ])
+    .await;
+    for r in failed {
+        assert!(matches!(r, Err(Error::PrefectUnreachable(..))), "{r:?}");
+    }
+}

@@ -209,7 +209,7 @@ pub async fn observe(
     state: &SyncState,
 ) -> Result<Observed> {
     let by_name = client
-        .read_deployment_by_name(&want.flow_name, &want.name)
+        .deployment_by_name(&want.flow_name, &want.name)
         .await?;
     let reads = plan::reads(want, state, by_name.as_ref());
     let recorded_exists = match &reads.recorded {

@@ -24,6 +24,7 @@ use crate::api::{
     RUN_REQUESTED_AT,
 };
 use crate::limit::Limits;
+use crate::lookup::Lookups;
 use crate::metrics::{Metrics, ReconcileLabels};
 use crate::prefect::{CallLog, FlowCache, PrefectClient};
 use crate::prefect_events::EventStreams;
@@ -39,7 +40,7 @@ const MIN_RESYNC: Duration = Duration::from_secs(10);
 const MAX_RESYNC: Duration = Duration::from_secs(24 * 3600);
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
 /// Requests in flight per Prefect server when the caller does not say (the CLI's
-/// default concurrency).
+/// default).
 const DEFAULT_REQUEST_LIMIT: usize = 8;
 /// Shortest time between two rewrites of a resource's next-run preview: a status write
 /// each, so 10,000 resources on minutely crons stay at most 2,000 writes a minute.
@@ -97,6 +98,8 @@ pub struct Context {
     flows: Arc<FlowCache>,
     /// Bulk reads of the managed deployments, per server, for drift checks.
     snapshots: Snapshots,
+    /// The ownership guard's reads by name, coalesced per server.
+    lookups: Arc<Lookups>,
     /// The controllers' caches of resources, to see which others name the same global
     /// concurrency limit.
     stores: Mutex<Vec<Store<PrefectDeployment>>>,
@@ -119,9 +122,13 @@ impl Context {
             failures: Mutex::default(),
             synced: Mutex::default(),
             access: Access::default(),
-            limits: Arc::new(Limits::new(DEFAULT_REQUEST_LIMIT)),
+            limits: Arc::new(
+                Limits::new(DEFAULT_REQUEST_LIMIT)
+                    .counting(metrics.request_limit_decreases.clone()),
+            ),
             flows: Arc::default(),
             snapshots: Snapshots::default(),
+            lookups: Arc::default(),
             stores: Mutex::default(),
             events: Arc::new(EventStreams::new(metrics.clone())),
             metrics,
@@ -131,7 +138,8 @@ impl Context {
 
     /// At most `n` requests in flight per Prefect server (fewer while it is overloaded).
     pub fn with_request_limit(mut self, n: usize) -> Self {
-        self.limits = Arc::new(Limits::new(n));
+        self.limits =
+            Arc::new(Limits::new(n).counting(self.metrics.request_limit_decreases.clone()));
         self
     }
 
@@ -238,8 +246,11 @@ pub(crate) fn build_with(
     use kube::runtime::WatchStreamExt;
     let (reader, writer) = kube::runtime::reflector::store();
     // The cache keeps every watched object; managedFields and kubectl's last-applied
-    // copy of the manifest are the bulk of one and nothing here reads them.
-    let mut config = watcher::Config::default().any_semantic();
+    // copy of the manifest are the bulk of one and nothing here reads them. The first
+    // list is read in pages (500 objects each): a list from the apiserver's cache
+    // (resourceVersion=0) would come as one answer, at 10,000 objects tens of MB held at
+    // once.
+    let mut config = watcher::Config::default();
     if let Some(l) = labels {
         config = config.labels(l);
     }
@@ -719,7 +730,8 @@ async fn prefect_client(obj: &PrefectDeployment, ctx: &Context, ns: &str) -> Res
     Ok(
         PrefectClient::new(ctx.http.clone(), &base, auth, ctx.calls.clone())
             .with_limit(ctx.limits.for_server(&base))
-            .with_flow_cache(ctx.flows.clone()),
+            .with_flow_cache(ctx.flows.clone())
+            .with_lookups(ctx.lookups.clone()),
     )
 }
 

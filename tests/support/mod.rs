@@ -198,6 +198,18 @@ impl PrefectServer {
         )
     }
 
+    /// A server on the database at `db_url` (kept when the server stops, so a server
+    /// started again on it finds everything), on `port` when given.
+    pub fn start_on_database(
+        port: Option<u16>,
+        db_url: &str,
+        settings: &[(&'static str, &str)],
+    ) -> PrefectServer {
+        let mut all = vec![("PREFECT_API_DATABASE_CONNECTION_URL", db_url)];
+        all.extend_from_slice(settings);
+        Self::launch(port, None, false, &all)
+    }
+
     /// Starts an older Prefect server (one of the versions `test-assets.sh` provisions),
     /// API only.
     pub fn start_version(version: &str) -> PrefectServer {
