@@ -23,6 +23,12 @@ use serde_json::{json, Value};
 use support::{create_pool, http_get, unique, ControlPlane, PrefectServer};
 
 const BIN: &str = env!("CARGO_BIN_EXE_prefect-operator");
+
+/// The operator binary: this build's, or `BENCH_BIN` (for example the static musl
+/// build `scripts/build-static.sh` makes, which the container image ships).
+fn operator_bin() -> String {
+    std::env::var("BENCH_BIN").unwrap_or_else(|_| BIN.to_string())
+}
 /// Parallel requests for the floor client: the operator's default limit of requests in
 /// flight per server (`--max-requests-per-server`).
 const CONCURRENCY: usize = 8;
@@ -105,7 +111,9 @@ fn main() {
         } else {
             None
         };
-        let size = std::fs::metadata(BIN).map(|m| m.len()).unwrap_or(0);
+        let size = std::fs::metadata(operator_bin())
+            .map(|m| m.len())
+            .unwrap_or(0);
         report(&rows, cut.as_ref(), outage.as_ref(), size);
     });
 }
@@ -125,7 +133,8 @@ struct Row {
     change_calls: BTreeMap<String, f64>,
     restart_secs: f64,
     restart_writes: u64,
-    restart_k8s_writes: usize,
+    /// Kubernetes writes during the restart: (others, next-run refreshes).
+    restart_k8s_writes: (usize, usize),
     repair: Repair,
     rss_mib: f64,
     cpu_secs: f64,
@@ -208,7 +217,7 @@ impl OperatorProcess {
     /// The release binary watching `ns`, with `resync` between drift checks.
     fn start(cp: &ControlPlane, ns: &str, resync: &str) -> Self {
         let port = support::free_port();
-        let child = Command::new(BIN)
+        let child = Command::new(operator_bin())
             .args([
                 "run",
                 &format!("--namespace={ns}"),
@@ -397,43 +406,52 @@ fn writes(calls: &BTreeMap<String, f64>) -> u64 {
         .sum()
 }
 
-async fn resource_versions(api: &Api<PrefectDeployment>) -> HashMap<String, String> {
-    api.list(&ListParams::default())
-        .await
-        .unwrap()
-        .items
-        .into_iter()
-        .map(|o| {
-            (
-                o.metadata.name.unwrap(),
-                o.metadata.resource_version.unwrap(),
-            )
-        })
-        .collect()
+/// One resource as a list shows it: its resourceVersion and its `status.nextRun`.
+struct Shown {
+    rv: String,
+    next_run: Option<chrono::DateTime<chrono::Utc>>,
 }
 
-/// Each resource's `status.nextRun`, as an instant.
-async fn shown_next_runs(
-    api: &Api<PrefectDeployment>,
-) -> HashMap<String, Option<chrono::DateTime<chrono::Utc>>> {
+/// Every resource of the namespace, from one list (two lists of 10,000 objects are
+/// seconds apart, and a preview refreshed between them would be counted wrongly).
+async fn shown(api: &Api<PrefectDeployment>) -> HashMap<String, Shown> {
     api.list(&ListParams::default())
         .await
         .unwrap()
         .items
         .into_iter()
         .map(|o| {
-            let t = o
+            let next_run = o
                 .status
                 .and_then(|s| s.next_run)
                 .and_then(|t| chrono::DateTime::parse_from_rfc3339(&t).ok())
                 .map(|t| t.with_timezone(&chrono::Utc));
-            (o.metadata.name.unwrap(), t)
+            let rv = o.metadata.resource_version.unwrap();
+            (o.metadata.name.unwrap(), Shown { rv, next_run })
         })
         .collect()
 }
 
-fn changed(a: &HashMap<String, String>, b: &HashMap<String, String>) -> usize {
-    a.iter().filter(|(k, v)| b.get(*k) != Some(*v)).count()
+/// Resources written between two lists: (other writes, next-run refreshes). A refresh
+/// is a write to a resource whose shown next run had passed by `until`: the operator
+/// rewrites such a preview on purpose.
+fn status_writes(
+    before: &HashMap<String, Shown>,
+    after: &HashMap<String, Shown>,
+    until: chrono::DateTime<chrono::Utc>,
+) -> (usize, usize) {
+    let mut counts = (0, 0);
+    for (name, b) in before {
+        if after.get(name).map(|a| &a.rv) == Some(&b.rv) {
+            continue;
+        }
+        if b.next_run.is_some_and(|t| t <= until) {
+            counts.1 += 1;
+        } else {
+            counts.0 += 1;
+        }
+    }
+    counts
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -542,8 +560,7 @@ async fn operator_round(cp: &ControlPlane, n: usize, services: bool) -> Row {
     // Steady state: nothing changed; wait for every resource to be re-read once.
     let calls0 = op.calls();
     let passes0 = op.passes();
-    let rv0 = resource_versions(&api).await;
-    let shown_at_start = shown_next_runs(&api).await;
+    let before = shown(&api).await;
     let t0 = Instant::now();
     let deadline = Instant::now() + Duration::from_secs(300);
     while op.passes() - passes0 < n as f64 {
@@ -553,18 +570,8 @@ async fn operator_round(cp: &ControlPlane, n: usize, services: bool) -> Row {
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    let shown0 = shown_at_start;
-    let rv1 = resource_versions(&api).await;
-    let ended = chrono::Utc::now();
-    let due: Vec<&String> = shown0
-        .iter()
-        .filter(|(_, t)| t.is_some_and(|t| t <= ended))
-        .map(|(k, _)| k)
-        .collect();
-    let refreshed = rv1
-        .iter()
-        .filter(|(k, v)| rv0.get(*k) != Some(*v) && due.contains(k))
-        .count();
+    let (k8s_writes, preview_refreshes) =
+        status_writes(&before, &shown(&api).await, chrono::Utc::now());
     eprintln!(
         "   steady state: RSS {:.1} MiB (peak {:.1})",
         op.rss_now(),
@@ -573,8 +580,8 @@ async fn operator_round(cp: &ControlPlane, n: usize, services: bool) -> Row {
     let steady = Steady {
         secs: t0.elapsed().as_secs_f64(),
         calls: diff(&op.calls(), &calls0),
-        k8s_writes: changed(&rv0, &rv1) - refreshed,
-        preview_refreshes: refreshed,
+        k8s_writes,
+        preview_refreshes,
     };
 
     // One change: a new cron on one resource.
@@ -599,7 +606,7 @@ async fn operator_round(cp: &ControlPlane, n: usize, services: bool) -> Row {
 
     // Restart: kill it, start again (now with an hour between drift checks, for the
     // repair phase below), wait until every resource was re-checked.
-    let rv0 = resource_versions(&api).await;
+    let before = shown(&api).await;
     drop(op);
     op = OperatorProcess::start(cp, &ns, "1h");
     let t = Instant::now();
@@ -618,7 +625,7 @@ async fn operator_round(cp: &ControlPlane, n: usize, services: bool) -> Row {
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
     let restart_writes = writes(&op.calls());
-    let restart_k8s_writes = changed(&rv0, &resource_versions(&api).await);
+    let restart_k8s_writes = status_writes(&before, &shown(&api).await, chrono::Utc::now());
 
     // Out-of-band changes in Prefect with a 1 h resync: only the event stream can
     // bring the repair within seconds.
@@ -1055,11 +1062,11 @@ fn report(rows: &[Row], cut: Option<&Cut>, outage: Option<&Outage>, binary_size:
         );
     }
     println!();
-    println!("| N | services | steady-state resync: Prefect calls | Prefect writes | K8s writes (+ next-run refreshes) | one cron change: ms | restart: s to re-check all | restart Prefect writes | restart K8s writes | peak RSS MiB | CPU s |");
+    println!("| N | services | steady-state resync: Prefect calls | Prefect writes | K8s writes (+ next-run refreshes) | one cron change: ms | restart: s to re-check all | restart Prefect writes | restart K8s writes (+ next-run refreshes) | peak RSS MiB | CPU s |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for r in rows {
         println!(
-            "| {} | {} | {} (over {:.0} s) | {} | {} (+ {}) | {:.0} | {:.1} | {} | {} | {:.1} | {:.1} |",
+            "| {} | {} | {} (over {:.0} s) | {} | {} (+ {}) | {:.0} | {:.1} | {} | {} (+ {}) | {:.1} | {:.1} |",
             r.n,
             if r.services { "on" } else { "off" },
             fmt_calls(&r.steady.calls),
@@ -1070,7 +1077,8 @@ fn report(rows: &[Row], cut: Option<&Cut>, outage: Option<&Outage>, binary_size:
             r.change_ms,
             r.restart_secs,
             r.restart_writes,
-            r.restart_k8s_writes,
+            r.restart_k8s_writes.0,
+            r.restart_k8s_writes.1,
             r.rss_mib,
             r.cpu_secs
         );
@@ -1131,7 +1139,12 @@ fn report(rows: &[Row], cut: Option<&Cut>, outage: Option<&Outage>, binary_size:
         );
     }
     println!(
-        "release binary: {binary_size} bytes ({:.1} MiB)",
+        "operator binary: {} ({binary_size} bytes, {:.1} MiB)",
+        if std::env::var("BENCH_BIN").is_ok() {
+            "BENCH_BIN"
+        } else {
+            "this build (release profile)"
+        },
         binary_size as f64 / 1048576.0
     );
 }

@@ -185,13 +185,16 @@ mod tests {
 
     #[tokio::test]
     async fn halves_on_overload_and_grows_back() {
-        let limit = Arc::new(Limit::new(8));
+        let decreases = Counter::default();
+        let limits = Limits::new(8).counting(decreases.clone());
+        let limit = limits.for_server("http://prefect/api");
         assert_eq!(limit.current(), 8);
         limit.acquire().await.finish(Outcome::Overloaded);
         assert_eq!(limit.current(), 4);
-        // A burst of 503s within a second halves once.
+        // A burst of 503s within a second halves once, and is counted once.
         limit.acquire().await.finish(Outcome::Overloaded);
         assert_eq!(limit.current(), 4);
+        assert_eq!(decreases.get(), 1);
         // Successes add about one per round of `limit` requests (4 + 1/4 + 1/4.25 ...).
         for _ in 0..5 {
             limit

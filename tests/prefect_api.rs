@@ -1313,3 +1313,91 @@ async fn lookups_by_name_are_coalesced_per_flow() {
         assert!(matches!(r, Err(Error::PrefectUnreachable(..))), "{r:?}");
     }
 }
+
+/// Prefect Cloud's event stream takes the API key in its auth message, as Prefect's own
+/// `PrefectCloudEventSubscriber` sends it. Cloud cannot run here, so a local websocket
+/// endpoint stands in for it: it speaks only the `prefect` subprotocol, accepts only the
+/// key, checks the filter, and then announces an update of the watched deployment.
+#[tokio::test]
+// The handshake callback's error type is tungstenite's, not ours.
+#[allow(clippy::result_large_err)]
+async fn event_stream_authenticates_with_a_cloud_api_key() {
+    use futures::{SinkExt, StreamExt};
+    use prefect_operator::capabilities::Capabilities;
+    use prefect_operator::metrics::Metrics;
+    use prefect_operator::prefect_events::EventStreams;
+    use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+    use tokio_tungstenite::tungstenite::Message;
+
+    const KEY: &str = "pnu_0123456789abcdef";
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel::<Value>();
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut path = String::new();
+        let ws = tokio_tungstenite::accept_hdr_async(tcp, |req: &Request, mut resp: Response| {
+            path = req.uri().path().to_string();
+            let offered = req
+                .headers()
+                .get("sec-websocket-protocol")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string();
+            assert_eq!(offered, "prefect");
+            resp.headers_mut()
+                .insert("sec-websocket-protocol", "prefect".parse().unwrap());
+            Ok(resp)
+        });
+        let mut ws = ws.await.unwrap();
+        assert_eq!(path, "/api/accounts/a/workspaces/w/events/out");
+        let text = |m: Message| serde_json::from_str::<Value>(m.to_text().unwrap()).unwrap();
+        let auth = text(ws.next().await.unwrap().unwrap());
+        let _ = seen_tx.send(auth.clone());
+        if auth != json!({"type": "auth", "token": KEY}) {
+            let refused = json!({"type": "auth_failure", "reason": "bad key"});
+            ws.send(Message::text(refused.to_string())).await.unwrap();
+            return;
+        }
+        ws.send(Message::text(json!({"type": "auth_success"}).to_string()))
+            .await
+            .unwrap();
+        let filter = text(ws.next().await.unwrap().unwrap());
+        let _ = seen_tx.send(filter);
+        let event = json!({"type": "event", "event": {
+            "occurred": chrono::Utc::now().to_rfc3339(),
+            "event": "prefect.deployment.updated",
+            "resource": {"prefect.resource.id": "prefect.deployment.d-1"},
+            "id": "e-1",
+        }});
+        ws.send(Message::text(event.to_string())).await.unwrap();
+        // Keep the stream open until the client goes.
+        while let Some(Ok(_)) = ws.next().await {}
+    });
+
+    let calls = Arc::new(CallLog::default());
+    let streams = Arc::new(EventStreams::new(Arc::new(Metrics::new(
+        calls.durations.clone(),
+    ))));
+    let mut triggers = Box::pin(streams.subscribe());
+    let who = kube::runtime::reflector::ObjectRef::new("cloud").within("team");
+    let base = format!("http://127.0.0.1:{port}/api/accounts/a/workspaces/w");
+    let key = Some(Auth::Bearer(KEY.into()));
+    assert!(streams.watch(&base, &Capabilities::LATEST, key, "d-1", who.clone()));
+
+    let within = Duration::from_secs(20);
+    let auth = tokio::time::timeout(within, seen.recv()).await.unwrap();
+    assert_eq!(auth, Some(json!({"type": "auth", "token": KEY})));
+    let filter = tokio::time::timeout(within, seen.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(filter["type"], "filter");
+    assert_eq!(
+        filter["filter"]["event"]["prefix"],
+        json!(["prefect.deployment."])
+    );
+    let next = tokio::time::timeout(within, triggers.next()).await;
+    assert_eq!(next.expect("a trigger").unwrap(), who);
+    assert_eq!(streams.connected(), 1);
+}
