@@ -487,6 +487,22 @@ async fn create_resources(
         .await
 }
 
+/// A new namespace holding resources `0..n` for `prefect` (their work pool created
+/// first); when each resource was created.
+async fn populate(
+    cp: &ControlPlane,
+    prefix: &str,
+    prefect: &PrefectServer,
+    n: usize,
+) -> (String, Api<PrefectDeployment>, HashMap<String, Instant>) {
+    let pool = create_pool(prefect);
+    let ns = unique(prefix);
+    cp.kubectl_ok(&["create", "namespace", &ns]);
+    let api: Api<PrefectDeployment> = Api::namespaced(cp.client().await, &ns);
+    let created = create_resources(&api, &ns, &prefect.url, &pool, n).await;
+    (ns, api, created)
+}
+
 /// Waits until `n` resources of the namespace are Ready for their generation, and says
 /// when each first was. A watch, not repeated lists: measuring must not load the
 /// apiserver that the operator shares the machine with.
@@ -525,14 +541,8 @@ fn cold_limit(n: usize) -> Duration {
 
 async fn operator_round(cp: &ControlPlane, n: usize, services: bool) -> Row {
     let prefect = start_prefect(services);
-    let pool = create_pool(&prefect);
-    let kube = cp.client().await;
-    let ns = unique("bench");
-    cp.kubectl_ok(&["create", "namespace", &ns]);
-    let api: Api<PrefectDeployment> = Api::namespaced(kube.clone(), &ns);
-
     // Create the N resources first, then start the operator: a fresh install.
-    let created = create_resources(&api, &ns, &prefect.url, &pool, n).await;
+    let (ns, api, created) = populate(cp, "bench", &prefect, n).await;
     let mut op = OperatorProcess::start(cp, &ns, RESYNC);
     let started = Instant::now();
     let ready_at = wait_ready(&api, n, cold_limit(n)).await;
@@ -695,10 +705,35 @@ fn edit_body() -> Value {
     json!({"tags": [EDITED]})
 }
 
-/// Whether deployment `id` no longer shows the out-of-band edit.
-async fn edit_undone(http: &reqwest::Client, prefect: &str, id: &str) -> bool {
-    let (code, d) = support::prefect_get(http, &format!("{prefect}/deployments/{id}")).await;
-    code == 200 && d["tags"] != json!([EDITED])
+/// Edits deployment `id` behind the operator's back, or deletes it.
+async fn change_out_of_band(http: &reqwest::Client, prefect: &str, id: &str, delete: bool) {
+    let url = format!("{prefect}/deployments/{id}");
+    let (code, _) = if delete {
+        support::prefect_call(http, reqwest::Method::DELETE, &url, None).await
+    } else {
+        support::prefect_call(http, reqwest::Method::PATCH, &url, Some(&edit_body())).await
+    };
+    assert!(code < 300, "out-of-band change of {id}: {code}");
+}
+
+/// Whether that change is undone: the edit no longer shows, or resource `name` records
+/// a new deployment in place of the deleted `id`.
+async fn repaired(
+    api: &Api<PrefectDeployment>,
+    http: &reqwest::Client,
+    prefect: &str,
+    (name, id): (&str, &str),
+    delete: bool,
+) -> bool {
+    if delete {
+        let o = api.get(name).await.unwrap();
+        o.status
+            .and_then(|s| s.deployment_id)
+            .is_some_and(|now| now != id)
+    } else {
+        let (code, d) = support::prefect_get(http, &format!("{prefect}/deployments/{id}")).await;
+        code == 200 && d["tags"] != json!([EDITED])
+    }
 }
 
 /// Edits and deletes deployments in Prefect, one at a time, and measures how long each
@@ -724,26 +759,10 @@ async fn repair_round(
     for k in 0..samples {
         let name = format!("bench-{}", k * n / samples);
         let id = &ids[&name];
-        let url = format!("{}/deployments/{id}", prefect.url);
         let delete = k % 2 == 1;
         let t = Instant::now();
-        let (code, _) = if delete {
-            support::prefect_call(&http, reqwest::Method::DELETE, &url, None).await
-        } else {
-            support::prefect_call(&http, reqwest::Method::PATCH, &url, Some(&edit_body())).await
-        };
-        assert!(code < 300, "out-of-band change of {name}: {code}");
-        loop {
-            let done = if delete {
-                let o = api.get(&name).await.unwrap();
-                let now = o.status.and_then(|s| s.deployment_id);
-                now.is_some_and(|now| &now != id)
-            } else {
-                edit_undone(&http, &prefect.url, id).await
-            };
-            if done {
-                break;
-            }
+        change_out_of_band(&http, &prefect.url, id, delete).await;
+        while !repaired(api, &http, &prefect.url, (&name, id), delete).await {
             assert!(
                 t.elapsed() < Duration::from_secs(600),
                 "{name} was not repaired"
@@ -778,12 +797,7 @@ async fn cut_round(cp: &ControlPlane, n: usize) -> Cut {
         &durable_database(dir.path()),
         &[("PREFECT_SERVER_EVENTS_STREAM_OUT_ENABLED", "false")],
     );
-    let pool = create_pool(&prefect);
-    let kube = cp.client().await;
-    let ns = unique("bench-cut");
-    cp.kubectl_ok(&["create", "namespace", &ns]);
-    let api: Api<PrefectDeployment> = Api::namespaced(kube, &ns);
-    create_resources(&api, &ns, &prefect.url, &pool, n).await;
+    let (ns, api, _) = populate(cp, "bench-cut", &prefect, n).await;
     let resync = 30.0;
     let op = OperatorProcess::start(cp, &ns, "30s");
     wait_ready(&api, n, cold_limit(n)).await;
@@ -803,27 +817,14 @@ async fn cut_round(cp: &ControlPlane, n: usize) -> Cut {
         .collect();
     let t = Instant::now();
     for (k, (_, id)) in picked.iter().enumerate() {
-        let url = format!("{}/deployments/{id}", prefect.url);
-        let (code, _) = if k % 2 == 1 {
-            support::prefect_call(&http, reqwest::Method::DELETE, &url, None).await
-        } else {
-            support::prefect_call(&http, reqwest::Method::PATCH, &url, Some(&edit_body())).await
-        };
-        assert!(code < 300, "out-of-band change: {code}");
+        change_out_of_band(&http, &prefect.url, id, k % 2 == 1).await;
     }
     let mut repair = Repair::default();
     let mut pending: Vec<(usize, &(String, String))> = picked.iter().enumerate().collect();
     while !pending.is_empty() {
         let mut left = Vec::new();
         for (k, (name, id)) in pending {
-            let done = if k % 2 == 1 {
-                let o = api.get(name).await.unwrap();
-                o.status
-                    .and_then(|s| s.deployment_id)
-                    .is_some_and(|now| &now != id)
-            } else {
-                edit_undone(&http, &prefect.url, id).await
-            };
+            let done = repaired(&api, &http, &prefect.url, (name, id), k % 2 == 1).await;
             match (done, k % 2 == 1) {
                 (true, true) => repair.deletes.push(t.elapsed().as_secs_f64()),
                 (true, false) => repair.edits.push(t.elapsed().as_secs_f64()),
@@ -870,13 +871,7 @@ async fn outage_round(cp: &ControlPlane, n: usize) -> Outage {
     let db = durable_database(dir.path());
     let port = support::free_port();
     let prefect = PrefectServer::start_on_database(Some(port), &db, &[]);
-    let url = prefect.url.clone();
-    let pool = create_pool(&prefect);
-    let kube = cp.client().await;
-    let ns = unique("bench-outage");
-    cp.kubectl_ok(&["create", "namespace", &ns]);
-    let api: Api<PrefectDeployment> = Api::namespaced(kube, &ns);
-    create_resources(&api, &ns, &url, &pool, n).await;
+    let (ns, api, _) = populate(cp, "bench-outage", &prefect, n).await;
     let _op = OperatorProcess::start(cp, &ns, RESYNC);
     // Down in the middle of the work: once a quarter is Ready.
     let ready_before = wait_ready(&api, n / 4, cold_limit(n)).await.len();
