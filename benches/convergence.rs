@@ -569,54 +569,16 @@ async fn operator_round(cp: &ControlPlane, n: usize, services: bool) -> Row {
         *lat.last().unwrap(),
     );
 
-    // Steady state: nothing changed; wait for every resource to be re-read once.
-    let calls0 = op.calls();
-    let passes0 = op.passes();
-    let before = shown(&api).await;
-    let t0 = Instant::now();
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while op.passes() - passes0 < n as f64 {
-        assert!(
-            Instant::now() < deadline,
-            "resync did not cover every resource"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    let (k8s_writes, preview_refreshes) =
-        status_writes(&before, &shown(&api).await, chrono::Utc::now());
+    // Steady state: nothing changed; wait for every resource to be re-read once. Then a
+    // second window: what the first one held only because it followed the cold start
+    // (changes from its last minutes) is gone there.
+    let steady = steady_window(&op, &api, n).await;
     eprintln!(
         "   steady state: RSS {:.1} MiB (peak {:.1})",
         op.rss_now(),
         op.cost().0
     );
-    let steady = Steady {
-        secs: t0.elapsed().as_secs_f64(),
-        calls: diff(&op.calls(), &calls0),
-        k8s_writes,
-        preview_refreshes,
-    };
-
-    // A second window: what the first one held only because it followed the cold start
-    // (changes from its last minutes) is gone here.
-    let calls1 = op.calls();
-    let passes1 = op.passes();
-    let before = shown(&api).await;
-    let t1 = Instant::now();
-    while op.passes() - passes1 < n as f64 {
-        assert!(
-            t1.elapsed() < Duration::from_secs(300),
-            "the second resync did not cover every resource"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    let (k8s_writes, preview_refreshes) =
-        status_writes(&before, &shown(&api).await, chrono::Utc::now());
-    let steady2 = Steady {
-        secs: t1.elapsed().as_secs_f64(),
-        calls: diff(&op.calls(), &calls1),
-        k8s_writes,
-        preview_refreshes,
-    };
+    let steady2 = steady_window(&op, &api, n).await;
 
     // One change: a new cron on one resource.
     let before = op.calls();
@@ -684,6 +646,29 @@ async fn operator_round(cp: &ControlPlane, n: usize, services: bool) -> Row {
         rss_mib: first_cost.0.max(second_cost.0),
         cpu_secs: first_cost.1 + second_cost.1,
         cold_calls,
+    }
+}
+
+/// One resync window with nothing changed: from now until every resource had a pass.
+async fn steady_window(op: &OperatorProcess, api: &Api<PrefectDeployment>, n: usize) -> Steady {
+    let calls0 = op.calls();
+    let passes0 = op.passes();
+    let before = shown(api).await;
+    let t0 = Instant::now();
+    while op.passes() - passes0 < n as f64 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(300),
+            "resync did not cover every resource"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let (k8s_writes, preview_refreshes) =
+        status_writes(&before, &shown(api).await, chrono::Utc::now());
+    Steady {
+        secs: t0.elapsed().as_secs_f64(),
+        calls: diff(&op.calls(), &calls0),
+        k8s_writes,
+        preview_refreshes,
     }
 }
 

@@ -174,12 +174,21 @@ pub struct FlowCache {
     ids: Mutex<std::collections::HashMap<(String, String), String>>,
     /// Each server's capabilities, and when they were read.
     versions: Mutex<std::collections::HashMap<String, (Capabilities, std::time::Instant)>>,
-    /// Per server, held while its version is read, so concurrent passes wait for one
-    /// read (and a slow server delays only its own).
-    reading_version: Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Per server (and flow), held while its version (or the flow's id) is read, so
+    /// concurrent passes wait for one read (and a slow server delays only its own).
+    reading: Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl FlowCache {
+    /// The lock to hold while reading what `key` names.
+    fn gate(&self, key: String) -> Arc<tokio::sync::Mutex<()>> {
+        let mut gates = self.reading.lock().expect("flow cache lock");
+        if gates.len() >= 10_000 {
+            gates.clear();
+        }
+        gates.entry(key).or_default().clone()
+    }
+
     fn get(&self, base: &str, name: &str) -> Option<String> {
         let map = self.ids.lock().expect("flow cache lock");
         map.get(&(base.to_string(), name.to_string())).cloned()
@@ -243,13 +252,10 @@ impl PrefectClient {
         if let Some(c) = known() {
             return Ok(c);
         }
-        let gate = self.flows.as_ref().map(|f| {
-            let mut gates = f.reading_version.lock().expect("version cache lock");
-            if gates.len() >= 10_000 {
-                gates.clear();
-            }
-            gates.entry(self.base.clone()).or_default().clone()
-        });
+        let gate = self
+            .flows
+            .as_ref()
+            .map(|f| f.gate(format!("version {}", self.base)));
         let _reading = match &gate {
             Some(g) => Some(g.lock().await),
             None => None,
@@ -432,14 +438,21 @@ impl PrefectClient {
     }
 
     /// The flow's id: from the cache when known, else `POST /flows/` (an upsert by name).
+    /// Passes asking for the same unknown flow at once wait for one upsert.
     pub async fn flow_id(&self, name: &str) -> Result<String, Error> {
-        if let Some(id) = self.flows.as_ref().and_then(|c| c.get(&self.base, name)) {
+        let Some(c) = &self.flows else {
+            return self.upsert_flow(name).await;
+        };
+        if let Some(id) = c.get(&self.base, name) {
+            return Ok(id);
+        }
+        let gate = c.gate(format!("flow {} {name}", self.base));
+        let _reading = gate.lock().await;
+        if let Some(id) = c.get(&self.base, name) {
             return Ok(id);
         }
         let id = self.upsert_flow(name).await?;
-        if let Some(c) = &self.flows {
-            c.put(&self.base, name, &id);
-        }
+        c.put(&self.base, name, &id);
         Ok(id)
     }
 

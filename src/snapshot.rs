@@ -122,24 +122,23 @@ impl Snapshots {
             // Merged page by page into the entries in place, so memory holds one copy
             // plus a page. Changes found before a failed page are still handed on.
             let mut merge = Merge::new(id);
-            let mut failed = None;
+            let mut read = Ok(());
             for chunk in ids.chunks(PAGE) {
                 let page: Vec<String> = chunk.iter().map(|(i, _)| i.clone()).collect();
                 match client.read_deployments(&page).await {
                     Ok(found) => merge.page(&mut data.entries, &found, chunk),
                     Err(e) => {
-                        failed = Some(e);
+                        read = Err(e);
                         break;
                     }
                 }
             }
-            if let Some(e) = failed {
-                changed(merge.changed);
-                return Err(e);
+            if read.is_ok() {
+                merge.finish(&mut data.entries, &ids);
+                data.read_at = Some(Instant::now());
             }
-            merge.finish(&mut data.entries, &ids);
             changed(merge.changed);
-            data.read_at = Some(Instant::now());
+            read?;
         }
         match data.entries.get(id) {
             Some(e) => Ok(serde_json::from_str(&e.text).ok()),
