@@ -12,6 +12,7 @@
 pub mod access;
 pub mod admin;
 pub mod api;
+pub mod cache;
 pub mod capabilities;
 pub mod cli;
 pub mod commands;

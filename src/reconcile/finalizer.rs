@@ -23,7 +23,7 @@
 
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::EventType;
+use super::events::EventType;
 use kube::{Api, ResourceExt};
 use serde_json::json;
 

@@ -2,6 +2,7 @@
 //! observe, plan and perform (`execute`), record status; on deletion, clean up behind
 //! the finalizer (`finalizer`).
 
+mod events;
 pub mod execute;
 mod finalizer;
 pub mod server;
@@ -13,12 +14,12 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Api, Resource, ResourceExt};
 
 use crate::access::Access;
+use crate::cache::Cached;
 use crate::api::{
     DriftPolicy, LastRun, PrefectDeployment, FINALIZER, RECONCILE_REQUESTED_AT, RUN_PARAMETERS,
     RUN_REQUESTED_AT,
@@ -32,6 +33,7 @@ use crate::snapshot::Snapshots;
 use crate::validate::{validate, ValidSchedule};
 use crate::{Error, Result};
 
+use events::{Event, EventType, Recorder};
 use execute::SyncState;
 
 /// Shortest drift-check interval a resource may ask for.
@@ -102,7 +104,7 @@ pub struct Context {
     lookups: Arc<Lookups>,
     /// The controllers' caches of resources, to see which others name the same global
     /// concurrency limit.
-    stores: Mutex<Vec<Store<PrefectDeployment>>>,
+    stores: Mutex<Vec<Store<Cached>>>,
     /// Prefect's event streams: a change made in Prefect triggers a pass at once.
     events: Arc<EventStreams>,
     /// When this operator started.
@@ -114,7 +116,7 @@ impl Context {
         let calls = Arc::new(CallLog::default());
         let metrics = Arc::new(Metrics::new(calls.durations.clone()));
         Self {
-            recorder: Recorder::new(kube.clone(), Reporter::from(REPORTER)),
+            recorder: Recorder::new(kube.clone(), REPORTER),
             kube,
             http: crate::prefect::http_client(),
             calls,
@@ -181,13 +183,13 @@ impl Context {
             if other.uid() == uid || other.meta().deletion_timestamp.is_some() {
                 continue;
             }
-            let Some(g) = &other.spec.deployment.global_concurrency_limit else {
+            let Some((other_server, g)) = other.limit() else {
                 continue;
             };
-            let other_ns = other.namespace().unwrap_or_default();
-            if server::base_url(&other.spec.server, &other_ns) != server {
+            if other_server != server {
                 continue;
             }
+            let other_ns = other.namespace().unwrap_or_default();
             if created.as_deref() == Some(g.name.as_str()) {
                 state.limit_shared = true;
             }
@@ -217,12 +219,12 @@ impl Context {
         note: String,
         action: &str,
     ) {
+        let note = crate::prefect::truncate(&note, 1000);
         let ev = Event {
             type_,
-            reason: reason.into(),
-            note: Some(crate::prefect::truncate(&note, 1000)),
-            action: action.into(),
-            secondary: None,
+            reason,
+            note: &note,
+            action,
         };
         if let Err(e) = self.recorder.publish(&ev, &obj.object_ref(&())).await {
             tracing::warn!(error = %e, "could not publish event");
@@ -230,10 +232,7 @@ impl Context {
     }
 }
 
-pub(crate) fn build(
-    api: Api<PrefectDeployment>,
-    concurrency: u16,
-) -> Controller<PrefectDeployment> {
+pub(crate) fn build(api: Api<PrefectDeployment>, concurrency: u16) -> Controller<Cached> {
     build_with(api, concurrency, None)
 }
 
@@ -242,7 +241,8 @@ pub(crate) fn build_with(
     api: Api<PrefectDeployment>,
     concurrency: u16,
     labels: Option<&str>,
-) -> Controller<PrefectDeployment> {
+) -> Controller<Cached> {
+    use futures::TryStreamExt;
     use kube::runtime::WatchStreamExt;
     let (reader, writer) = kube::runtime::reflector::store();
     // The cache keeps every watched object; managedFields and kubectl's last-applied
@@ -262,6 +262,13 @@ pub(crate) fn build_with(
                 a.remove("kubectl.kubernetes.io/last-applied-configuration");
             }
         })
+        .map_ok(|event| match event {
+            watcher::Event::Apply(pd) => watcher::Event::Apply(Cached::from(pd)),
+            watcher::Event::Delete(pd) => watcher::Event::Delete(Cached::from(pd)),
+            watcher::Event::InitApply(pd) => watcher::Event::InitApply(Cached::from(pd)),
+            watcher::Event::Init => watcher::Event::Init,
+            watcher::Event::InitDone => watcher::Event::InitDone,
+        })
         .reflect(writer)
         .applied_objects();
     Controller::for_stream(objects, reader)
@@ -269,10 +276,16 @@ pub(crate) fn build_with(
         .shutdown_on_signal()
 }
 
-pub(crate) async fn drive(c: Controller<PrefectDeployment>, ctx: Arc<Context>) {
+pub(crate) async fn drive(c: Controller<Cached>, ctx: Arc<Context>) {
     ctx.stores.lock().expect("lock").push(c.store());
-    let c = c.reconcile_on(ctx.events.subscribe());
-    c.run(reconcile, error_policy, ctx)
+    let c = c.reconcile_on(ctx.events.subscribe().map(|who| {
+        let r = ObjectRef::<Cached>::new(&who.name);
+        match &who.namespace {
+            Some(ns) => r.within(ns),
+            None => r,
+        }
+    }));
+    c.run(reconcile_cached, error_policy, ctx)
         .for_each(|res| async move {
             if let Err(e) = res {
                 tracing::debug!(error = %e, "reconcile did not complete");
@@ -290,6 +303,19 @@ fn jitter(d: Duration) -> Duration {
     // +-10% so resources created together do not resync together forever.
     let f = 0.9 + fastrand::f64() * 0.2;
     d.mul_f64(f)
+}
+
+/// One pass over a cached object: decoded here, so only passes in flight hold whole
+/// objects.
+async fn reconcile_cached(obj: Arc<Cached>, ctx: Arc<Context>) -> Result<Action> {
+    match obj.decode() {
+        Ok(pd) => reconcile(Arc::new(pd), ctx).await,
+        // The text was written from a decoded object just before; reaching this is a
+        // bug, kept to this resource.
+        Err(e) => Err(Error::Internal(format!(
+            "the cached copy of this resource does not decode ({e})"
+        ))),
+    }
 }
 
 #[tracing::instrument(skip_all, fields(namespace = obj.namespace().unwrap_or_default(), name = obj.name_any()))]
@@ -370,12 +396,13 @@ async fn internal_error(obj: &PrefectDeployment, ctx: &Context, text: String) ->
     err
 }
 
-pub fn error_policy(obj: Arc<PrefectDeployment>, err: &Error, ctx: Arc<Context>) -> Action {
+fn error_policy(obj: Arc<Cached>, err: &Error, ctx: Arc<Context>) -> Action {
     if err.needs_spec_change() {
         // Retrying cannot help; the next generation of the spec wakes us.
         return Action::await_change();
     }
-    let oref = ObjectRef::from_obj(&*obj);
+    let oref = ObjectRef::<PrefectDeployment>::new(&obj.name_any())
+        .within(&obj.namespace().unwrap_or_default());
     let mut failures = ctx.failures.lock().expect("lock");
     let n = failures.entry(oref).or_insert(0);
     *n = n.saturating_add(1);

@@ -1,0 +1,184 @@
+//! The controller's cache of resources, kept small: at 10,000 resources a decoded
+//! `PrefectDeployment` costs about 8 KB (every parameter-schema object becomes a JSON
+//! map), so the cache holds typed metadata plus the spec and status as compact JSON
+//! text, and each pass decodes its own object. What other passes read from the cache
+//! (the global concurrency limit a resource names, for conflict checks) is kept decoded.
+
+use std::borrow::Cow;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::core::NamespaceResourceScope;
+use kube::{Resource, ResourceExt};
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::api::{
+    GlobalConcurrencyLimit, PrefectDeployment, PrefectDeploymentSpec, PrefectDeploymentStatus,
+};
+
+/// A `PrefectDeployment` as the controller's cache holds it.
+#[derive(Clone, Debug)]
+pub struct Cached {
+    pub metadata: ObjectMeta,
+    /// `{"spec":...,"status":...}`, compact.
+    body: Box<str>,
+    /// The named global concurrency limit the spec asks for, with the base URL of the
+    /// server it lives on.
+    limit: Option<Box<(String, GlobalConcurrencyLimit)>>,
+}
+
+#[derive(Serialize)]
+struct BodyRef<'a> {
+    spec: &'a PrefectDeploymentSpec,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<&'a PrefectDeploymentStatus>,
+}
+
+#[derive(Deserialize)]
+struct Body {
+    spec: PrefectDeploymentSpec,
+    #[serde(default)]
+    status: Option<PrefectDeploymentStatus>,
+}
+
+impl From<PrefectDeployment> for Cached {
+    fn from(pd: PrefectDeployment) -> Self {
+        let body = serde_json::to_string(&BodyRef {
+            spec: &pd.spec,
+            status: pd.status.as_ref(),
+        })
+        // Serializing typed values into a string has no failure mode left (no maps
+        // with non-string keys, no I/O); an empty body fails to decode, and the pass
+        // reports it on this resource alone.
+        .unwrap_or_default();
+        let limit = pd.spec.deployment.global_concurrency_limit.clone().map(|g| {
+            let ns = pd.namespace().unwrap_or_default();
+            let server = crate::reconcile::server::base_url(&pd.spec.server, &ns);
+            Box::new((server, g))
+        });
+        Cached {
+            metadata: pd.metadata,
+            body: body.into_boxed_str(),
+            limit,
+        }
+    }
+}
+
+impl Cached {
+    /// The whole resource, decoded for a pass.
+    pub fn decode(&self) -> Result<PrefectDeployment, serde_json::Error> {
+        let Body { spec, status } = serde_json::from_str(&self.body)?;
+        Ok(PrefectDeployment {
+            metadata: self.metadata.clone(),
+            spec,
+            status,
+        })
+    }
+
+    /// The global concurrency limit the spec names, and the base URL of its server.
+    pub fn limit(&self) -> Option<(&str, &GlobalConcurrencyLimit)> {
+        self.limit.as_deref().map(|(s, g)| (s.as_str(), g))
+    }
+}
+
+/// Only for the controller's trait bounds: the watch decodes `PrefectDeployment`s and
+/// converts them.
+impl<'de> Deserialize<'de> for Cached {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        PrefectDeployment::deserialize(d).map(Cached::from)
+    }
+}
+
+impl Resource for Cached {
+    type DynamicType = ();
+    type Scope = NamespaceResourceScope;
+
+    fn kind(dt: &()) -> Cow<'_, str> {
+        PrefectDeployment::kind(dt)
+    }
+    fn group(dt: &()) -> Cow<'_, str> {
+        PrefectDeployment::group(dt)
+    }
+    fn version(dt: &()) -> Cow<'_, str> {
+        PrefectDeployment::version(dt)
+    }
+    fn plural(dt: &()) -> Cow<'_, str> {
+        PrefectDeployment::plural(dt)
+    }
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assert_same(a: &PrefectDeployment, b: &PrefectDeployment) {
+        assert_eq!(a.metadata, b.metadata);
+        assert_eq!(a.spec, b.spec);
+        assert_eq!(a.status, b.status);
+    }
+
+    fn fixture(yaml: &str) -> PrefectDeployment {
+        serde_yaml::from_str(yaml).expect("fixture")
+    }
+
+    /// Every spec the hostile-input fixtures hold (those that decode), and the
+    /// planner fixtures' resource, come back unchanged from the cache.
+    #[test]
+    fn decodes_to_the_object_it_was_made_from() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let mut n = 0;
+        for entry in std::fs::read_dir(root.join("hostile")).expect("fixtures") {
+            let text = std::fs::read_to_string(entry.expect("entry").path()).expect("read");
+            let case: serde_json::Value = serde_json::from_str(&text).expect("json");
+            let Ok(spec) = serde_json::from_value::<PrefectDeploymentSpec>(case["spec"].clone())
+            else {
+                continue;
+            };
+            let mut pd = PrefectDeployment::new("a", spec);
+            pd.metadata.namespace = Some("team".into());
+            let cached = Cached::from(pd.clone());
+            assert_same(&cached.decode().expect("decodes"), &pd);
+            n += 1;
+        }
+        assert!(n > 10, "only {n} fixtures decoded");
+        let base = std::fs::read_to_string(root.join("plan/base.yaml")).expect("read");
+        let base: serde_yaml::Value = serde_yaml::from_str(&base).expect("yaml");
+        let pd: PrefectDeployment =
+            serde_yaml::from_value(base["resource"].clone()).expect("typed");
+        assert_same(&Cached::from(pd.clone()).decode().expect("decodes"), &pd);
+    }
+
+    #[test]
+    fn keeps_status_and_the_limit_claim() {
+        let mut pd = fixture(
+            r#"
+apiVersion: prefect.io/v1
+kind: PrefectDeployment
+metadata: {name: a, namespace: team}
+spec:
+  server: {remoteApiUrl: "http://prefect:4200/api"}
+  workPool: {name: pool}
+  deployment:
+    entrypoint: flows.py:main
+    globalConcurrencyLimit: {name: shared, limit: 3}
+"#,
+        );
+        pd.status = Some(PrefectDeploymentStatus {
+            deployment_id: Some("d1".into()),
+            ..Default::default()
+        });
+        let cached = Cached::from(pd.clone());
+        assert_same(&cached.decode().expect("decodes"), &pd);
+        let (server, g) = cached.limit().expect("limit kept");
+        assert_eq!(g.name, "shared");
+        assert_eq!(
+            server,
+            crate::reconcile::server::base_url(&pd.spec.server, "team")
+        );
+    }
+}
