@@ -8,11 +8,13 @@ use std::borrow::Cow;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::core::NamespaceResourceScope;
-use kube::{Resource, ResourceExt};
+use kube::Resource;
 use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::value::RawValue;
 
 use crate::api::{
     GlobalConcurrencyLimit, PrefectDeployment, PrefectDeploymentSpec, PrefectDeploymentStatus,
+    ServerSpec,
 };
 
 /// A `PrefectDeployment` as the controller's cache holds it.
@@ -40,6 +42,50 @@ struct Body {
     status: Option<PrefectDeploymentStatus>,
 }
 
+/// An object as the watch delivers it: the spec and status are kept as their text.
+#[derive(Deserialize)]
+struct Wire {
+    metadata: ObjectMeta,
+    spec: Box<RawValue>,
+    #[serde(default)]
+    status: Option<Box<RawValue>>,
+}
+
+/// The part of a spec other resources' passes read from the cache.
+#[derive(Deserialize)]
+struct LimitClaim {
+    server: ServerSpec,
+    deployment: LimitOnly,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct LimitOnly {
+    #[serde(default)]
+    global_concurrency_limit: Option<GlobalConcurrencyLimit>,
+}
+
+/// Drops what nothing here reads and what is the bulk of many objects: managedFields
+/// and kubectl's last-applied copy of the whole manifest.
+fn slim(mut metadata: ObjectMeta) -> ObjectMeta {
+    metadata.managed_fields = None;
+    if let Some(a) = metadata.annotations.as_mut() {
+        a.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
+    metadata
+}
+
+fn limit_of(
+    server: &ServerSpec,
+    limit: Option<GlobalConcurrencyLimit>,
+    metadata: &ObjectMeta,
+) -> Option<Box<(String, GlobalConcurrencyLimit)>> {
+    limit.map(|g| {
+        let ns = metadata.namespace.as_deref().unwrap_or_default();
+        Box::new((crate::reconcile::server::base_url(server, ns), g))
+    })
+}
+
 impl From<PrefectDeployment> for Cached {
     fn from(pd: PrefectDeployment) -> Self {
         let body = serde_json::to_string(&BodyRef {
@@ -50,13 +96,13 @@ impl From<PrefectDeployment> for Cached {
         // with non-string keys, no I/O); an empty body fails to decode, and the pass
         // reports it on this resource alone.
         .unwrap_or_default();
-        let limit = pd.spec.deployment.global_concurrency_limit.clone().map(|g| {
-            let ns = pd.namespace().unwrap_or_default();
-            let server = crate::reconcile::server::base_url(&pd.spec.server, &ns);
-            Box::new((server, g))
-        });
+        let limit = limit_of(
+            &pd.spec.server,
+            pd.spec.deployment.global_concurrency_limit.clone(),
+            &pd.metadata,
+        );
         Cached {
-            metadata: pd.metadata,
+            metadata: slim(pd.metadata),
             body: body.into_boxed_str(),
             limit,
         }
@@ -80,11 +126,37 @@ impl Cached {
     }
 }
 
-/// Only for the controller's trait bounds: the watch decodes `PrefectDeployment`s and
-/// converts them.
+/// Straight from the watch's JSON: the spec and status are copied as text, never built
+/// as typed values (each watch event would otherwise build and drop a whole object).
+/// Whether they decode is the pass's concern; the apiserver's schema admits only
+/// objects that do (`tests/admission.rs`).
 impl<'de> Deserialize<'de> for Cached {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        PrefectDeployment::deserialize(d).map(Cached::from)
+        let wire = Wire::deserialize(d)?;
+        let mut body = String::with_capacity(wire.spec.get().len() + 32);
+        body.push_str("{\"spec\":");
+        body.push_str(wire.spec.get());
+        if let Some(status) = &wire.status {
+            body.push_str(",\"status\":");
+            body.push_str(status.get());
+        }
+        body.push('}');
+        // A spec whose server or limit does not decode claims no limit here; its own
+        // pass reports what is wrong with it.
+        let limit = serde_json::from_str::<LimitClaim>(wire.spec.get())
+            .ok()
+            .and_then(|c| {
+                limit_of(
+                    &c.server,
+                    c.deployment.global_concurrency_limit,
+                    &wire.metadata,
+                )
+            });
+        Ok(Cached {
+            metadata: slim(wire.metadata),
+            body: body.into_boxed_str(),
+            limit,
+        })
     }
 }
 
@@ -153,10 +225,46 @@ mod tests {
         assert_same(&Cached::from(pd.clone()).decode().expect("decodes"), &pd);
     }
 
+    /// The watch's JSON (managedFields, kubectl's annotation, escapes, pretty-printed or
+    /// not) gives the same cached object as the typed path.
     #[test]
-    fn keeps_status_and_the_limit_claim() {
-        let mut pd = fixture(
-            r#"
+    fn reads_the_watch_json_as_the_typed_path_does() {
+        let mut pd = fixture(LIMITED);
+        pd.status = Some(PrefectDeploymentStatus {
+            deployment_id: Some("d\"1\u{e9}".into()),
+            ..Default::default()
+        });
+        let mut wire = serde_json::to_value(&pd).expect("encodes");
+        wire["metadata"]["managedFields"] = serde_json::json!([{"manager": "kubectl"}]);
+        wire["metadata"]["annotations"] = serde_json::json!({
+            "kubectl.kubernetes.io/last-applied-configuration": "{}",
+            "team": "a"
+        });
+        for text in [
+            serde_json::to_string(&wire).expect("text"),
+            serde_json::to_string_pretty(&wire).expect("text"),
+        ] {
+            let cached: Cached = serde_json::from_str(&text).expect("reads");
+            let back = cached.decode().expect("decodes");
+            assert_eq!(back.spec, pd.spec);
+            assert_eq!(back.status, pd.status);
+            assert!(back.metadata.managed_fields.is_none());
+            let a = back.metadata.annotations.expect("annotations");
+            assert_eq!(a.len(), 1, "{a:?}");
+            let (server, g) = cached.limit().expect("limit");
+            assert_eq!(g.name, "shared");
+            assert_eq!(server, "http://prefect:4200/api");
+        }
+        // No status at all, and a null one.
+        wire["status"] = serde_json::Value::Null;
+        let cached: Cached = serde_json::from_str(&wire.to_string()).expect("reads");
+        assert_eq!(cached.decode().expect("decodes").status, None);
+        wire.as_object_mut().expect("object").remove("status");
+        let cached: Cached = serde_json::from_str(&wire.to_string()).expect("reads");
+        assert_eq!(cached.decode().expect("decodes").status, None);
+    }
+
+    const LIMITED: &str = r#"
 apiVersion: prefect.io/v1
 kind: PrefectDeployment
 metadata: {name: a, namespace: team}
@@ -166,8 +274,11 @@ spec:
   deployment:
     entrypoint: flows.py:main
     globalConcurrencyLimit: {name: shared, limit: 3}
-"#,
-        );
+"#;
+
+    #[test]
+    fn keeps_status_and_the_limit_claim() {
+        let mut pd = fixture(LIMITED);
         pd.status = Some(PrefectDeploymentStatus {
             deployment_id: Some("d1".into()),
             ..Default::default()

@@ -1829,3 +1829,82 @@ async fn changes_in_prefect_are_repaired_from_its_event_stream() {
     assert_eq!(code, 200);
     assert_eq!(d["description"], json!("declared"));
 }
+
+/// A repeat of an event on the same object adds to the first one's series instead of
+/// adding an object; a changed message is an event of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_events_form_a_series() {
+    use k8s_openapi::api::core::v1::ObjectReference;
+    use k8s_openapi::api::events::v1::Event as K8sEvent;
+    use prefect_operator::reconcile::events::{Event, EventType, Recorder};
+    let cp = ControlPlane::shared();
+    let kube = cp.client().await;
+    let ns = unique("ns");
+    Api::<Namespace>::all(kube.clone())
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap(),
+        )
+        .await
+        .unwrap();
+    let recorder = Recorder::new(kube.clone(), "prefect-operator");
+    let about = |rv: &str| ObjectReference {
+        api_version: Some("prefect.io/v1".into()),
+        kind: Some("PrefectDeployment".into()),
+        namespace: Some(ns.clone()),
+        name: Some("etl".into()),
+        uid: Some("0b0e3c1a-0000-4000-8000-000000000001".into()),
+        resource_version: Some(rv.into()),
+        ..Default::default()
+    };
+    let ev = |note| Event {
+        type_: EventType::Warning,
+        reason: "PrefectUnreachable",
+        note,
+        action: "Sync",
+    };
+    recorder.publish(&ev("down"), &about("1")).await.unwrap();
+    // The object's version moved (a status write), the event is the same.
+    recorder.publish(&ev("down"), &about("2")).await.unwrap();
+    recorder.publish(&ev("down"), &about("3")).await.unwrap();
+    recorder.publish(&ev("refused"), &about("4")).await.unwrap();
+
+    let events = Api::<K8sEvent>::namespaced(kube.clone(), &ns)
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items;
+    let mut seen: Vec<(String, i32, String)> = events
+        .iter()
+        .map(|e| {
+            (
+                e.note.clone().unwrap_or_default(),
+                e.series.as_ref().map_or(1, |s| s.count),
+                e.regarding
+                    .as_ref()
+                    .and_then(|r| r.name.clone())
+                    .unwrap_or_default(),
+            )
+        })
+        .collect();
+    seen.sort();
+    assert_eq!(
+        seen,
+        vec![
+            ("down".to_string(), 3, "etl".to_string()),
+            ("refused".to_string(), 1, "etl".to_string())
+        ]
+    );
+    // kubectl shows the series count.
+    let out = cp.kubectl_ok(&["get", "events", "-n", &ns, "-o", "json"]);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    let down = v["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["message"] == "down")
+        .expect("the repeated event");
+    assert_eq!(down["series"]["count"], json!(3), "{down}");
+    assert_eq!(down["type"], json!("Warning"));
+    assert_eq!(down["reason"], json!("PrefectUnreachable"));
+}

@@ -21,9 +21,9 @@
 //! and it ends the pass after adding the finalizer, which costs each new resource a
 //! second pass before its first apply.
 
+use super::events::EventType;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
-use super::events::EventType;
 use kube::{Api, ResourceExt};
 use serde_json::json;
 

@@ -2,7 +2,7 @@
 //! observe, plan and perform (`execute`), record status; on deletion, clean up behind
 //! the finalizer (`finalizer`).
 
-mod events;
+pub mod events;
 pub mod execute;
 mod finalizer;
 pub mod server;
@@ -19,11 +19,11 @@ use kube::runtime::watcher;
 use kube::{Api, Resource, ResourceExt};
 
 use crate::access::Access;
-use crate::cache::Cached;
 use crate::api::{
     DriftPolicy, LastRun, PrefectDeployment, FINALIZER, RECONCILE_REQUESTED_AT, RUN_PARAMETERS,
     RUN_REQUESTED_AT,
 };
+use crate::cache::Cached;
 use crate::limit::Limits;
 use crate::lookup::Lookups;
 use crate::metrics::{Metrics, ReconcileLabels};
@@ -242,33 +242,22 @@ pub(crate) fn build_with(
     concurrency: u16,
     labels: Option<&str>,
 ) -> Controller<Cached> {
-    use futures::TryStreamExt;
     use kube::runtime::WatchStreamExt;
     let (reader, writer) = kube::runtime::reflector::store();
-    // The cache keeps every watched object; managedFields and kubectl's last-applied
-    // copy of the manifest are the bulk of one and nothing here reads them. The first
-    // list is read in pages (500 objects each): a list from the apiserver's cache
+    // The cache keeps every watched object, slimmed and mostly as text (`cache`). The
+    // first list is read in pages (500 objects each): a list from the apiserver's cache
     // (resourceVersion=0) would come as one answer, at 10,000 objects tens of MB held at
     // once.
     let mut config = watcher::Config::default();
     if let Some(l) = labels {
         config = config.labels(l);
     }
+    let api: Api<Cached> = match api.namespace().map(str::to_string) {
+        Some(ns) => Api::namespaced(api.into_client(), &ns),
+        None => Api::all(api.into_client()),
+    };
     let objects = kube::runtime::watcher(api, config)
         .default_backoff()
-        .modify(|pd: &mut PrefectDeployment| {
-            pd.metadata.managed_fields = None;
-            if let Some(a) = pd.metadata.annotations.as_mut() {
-                a.remove("kubectl.kubernetes.io/last-applied-configuration");
-            }
-        })
-        .map_ok(|event| match event {
-            watcher::Event::Apply(pd) => watcher::Event::Apply(Cached::from(pd)),
-            watcher::Event::Delete(pd) => watcher::Event::Delete(Cached::from(pd)),
-            watcher::Event::InitApply(pd) => watcher::Event::InitApply(Cached::from(pd)),
-            watcher::Event::Init => watcher::Event::Init,
-            watcher::Event::InitDone => watcher::Event::InitDone,
-        })
         .reflect(writer)
         .applied_objects();
     Controller::for_stream(objects, reader)
