@@ -26,14 +26,9 @@ fn main() -> ExitCode {
 /// (the container image) has no such arenas.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn few_allocator_arenas() {
-    // SAFETY: only sets allocator parameters, before any other thread exists.
+    // SAFETY: only sets an allocator parameter, before any other thread exists.
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 2);
-        // Large short-lived buffers (a page of a list, a bulk read's answer) get pages of
-        // their own, given back when freed. Left to itself glibc raises this threshold
-        // after the first such buffer is freed, and later ones are carved from the heap,
-        // where they leave holes between long-lived objects.
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
     }
 }
 
