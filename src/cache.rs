@@ -16,17 +16,21 @@ use crate::api::{
     GlobalConcurrencyLimit, PrefectDeployment, PrefectDeploymentSpec, PrefectDeploymentStatus,
     ServerSpec,
 };
+use crate::compact::{Compact, Dictionary};
 
 /// A `PrefectDeployment` as the controller's cache holds it.
 #[derive(Clone, Debug)]
 pub struct Cached {
     pub metadata: ObjectMeta,
-    /// `{"spec":...,"status":...}`, compact.
-    body: Box<str>,
+    /// `{"spec":...,"status":...}`, compressed.
+    body: Compact,
     /// The named global concurrency limit the spec asks for, with the base URL of the
     /// server it lives on.
     limit: Option<Box<(String, GlobalConcurrencyLimit)>>,
 }
+
+/// The dictionary of every cached body.
+static BODIES: Dictionary = Dictionary::new();
 
 #[derive(Serialize)]
 struct BodyRef<'a> {
@@ -103,7 +107,7 @@ impl From<PrefectDeployment> for Cached {
         );
         Cached {
             metadata: slim(pd.metadata),
-            body: body.into_boxed_str(),
+            body: Compact::new(&body, &BODIES),
             limit,
         }
     }
@@ -112,7 +116,8 @@ impl From<PrefectDeployment> for Cached {
 impl Cached {
     /// The whole resource, decoded for a pass.
     pub fn decode(&self) -> Result<PrefectDeployment, serde_json::Error> {
-        let Body { spec, status } = serde_json::from_str(&self.body)?;
+        let text = self.body.text(&BODIES).map_err(serde::de::Error::custom)?;
+        let Body { spec, status } = serde_json::from_str(&text)?;
         Ok(PrefectDeployment {
             metadata: self.metadata.clone(),
             spec,
@@ -154,7 +159,7 @@ impl<'de> Deserialize<'de> for Cached {
             });
         Ok(Cached {
             metadata: slim(wire.metadata),
-            body: body.into_boxed_str(),
+            body: Compact::new(&body, &BODIES),
             limit,
         })
     }

@@ -16,6 +16,7 @@ pub mod cache;
 pub mod capabilities;
 pub mod cli;
 pub mod commands;
+pub mod compact;
 pub mod convert;
 pub mod desired;
 pub mod export;

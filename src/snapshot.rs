@@ -15,6 +15,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::compact::{Compact, Dictionary};
 use crate::observed::ObservedDeployment;
 use crate::prefect::PrefectClient;
 use crate::prefect_events::Trigger;
@@ -43,12 +44,22 @@ struct Data {
     entries: HashMap<String, Entry>,
 }
 
-/// One deployment as last read, kept as compact JSON text: at 10,000 deployments the
-/// decoded form would be several times larger, and only the resource that asks for it
-/// decodes it, at most once per interval.
+/// One deployment as last read, kept as compressed JSON text (`compact`): at 10,000
+/// deployments the decoded form would be several times larger, and only the resource
+/// that asks for it decodes it, at most once per interval.
 struct Entry {
     updated: Option<Box<str>>,
-    text: Box<str>,
+    text: Compact,
+}
+
+/// The dictionary of every snapshot entry.
+static DEPLOYMENTS: Dictionary = Dictionary::new();
+
+impl Entry {
+    fn decode(&self) -> Option<ObservedDeployment> {
+        let text = self.text.text(&DEPLOYMENTS).ok()?;
+        serde_json::from_str(&text).ok()
+    }
 }
 
 impl Entry {
@@ -59,9 +70,10 @@ impl Entry {
                 .get("updated")
                 .and_then(|v| v.as_str())
                 .map(Box::from),
-            text: serde_json::to_string(d)
-                .expect("a decoded deployment encodes")
-                .into_boxed_str(),
+            text: Compact::new(
+                &serde_json::to_string(d).expect("a decoded deployment encodes"),
+                &DEPLOYMENTS,
+            ),
         }
     }
 }
@@ -141,7 +153,7 @@ impl Snapshots {
             read?;
         }
         match data.entries.get(id) {
-            Some(e) => Ok(serde_json::from_str(&e.text).ok()),
+            Some(e) => Ok(e.decode()),
             None => Ok(None),
         }
     }
@@ -254,7 +266,7 @@ mod tests {
         let changed = read(&mut entries, &second, &registered, "asking");
         assert_eq!(changed, vec![who("edited"), who("gone")]);
         assert_eq!(entries.len(), 4, "gone is dropped, new is kept");
-        let kept: ObservedDeployment = serde_json::from_str(&entries["edited"].text).unwrap();
+        let kept: ObservedDeployment = entries["edited"].decode().unwrap();
         assert_eq!(kept, second[1], "kept as read");
 
         // No longer registered: dropped without counting as a change.
