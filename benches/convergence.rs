@@ -116,6 +116,9 @@ fn main() {
             .unwrap_or(0);
         report(&rows, cut.as_ref(), outage.as_ref(), size);
     });
+    if let Some(pg) = postgres() {
+        pg.stop();
+    }
 }
 
 struct Row {

@@ -890,11 +890,21 @@ fn pg_tool(bin: &Path, tool: &str) -> Command {
     cmd
 }
 
-impl Drop for Postgres {
-    fn drop(&mut self) {
+impl Postgres {
+    /// Stops the server (again is harmless). A `static` is never dropped, so its owner
+    /// calls this before the process ends: `pg_ctl` runs the server detached, and it
+    /// would outlive the benchmark.
+    pub fn stop(&self) {
         let data = self.dir.path().join("data").display().to_string();
         let _ = pg_tool(&self.bin, "pg_ctl")
             .args(["-D", &data, "-m", "immediate", "stop"])
+            .stderr(Stdio::null())
             .status();
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
