@@ -302,6 +302,12 @@ impl DesiredDeployment {
         body.insert("name".into(), Value::String(self.name.clone()));
         body.insert("flow_id".into(), Value::String(flow_id.into()));
         body.insert("labels".into(), Value::Object(self.labels.clone()));
+        // Named at all, even as null, `concurrency_limit` makes Prefect read the new
+        // deployment and its limit back inside the create; for a deployment that does
+        // not exist yet, null and absent mean the same.
+        if body.get("concurrency_limit").is_some_and(Value::is_null) {
+            body.remove("concurrency_limit");
+        }
         if self.schedules_in_create_body() {
             let schedules = self.schedules.iter().map(|s| s.body.clone()).collect();
             body.insert("schedules".into(), Value::Array(schedules));
