@@ -234,11 +234,7 @@ mod tests {
     /// not) gives the same cached object as the typed path.
     #[test]
     fn reads_the_watch_json_as_the_typed_path_does() {
-        let mut pd = fixture(LIMITED);
-        pd.status = Some(PrefectDeploymentStatus {
-            deployment_id: Some("d\"1\u{e9}".into()),
-            ..Default::default()
-        });
+        let pd = limited_with_status("d\"1\u{e9}");
         let mut wire = serde_json::to_value(&pd).expect("encodes");
         wire["metadata"]["managedFields"] = serde_json::json!([{"manager": "kubectl"}]);
         wire["metadata"]["annotations"] = serde_json::json!({
@@ -281,13 +277,19 @@ spec:
     globalConcurrencyLimit: {name: shared, limit: 3}
 "#;
 
-    #[test]
-    fn keeps_status_and_the_limit_claim() {
+    /// A resource naming a global concurrency limit, with a deployment id in status.
+    fn limited_with_status(deployment_id: &str) -> PrefectDeployment {
         let mut pd = fixture(LIMITED);
         pd.status = Some(PrefectDeploymentStatus {
-            deployment_id: Some("d1".into()),
+            deployment_id: Some(deployment_id.into()),
             ..Default::default()
         });
+        pd
+    }
+
+    #[test]
+    fn keeps_status_and_the_limit_claim() {
+        let pd = limited_with_status("d1");
         let cached = Cached::from(pd.clone());
         assert_same(&cached.decode().expect("decodes"), &pd);
         let (server, g) = cached.limit().expect("limit kept");

@@ -35,6 +35,19 @@ impl Drop for Env {
     }
 }
 
+/// A namespace of its own for one test.
+async fn new_namespace(kube: &kube::Client) -> String {
+    let ns = unique("ns");
+    Api::<Namespace>::all(kube.clone())
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap(),
+        )
+        .await
+        .unwrap();
+    ns
+}
+
 impl Env {
     /// A fresh namespace with a work pool in Prefect and an operator watching it.
     async fn new(resync: Duration) -> (Env, String) {
@@ -49,14 +62,7 @@ impl Env {
         let cp = ControlPlane::shared();
         let prefect = PrefectServer::shared();
         let kube = cp.client().await;
-        let ns = unique("ns");
-        Api::<Namespace>::all(kube.clone())
-            .create(
-                &PostParams::default(),
-                &serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap(),
-            )
-            .await
-            .unwrap();
+        let ns = new_namespace(&kube).await;
         let api: Api<PrefectDeployment> = Api::namespaced(kube.clone(), &ns);
         let ctx = Arc::new(Context::new(kube.clone(), resync).with_access(access));
         let task = tokio::spawn(reconcile::controller(api.clone(), ctx.clone(), 4));
@@ -1839,14 +1845,7 @@ async fn repeated_events_form_a_series() {
     use prefect_operator::reconcile::events::{Event, EventType, Recorder};
     let cp = ControlPlane::shared();
     let kube = cp.client().await;
-    let ns = unique("ns");
-    Api::<Namespace>::all(kube.clone())
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap(),
-        )
-        .await
-        .unwrap();
+    let ns = new_namespace(&kube).await;
     let recorder = Recorder::new(kube.clone(), "prefect-operator");
     let about = |rv: &str| ObjectReference {
         api_version: Some("prefect.io/v1".into()),
