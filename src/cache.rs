@@ -9,7 +9,7 @@ use std::borrow::Cow;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::core::NamespaceResourceScope;
 use kube::Resource;
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 
 use crate::api::{
@@ -31,13 +31,6 @@ pub struct Cached {
 
 /// The dictionary of every cached body.
 static BODIES: Dictionary = Dictionary::new();
-
-#[derive(Serialize)]
-struct BodyRef<'a> {
-    spec: &'a PrefectDeploymentSpec,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    status: Option<&'a PrefectDeploymentStatus>,
-}
 
 #[derive(Deserialize)]
 struct Body {
@@ -88,29 +81,6 @@ fn limit_of(
         let ns = metadata.namespace.as_deref().unwrap_or_default();
         Box::new((crate::reconcile::server::base_url(server, ns), g))
     })
-}
-
-impl From<PrefectDeployment> for Cached {
-    fn from(pd: PrefectDeployment) -> Self {
-        let body = serde_json::to_string(&BodyRef {
-            spec: &pd.spec,
-            status: pd.status.as_ref(),
-        })
-        // Serializing typed values into a string has no failure mode left (no maps
-        // with non-string keys, no I/O); an empty body fails to decode, and the pass
-        // reports it on this resource alone.
-        .unwrap_or_default();
-        let limit = limit_of(
-            &pd.spec.server,
-            pd.spec.deployment.global_concurrency_limit.clone(),
-            &pd.metadata,
-        );
-        Cached {
-            metadata: slim(pd.metadata),
-            body: Compact::new(&body, &BODIES),
-            limit,
-        }
-    }
 }
 
 impl Cached {
@@ -199,6 +169,11 @@ mod tests {
         assert_eq!(a.status, b.status);
     }
 
+    /// The object as the watch would hand it to the cache.
+    fn cache(pd: &PrefectDeployment) -> Cached {
+        serde_json::from_str(&serde_json::to_string(pd).expect("encodes")).expect("reads")
+    }
+
     fn fixture(yaml: &str) -> PrefectDeployment {
         serde_yaml::from_str(yaml).expect("fixture")
     }
@@ -218,7 +193,7 @@ mod tests {
             };
             let mut pd = PrefectDeployment::new("a", spec);
             pd.metadata.namespace = Some("team".into());
-            let cached = Cached::from(pd.clone());
+            let cached = cache(&pd);
             assert_same(&cached.decode().expect("decodes"), &pd);
             n += 1;
         }
@@ -227,7 +202,7 @@ mod tests {
         let base: serde_yaml::Value = serde_yaml::from_str(&base).expect("yaml");
         let pd: PrefectDeployment =
             serde_yaml::from_value(base["resource"].clone()).expect("typed");
-        assert_same(&Cached::from(pd.clone()).decode().expect("decodes"), &pd);
+        assert_same(&cache(&pd).decode().expect("decodes"), &pd);
     }
 
     /// The watch's JSON (managedFields, kubectl's annotation, escapes, pretty-printed or
@@ -290,7 +265,7 @@ spec:
     #[test]
     fn keeps_status_and_the_limit_claim() {
         let pd = limited_with_status("d1");
-        let cached = Cached::from(pd.clone());
+        let cached = cache(&pd);
         assert_same(&cached.decode().expect("decodes"), &pd);
         let (server, g) = cached.limit().expect("limit kept");
         assert_eq!(g.name, "shared");

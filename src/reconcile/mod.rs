@@ -299,8 +299,8 @@ fn jitter(d: Duration) -> Duration {
 async fn reconcile_cached(obj: Arc<Cached>, ctx: Arc<Context>) -> Result<Action> {
     match obj.decode() {
         Ok(pd) => reconcile(Arc::new(pd), ctx).await,
-        // The text was written from a decoded object just before; reaching this is a
-        // bug, kept to this resource.
+        // The apiserver's schema admits only objects that decode (`tests/admission.rs`);
+        // one that does not (stored under an older schema, say) fails alone.
         Err(e) => Err(Error::Internal(format!(
             "the cached copy of this resource does not decode ({e})"
         ))),
