@@ -47,13 +47,28 @@ fn postgres() -> Option<&'static support::Postgres> {
     .as_ref()
 }
 
+/// With `BENCH_PIN=1` the Prefect server gets CPU 0 to itself and everything else (the
+/// control plane, the database, the operator, the clients) shares CPU 1, as when Prefect
+/// and the Kubernetes control plane run on machines of their own.
+fn pinned() -> bool {
+    std::env::var("BENCH_PIN").as_deref() == Ok("1")
+}
+
 /// The Prefect server of a phase, on a fresh database: PostgreSQL with
 /// `BENCH_DB=postgres` (production's database), else SQLite (Prefect's default).
 fn start_prefect(services: bool) -> PrefectServer {
-    match postgres() {
+    placed(match postgres() {
         Some(pg) => PrefectServer::start_on_postgres(pg, services),
         None => PrefectServer::start_with(support::free_port(), None, services),
+    })
+}
+
+/// `server`, moved onto its own CPU with `BENCH_PIN=1`.
+fn placed(server: PrefectServer) -> PrefectServer {
+    if pinned() {
+        server.pin("0");
     }
+    server
 }
 
 /// A fresh database that outlives the server using it (a new one in PostgreSQL, or a
@@ -76,6 +91,10 @@ fn main() {
     // `cargo test --all-targets` also builds and runs benches; only `cargo bench` runs it.
     if !std::env::args().any(|a| a == "--bench") {
         return;
+    }
+    if pinned() {
+        // Before any thread or child exists: all of them inherit it.
+        support::pin_tree(std::process::id(), "1");
     }
     support::install_crypto();
     let sizes: Vec<usize> = std::env::var("BENCH_SIZES")
@@ -128,9 +147,18 @@ struct Row {
     latency: (f64, f64, f64),
     /// Deployments the Python loop applied (`BENCH_COMPARE_MAX` caps it) and its seconds.
     python: (usize, f64),
-    /// The same for the floor client, at 8 and at 16 requests in flight.
+    /// The same for the floor client: at 8 requests in flight just before the operator
+    /// and again after Prefect's loop (the machine's speed drifts over a run), and at 16.
+    floor_before: (usize, f64),
     floor: (usize, f64),
     floor_wide: (usize, f64),
+    /// Prefect server CPU seconds spent on each client's deployments: the operator's
+    /// cold start, Prefect's loop, the two floor runs at 8 together, the floor at 16.
+    server_cpu: ServerCpu,
+    /// CPU seconds of the apiserver and etcd during the operator's cold start.
+    control_plane_cpu: f64,
+    /// Requests the apiserver served during the operator's cold start.
+    k8s_cold: BTreeMap<String, f64>,
     steady: Steady,
     /// The resync window after it.
     steady2: Steady,
@@ -144,6 +172,65 @@ struct Row {
     rss_mib: f64,
     cpu_secs: f64,
     cold_calls: BTreeMap<String, f64>,
+}
+
+#[derive(Default)]
+struct ServerCpu {
+    operator: f64,
+    python: f64,
+    floor: f64,
+    floor_wide: f64,
+    /// Seconds during which some process of the machine waited for a CPU (Linux's
+    /// pressure stall information), over the operator's cold start and over both floor
+    /// runs at 8: the server's wait for a CPU, when it has to share one.
+    operator_stall: f64,
+    floor_stall: f64,
+}
+
+/// Seconds so far during which some task waited for a CPU (`/proc/pressure/cpu`);
+/// NaN where the kernel does not report it.
+fn cpu_stall_seconds() -> f64 {
+    std::fs::read_to_string("/proc/pressure/cpu")
+        .ok()
+        .and_then(|t| {
+            let some = t.lines().find(|l| l.starts_with("some"))?;
+            let total = some
+                .split_whitespace()
+                .find_map(|f| f.strip_prefix("total="))?;
+            total.parse::<f64>().ok()
+        })
+        .map_or(f64::NAN, |us| us / 1e6)
+}
+
+/// The apiserver's request counts so far, by verb and resource (its own metrics).
+fn apiserver_requests(cp: &ControlPlane) -> BTreeMap<String, f64> {
+    let text = cp.kubectl_ok(&["get", "--raw", "/metrics"]);
+    let mut out = BTreeMap::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("apiserver_request_total{") else {
+            continue;
+        };
+        let Some((labels, value)) = rest.rsplit_once("} ") else {
+            continue;
+        };
+        let label = |name: &str| {
+            labels
+                .split(',')
+                .find_map(|l| l.strip_prefix(&format!("{name}=\"")))
+                .map(|v| v.trim_end_matches('"').to_string())
+                .unwrap_or_default()
+        };
+        let (verb, resource, sub) = (label("verb"), label("resource"), label("subresource"));
+        if verb == "WATCH" || resource.is_empty() {
+            continue;
+        }
+        let key = match sub.as_str() {
+            "" => format!("{verb} {resource}"),
+            sub => format!("{verb} {resource}/{sub}"),
+        };
+        *out.entry(key).or_insert(0.0) += value.trim().parse::<f64>().unwrap_or(0.0);
+    }
+    out
 }
 
 struct Steady {
@@ -167,21 +254,41 @@ async fn round(cp: &ControlPlane, n: usize, services: bool) -> Row {
         "== N={n}, Prefect services {}",
         if services { "on" } else { "off" }
     );
-    let mut row = operator_round(cp, n, services).await;
-    eprintln!("   operator: {:.1} s", row.op_secs);
     // The comparison loops can be capped (`BENCH_COMPARE_MAX`, 0 skips them): at
     // N=10000 Prefect's own loop alone takes about 20 minutes.
     let cap = std::env::var("BENCH_COMPARE_MAX")
         .ok()
         .and_then(|v| v.parse().ok())
         .map_or(n, |max: usize| n.min(max));
-    if cap > 0 {
-        row.python = (cap, python_round(cap, services));
-        eprintln!("   python apply() of {cap}: {:.1} s", row.python.1);
-        row.floor = (cap, floor_round(cap, services, CONCURRENCY).await);
-        eprintln!("   floor of {cap}: {:.1} s", row.floor.1);
-        row.floor_wide = (cap, floor_round(cap, services, PASSES).await);
-        eprintln!("   floor of {cap} at {PASSES}: {:.1} s", row.floor_wide.1);
+    let stall0 = cpu_stall_seconds();
+    let before = if cap > 0 {
+        let (secs, cpu) = floor_round(cap, services, CONCURRENCY).await;
+        eprintln!("   floor of {cap} (before): {secs:.1} s");
+        Some((secs, cpu))
+    } else {
+        None
+    };
+    let stall1 = cpu_stall_seconds();
+    let mut row = operator_round(cp, n, services).await;
+    eprintln!("   operator: {:.1} s", row.op_secs);
+    if let Some((secs, cpu)) = before {
+        row.floor_before = (cap, secs);
+        row.server_cpu.floor += cpu;
+        row.server_cpu.floor_stall += stall1 - stall0;
+        let (secs, cpu) = python_round(cap, services);
+        row.python = (cap, secs);
+        row.server_cpu.python = cpu;
+        eprintln!("   python apply() of {cap}: {secs:.1} s");
+        let stall0 = cpu_stall_seconds();
+        let (secs, cpu) = floor_round(cap, services, CONCURRENCY).await;
+        row.floor = (cap, secs);
+        row.server_cpu.floor += cpu;
+        row.server_cpu.floor_stall += cpu_stall_seconds() - stall0;
+        eprintln!("   floor of {cap} (after): {secs:.1} s");
+        let (secs, cpu) = floor_round(cap, services, PASSES).await;
+        row.floor_wide = (cap, secs);
+        row.server_cpu.floor_wide = cpu;
+        eprintln!("   floor of {cap} at {PASSES}: {secs:.1} s");
     }
     row
 }
@@ -546,10 +653,20 @@ async fn operator_round(cp: &ControlPlane, n: usize, services: bool) -> Row {
     let prefect = start_prefect(services);
     // Create the N resources first, then start the operator: a fresh install.
     let (ns, api, created) = populate(cp, "bench", &prefect, n).await;
+    let (server0, cp0, stall0) = (prefect.cpu_seconds(), cp.cpu_seconds(), cpu_stall_seconds());
+    let k8s0 = apiserver_requests(cp);
     let mut op = OperatorProcess::start(cp, &ns, RESYNC);
     let started = Instant::now();
     let ready_at = wait_ready(&api, n, cold_limit(n)).await;
     let op_secs = started.elapsed().as_secs_f64();
+    let server_cpu = ServerCpu {
+        operator: prefect.cpu_seconds() - server0,
+        operator_stall: cpu_stall_seconds() - stall0,
+        ..ServerCpu::default()
+    };
+    let control_plane_cpu = cp.cpu_seconds() - cp0;
+    // The benchmark's own watch and metrics reads are in it too (a handful).
+    let k8s_cold = diff(&apiserver_requests(cp), &k8s0);
     let cold_calls = op.calls();
     eprintln!(
         "   cold start: {op_secs:.1} s, RSS {:.1} MiB (peak {:.1}), limit decreases {}",
@@ -636,8 +753,12 @@ async fn operator_round(cp: &ControlPlane, n: usize, services: bool) -> Row {
         op_secs,
         latency,
         python: (0, 0.0),
+        floor_before: (0, 0.0),
         floor: (0, 0.0),
         floor_wide: (0, 0.0),
+        server_cpu,
+        control_plane_cpu,
+        k8s_cold,
         steady,
         steady2,
         change_ms,
@@ -780,11 +901,11 @@ struct Cut {
 async fn cut_round(cp: &ControlPlane, n: usize) -> Cut {
     eprintln!("== event stream cut, N={n}");
     let dir = tempfile::tempdir().unwrap();
-    let prefect = PrefectServer::start_on_database(
+    let prefect = placed(PrefectServer::start_on_database(
         None,
         &durable_database(dir.path()),
         &[("PREFECT_SERVER_EVENTS_STREAM_OUT_ENABLED", "false")],
-    );
+    ));
     let (ns, api, _) = populate(cp, "bench-cut", &prefect, n).await;
     let resync = 30.0;
     let op = OperatorProcess::start(cp, &ns, "30s");
@@ -858,14 +979,14 @@ async fn outage_round(cp: &ControlPlane, n: usize) -> Outage {
     let dir = tempfile::tempdir().unwrap();
     let db = durable_database(dir.path());
     let port = support::free_port();
-    let prefect = PrefectServer::start_on_database(Some(port), &db, &[]);
+    let prefect = placed(PrefectServer::start_on_database(Some(port), &db, &[]));
     let (ns, api, _) = populate(cp, "bench-outage", &prefect, n).await;
     let _op = OperatorProcess::start(cp, &ns, RESYNC);
     // Down in the middle of the work: once a quarter is Ready.
     let ready_before = wait_ready(&api, n / 4, cold_limit(n)).await.len();
     drop(prefect);
     tokio::time::sleep(Duration::from_secs(60)).await;
-    let prefect = PrefectServer::start_on_database(Some(port), &db, &[]);
+    let prefect = placed(PrefectServer::start_on_database(Some(port), &db, &[]));
     let back = Instant::now();
     wait_ready(&api, n, cold_limit(n)).await;
     let converge_after = back.elapsed().as_secs_f64();
@@ -927,11 +1048,13 @@ async fn outage_round(cp: &ControlPlane, n: usize) -> Outage {
 }
 
 /// Prefect's Python `RunnerDeployment.apply()` in a loop, on a fresh database.
-fn python_round(n: usize, services: bool) -> f64 {
+/// Seconds for Prefect's own loop to apply `n` deployments, and the server's CPU seconds.
+fn python_round(n: usize, services: bool) -> (f64, f64) {
     let prefect = start_prefect(services);
     let pool = create_pool(&prefect);
     let python = support::assets().prefect_bin.with_file_name("python");
     let dir = tempfile::tempdir().unwrap();
+    let cpu0 = prefect.cpu_seconds();
     let out = Command::new(python)
         .arg(concat!(
             env!("CARGO_MANIFEST_DIR"),
@@ -956,11 +1079,12 @@ fn python_round(n: usize, services: bool) -> f64 {
         .to_string();
     let v: Value =
         serde_json::from_str(&line).unwrap_or_else(|_| panic!("unexpected output: {line}"));
-    v["seconds"].as_f64().unwrap()
+    (v["seconds"].as_f64().unwrap(), prefect.cpu_seconds() - cpu0)
 }
 
-/// The same create calls from a minimal keep-alive client, no logic in between.
-async fn floor_round(n: usize, services: bool, parallel: usize) -> f64 {
+/// The same create calls from a minimal keep-alive client, no logic in between: seconds,
+/// and the server's CPU seconds.
+async fn floor_round(n: usize, services: bool, parallel: usize) -> (f64, f64) {
     let prefect = start_prefect(services);
     let pool = create_pool(&prefect);
     let http = reqwest::Client::new();
@@ -980,6 +1104,7 @@ async fn floor_round(n: usize, services: bool, parallel: usize) -> f64 {
             }
         }
     };
+    let cpu0 = prefect.cpu_seconds();
     let started = Instant::now();
     stream::iter(0..n)
         .map(|i| {
@@ -1012,7 +1137,10 @@ async fn floor_round(n: usize, services: bool, parallel: usize) -> f64 {
         .buffer_unordered(parallel)
         .collect::<Vec<()>>()
         .await;
-    started.elapsed().as_secs_f64()
+    (
+        started.elapsed().as_secs_f64(),
+        prefect.cpu_seconds() - cpu0,
+    )
 }
 
 fn fmt_calls(calls: &BTreeMap<String, f64>) -> String {
@@ -1043,8 +1171,16 @@ fn summary(v: &[f64]) -> String {
 
 fn report(rows: &[Row], cut: Option<&Cut>, outage: Option<&Outage>, binary_size: u64) {
     println!();
-    println!("Prefect's database: {}", database());
-    println!("| N | Prefect services | operator res/s | latency p50 / p95 / max (s) | Python apply() res/s | floor res/s (8 in flight) | floor res/s (16) | operator/floor | operator/Python |");
+    println!(
+        "Prefect's database: {}{}",
+        database(),
+        if pinned() {
+            "; the Prefect server alone on CPU 0, everything else on CPU 1"
+        } else {
+            ""
+        }
+    );
+    println!("| N | Prefect services | operator res/s | latency p50 / p95 / max (s) | Python apply() res/s | floor res/s (8 in flight: before / after) | floor res/s (16) | operator/floor (8) | operator/Python |");
     println!("|---|---|---|---|---|---|---|---|---|");
     for r in rows {
         let op = r.n as f64 / r.op_secs;
@@ -1057,6 +1193,10 @@ fn report(rows: &[Row], cut: Option<&Cut>, outage: Option<&Outage>, binary_size:
             k => (format!("{:.1}", k as f64 / secs), k as f64 / secs),
         };
         let ((py_text, py), (fl_text, fl)) = (rate(r.python), rate(r.floor));
+        let (before_text, before) = rate(r.floor_before);
+        // Against both floor runs, one on each side of the operator's.
+        let fl = (fl + before) / 2.0;
+        let fl_text = format!("{before_text} / {fl_text}");
         let wide = rate(r.floor_wide).0;
         println!(
             "| {} | {} | {op:.1} | {:.1} / {:.1} / {:.1} | {py_text} | {fl_text} | {wide} | {:.2}x | {:.2}x |",
@@ -1067,6 +1207,44 @@ fn report(rows: &[Row], cut: Option<&Cut>, outage: Option<&Outage>, binary_size:
             r.latency.2,
             op / fl,
             op / py
+        );
+    }
+    println!();
+    println!("Prefect server CPU per deployment (ms), and its share of one core while the client ran (the server is one Python process):");
+    println!("| N | services | operator | floor (8 in flight) | floor (16) | Python apply() | apiserver + etcd during the operator's cold start (share of one core) | some task waiting for a CPU: operator / floor (8) |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for r in rows {
+        let per = |cpu: f64, (k, secs): (usize, f64), runs: f64| match k {
+            0 => "skipped".to_string(),
+            k => format!(
+                "{:.1} ({:.0}%)",
+                cpu * 1000.0 / (k as f64 * runs),
+                100.0 * cpu / (secs * runs)
+            ),
+        };
+        let c = &r.server_cpu;
+        let both = (r.floor.0, (r.floor.1 + r.floor_before.1) / 2.0);
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {:.1} s ({:.0}%) | {:.0}% / {:.0}% of the time |",
+            r.n,
+            if r.services { "on" } else { "off" },
+            per(c.operator, (r.n, r.op_secs), 1.0),
+            per(c.floor, both, 2.0),
+            per(c.floor_wide, r.floor_wide, 1.0),
+            per(c.python, r.python, 1.0),
+            r.control_plane_cpu,
+            100.0 * r.control_plane_cpu / r.op_secs,
+            100.0 * c.operator_stall / r.op_secs,
+            100.0 * c.floor_stall / (2.0 * both.1)
+        );
+    }
+    for r in rows {
+        println!(
+            "N={} services={}: Kubernetes requests during the cold start, per resource: {:.2} ({})",
+            r.n,
+            r.services,
+            r.k8s_cold.values().sum::<f64>() / r.n as f64,
+            fmt_calls(&r.k8s_cold)
         );
     }
     println!();

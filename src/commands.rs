@@ -199,19 +199,23 @@ async fn diff_one(
             auth,
             std::sync::Arc::new(CallLog::default()),
         );
-        let (uid, state, note) = match &live {
+        let (uid, state, note, read) = match &live {
             // The controller's own inputs: its uid and what its status recorded.
             Some(obj) => (
                 obj.metadata.uid.clone().unwrap_or_default(),
                 status::state_of(obj.status.as_ref()),
                 None,
+                None,
             ),
             None => guess_state(&client, &valid, pd.metadata.uid.clone(), kube.is_some()).await?,
         };
         let want = desired::deployment(&valid, &uid);
-        let observed = execute::observe(&client, &want, &state)
-            .await
-            .map_err(|e| e.to_string())?;
+        let observed = match read {
+            // The guess already read the deployment by name.
+            Some(found) => execute::observe_given(&client, &want, &state, found).await,
+            None => execute::observe(&client, &want, &state).await,
+        }
+        .map_err(|e| e.to_string())?;
         Ok((plan::plan(&want, &state, &observed), note))
     }
     .await;
@@ -222,6 +226,15 @@ async fn diff_one(
     }
 }
 
+/// What `diff` takes for the controller's inputs: the uid, the recorded state, a note
+/// on how it was guessed, and the deployment read by name if the guess read it.
+type Guess = (
+    String,
+    SyncState,
+    Option<&'static str>,
+    Option<Option<crate::observed::ObservedDeployment>>,
+);
+
 /// Without the live object: a resource that does not exist yet (with the cluster
 /// read) or an unknown one (without). A deployment of the name that carries an owner
 /// label is taken as the resource's, with its automations assumed unchanged.
@@ -230,9 +243,9 @@ async fn guess_state(
     valid: &crate::validate::ValidSpec<'_>,
     uid: Option<String>,
     from_cluster: bool,
-) -> Result<(String, SyncState, Option<&'static str>), String> {
+) -> Result<Guess, String> {
     if from_cluster {
-        return Ok((uid.unwrap_or_default(), SyncState::default(), None));
+        return Ok((uid.unwrap_or_default(), SyncState::default(), None, None));
     }
     let found = client
         .read_deployment_by_name(&valid.flow_name, &valid.name)
@@ -251,9 +264,14 @@ async fn guess_state(
                 triggers_hash: Some(want.triggers_hash(&found.id)),
                 ..SyncState::default()
             };
-            Ok((uid, state, Some(NO_STATE_NOTE)))
+            Ok((uid, state, Some(NO_STATE_NOTE), Some(Some(found))))
         }
-        _ => Ok((uid.unwrap_or_default(), SyncState::default(), None)),
+        (found, _) => Ok((
+            uid.unwrap_or_default(),
+            SyncState::default(),
+            None,
+            Some(found),
+        )),
     }
 }
 

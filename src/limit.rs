@@ -60,15 +60,30 @@ struct State {
     in_flight: usize,
     /// A decrease waits this long after the last, so one burst of 503s halves once.
     last_decrease: Option<Instant>,
-    /// Smoothed duration of a successful request, to notice a server slowing down.
-    typical: Option<Duration>,
+    /// Smoothed duration of a successful request of each kind, to notice a server
+    /// slowing down. By kind: a create takes several times a read, and one average
+    /// over both would take a busy stretch of creates for a slowdown. The kinds are the
+    /// client's fixed endpoint names, so this stays a few entries long.
+    typical: Vec<Typical>,
 }
+
+struct Typical {
+    kind: &'static str,
+    took: Duration,
+    answers: u32,
+}
+
+/// Answers of a kind before its usual time is trusted: the first ones meet an idle
+/// server, and the same requests take several times as long once the others are in
+/// flight too (a busy server queues them). Judged too early, that ramp reads as a
+/// slowdown and halves the limit at every cold start.
+const SETTLED: u32 = 20;
 
 /// How a request ended, as far as the limit cares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
-    /// An answer in the usual time.
-    Ok(Duration),
+    /// An answer from endpoint kind `.0` after `.1`.
+    Ok(&'static str, Duration),
     /// 429 or 503 (or 502/504): the server is overloaded.
     Overloaded,
     /// Any other failure; says nothing about load.
@@ -89,7 +104,7 @@ impl Limit {
                 max: max as f64,
                 in_flight: 0,
                 last_decrease: None,
-                typical: None,
+                typical: Vec::new(),
             }),
             freed: Notify::new(),
             decreases: Counter::default(),
@@ -124,20 +139,37 @@ impl Limit {
         let mut s = self.state.lock().expect("limit lock");
         s.in_flight = s.in_flight.saturating_sub(1);
         let now = Instant::now();
-        let slow = match (outcome, s.typical) {
-            // Four times the usual time, and not just a fast server's jitter.
-            (Outcome::Ok(d), Some(t)) => d > t * 4 && d > Duration::from_millis(200),
+        let typical = match outcome {
+            Outcome::Ok(kind, _) => s.typical.iter().position(|t| t.kind == kind),
+            _ => None,
+        };
+        let slow = match (outcome, typical) {
+            // Four times the usual time for its kind, and not just a fast server's jitter.
+            (Outcome::Ok(_, d), Some(i)) => {
+                let t = &s.typical[i];
+                t.answers >= SETTLED && d > t.took * 4 && d > Duration::from_millis(200)
+            }
             _ => false,
         };
         let decreased = match outcome {
             Outcome::Overloaded => decrease(&mut s, now),
-            Outcome::Ok(_) if slow => decrease(&mut s, now),
-            Outcome::Ok(d) => {
+            Outcome::Ok(..) if slow => decrease(&mut s, now),
+            Outcome::Ok(kind, d) => {
                 s.limit = (s.limit + 1.0 / s.limit).min(s.max);
-                s.typical = Some(match s.typical {
-                    Some(t) => t.mul_f64(0.9) + d.mul_f64(0.1),
-                    None => d,
-                });
+                match typical {
+                    Some(i) => {
+                        let t = &mut s.typical[i];
+                        t.answers = t.answers.saturating_add(1);
+                        // The mean of the first answers, then a moving average.
+                        let weight = 1.0 / f64::from(t.answers.min(10));
+                        t.took = t.took.mul_f64(1.0 - weight) + d.mul_f64(weight);
+                    }
+                    None => s.typical.push(Typical {
+                        kind,
+                        took: d,
+                        answers: 1,
+                    }),
+                }
                 false
             }
             Outcome::Other => false,
@@ -200,14 +232,14 @@ mod tests {
             limit
                 .acquire()
                 .await
-                .finish(Outcome::Ok(Duration::from_millis(5)));
+                .finish(Outcome::Ok("read", Duration::from_millis(5)));
         }
         assert_eq!(limit.current(), 5);
         for _ in 0..100 {
             limit
                 .acquire()
                 .await
-                .finish(Outcome::Ok(Duration::from_millis(5)));
+                .finish(Outcome::Ok("read", Duration::from_millis(5)));
         }
         assert_eq!(limit.current(), 8, "never above the maximum");
     }
@@ -215,16 +247,67 @@ mod tests {
     #[tokio::test]
     async fn a_slow_answer_counts_as_overload() {
         let limit = Arc::new(Limit::new(8));
-        for _ in 0..10 {
+        for _ in 0..SETTLED {
             limit
                 .acquire()
                 .await
-                .finish(Outcome::Ok(Duration::from_millis(50)));
+                .finish(Outcome::Ok("read", Duration::from_millis(50)));
         }
         limit
             .acquire()
             .await
-            .finish(Outcome::Ok(Duration::from_secs(2)));
+            .finish(Outcome::Ok("read", Duration::from_secs(2)));
+        assert_eq!(limit.current(), 4);
+    }
+
+    #[tokio::test]
+    async fn each_kind_of_request_has_its_own_usual_time() {
+        let limit = Arc::new(Limit::new(8));
+        for _ in 0..SETTLED {
+            limit
+                .acquire()
+                .await
+                .finish(Outcome::Ok("read", Duration::from_millis(60)));
+        }
+        // Creates take several times a read: that is their usual time, not a slowdown.
+        for _ in 0..SETTLED {
+            limit
+                .acquire()
+                .await
+                .finish(Outcome::Ok("create", Duration::from_millis(300)));
+        }
+        assert_eq!(limit.current(), 8);
+        // Four times a create's own usual time is.
+        limit
+            .acquire()
+            .await
+            .finish(Outcome::Ok("create", Duration::from_millis(1500)));
+        assert_eq!(limit.current(), 4);
+    }
+
+    #[tokio::test]
+    async fn the_ramp_of_a_cold_start_is_not_a_slowdown() {
+        let limit = Arc::new(Limit::new(8));
+        // The first answers meet an idle server; then eight in flight take five times
+        // as long each, which is how long they take from then on.
+        for _ in 0..3 {
+            limit
+                .acquire()
+                .await
+                .finish(Outcome::Ok("create", Duration::from_millis(50)));
+        }
+        for _ in 0..100 {
+            limit
+                .acquire()
+                .await
+                .finish(Outcome::Ok("create", Duration::from_millis(250)));
+        }
+        assert_eq!(limit.current(), 8);
+        // Once settled, a real slowdown still halves it.
+        limit
+            .acquire()
+            .await
+            .finish(Outcome::Ok("create", Duration::from_millis(1200)));
         assert_eq!(limit.current(), 4);
     }
 

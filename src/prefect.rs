@@ -354,7 +354,7 @@ impl PrefectClient {
                 p.finish(match (&sent, code) {
                     (_, 429 | 502 | 503 | 504) => LimitOutcome::Overloaded,
                     (Err(e), _) if e.is_timeout() => LimitOutcome::Overloaded,
-                    (Ok(_), _) => LimitOutcome::Ok(started.elapsed()),
+                    (Ok(_), _) => LimitOutcome::Ok(endpoint, started.elapsed()),
                     (Err(_), _) => LimitOutcome::Other,
                 });
             }

@@ -33,6 +33,8 @@ const MAX_MESSAGE: usize = 1 << 20;
 /// We ping this often; a stream silent for twice as long is taken as dead.
 const PING_EVERY: Duration = Duration::from_secs(30);
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// The events that start a pass: a change made by someone else, or a deletion.
+const WANTED: [&str; 2] = ["prefect.deployment.updated", "prefect.deployment.deleted"];
 
 pub type Trigger = ObjectRef<PrefectDeployment>;
 
@@ -144,7 +146,7 @@ impl EventStreams {
 
     fn on_event(&self, server: &Server, event: &Value) {
         let name = event["event"].as_str().unwrap_or_default();
-        if !(name == "prefect.deployment.updated" || name == "prefect.deployment.deleted") {
+        if !WANTED.contains(&name) {
             return;
         }
         let Some(id) = event["resource"]["prefect.resource.id"]
@@ -290,7 +292,9 @@ async fn talk<S: AsyncRead + AsyncWrite + Unpin>(
                 "since": from.to_rfc3339(),
                 "until": (chrono::Utc::now() + chrono::Duration::days(3650)).to_rfc3339(),
             },
-            "event": {"prefix": ["prefect.deployment."]},
+            // Only the events that start a pass: every deployment the operator creates
+            // announces itself too, and a cold start need not stream those back.
+            "event": {"name": WANTED},
             "resource": {"id_prefix": ["prefect.deployment."]},
         },
     });

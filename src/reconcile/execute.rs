@@ -211,6 +211,16 @@ pub async fn observe(
     let by_name = client
         .deployment_by_name(&want.flow_name, &want.name)
         .await?;
+    observe_given(client, want, state, by_name).await
+}
+
+/// `observe` for a caller that already read the deployment by name.
+pub async fn observe_given(
+    client: &PrefectClient,
+    want: &DesiredDeployment,
+    state: &SyncState,
+    by_name: Option<ObservedDeployment>,
+) -> Result<Observed> {
     let reads = plan::reads(want, state, by_name.as_ref());
     let recorded_exists = match &reads.recorded {
         Some(id) => Some(client.read_deployment(id).await?.is_some()),

@@ -5,6 +5,7 @@
 //! the test fail with its log, never skip.
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -166,7 +167,76 @@ pub struct PrefectServer {
     _child: Child,
 }
 
+/// Every live process at or below `root`, with its CPU seconds so far (Linux's `/proc`;
+/// nothing elsewhere).
+fn process_tree(root: u32) -> Vec<(u32, f64)> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    // pid -> (parent pid, utime + stime in clock ticks)
+    let mut procs: HashMap<u32, (u32, u64)> = HashMap::new();
+    for entry in dir.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|p| p.parse().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // After the command name in parentheses: state, ppid, ..., utime (12th), stime (13th).
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map_or("", |(_, rest)| rest)
+            .split_whitespace()
+            .collect();
+        let num = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok());
+        if let (Some(ppid), Some(u), Some(s)) = (num(1), num(11), num(12)) {
+            procs.insert(pid, (ppid as u32, u + s));
+        }
+    }
+    let below = |mut pid: u32| {
+        while pid > 1 {
+            if pid == root {
+                return true;
+            }
+            pid = procs.get(&pid).map_or(0, |p| p.0);
+        }
+        false
+    };
+    procs
+        .iter()
+        .filter(|(pid, _)| below(**pid))
+        .map(|(pid, p)| (*pid, p.1 as f64 / 100.0)) // USER_HZ on Linux
+        .collect()
+}
+
+/// CPU seconds used so far by process `root` and every live process below it. A
+/// benchmark reads it before and after a phase.
+pub fn tree_cpu_seconds(root: u32) -> f64 {
+    process_tree(root).iter().map(|p| p.1).sum()
+}
+
+/// Moves process `root`, every process below it and all their threads onto `cpus` (a
+/// `taskset` list such as "0" or "1-3").
+pub fn pin_tree(root: u32, cpus: &str) {
+    for (pid, _) in process_tree(root) {
+        let _ = Command::new("taskset")
+            .args(["-a", "-p", "-c", cpus, &pid.to_string()])
+            .stdout(Stdio::null())
+            .status();
+    }
+}
+
 impl PrefectServer {
+    /// CPU seconds the server has used so far (with its worker processes).
+    pub fn cpu_seconds(&self) -> f64 {
+        tree_cpu_seconds(self._child.id())
+    }
+
+    /// Runs the server (its processes and their threads) on `cpus` only.
+    pub fn pin(&self, cpus: &str) {
+        pin_tree(self._child.id(), cpus)
+    }
+
     /// Starts a Prefect server with its background services off (API only), optionally
     /// with basic auth (`user:password`).
     pub fn start(auth_string: Option<&str>) -> PrefectServer {
@@ -370,6 +440,11 @@ fn run(cmd: &mut Command) {
 }
 
 impl ControlPlane {
+    /// CPU seconds the apiserver and etcd have used so far.
+    pub fn cpu_seconds(&self) -> f64 {
+        tree_cpu_seconds(self._apiserver.id()) + tree_cpu_seconds(self._etcd.id())
+    }
+
     pub fn start() -> ControlPlane {
         let a = assets();
         let dir = tempfile::tempdir().unwrap();
