@@ -42,7 +42,7 @@ async fn main() {
     tokio::spawn(async move {
         let opts = RunOptions {
             namespaces: vec![],
-            concurrency: 16,
+            concurrency: 32,
             max_requests_per_server: 8,
             default_resync: Duration::from_secs(300),
             admin_addr: None,

@@ -135,10 +135,10 @@ pub struct RunArgs {
     /// Watch only these namespaces, comma-separated (default: all namespaces).
     #[arg(long, env = "PREFECT_OPERATOR_NAMESPACE", value_delimiter = ',')]
     pub namespace: Vec<String>,
-    /// How many resources are reconciled in parallel. A pass spends much of its time on
-    /// Kubernetes (finalizer, status, events), so this is larger than the number of
-    /// requests a Prefect server is sent at once.
-    #[arg(long, env = "PREFECT_OPERATOR_CONCURRENCY", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
+    /// How many resources are reconciled in parallel. A pass spends about half its time
+    /// on Kubernetes (finalizer, status, events) and waiting for its guard read, so this
+    /// is several times the number of requests a Prefect server is sent at once.
+    #[arg(long, env = "PREFECT_OPERATOR_CONCURRENCY", default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..))]
     pub concurrency: u16,
     /// At most this many requests in flight to one Prefect server (fewer while it
     /// answers 429/503 or slows down), however many passes run.
@@ -241,7 +241,7 @@ mod tests {
         let Command::Run(args) = cli.command else {
             panic!("run expected")
         };
-        assert_eq!(args.concurrency, 16);
+        assert_eq!(args.concurrency, 32);
         assert_eq!(args.max_requests_per_server, 8);
         assert_eq!(args.default_resync_interval, Duration::from_secs(300));
         assert_eq!(args.log_format, LogFormat::Text);
