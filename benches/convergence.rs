@@ -1143,6 +1143,15 @@ async fn floor_round(n: usize, services: bool, parallel: usize) -> (f64, f64) {
     )
 }
 
+/// `a / b` as a ratio, or "skipped" when `b` was not measured.
+fn ratio(a: f64, b: f64) -> String {
+    if b.is_nan() {
+        "skipped".into()
+    } else {
+        format!("{:.2}x", a / b)
+    }
+}
+
 fn fmt_calls(calls: &BTreeMap<String, f64>) -> String {
     if calls.is_empty() {
         return "none".into();
@@ -1199,14 +1208,14 @@ fn report(rows: &[Row], cut: Option<&Cut>, outage: Option<&Outage>, binary_size:
         let fl_text = format!("{before_text} / {fl_text}");
         let wide = rate(r.floor_wide).0;
         println!(
-            "| {} | {} | {op:.1} | {:.1} / {:.1} / {:.1} | {py_text} | {fl_text} | {wide} | {:.2}x | {:.2}x |",
+            "| {} | {} | {op:.1} | {:.1} / {:.1} / {:.1} | {py_text} | {fl_text} | {wide} | {} | {} |",
             r.n,
             if r.services { "on" } else { "off" },
             r.latency.0,
             r.latency.1,
             r.latency.2,
-            op / fl,
-            op / py
+            ratio(op, fl),
+            ratio(op, py)
         );
     }
     println!();
@@ -1224,8 +1233,12 @@ fn report(rows: &[Row], cut: Option<&Cut>, outage: Option<&Outage>, binary_size:
         };
         let c = &r.server_cpu;
         let both = (r.floor.0, (r.floor.1 + r.floor_before.1) / 2.0);
+        let floor_stall = match both.0 {
+            0 => "skipped".to_string(),
+            _ => format!("{:.0}%", 100.0 * c.floor_stall / (2.0 * both.1)),
+        };
         println!(
-            "| {} | {} | {} | {} | {} | {} | {:.1} s ({:.0}%) | {:.0}% / {:.0}% of the time |",
+            "| {} | {} | {} | {} | {} | {} | {:.1} s ({:.0}%) | {:.0}% / {floor_stall} of the time |",
             r.n,
             if r.services { "on" } else { "off" },
             per(c.operator, (r.n, r.op_secs), 1.0),
@@ -1235,7 +1248,6 @@ fn report(rows: &[Row], cut: Option<&Cut>, outage: Option<&Outage>, binary_size:
             r.control_plane_cpu,
             100.0 * r.control_plane_cpu / r.op_secs,
             100.0 * c.operator_stall / r.op_secs,
-            100.0 * c.floor_stall / (2.0 * both.1)
         );
     }
     for r in rows {
