@@ -215,6 +215,16 @@ impl Drop for Permit {
 mod tests {
     use super::*;
 
+    /// `times` successful answers of `kind`, each after `ms` milliseconds.
+    async fn answers(limit: &Arc<Limit>, kind: &'static str, ms: u64, times: u32) {
+        for _ in 0..times {
+            limit
+                .acquire()
+                .await
+                .finish(Outcome::Ok(kind, Duration::from_millis(ms)));
+        }
+    }
+
     #[tokio::test]
     async fn halves_on_overload_and_grows_back() {
         let decreases = Counter::default();
@@ -228,60 +238,29 @@ mod tests {
         assert_eq!(limit.current(), 4);
         assert_eq!(decreases.get(), 1);
         // Successes add about one per round of `limit` requests (4 + 1/4 + 1/4.25 ...).
-        for _ in 0..5 {
-            limit
-                .acquire()
-                .await
-                .finish(Outcome::Ok("read", Duration::from_millis(5)));
-        }
+        answers(&limit, "read", 5, 5).await;
         assert_eq!(limit.current(), 5);
-        for _ in 0..100 {
-            limit
-                .acquire()
-                .await
-                .finish(Outcome::Ok("read", Duration::from_millis(5)));
-        }
+        answers(&limit, "read", 5, 100).await;
         assert_eq!(limit.current(), 8, "never above the maximum");
     }
 
     #[tokio::test]
     async fn a_slow_answer_counts_as_overload() {
         let limit = Arc::new(Limit::new(8));
-        for _ in 0..SETTLED {
-            limit
-                .acquire()
-                .await
-                .finish(Outcome::Ok("read", Duration::from_millis(50)));
-        }
-        limit
-            .acquire()
-            .await
-            .finish(Outcome::Ok("read", Duration::from_secs(2)));
+        answers(&limit, "read", 50, SETTLED).await;
+        answers(&limit, "read", 2000, 1).await;
         assert_eq!(limit.current(), 4);
     }
 
     #[tokio::test]
     async fn each_kind_of_request_has_its_own_usual_time() {
         let limit = Arc::new(Limit::new(8));
-        for _ in 0..SETTLED {
-            limit
-                .acquire()
-                .await
-                .finish(Outcome::Ok("read", Duration::from_millis(60)));
-        }
+        answers(&limit, "read", 60, SETTLED).await;
         // Creates take several times a read: that is their usual time, not a slowdown.
-        for _ in 0..SETTLED {
-            limit
-                .acquire()
-                .await
-                .finish(Outcome::Ok("create", Duration::from_millis(300)));
-        }
+        answers(&limit, "create", 300, SETTLED).await;
         assert_eq!(limit.current(), 8);
         // Four times a create's own usual time is.
-        limit
-            .acquire()
-            .await
-            .finish(Outcome::Ok("create", Duration::from_millis(1500)));
+        answers(&limit, "create", 1500, 1).await;
         assert_eq!(limit.current(), 4);
     }
 
@@ -290,24 +269,11 @@ mod tests {
         let limit = Arc::new(Limit::new(8));
         // The first answers meet an idle server; then eight in flight take five times
         // as long each, which is how long they take from then on.
-        for _ in 0..3 {
-            limit
-                .acquire()
-                .await
-                .finish(Outcome::Ok("create", Duration::from_millis(50)));
-        }
-        for _ in 0..100 {
-            limit
-                .acquire()
-                .await
-                .finish(Outcome::Ok("create", Duration::from_millis(250)));
-        }
+        answers(&limit, "create", 50, 3).await;
+        answers(&limit, "create", 250, 100).await;
         assert_eq!(limit.current(), 8);
         // Once settled, a real slowdown still halves it.
-        limit
-            .acquire()
-            .await
-            .finish(Outcome::Ok("create", Duration::from_millis(1200)));
+        answers(&limit, "create", 1200, 1).await;
         assert_eq!(limit.current(), 4);
     }
 
