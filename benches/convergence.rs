@@ -148,12 +148,14 @@ struct Row {
     /// Deployments the Python loop applied (`BENCH_COMPARE_MAX` caps it) and its seconds.
     python: (usize, f64),
     /// The same for the floor client: at 8 requests in flight just before the operator
-    /// and again after Prefect's loop (the machine's speed drifts over a run), and at 16.
+    /// and again after Prefect's loop (the machine's speed drifts over a run), and at
+    /// `PASSES`.
     floor_before: (usize, f64),
     floor: (usize, f64),
     floor_wide: (usize, f64),
     /// Prefect server CPU seconds spent on each client's deployments: the operator's
-    /// cold start, Prefect's loop, the two floor runs at 8 together, the floor at 16.
+    /// cold start, Prefect's loop, the two floor runs at 8 together, the floor at
+    /// `PASSES`.
     server_cpu: ServerCpu,
     /// CPU seconds of the apiserver and etcd during the operator's cold start.
     control_plane_cpu: f64,
@@ -233,6 +235,14 @@ fn apiserver_requests(cp: &ControlPlane) -> BTreeMap<String, f64> {
     out
 }
 
+/// One comparison client's run: its seconds, and over the same span the Prefect
+/// server's CPU seconds and the machine's CPU stall seconds.
+struct Ran {
+    secs: f64,
+    server_cpu: f64,
+    stall: f64,
+}
+
 struct Steady {
     secs: f64,
     calls: BTreeMap<String, f64>,
@@ -260,35 +270,31 @@ async fn round(cp: &ControlPlane, n: usize, services: bool) -> Row {
         .ok()
         .and_then(|v| v.parse().ok())
         .map_or(n, |max: usize| n.min(max));
-    let stall0 = cpu_stall_seconds();
     let before = if cap > 0 {
-        let (secs, cpu) = floor_round(cap, services, CONCURRENCY).await;
-        eprintln!("   floor of {cap} (before): {secs:.1} s");
-        Some((secs, cpu))
+        let ran = floor_round(cap, services, CONCURRENCY).await;
+        eprintln!("   floor of {cap} (before): {:.1} s", ran.secs);
+        Some(ran)
     } else {
         None
     };
-    let stall1 = cpu_stall_seconds();
     let mut row = operator_round(cp, n, services).await;
     eprintln!("   operator: {:.1} s", row.op_secs);
-    if let Some((secs, cpu)) = before {
-        row.floor_before = (cap, secs);
-        row.server_cpu.floor += cpu;
-        row.server_cpu.floor_stall += stall1 - stall0;
-        let (secs, cpu) = python_round(cap, services);
-        row.python = (cap, secs);
-        row.server_cpu.python = cpu;
-        eprintln!("   python apply() of {cap}: {secs:.1} s");
-        let stall0 = cpu_stall_seconds();
-        let (secs, cpu) = floor_round(cap, services, CONCURRENCY).await;
-        row.floor = (cap, secs);
-        row.server_cpu.floor += cpu;
-        row.server_cpu.floor_stall += cpu_stall_seconds() - stall0;
-        eprintln!("   floor of {cap} (after): {secs:.1} s");
-        let (secs, cpu) = floor_round(cap, services, PASSES).await;
-        row.floor_wide = (cap, secs);
-        row.server_cpu.floor_wide = cpu;
-        eprintln!("   floor of {cap} at {PASSES}: {secs:.1} s");
+    if let Some(before) = before {
+        let python = python_round(cap, services);
+        eprintln!("   python apply() of {cap}: {:.1} s", python.secs);
+        let after = floor_round(cap, services, CONCURRENCY).await;
+        eprintln!("   floor of {cap} (after): {:.1} s", after.secs);
+        let wide = floor_round(cap, services, PASSES).await;
+        eprintln!("   floor of {cap} at {PASSES}: {:.1} s", wide.secs);
+        row.floor_before = (cap, before.secs);
+        row.floor = (cap, after.secs);
+        row.floor_wide = (cap, wide.secs);
+        row.python = (cap, python.secs);
+        let c = &mut row.server_cpu;
+        c.floor = before.server_cpu + after.server_cpu;
+        c.floor_stall = before.stall + after.stall;
+        c.floor_wide = wide.server_cpu;
+        c.python = python.server_cpu;
     }
     row
 }
@@ -1048,13 +1054,13 @@ async fn outage_round(cp: &ControlPlane, n: usize) -> Outage {
 }
 
 /// Prefect's Python `RunnerDeployment.apply()` in a loop, on a fresh database.
-/// Seconds for Prefect's own loop to apply `n` deployments, and the server's CPU seconds.
-fn python_round(n: usize, services: bool) -> (f64, f64) {
+/// Prefect's own loop applying `n` deployments (its seconds as it measures them).
+fn python_round(n: usize, services: bool) -> Ran {
     let prefect = start_prefect(services);
     let pool = create_pool(&prefect);
     let python = support::assets().prefect_bin.with_file_name("python");
     let dir = tempfile::tempdir().unwrap();
-    let cpu0 = prefect.cpu_seconds();
+    let (cpu0, stall0) = (prefect.cpu_seconds(), cpu_stall_seconds());
     let out = Command::new(python)
         .arg(concat!(
             env!("CARGO_MANIFEST_DIR"),
@@ -1079,12 +1085,15 @@ fn python_round(n: usize, services: bool) -> (f64, f64) {
         .to_string();
     let v: Value =
         serde_json::from_str(&line).unwrap_or_else(|_| panic!("unexpected output: {line}"));
-    (v["seconds"].as_f64().unwrap(), prefect.cpu_seconds() - cpu0)
+    Ran {
+        secs: v["seconds"].as_f64().unwrap(),
+        server_cpu: prefect.cpu_seconds() - cpu0,
+        stall: cpu_stall_seconds() - stall0,
+    }
 }
 
-/// The same create calls from a minimal keep-alive client, no logic in between: seconds,
-/// and the server's CPU seconds.
-async fn floor_round(n: usize, services: bool, parallel: usize) -> (f64, f64) {
+/// The same create calls from a minimal keep-alive client, no logic in between.
+async fn floor_round(n: usize, services: bool, parallel: usize) -> Ran {
     let prefect = start_prefect(services);
     let pool = create_pool(&prefect);
     let http = reqwest::Client::new();
@@ -1104,7 +1113,8 @@ async fn floor_round(n: usize, services: bool, parallel: usize) -> (f64, f64) {
             }
         }
     };
-    let cpu0 = prefect.cpu_seconds();
+    // Measured over the creates only, not the server's start.
+    let (cpu0, stall0) = (prefect.cpu_seconds(), cpu_stall_seconds());
     let started = Instant::now();
     stream::iter(0..n)
         .map(|i| {
@@ -1137,10 +1147,11 @@ async fn floor_round(n: usize, services: bool, parallel: usize) -> (f64, f64) {
         .buffer_unordered(parallel)
         .collect::<Vec<()>>()
         .await;
-    (
-        started.elapsed().as_secs_f64(),
-        prefect.cpu_seconds() - cpu0,
-    )
+    Ran {
+        secs: started.elapsed().as_secs_f64(),
+        server_cpu: prefect.cpu_seconds() - cpu0,
+        stall: cpu_stall_seconds() - stall0,
+    }
 }
 
 /// `a / b` as a ratio, or "skipped" when `b` was not measured.
