@@ -10,6 +10,10 @@
 //! in Prefect, and its resource is asked for a pass at once (reading Prefect directly).
 //! So a change is found within about one interval for `ceil(N/200)` requests per server
 //! per interval, with or without an event stream.
+//!
+//! Deployments registered after a read (a cold start spans several intervals) are not
+//! in it. The first check that misses one reads all of them that are waiting, up to a
+//! page, into the snapshot at once, instead of each check reading its own directly.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -31,11 +35,18 @@ pub struct Snapshots {
 
 #[derive(Default)]
 struct Server {
-    /// The deployment ids resources recorded for this server, and their resources.
-    ids: Mutex<HashMap<String, Trigger>>,
+    ids: Mutex<Registry>,
     /// The last read; the async lock makes concurrent passes wait for one read instead
     /// of each making their own.
     data: tokio::sync::Mutex<Data>,
+}
+
+#[derive(Default)]
+struct Registry {
+    /// The deployment ids resources recorded for this server, and their resources.
+    ids: HashMap<String, Trigger>,
+    /// Ids registered since the last full read began: not in the snapshot yet.
+    unread: HashSet<String>,
 }
 
 #[derive(Default)]
@@ -87,17 +98,18 @@ impl Snapshots {
     /// Remembers that resource `who` manages deployment `id` on this client's server.
     pub fn register(&self, client: &PrefectClient, id: &str, who: Trigger) {
         let server = self.server(client);
-        server
-            .ids
-            .lock()
-            .expect("snapshot ids lock")
-            .insert(id.to_string(), who);
+        let mut reg = server.ids.lock().expect("snapshot ids lock");
+        if reg.ids.insert(id.to_string(), who).is_none() {
+            reg.unread.insert(id.to_string());
+        }
     }
 
     /// Forgets a deployment (its resource is gone or points elsewhere now).
     pub fn forget(&self, client: &PrefectClient, id: &str) {
         let server = self.server(client);
-        server.ids.lock().expect("snapshot ids lock").remove(id);
+        let mut reg = server.ids.lock().expect("snapshot ids lock");
+        reg.ids.remove(id);
+        reg.unread.remove(id);
     }
 
     /// Forgets whatever resource `who` had registered on any server (it is deleted).
@@ -107,8 +119,15 @@ impl Snapshots {
             map.values().cloned().collect()
         };
         for server in servers {
-            let mut ids = server.ids.lock().expect("snapshot ids lock");
-            ids.retain(|_, w| w != who);
+            let mut reg = server.ids.lock().expect("snapshot ids lock");
+            let Registry { ids, unread } = &mut *reg;
+            ids.retain(|id, w| {
+                let keep = w != who;
+                if !keep {
+                    unread.remove(id);
+                }
+                keep
+            });
         }
     }
 
@@ -128,8 +147,12 @@ impl Snapshots {
         let fresh = data.read_at.is_some_and(|at| at.elapsed() < max_age);
         if !fresh {
             let ids: Vec<(String, Trigger)> = {
-                let map = server.ids.lock().expect("snapshot ids lock");
-                map.iter().map(|(i, w)| (i.clone(), w.clone())).collect()
+                let mut reg = server.ids.lock().expect("snapshot ids lock");
+                reg.unread.clear();
+                reg.ids
+                    .iter()
+                    .map(|(i, w)| (i.clone(), w.clone()))
+                    .collect()
             };
             // Merged page by page into the entries in place, so memory holds one copy
             // plus a page. Changes found before a failed page are still handed on.
@@ -151,6 +174,39 @@ impl Snapshots {
             }
             changed(merge.changed);
             read?;
+        } else if !data.entries.contains_key(id) {
+            // Registered since the read: read it with the others waiting, one page.
+            let page: Vec<String> = {
+                let mut reg = server.ids.lock().expect("snapshot ids lock");
+                if reg.unread.remove(id) {
+                    let mut page = vec![id.to_string()];
+                    page.extend(reg.unread.iter().take(PAGE - 1).cloned());
+                    for i in &page[1..] {
+                        reg.unread.remove(i);
+                    }
+                    page
+                } else {
+                    Vec::new()
+                }
+            };
+            if !page.is_empty() {
+                match client.read_deployments(&page).await {
+                    Ok(found) => {
+                        for d in &found {
+                            if page.contains(&d.id) {
+                                data.entries.insert(d.id.clone(), Entry::of(d));
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        // Left for a later check; this one reads directly.
+                        tracing::debug!(error = %e, "reading newly registered deployments failed");
+                        let mut reg = server.ids.lock().expect("snapshot ids lock");
+                        let Registry { ids, unread } = &mut *reg;
+                        unread.extend(page.into_iter().filter(|i| ids.contains_key(i)));
+                    }
+                }
+            }
         }
         match data.entries.get(id) {
             Some(e) => Ok(e.decode()),

@@ -1402,3 +1402,110 @@ async fn event_stream_authenticates_with_a_cloud_api_key() {
     assert_eq!(next.expect("a trigger").unwrap(), who);
     assert_eq!(streams.connected(), 1);
 }
+
+/// Drift checks plan against a bulk snapshot of the managed deployments. One registered
+/// after the snapshot was read is read into it with every other one waiting, in one
+/// request, rather than each check reading its own; a deployment gone from Prefect is
+/// reported by the next full read.
+#[tokio::test]
+async fn snapshots_read_late_registrations_together() {
+    use kube::runtime::reflector::ObjectRef;
+    use prefect_operator::api::PrefectDeployment;
+    use prefect_operator::snapshot::Snapshots;
+    let env = Env::new().await;
+    let flow = unique("snapshot");
+    let flow_id = env.client.upsert_flow(&flow).await.unwrap();
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        let body =
+            json!({"name": format!("d{i}"), "flow_id": flow_id, "enforce_parameter_schema": false});
+        ids.push(env.client.create_deployment(&body).await.unwrap());
+    }
+    let who = |i: usize| ObjectRef::<PrefectDeployment>::new(&format!("r{i}")).within("ns");
+    let snapshots = Snapshots::default();
+    let filters = || {
+        env.calls
+            .snapshot()
+            .get(&("POST".to_string(), "deployments_filter"))
+            .copied()
+            .unwrap_or(0)
+    };
+    let hour = Duration::from_secs(3600);
+    let look = |i: usize, max_age: Duration| {
+        let (snapshots, client, id) = (&snapshots, &env.client, ids[i].clone());
+        async move {
+            let mut changed = Vec::new();
+            let found = snapshots
+                .lookup(client, &id, max_age, |c| changed = c)
+                .await
+                .unwrap();
+            (found.map(|d| d.id), changed)
+        }
+    };
+
+    for (i, id) in ids.iter().enumerate().take(2) {
+        snapshots.register(&env.client, id, who(i));
+    }
+    let before = filters();
+    assert_eq!(look(0, hour).await.0.as_ref(), Some(&ids[0]));
+    assert_eq!(look(1, hour).await.0.as_ref(), Some(&ids[1]));
+    assert_eq!(filters() - before, 1, "one full read answers both");
+
+    // Registered after that read, while it is still fresh.
+    for (i, id) in ids.iter().enumerate().skip(2) {
+        snapshots.register(&env.client, id, who(i));
+    }
+    let before = filters();
+    for (i, id) in ids.iter().enumerate().skip(2) {
+        assert_eq!(look(i, hour).await.0.as_ref(), Some(id), "d{i}");
+    }
+    assert_eq!(filters() - before, 1, "one read for the four late ones");
+    let before = filters();
+    for (i, id) in ids.iter().enumerate() {
+        assert_eq!(look(i, hour).await.0.as_ref(), Some(id), "d{i}");
+    }
+    assert_eq!(filters(), before, "all answered from the snapshot");
+
+    // Never registered: no answer and no request.
+    let stranger = env
+        .client
+        .create_deployment(
+            &json!({"name": "stranger", "flow_id": flow_id, "enforce_parameter_schema": false}),
+        )
+        .await
+        .unwrap();
+    let found = snapshots
+        .lookup(&env.client, &stranger, hour, |_| {})
+        .await
+        .unwrap();
+    assert!(found.is_none());
+    assert_eq!(filters(), before);
+
+    // Deleted behind the operator's back; a late one (read in with the others) counts
+    // too. The next full read names both resources, and not the one asking.
+    let status = env
+        .call(
+            reqwest::Method::DELETE,
+            &format!("/deployments/{}", ids[4]),
+            None,
+        )
+        .await;
+    assert_eq!(status, 204);
+    let status = env
+        .call(
+            reqwest::Method::DELETE,
+            &format!("/deployments/{}", ids[0]),
+            None,
+        )
+        .await;
+    assert_eq!(status, 204);
+    let (found, mut changed) = look(5, Duration::ZERO).await;
+    assert_eq!(found.as_ref(), Some(&ids[5]));
+    changed.sort_by_key(|t| t.name.clone());
+    assert_eq!(changed, vec![who(0), who(4)]);
+    assert_eq!(
+        look(4, hour).await.0,
+        None,
+        "gone: read directly by the caller"
+    );
+}
