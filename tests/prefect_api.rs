@@ -466,7 +466,13 @@ async fn create_noop_update_and_drift() {
     r.unwrap();
     let new_id = state.deployment_id.clone().unwrap();
     assert_ne!(new_id, id);
-    assert_eq!(changes[0], Change::Created { id: new_id.clone() });
+    assert_eq!(
+        changes[0],
+        Change::Created {
+            id: new_id.clone(),
+            automations: 0
+        }
+    );
     assert_eq!(
         env.deployment(&new_id).await.unwrap()["schedules"]
             .as_array()
@@ -520,9 +526,18 @@ async fn triggers_are_applied_only_when_changed() {
         ],
     }));
     let mut state = SyncState::default();
-    env.apply(&spec, &name, &uid, &mut state).await.0.unwrap();
+    let (r, changes, _) = env.apply(&spec, &name, &uid, &mut state).await;
+    r.unwrap();
     let id = state.deployment_id.clone().unwrap();
     assert_eq!(state.automation_ids.len(), 4);
+    // One Event says both.
+    assert_eq!(
+        changes,
+        vec![Change::Created {
+            id: id.clone(),
+            automations: 4
+        }]
+    );
     let (_, first) = env
         .get(&format!("/automations/{}", state.automation_ids[0]))
         .await;

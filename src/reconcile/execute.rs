@@ -24,8 +24,11 @@ pub use crate::plan::SyncState;
 /// Something the pass changed in Prefect, reported as a Kubernetes Event.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Change {
+    /// A new deployment, with the trigger automations made for it in the same pass
+    /// (one Event for both: a cold start makes thousands).
     Created {
         id: String,
+        automations: usize,
     },
     Adopted {
         id: String,
@@ -91,7 +94,10 @@ impl Change {
 
     pub fn message(&self) -> String {
         match self {
-            Change::Created { id } => format!("Created Prefect deployment {id}"),
+            Change::Created { id, automations: 0 } => format!("Created Prefect deployment {id}"),
+            Change::Created { id, automations } => {
+                format!("Created Prefect deployment {id} with {automations} trigger automation(s)")
+            }
             Change::Adopted { id } => format!("Adopted existing Prefect deployment {id}"),
             Change::Replaced { old_id, new_id } => format!(
                 "Name or flow changed: created Prefect deployment {new_id} and deleted {old_id}"
@@ -313,7 +319,10 @@ pub async fn perform(
                         new_id: id.clone(),
                     });
                 }
-                None => changes.push(Change::Created { id: id.clone() }),
+                None => changes.push(Change::Created {
+                    id: id.clone(),
+                    automations: 0,
+                }),
             }
             id
         }
@@ -560,10 +569,18 @@ async fn apply_automations(
                 client.delete_automation(old).await?;
                 state.automation_ids.retain(|x| x != old);
             }
-            if !delete.is_empty() || !bodies.is_empty() {
-                changes.push(Change::AutomationsReplaced {
-                    count: bodies.len(),
-                });
+            let created_now = changes.iter_mut().find_map(|c| match c {
+                Change::Created { automations, .. } if delete.is_empty() => Some(automations),
+                _ => None,
+            });
+            match created_now {
+                Some(n) => *n = bodies.len(),
+                None if !delete.is_empty() || !bodies.is_empty() => {
+                    changes.push(Change::AutomationsReplaced {
+                        count: bodies.len(),
+                    })
+                }
+                None => {}
             }
             Ok(())
         }
