@@ -12,8 +12,8 @@
 //! per interval, with or without an event stream.
 //!
 //! Deployments registered after a read (a cold start spans several intervals) are not
-//! in it. The first check that misses one reads all of them that are waiting, up to a
-//! page, into the snapshot at once, instead of each check reading its own directly.
+//! in it. A check that misses one reads it into the snapshot together with the oldest
+//! others waiting, up to a page, instead of each check reading its own directly.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -45,8 +45,24 @@ struct Server {
 struct Registry {
     /// The deployment ids resources recorded for this server, and their resources.
     ids: HashMap<String, Trigger>,
-    /// Ids registered since the last full read began: not in the snapshot yet.
-    unread: HashSet<String>,
+    /// Ids registered since the last full read began, oldest first: not in the
+    /// snapshot yet. Drift checks come due in about the order resources registered.
+    unread: Vec<String>,
+}
+
+impl Registry {
+    /// `id` and the oldest others not yet read, up to a page, no longer counted as
+    /// unread; nothing when `id` is not waiting to be read.
+    fn take_unread(&mut self, id: &str) -> Vec<String> {
+        let Some(at) = self.unread.iter().position(|u| u == id) else {
+            return Vec::new();
+        };
+        let mine = self.unread.remove(at);
+        let more = self.unread.len().min(PAGE - 1);
+        std::iter::once(mine)
+            .chain(self.unread.drain(..more))
+            .collect()
+    }
 }
 
 #[derive(Default)]
@@ -100,7 +116,7 @@ impl Snapshots {
         let server = self.server(client);
         let mut reg = server.ids.lock().expect("snapshot ids lock");
         if reg.ids.insert(id.to_string(), who).is_none() {
-            reg.unread.insert(id.to_string());
+            reg.unread.push(id.to_string());
         }
     }
 
@@ -109,7 +125,7 @@ impl Snapshots {
         let server = self.server(client);
         let mut reg = server.ids.lock().expect("snapshot ids lock");
         reg.ids.remove(id);
-        reg.unread.remove(id);
+        reg.unread.retain(|u| u != id);
     }
 
     /// Forgets whatever resource `who` had registered on any server (it is deleted).
@@ -121,13 +137,8 @@ impl Snapshots {
         for server in servers {
             let mut reg = server.ids.lock().expect("snapshot ids lock");
             let Registry { ids, unread } = &mut *reg;
-            ids.retain(|id, w| {
-                let keep = w != who;
-                if !keep {
-                    unread.remove(id);
-                }
-                keep
-            });
+            ids.retain(|_, w| w != who);
+            unread.retain(|u| ids.contains_key(u));
         }
     }
 
@@ -175,20 +186,13 @@ impl Snapshots {
             changed(merge.changed);
             read?;
         } else if !data.entries.contains_key(id) {
-            // Registered since the read: read it with the others waiting, one page.
-            let page: Vec<String> = {
-                let mut reg = server.ids.lock().expect("snapshot ids lock");
-                if reg.unread.remove(id) {
-                    let mut page = vec![id.to_string()];
-                    page.extend(reg.unread.iter().take(PAGE - 1).cloned());
-                    for i in &page[1..] {
-                        reg.unread.remove(i);
-                    }
-                    page
-                } else {
-                    Vec::new()
-                }
-            };
+            // Registered since the read: read it with the oldest others waiting, one
+            // page (theirs are the checks due next).
+            let page = server
+                .ids
+                .lock()
+                .expect("snapshot ids lock")
+                .take_unread(id);
             if !page.is_empty() {
                 match client.read_deployments(&page).await {
                     Ok(found) => {
@@ -203,7 +207,9 @@ impl Snapshots {
                         tracing::debug!(error = %e, "reading newly registered deployments failed");
                         let mut reg = server.ids.lock().expect("snapshot ids lock");
                         let Registry { ids, unread } = &mut *reg;
-                        unread.extend(page.into_iter().filter(|i| ids.contains_key(i)));
+                        let back: Vec<String> =
+                            page.into_iter().filter(|i| ids.contains_key(i)).collect();
+                        unread.splice(0..0, back);
                     }
                 }
             }
@@ -293,6 +299,27 @@ mod tests {
         let mut changed = merge.changed;
         changed.sort_by_key(|t| t.name.clone());
         changed
+    }
+
+    #[test]
+    fn late_registrations_are_read_oldest_first() {
+        let mut reg = Registry::default();
+        let ids: Vec<String> = (0..450).map(|i| format!("d{i}")).collect();
+        reg.unread = ids.clone();
+        let page = reg.take_unread("d300");
+        assert_eq!(page.len(), PAGE);
+        assert_eq!(page[0], "d300");
+        assert_eq!(page[1..], ids[..PAGE - 1], "then the oldest");
+        assert_eq!(reg.unread.len(), 450 - PAGE);
+        assert_eq!(reg.unread[0], format!("d{}", PAGE - 1));
+        assert!(reg.take_unread("d300").is_empty(), "read already");
+        assert!(reg.take_unread("d5").is_empty(), "read already");
+        let page = reg.take_unread("d449");
+        assert_eq!(page.len(), PAGE);
+        assert_eq!(reg.unread.len(), 450 - 2 * PAGE);
+        let rest = reg.take_unread(&reg.unread[10].clone());
+        assert_eq!(rest.len(), 450 - 2 * PAGE);
+        assert!(reg.unread.is_empty());
     }
 
     #[test]
