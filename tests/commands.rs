@@ -176,6 +176,15 @@ async fn diff_says_no_changes_exactly_when_the_controller_writes_nothing() {
         "diff never writes"
     );
     assert_eq!(controller_pass(&server.url, &object, &mut state).await, 0);
+    // Counted from outside: one read by name answers it all (the state is guessed
+    // from that same read), and nothing else is asked.
+    let proxy = support::CountingProxy::start(server);
+    let (code, out, err) = run(&["diff", "-f", &file(&object), "--server-url", &proxy.url]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(
+        proxy.take(),
+        vec![format!("GET /api/deployments/name/nightly/{name}")]
+    );
 
     // A spec change: diff shows it, the controller writes it, then both are quiet.
     object["spec"]["deployment"]["description"] = json!("second");

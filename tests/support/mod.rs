@@ -983,3 +983,94 @@ impl Drop for Postgres {
         self.stop();
     }
 }
+
+/// A reverse proxy in front of a Prefect server that records each request as
+/// `METHOD /path`: what a client (say, the binary) asked, counted from outside it. It
+/// runs on its own thread and runtime, so a test may block on a child process meanwhile.
+pub struct CountingProxy {
+    /// The proxy's API base, like the server's (`http://127.0.0.1:PORT/api`).
+    pub url: String,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl CountingProxy {
+    pub fn start(server: &PrefectServer) -> CountingProxy {
+        use http_body_util::{BodyExt, Full};
+        use hyper::body::Bytes;
+        use std::sync::{Arc, Mutex};
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let origin = server.url.trim_end_matches("/api").to_string();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                let http = reqwest::Client::new();
+                loop {
+                    let Ok((stream, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    let (http, origin, log) = (http.clone(), origin.clone(), log.clone());
+                    tokio::spawn(async move {
+                        let service = hyper::service::service_fn(
+                            move |req: hyper::Request<hyper::body::Incoming>| {
+                                let (http, origin, log) =
+                                    (http.clone(), origin.clone(), log.clone());
+                                async move {
+                                    let (parts, body) = req.into_parts();
+                                    let path =
+                                        parts.uri.path_and_query().map_or("/", |p| p.as_str());
+                                    log.lock().unwrap().push(format!(
+                                        "{} {}",
+                                        parts.method,
+                                        parts.uri.path()
+                                    ));
+                                    let body = body.collect().await?.to_bytes();
+                                    let mut forward = http
+                                        .request(parts.method.clone(), format!("{origin}{path}"))
+                                        .body(body.to_vec());
+                                    for (k, v) in &parts.headers {
+                                        if k != hyper::header::HOST {
+                                            forward = forward.header(k, v);
+                                        }
+                                    }
+                                    let (status, bytes) = match forward.send().await {
+                                        Ok(r) => (r.status(), r.bytes().await.unwrap_or_default()),
+                                        Err(_) => {
+                                            (reqwest::StatusCode::BAD_GATEWAY, Default::default())
+                                        }
+                                    };
+                                    Ok::<_, hyper::Error>(
+                                        hyper::Response::builder()
+                                            .status(status.as_u16())
+                                            .header("content-type", "application/json")
+                                            .body(Full::new(Bytes::from(bytes.to_vec())))
+                                            .unwrap(),
+                                    )
+                                }
+                            },
+                        );
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                            .await;
+                    });
+                }
+            });
+        });
+        CountingProxy {
+            url: format!("http://127.0.0.1:{port}/api"),
+            seen,
+        }
+    }
+
+    /// The requests since the last call, oldest first.
+    pub fn take(&self) -> Vec<String> {
+        std::mem::take(&mut *self.seen.lock().unwrap())
+    }
+}
