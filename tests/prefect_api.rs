@@ -1498,22 +1498,10 @@ async fn snapshots_read_late_registrations_together() {
 
     // Deleted behind the operator's back; a late one (read in with the others) counts
     // too. The next full read names both resources, and not the one asking.
-    let status = env
-        .call(
-            reqwest::Method::DELETE,
-            &format!("/deployments/{}", ids[4]),
-            None,
-        )
-        .await;
-    assert_eq!(status, 204);
-    let status = env
-        .call(
-            reqwest::Method::DELETE,
-            &format!("/deployments/{}", ids[0]),
-            None,
-        )
-        .await;
-    assert_eq!(status, 204);
+    for gone in [&ids[4], &ids[0]] {
+        let path = format!("/deployments/{gone}");
+        assert_eq!(env.call(reqwest::Method::DELETE, &path, None).await, 204);
+    }
     let (found, mut changed) = look(5, Duration::ZERO).await;
     assert_eq!(found.as_ref(), Some(&ids[5]));
     changed.sort_by_key(|t| t.name.clone());
