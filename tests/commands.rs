@@ -185,6 +185,22 @@ async fn diff_says_no_changes_exactly_when_the_controller_writes_nothing() {
         proxy.take(),
         vec![format!("GET /api/deployments/name/nightly/{name}")]
     );
+    // `export` only reads too (its filter reads are POSTs that change nothing; this
+    // one passes through the proxy with its body).
+    let (code, out, err) = run(&["export", "--flow", "nightly", "--server-url", &proxy.url]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains(&format!("name: {name}")), "{out}");
+    let asked = proxy.take();
+    assert!(
+        asked.contains(&"POST /api/deployments/filter".to_string()),
+        "{asked:?}"
+    );
+    assert!(
+        asked
+            .iter()
+            .all(|r| r.starts_with("GET ") || r.starts_with("POST ") && r.ends_with("/filter")),
+        "{asked:?}"
+    );
 
     // A spec change: diff shows it, the controller writes it, then both are quiet.
     object["spec"]["deployment"]["description"] = json!("second");

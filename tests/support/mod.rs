@@ -1035,8 +1035,14 @@ impl CountingProxy {
                                     let mut forward = http
                                         .request(parts.method.clone(), format!("{origin}{path}"))
                                         .body(body.to_vec());
+                                    // Hop-by-hop and length headers are the proxy's own.
+                                    use hyper::header::{
+                                        CONNECTION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING,
+                                    };
                                     for (k, v) in &parts.headers {
-                                        if k != hyper::header::HOST {
+                                        if ![HOST, CONTENT_LENGTH, CONNECTION, TRANSFER_ENCODING]
+                                            .contains(k)
+                                        {
                                             forward = forward.header(k, v);
                                         }
                                     }
