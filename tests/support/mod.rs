@@ -995,14 +995,11 @@ pub struct CountingProxy {
 
 impl CountingProxy {
     pub fn start(server: &PrefectServer) -> CountingProxy {
-        use http_body_util::{BodyExt, Full};
-        use hyper::body::Bytes;
-        use std::sync::{Arc, Mutex};
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let port = listener.local_addr().unwrap().port();
         let origin = server.url.trim_end_matches("/api").to_string();
-        let seen = Arc::new(Mutex::new(Vec::new()));
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let log = seen.clone();
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -1017,55 +1014,14 @@ impl CountingProxy {
                         continue;
                     };
                     let (http, origin, log) = (http.clone(), origin.clone(), log.clone());
-                    tokio::spawn(async move {
-                        let service = hyper::service::service_fn(
-                            move |req: hyper::Request<hyper::body::Incoming>| {
-                                let (http, origin, log) =
-                                    (http.clone(), origin.clone(), log.clone());
-                                async move {
-                                    let (parts, body) = req.into_parts();
-                                    let path =
-                                        parts.uri.path_and_query().map_or("/", |p| p.as_str());
-                                    log.lock().unwrap().push(format!(
-                                        "{} {}",
-                                        parts.method,
-                                        parts.uri.path()
-                                    ));
-                                    let body = body.collect().await?.to_bytes();
-                                    let mut forward = http
-                                        .request(parts.method.clone(), format!("{origin}{path}"))
-                                        .body(body.to_vec());
-                                    // Hop-by-hop and length headers are the proxy's own.
-                                    use hyper::header::{
-                                        CONNECTION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING,
-                                    };
-                                    for (k, v) in &parts.headers {
-                                        if ![HOST, CONTENT_LENGTH, CONNECTION, TRANSFER_ENCODING]
-                                            .contains(k)
-                                        {
-                                            forward = forward.header(k, v);
-                                        }
-                                    }
-                                    let (status, bytes) = match forward.send().await {
-                                        Ok(r) => (r.status(), r.bytes().await.unwrap_or_default()),
-                                        Err(_) => {
-                                            (reqwest::StatusCode::BAD_GATEWAY, Default::default())
-                                        }
-                                    };
-                                    Ok::<_, hyper::Error>(
-                                        hyper::Response::builder()
-                                            .status(status.as_u16())
-                                            .header("content-type", "application/json")
-                                            .body(Full::new(Bytes::from(bytes.to_vec())))
-                                            .unwrap(),
-                                    )
-                                }
-                            },
-                        );
-                        let _ = hyper::server::conn::http1::Builder::new()
-                            .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                            .await;
+                    let service = hyper::service::service_fn(move |req| {
+                        let (http, origin, log) = (http.clone(), origin.clone(), log.clone());
+                        async move { proxy_one(&http, &origin, &log, req).await }
                     });
+                    tokio::spawn(
+                        hyper::server::conn::http1::Builder::new()
+                            .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+                    );
                 }
             });
         });
@@ -1079,4 +1035,46 @@ impl CountingProxy {
     pub fn take(&self) -> Vec<String> {
         std::mem::take(&mut *self.seen.lock().unwrap())
     }
+}
+
+/// Records `req` in `log` and forwards it to `origin`, answering with the upstream's
+/// status, content type and body (502 when the upstream cannot be reached).
+async fn proxy_one(
+    http: &reqwest::Client,
+    origin: &str,
+    log: &std::sync::Mutex<Vec<String>>,
+    req: hyper::Request<hyper::body::Incoming>,
+) -> Result<hyper::Response<http_body_util::Full<hyper::body::Bytes>>, hyper::Error> {
+    use http_body_util::{BodyExt, Full};
+    use hyper::header::{CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HOST, TRANSFER_ENCODING};
+    let (parts, body) = req.into_parts();
+    log.lock()
+        .unwrap()
+        .push(format!("{} {}", parts.method, parts.uri.path()));
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let body = body.collect().await?.to_bytes();
+    let mut forward = http
+        .request(parts.method.clone(), format!("{origin}{path}"))
+        .body(body);
+    // Hop-by-hop and length headers are the proxy's own.
+    for (k, v) in &parts.headers {
+        if ![HOST, CONTENT_LENGTH, CONNECTION, TRANSFER_ENCODING].contains(k) {
+            forward = forward.header(k, v);
+        }
+    }
+    let mut answer = hyper::Response::builder();
+    let body = match forward.send().await {
+        Ok(r) => {
+            answer = answer.status(r.status().as_u16());
+            if let Some(t) = r.headers().get(CONTENT_TYPE) {
+                answer = answer.header(CONTENT_TYPE, t.as_bytes());
+            }
+            r.bytes().await.unwrap_or_default()
+        }
+        Err(_) => {
+            answer = answer.status(502);
+            Default::default()
+        }
+    };
+    Ok(answer.body(Full::new(body)).unwrap())
 }
