@@ -174,6 +174,18 @@ struct Row {
     rss_mib: f64,
     cpu_secs: f64,
     cold_calls: BTreeMap<String, f64>,
+    /// Cold-start comparisons again (`BENCH_REPEATS`), each on fresh databases.
+    repeats: Vec<Cycle>,
+}
+
+/// One more comparison after the round's own: the operator's cold start, Prefect's loop,
+/// then the floor at 8 (seconds each). The floor run just before it is the previous
+/// cycle's (or the round's "after"), so each cold start has a floor run on either side.
+struct Cycle {
+    operator: f64,
+    python: f64,
+    floor_before: f64,
+    floor_after: f64,
 }
 
 #[derive(Default)]
@@ -202,6 +214,57 @@ fn cpu_stall_seconds() -> f64 {
             total.parse::<f64>().ok()
         })
         .map_or(f64::NAN, |us| us / 1e6)
+}
+
+/// CPU seconds so far of every live process on the machine, summed by command name
+/// (`/proc/*/stat`): where a phase's CPU went, the Prefect server and its database included.
+fn cpu_by_command() -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        if !entry
+            .file_name()
+            .to_str()
+            .is_some_and(|p| p.bytes().all(|b| b.is_ascii_digit()))
+        {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        let ticks = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        *out.entry(stat[open + 1..close].to_string()).or_default() +=
+            (ticks(11) + ticks(12)) / 100.0;
+    }
+    out
+}
+
+/// The commands that used at least 0.1 CPU seconds between `before` and now, busiest
+/// first, as "name 1.2 s" over `secs` of wall time.
+fn cpu_breakdown(before: &BTreeMap<String, f64>, secs: f64) -> String {
+    let mut used: Vec<(String, f64)> = diff(&cpu_by_command(), before)
+        .into_iter()
+        .filter(|(_, v)| *v >= 0.1)
+        .collect();
+    used.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let total: f64 = used.iter().map(|u| u.1).sum();
+    let parts: Vec<String> = used.iter().map(|(k, v)| format!("{k} {v:.1}")).collect();
+    format!(
+        "{total:.1} s CPU in {secs:.1} s ({:.2} cores): {}",
+        total / secs,
+        parts.join(", ")
+    )
 }
 
 /// The apiserver's request counts so far, by verb and resource (its own metrics).
@@ -295,8 +358,48 @@ async fn round(cp: &ControlPlane, n: usize, services: bool) -> Row {
         c.floor_stall = before.stall + after.stall;
         c.floor_wide = wide.server_cpu;
         c.python = python.server_cpu;
+        // Machine speed drifts by more than the margins measured here, so the ratios
+        // are taken again on fresh databases and reported with their median.
+        let mut floor_before = after.secs;
+        for _ in 1..repeats() {
+            let operator = cold_start_only(cp, cap, services).await;
+            let python = python_round(cap, services).secs;
+            let floor_after = floor_round(cap, services, CONCURRENCY).await.secs;
+            eprintln!(
+                "   again: operator {operator:.1} s, python apply() {python:.1} s, floor {floor_after:.1} s"
+            );
+            row.repeats.push(Cycle {
+                operator,
+                python,
+                floor_before,
+                floor_after,
+            });
+            floor_before = floor_after;
+        }
     }
     row
+}
+
+/// How many times the cold-start comparison runs at each size (`BENCH_REPEATS`, default 1).
+fn repeats() -> usize {
+    std::env::var("BENCH_REPEATS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+        .max(1)
+}
+
+/// A fresh install's cold start of `n` resources against a fresh database, in seconds,
+/// and nothing else.
+async fn cold_start_only(cp: &ControlPlane, n: usize, services: bool) -> f64 {
+    let prefect = start_prefect(services);
+    let (ns, api, _) = populate(cp, "again", &prefect, n).await;
+    let op = OperatorProcess::start(cp, &ns, RESYNC);
+    let started = Instant::now();
+    wait_ready(&api, n, cold_limit(n)).await;
+    let secs = started.elapsed().as_secs_f64();
+    drop(op);
+    secs
 }
 
 fn manifest(i: usize, ns: &str, url: &str, pool: &str) -> PrefectDeployment {
@@ -572,6 +675,15 @@ fn status_writes(
     counts
 }
 
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        k if k % 2 == 1 => v[k / 2],
+        k => (v[k / 2 - 1] + v[k / 2]) / 2.0,
+    }
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -661,10 +773,15 @@ async fn operator_round(cp: &ControlPlane, n: usize, services: bool) -> Row {
     let (ns, api, created) = populate(cp, "bench", &prefect, n).await;
     let (server0, cp0, stall0) = (prefect.cpu_seconds(), cp.cpu_seconds(), cpu_stall_seconds());
     let k8s0 = apiserver_requests(cp);
+    let machine0 = cpu_by_command();
     let mut op = OperatorProcess::start(cp, &ns, RESYNC);
     let started = Instant::now();
     let ready_at = wait_ready(&api, n, cold_limit(n)).await;
     let op_secs = started.elapsed().as_secs_f64();
+    eprintln!(
+        "   machine during the cold start: {}",
+        cpu_breakdown(&machine0, op_secs)
+    );
     let server_cpu = ServerCpu {
         operator: prefect.cpu_seconds() - server0,
         operator_stall: cpu_stall_seconds() - stall0,
@@ -776,6 +893,7 @@ async fn operator_round(cp: &ControlPlane, n: usize, services: bool) -> Row {
         rss_mib: first_cost.0.max(second_cost.0),
         cpu_secs: first_cost.1 + second_cost.1,
         cold_calls,
+        repeats: Vec::new(),
     }
 }
 
@@ -1115,6 +1233,7 @@ async fn floor_round(n: usize, services: bool, parallel: usize) -> Ran {
     };
     // Measured over the creates only, not the server's start.
     let (cpu0, stall0) = (prefect.cpu_seconds(), cpu_stall_seconds());
+    let machine0 = cpu_by_command();
     let started = Instant::now();
     stream::iter(0..n)
         .map(|i| {
@@ -1147,8 +1266,13 @@ async fn floor_round(n: usize, services: bool, parallel: usize) -> Ran {
         .buffer_unordered(parallel)
         .collect::<Vec<()>>()
         .await;
+    let secs = started.elapsed().as_secs_f64();
+    eprintln!(
+        "   machine during the floor at {parallel}: {}",
+        cpu_breakdown(&machine0, secs)
+    );
     Ran {
-        secs: started.elapsed().as_secs_f64(),
+        secs,
         server_cpu: prefect.cpu_seconds() - cpu0,
         stall: cpu_stall_seconds() - stall0,
     }
@@ -1227,6 +1351,43 @@ fn report(rows: &[Row], cut: Option<&Cut>, outage: Option<&Outage>, binary_size:
             r.latency.2,
             ratio(op, fl),
             ratio(op, py)
+        );
+    }
+    let repeated: Vec<&Row> = rows.iter().filter(|r| !r.repeats.is_empty()).collect();
+    if !repeated.is_empty() {
+        println!();
+        println!("Cold-start comparison cycles on fresh databases (`BENCH_REPEATS`; cycle 1 is the one above), and the median ratio:");
+        println!("| N | cycle | operator res/s | floor res/s (8 in flight: before / after) | Python apply() res/s | operator/floor (8) | operator/Python |");
+        println!("|---|---|---|---|---|---|---|");
+    }
+    for r in repeated {
+        let n = r.n as f64;
+        let first = Cycle {
+            operator: r.op_secs,
+            python: r.python.1,
+            floor_before: r.floor_before.1,
+            floor_after: r.floor.1,
+        };
+        let (mut to_floor, mut to_python) = (Vec::new(), Vec::new());
+        for (i, c) in std::iter::once(&first).chain(&r.repeats).enumerate() {
+            let (op, py) = (n / c.operator, n / c.python);
+            let (fb, fa) = (n / c.floor_before, n / c.floor_after);
+            to_floor.push(op / ((fb + fa) / 2.0));
+            to_python.push(op / py);
+            println!(
+                "| {} | {} | {op:.1} | {fb:.1} / {fa:.1} | {py:.1} | {:.2}x | {:.2}x |",
+                r.n,
+                i + 1,
+                to_floor[i],
+                to_python[i]
+            );
+        }
+        println!(
+            "| {} | median of {} | | | | {:.2}x | {:.2}x |",
+            r.n,
+            to_floor.len(),
+            median(&mut to_floor),
+            median(&mut to_python)
         );
     }
     println!();
