@@ -46,6 +46,11 @@ pub struct SyncState {
     /// caller looks it up each pass), so it is not deleted when this one lets go of it.
     #[serde(skip)]
     pub limit_shared: bool,
+    /// Prefect may have changed this resource's automations (its event stream said so,
+    /// or no stream reports their changes): read them by the recorded ids and put back
+    /// any that are gone or differ from the triggers.
+    #[serde(skip)]
+    pub check_automations: bool,
 }
 
 /// What Prefect holds, as far as planning needs to know. `observe` in the executor
@@ -59,7 +64,8 @@ pub struct Observed {
     /// when nothing has the desired name (a rename, or a deletion in Prefect).
     pub recorded_exists: Option<bool>,
     /// The automations related to the deployment; read only when the recorded state
-    /// cannot say which automations to replace (a first apply to an existing deployment).
+    /// cannot say which automations to replace (a first apply to an existing deployment),
+    /// or to check the recorded ones (`SyncState::check_automations`).
     pub related_automations: Option<Vec<ObservedAutomation>>,
     /// The named global concurrency limit the spec asks for; read only when it names one
     /// (`None`: there is no limit of that name).
@@ -240,6 +246,10 @@ pub enum AutomationAction {
     /// Create one automation per trigger, then delete `delete` (the previous set keeps
     /// working until the whole new set is accepted).
     Replace { create: usize, delete: Vec<String> },
+    /// The triggers are unchanged, but the automations of these triggers (by index)
+    /// were deleted or edited in Prefect: create each again, then delete the edited
+    /// one and any left over. The others are kept as they are (with their state).
+    Restore { triggers: Vec<usize> },
     /// Nothing recorded, but the automations that run the deployment are exactly the
     /// ones the triggers describe (made by Prefect's own `apply()`, say): take them as
     /// they are, in trigger order, without a write.
@@ -328,6 +338,13 @@ pub struct Reads {
     pub limit: Option<String>,
 }
 
+impl Reads {
+    /// Nothing to read but the automations.
+    pub fn only_automations(&self) -> bool {
+        self.recorded.is_none() && self.limit.is_none()
+    }
+}
+
 pub fn reads(
     want: &DesiredDeployment,
     recorded: &SyncState,
@@ -341,8 +358,15 @@ pub fn reads(
             limit,
         };
     }
+    // Only the automations of a set this resource made for the current triggers are
+    // checked; a changed spec replaces the set anyway.
+    let check = |id: &str| {
+        recorded.check_automations
+            && !recorded.automation_ids.is_empty()
+            && recorded.triggers_hash.as_deref() == Some(want.triggers_hash(id).as_str())
+    };
     let related = match target(want, recorded, by_name, None) {
-        DeploymentAction::Update { id } => previous_unknown(recorded).then_some(id),
+        DeploymentAction::Update { id } => (previous_unknown(recorded) || check(&id)).then_some(id),
         // Taking a deployment over starts from nothing recorded.
         DeploymentAction::Resume { id, .. } | DeploymentAction::Adopt { id, .. } => Some(id),
         _ => None,
@@ -614,6 +638,19 @@ fn report_only(mut plan: Plan, want: &DesiredDeployment, recorded: &SyncState) -
             LimitAction::Keep { .. } | LimitAction::Missing => {}
         }
     }
+    if let AutomationAction::Restore { triggers } = &plan.automations {
+        let names: Vec<String> = triggers
+            .iter()
+            .map(|i| {
+                want.automations[*i]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string()
+            })
+            .collect();
+        drift.push(format!("automations {}", names.join(", ")));
+        plan.automations = AutomationAction::Unchanged;
+    }
     plan.release_own_limit = false;
     if std::mem::take(&mut plan.detach_shared_limit) {
         drift.push(LIMIT_ID_FIELD.to_string());
@@ -769,6 +806,10 @@ fn automation_action(
 ) -> AutomationAction {
     let n = want.automations.len();
     if recorded.triggers_hash.as_deref() == Some(want.triggers_hash(id).as_str()) {
+        let triggers = changed_in_prefect(want, recorded, id, related);
+        if !triggers.is_empty() {
+            return AutomationAction::Restore { triggers };
+        }
         return if recorded.automation_ids.len() > n {
             AutomationAction::DeleteLeftovers {
                 delete: recorded.automation_ids[n..].to_vec(),
@@ -794,6 +835,32 @@ fn automation_action(
         running.iter().map(|a| a.id.clone()).collect()
     };
     AutomationAction::Replace { create: n, delete }
+}
+
+/// The triggers (by index) whose recorded automation is missing from `observed` (the
+/// automations related to the deployment) or no longer says what the trigger says;
+/// none when the automations were not read.
+fn changed_in_prefect(
+    want: &DesiredDeployment,
+    recorded: &SyncState,
+    id: &str,
+    observed: Option<&[ObservedAutomation]>,
+) -> Vec<usize> {
+    let Some(observed) = observed else {
+        return Vec::new();
+    };
+    want.automations_for(id)
+        .iter()
+        .enumerate()
+        .filter(|(i, body)| {
+            let found = recorded
+                .automation_ids
+                .get(*i)
+                .and_then(|aid| observed.iter().find(|a| a.id == *aid));
+            !found.is_some_and(|a| automation_same(body, a))
+        })
+        .map(|(i, _)| i)
+        .collect()
 }
 
 /// The ids of `actual`, one per desired body in its order, when each body has exactly
@@ -1078,6 +1145,14 @@ impl fmt::Display for Plan {
                 "  automations: create {create}, then delete {}",
                 delete.join(", ")
             )?,
+            AutomationAction::Restore { triggers } => {
+                let numbers: Vec<String> = triggers.iter().map(|i| format!("#{}", i + 1)).collect();
+                writeln!(
+                    f,
+                    "  automations: put back the one(s) of trigger(s) {} (deleted or edited in Prefect)",
+                    numbers.join(", ")
+                )?
+            }
         }
         Ok(())
     }

@@ -1,7 +1,8 @@
 //! Changes made in Prefect, seen as they happen. One websocket per Prefect server to its
 //! event stream (`/events/out`, the protocol Prefect's own event subscriber speaks),
-//! filtered to deployment events; an update or deletion of a deployment a resource
-//! manages marks that resource and asks its controller for a pass at once.
+//! filtered to deployment and automation events; an update or deletion of a deployment
+//! or an automation a resource manages marks that resource and asks its controller for
+//! a pass at once.
 //!
 //! The stream only shortens the wait: the periodic drift check runs whether or not a
 //! stream is up, so a change is never missed for longer than one resync interval while
@@ -34,7 +35,14 @@ const MAX_MESSAGE: usize = 1 << 20;
 const PING_EVERY: Duration = Duration::from_secs(30);
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
 /// The events that start a pass: a change made by someone else, or a deletion.
-const WANTED: [&str; 2] = ["prefect.deployment.updated", "prefect.deployment.deleted"];
+const WANTED: [&str; 4] = [
+    "prefect.deployment.updated",
+    "prefect.deployment.deleted",
+    "prefect.automation.updated",
+    "prefect.automation.deleted",
+];
+/// The kinds of Prefect resource those events are about.
+const KINDS: [&str; 2] = ["prefect.deployment.", "prefect.automation."];
 
 pub type Trigger = ObjectRef<PrefectDeployment>;
 
@@ -49,7 +57,8 @@ pub struct EventStreams {
 }
 
 struct Server {
-    /// Managed deployment ids on this server, and the resource of each.
+    /// Managed deployment and automation ids on this server (UUIDs, so one map holds
+    /// both), and the resource of each.
     watched: Mutex<HashMap<String, Trigger>>,
     auth: Mutex<Option<Auth>>,
     connected: AtomicBool,
@@ -87,8 +96,8 @@ impl EventStreams {
         self.changed.lock().expect("events lock").remove(who)
     }
 
-    /// Watches deployment `id` on server `base` for resource `who`, starting the
-    /// server's stream if it has none. False where there is nothing to follow: a server
+    /// Watches deployment `id` and `automations` on server `base` for resource `who`,
+    /// starting the server's stream if it has none. False where there is nothing to follow: a server
     /// older than 3.7 announces no deployment changes, and beyond `MAX_STREAMS` servers
     /// the resync alone covers them.
     pub fn watch(
@@ -97,6 +106,7 @@ impl EventStreams {
         caps: &Capabilities,
         auth: Option<Auth>,
         id: &str,
+        automations: &[String],
         who: Trigger,
     ) -> bool {
         if !caps.deployment_events {
@@ -119,8 +129,20 @@ impl EventStreams {
         *server.auth.lock().expect("events lock") = auth;
         let mut watched = server.watched.lock().expect("events lock");
         watched.retain(|_, w| *w != who);
+        for a in automations {
+            watched.insert(a.clone(), who.clone());
+        }
         watched.insert(id.to_string(), who);
         true
+    }
+
+    /// Whether the stream of server `base` is up: then it reports changes to the
+    /// automations it watches, and they need no periodic read.
+    pub fn live(&self, base: &str) -> bool {
+        let servers = self.servers.lock().expect("events lock");
+        servers
+            .get(base)
+            .is_some_and(|s| s.connected.load(Ordering::Relaxed))
     }
 
     /// Stops watching what resource `who` had on any server.
@@ -151,13 +173,13 @@ impl EventStreams {
         }
         let Some(id) = event["resource"]["prefect.resource.id"]
             .as_str()
-            .and_then(|r| r.strip_prefix("prefect.deployment."))
+            .and_then(|r| KINDS.iter().find_map(|k| r.strip_prefix(k)))
         else {
             return;
         };
         let who = server.watched.lock().expect("events lock").get(id).cloned();
         if let Some(who) = who {
-            tracing::debug!(event = name, deployment = id, resource = %who, "change in Prefect");
+            tracing::debug!(event = name, id, resource = %who, "change in Prefect");
             self.notify(who);
         }
     }
@@ -295,7 +317,7 @@ async fn talk<S: AsyncRead + AsyncWrite + Unpin>(
             // Only the events that start a pass: every deployment the operator creates
             // announces itself too, and a cold start need not stream those back.
             "event": {"name": WANTED},
-            "resource": {"id_prefix": ["prefect.deployment."]},
+            "resource": {"id_prefix": KINDS},
         },
     });
     ws.send(Message::text(filter.to_string()))

@@ -1836,6 +1836,160 @@ async fn changes_in_prefect_are_repaired_from_its_event_stream() {
     assert_eq!(d["description"], json!("declared"));
 }
 
+/// With an hour between drift checks, a trigger automation deleted or edited in Prefect
+/// is put back at once (Prefect's event stream triggers the pass), the others are left
+/// as they are, and the resource says what happened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn automations_changed_in_prefect_are_restored_from_its_event_stream() {
+    use k8s_openapi::api::events::v1::Event as K8sEvent;
+    let (env, pool) = Env::new(Duration::from_secs(3600)).await;
+    let name = "automation-events";
+    let pd = resource(
+        &env,
+        &pool,
+        name,
+        json!({"deployment": {"entrypoint": "flows/a.py:autos", "triggers": [
+            {"name": "on-done", "expect": ["prefect.flow-run.Completed"]},
+            {"name": "on-fail", "expect": ["prefect.flow-run.Failed"]}]}}),
+    );
+    env.api.create(&PostParams::default(), &pd).await.unwrap();
+    let obj = env.wait_for(name, "ready", is_ready).await;
+    let status = obj.status.unwrap();
+    let id = status.deployment_id.unwrap();
+    let first = status.automation_ids.unwrap();
+    assert_eq!(first.len(), 2);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while env.ctx.metrics.event_streams.get() < 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the event stream did not connect"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let env = &env;
+    let automation =
+        |aid: String| async move { env.prefect_get(&format!("/automations/{aid}")).await };
+    let ids_of = |o: &PrefectDeployment| {
+        o.status
+            .as_ref()
+            .and_then(|s| s.automation_ids.clone())
+            .unwrap_or_default()
+    };
+
+    // Deleted in Prefect: made again; the other one is kept as it is.
+    let url = format!("{}/automations/{}", env.prefect.url, first[0]);
+    let (code, _) = support::prefect_call(&env.raw, reqwest::Method::DELETE, &url, None).await;
+    assert_eq!(code, 204);
+    let obj = env
+        .wait_for(name, "the deleted automation made again", |o| {
+            let ids = ids_of(o);
+            ids.len() == 2 && ids[0] != first[0]
+        })
+        .await;
+    let second = ids_of(&obj);
+    assert_eq!(second[1], first[1], "the untouched automation was replaced");
+    let (code, a) = automation(second[0].clone()).await;
+    assert_eq!(code, 200);
+    assert_eq!(a["name"], "on-done");
+    assert_eq!(a["enabled"], true);
+    assert_eq!(a["actions"][0]["deployment_id"], json!(id));
+
+    // Switched off in Prefect: made again as the spec says, the edited one deleted.
+    let url = format!("{}/automations/{}", env.prefect.url, second[1]);
+    let body = json!({"enabled": false});
+    let (code, _) =
+        support::prefect_call(&env.raw, reqwest::Method::PATCH, &url, Some(&body)).await;
+    assert_eq!(code, 204);
+    let obj = env
+        .wait_for(name, "the edited automation made again", |o| {
+            let ids = ids_of(o);
+            ids.len() == 2 && ids[1] != second[1]
+        })
+        .await;
+    let third = ids_of(&obj);
+    assert_eq!(third[0], second[0]);
+    let (code, a) = automation(third[1].clone()).await;
+    assert_eq!(code, 200);
+    assert_eq!(
+        (a["name"].as_str(), a["enabled"].as_bool()),
+        (Some("on-fail"), Some(true))
+    );
+    assert_eq!(automation(second[1].clone()).await.0, 404);
+    // Exactly the two recorded automations run the deployment: nothing doubled.
+    let (_, related) = env
+        .prefect_get(&format!("/automations/related-to/prefect.deployment.{id}"))
+        .await;
+    let mut running: Vec<String> = related
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["id"].as_str().unwrap().to_string())
+        .collect();
+    running.sort();
+    let mut want = third.clone();
+    want.sort();
+    assert_eq!(running, want);
+
+    let notes: Vec<String> = Api::<K8sEvent>::namespaced(env.kube.clone(), &env.ns)
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some("AutomationsRestored"))
+        .filter_map(|e| e.note)
+        .collect();
+    assert!(
+        notes.iter().any(|n| n.ends_with(": on-done"))
+            && notes.iter().any(|n| n.ends_with(": on-fail")),
+        "{notes:?}"
+    );
+}
+
+/// Where no event stream reports automation changes (Prefect before 3.7 announces none),
+/// the drift check reads the resource's automations itself: one deleted in Prefect is
+/// back within an interval.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn automations_are_checked_on_the_resync_without_a_stream() {
+    let (env, _) = Env::new(Duration::from_secs(10)).await;
+    let older = PrefectServer::start_version("3.4.25");
+    let pool = support::create_pool(&older);
+    let name = "no-stream";
+    let mut pd = resource(
+        &env,
+        &pool,
+        name,
+        json!({"deployment": {"entrypoint": "flows/n.py:nostream",
+            "triggers": [{"expect": ["prefect.flow-run.Completed"]}]}}),
+    );
+    pd.spec.server.remote_api_url = Some(older.url.clone());
+    env.api.create(&PostParams::default(), &pd).await.unwrap();
+    let obj = env.wait_for(name, "ready", is_ready).await;
+    let first = obj.status.unwrap().automation_ids.unwrap();
+    assert_eq!(first.len(), 1);
+    assert_eq!(env.ctx.metrics.event_streams.get(), 0);
+
+    let url = format!("{}/automations/{}", older.url, first[0]);
+    let (code, _) = support::prefect_call(&env.raw, reqwest::Method::DELETE, &url, None).await;
+    assert_eq!(code, 204);
+    let obj = env
+        .wait_for(name, "the deleted automation made again", |o| {
+            o.status
+                .as_ref()
+                .and_then(|s| s.automation_ids.clone())
+                .is_some_and(|ids| ids.len() == 1 && ids[0] != first[0])
+        })
+        .await;
+    let now = obj.status.unwrap().automation_ids.unwrap();
+    let url = format!("{}/automations/{}", older.url, now[0]);
+    let (code, a) = support::prefect_get(&env.raw, &url).await;
+    assert_eq!(code, 200);
+    assert_eq!(
+        a["trigger"]["expect"],
+        json!(["prefect.flow-run.Completed"])
+    );
+}
+
 /// A repeat of an event on the same object adds to the first one's series instead of
 /// adding an object; a changed message is an event of its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

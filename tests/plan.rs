@@ -6,7 +6,9 @@
 //! `prefect.deployment` (what the by-name read returns; `null` for a 404). The reads
 //! the case gets answered are the ones `plan::reads` asks for, as the executor's
 //! `observe` would make them: `prefect.recordedExists` for the recorded id, and
-//! `prefect.automations` (default: base's) for the related automations.
+//! `prefect.automations` (default: base's) for the related automations. A case with
+//! `checkAutomations: true` is a pass told to check the recorded automations (an event
+//! said they changed).
 
 mod support;
 
@@ -78,6 +80,7 @@ fn run(base: &Value, case: &Value, name: &str) -> Outcome {
         }
     };
     state.schedules_seen.clear();
+    state.check_automations = case["checkAutomations"].as_bool().unwrap_or(false);
 
     let prefect = case.get("prefect").cloned().unwrap_or(json!({}));
     let by_name: Option<ObservedDeployment> = patched(&base["deployment"], &prefect, "deployment")
@@ -251,6 +254,7 @@ fn every_branch_has_a_case() {
         "automations:replace",
         "automations:replace+delete",
         "automations:adopt",
+        "automations:restore",
         "readBack",
         "drift",
         "limit:keep",

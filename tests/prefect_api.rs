@@ -1184,7 +1184,7 @@ async fn event_stream_with_basic_auth_triggers_watched_resources() {
     let who = kube::runtime::reflector::ObjectRef::new("watched").within("team");
     let caps = client.capabilities().await.unwrap();
     let base = client.base_url().to_string();
-    let following = streams.watch(&base, &caps, Some(auth), &watched, who.clone());
+    let following = streams.watch(&base, &caps, Some(auth), &watched, &[], who.clone());
     // Before 3.7 Prefect announces no deployment changes: nothing to follow, the
     // resync alone finds them.
     assert_eq!(following, caps.deployment_events);
@@ -1398,7 +1398,7 @@ async fn event_stream_authenticates_with_a_cloud_api_key() {
     let who = kube::runtime::reflector::ObjectRef::new("cloud").within("team");
     let base = format!("http://127.0.0.1:{port}/api/accounts/a/workspaces/w");
     let key = Some(Auth::Bearer(KEY.into()));
-    assert!(streams.watch(&base, &Capabilities::LATEST, key, "d-1", who.clone()));
+    assert!(streams.watch(&base, &Capabilities::LATEST, key, "d-1", &[], who.clone()));
 
     let within = Duration::from_secs(20);
     let auth = tokio::time::timeout(within, seen.recv()).await.unwrap();

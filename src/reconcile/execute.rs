@@ -48,6 +48,10 @@ pub enum Change {
     AutomationsReplaced {
         count: usize,
     },
+    /// Automations deleted or edited in Prefect, made again from their triggers.
+    AutomationsRestored {
+        names: Vec<String>,
+    },
     LimitCreated {
         name: String,
     },
@@ -79,6 +83,7 @@ impl Change {
             Change::Updated { .. } => "Updated",
             Change::SchedulesChanged { .. } => "SchedulesUpdated",
             Change::AutomationsReplaced { .. } => "AutomationsReplaced",
+            Change::AutomationsRestored { .. } => "AutomationsRestored",
             Change::LimitCreated { .. } => "ConcurrencyLimitCreated",
             Change::LimitUpdated { .. } => "ConcurrencyLimitUpdated",
             Change::LimitDeleted { .. } => "ConcurrencyLimitDeleted",
@@ -123,6 +128,10 @@ impl Change {
             Change::AutomationsReplaced { count } => {
                 format!("Applied {count} trigger automation(s)")
             }
+            Change::AutomationsRestored { names } => format!(
+                "Put back trigger automation(s) deleted or edited in Prefect: {}",
+                names.join(", ")
+            ),
             Change::LimitCreated { name } => {
                 format!("Created global concurrency limit {name}")
             }
@@ -183,9 +192,13 @@ pub async fn apply_from(
             && d.fields.get("name").and_then(Value::as_str) == Some(want.name.as_str())
             && d.flow_id.is_some()
             && d.flow_id == state.flow_id;
-        if same_deployment && plan::reads(&want, state, Some(&d)) == plan::Reads::default() {
+        let reads = plan::reads(&want, state, Some(&d));
+        if same_deployment && reads.only_automations() {
+            // Checking the automations is one read of its own; the deployment's part
+            // still comes from the snapshot.
             let observed = Observed {
                 by_name: Some(d),
+                related_automations: read_related(client, &reads).await?,
                 ..Observed::default()
             };
             let p = plan::plan(&want, state, &observed);
@@ -232,14 +245,7 @@ pub async fn observe_given(
         Some(id) => Some(client.read_deployment(id).await?.is_some()),
         None => None,
     };
-    let related_automations = match &reads.related_automations {
-        Some(id) => Some(
-            client
-                .automations_related_to(&desired::owner_resource(id))
-                .await?,
-        ),
-        None => None,
-    };
+    let related_automations = read_related(client, &reads).await?;
     let limit = match &reads.limit {
         Some(name) => client.read_limit(name).await?,
         None => None,
@@ -250,6 +256,21 @@ pub async fn observe_given(
         related_automations,
         limit,
     })
+}
+
+/// The automations related to the deployment `reads` names, if it names one.
+async fn read_related(
+    client: &PrefectClient,
+    reads: &plan::Reads,
+) -> Result<Option<Vec<crate::observed::ObservedAutomation>>> {
+    match &reads.related_automations {
+        Some(id) => Ok(Some(
+            client
+                .automations_related_to(&desired::owner_resource(id))
+                .await?,
+        )),
+        None => Ok(None),
+    }
 }
 
 /// Makes the calls `plan` lists, in order, recording each success in `state` and each
@@ -542,6 +563,43 @@ async fn apply_automations(
                     return Err(e);
                 }
             }
+            Ok(())
+        }
+        AutomationAction::Restore { triggers } => {
+            let bodies = want.automations_for(id);
+            let mut names = Vec::new();
+            for &i in triggers {
+                let Some(body) = bodies.get(i) else {
+                    continue;
+                };
+                let new = client
+                    .create_automation(body)
+                    .await
+                    .map_err(|e| trigger_error(body, i, e))?;
+                // The edited (or vanished) one becomes a leftover, deleted below or, if
+                // that fails, on a later pass.
+                match state.automation_ids.get_mut(i) {
+                    Some(slot) => {
+                        let old = std::mem::replace(slot, new);
+                        state.automation_ids.push(old);
+                    }
+                    None => {
+                        let at = i.min(state.automation_ids.len());
+                        state.automation_ids.insert(at, new);
+                    }
+                }
+                names.push(body["name"].as_str().unwrap_or_default().to_string());
+            }
+            let leftovers = state
+                .automation_ids
+                .get(bodies.len()..)
+                .unwrap_or_default()
+                .to_vec();
+            for old in &leftovers {
+                client.delete_automation(old).await?;
+                state.automation_ids.retain(|x| x != old);
+            }
+            changes.push(Change::AutomationsRestored { names });
             Ok(())
         }
         AutomationAction::Replace { delete, .. } => {

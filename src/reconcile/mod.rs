@@ -437,6 +437,8 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
     // since the last successful pass, so there is nothing to do until the resync is due.
     let requests = Requests::of(obj);
     let last = ctx.synced.lock().expect("lock").get(&oref).cloned();
+    // The first pass over this object since the operator started.
+    let first_here = last.is_none();
     // When the next-run preview of this generation was last written.
     let previewed = last.as_ref().map(|l| (l.generation, l.at));
     // A new action annotation (reconcile now, run now) makes a full pass due now.
@@ -485,6 +487,11 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
         let checking = state.spec_applied
             && !changed_in_prefect
             && requests.reconcile == old.and_then(|s| s.last_handled_reconcile_at.clone());
+        // Automations have no bulk snapshot: their changes come from the event stream.
+        // Where it cannot have told us (no stream up, or the operator was not running),
+        // the pass reads the resource's own.
+        state.check_automations =
+            changed_in_prefect || first_here || !ctx.events.live(client.base_url());
         let snapshot = match (&recorded, checking) {
             (Some(id), true) => match ctx
                 .snapshots
@@ -513,6 +520,7 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
                 &caps,
                 client.auth().cloned(),
                 id,
+                &state.automation_ids,
                 oref.clone(),
             );
         }

@@ -171,6 +171,7 @@ pub fn state_of(status: Option<&PrefectDeploymentStatus>) -> SyncState {
             limit: s.global_concurrency_limit.clone(),
             limit_shared: false,
             unsupported: None,
+            check_automations: false,
         })
         .unwrap_or_default()
 }
