@@ -1411,7 +1411,16 @@ async fn event_stream_authenticates_with_a_cloud_api_key() {
     // Only the events that start a pass, not the creations the operator makes itself.
     assert_eq!(
         filter["filter"]["event"]["name"],
-        json!(["prefect.deployment.updated", "prefect.deployment.deleted"])
+        json!([
+            "prefect.deployment.updated",
+            "prefect.deployment.deleted",
+            "prefect.automation.updated",
+            "prefect.automation.deleted"
+        ])
+    );
+    assert_eq!(
+        filter["filter"]["resource"]["id_prefix"],
+        json!(["prefect.deployment.", "prefect.automation."])
     );
     let next = tokio::time::timeout(within, triggers.next()).await;
     assert_eq!(next.expect("a trigger").unwrap(), who);
