@@ -246,14 +246,28 @@ pub enum AutomationAction {
     /// Create one automation per trigger, then delete `delete` (the previous set keeps
     /// working until the whole new set is accepted).
     Replace { create: usize, delete: Vec<String> },
-    /// The triggers are unchanged, but the automations of these triggers (by index)
-    /// were deleted or edited in Prefect: create each again, then delete the edited
-    /// one and any left over. The others are kept as they are (with their state).
-    Restore { triggers: Vec<usize> },
+    /// The triggers are unchanged, but the automations of these triggers were deleted
+    /// or edited in Prefect: each gets one that says what it says again, then the
+    /// edited ones and any left over are deleted. The others are kept as they are (with
+    /// their state).
+    Restore { triggers: Vec<RestoredTrigger> },
     /// Nothing recorded, but the automations that run the deployment are exactly the
     /// ones the triggers describe (made by Prefect's own `apply()`, say): take them as
     /// they are, in trigger order, without a write.
     Adopt { ids: Vec<String> },
+}
+
+/// A trigger whose automation is made again.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RestoredTrigger {
+    /// Its position in the spec's triggers.
+    pub index: usize,
+    /// An automation that already says what the trigger says and runs the deployment,
+    /// but is not in status (an earlier pass made it, and this pass sees an older
+    /// status): taken instead of making another.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub take: Option<String>,
 }
 
 impl Plan {
@@ -641,8 +655,8 @@ fn report_only(mut plan: Plan, want: &DesiredDeployment, recorded: &SyncState) -
     if let AutomationAction::Restore { triggers } = &plan.automations {
         let names: Vec<String> = triggers
             .iter()
-            .map(|i| {
-                want.automations[*i]["name"]
+            .map(|t| {
+                want.automations[t.index]["name"]
                     .as_str()
                     .unwrap_or_default()
                     .to_string()
@@ -837,29 +851,42 @@ fn automation_action(
     AutomationAction::Replace { create: n, delete }
 }
 
-/// The triggers (by index) whose recorded automation is missing from `observed` (the
-/// automations related to the deployment) or no longer says what the trigger says;
-/// none when the automations were not read.
+/// The triggers whose recorded automation is missing from `observed` (the automations
+/// related to the deployment) or no longer says what the trigger says; none when the
+/// automations were not read.
 fn changed_in_prefect(
     want: &DesiredDeployment,
     recorded: &SyncState,
     id: &str,
     observed: Option<&[ObservedAutomation]>,
-) -> Vec<usize> {
+) -> Vec<RestoredTrigger> {
     let Some(observed) = observed else {
         return Vec::new();
     };
-    want.automations_for(id)
+    let bodies = want.automations_for(id);
+    let in_place = |i: usize| {
+        recorded
+            .automation_ids
+            .get(i)
+            .and_then(|aid| observed.iter().find(|a| a.id == *aid))
+            .is_some_and(|a| automation_same(&bodies[i], a))
+    };
+    // Automations that run the deployment but are not in status: an earlier pass made
+    // them and this one reads an older status (automations, unlike deployments, may
+    // share a name, so making another would double it).
+    let mut spare: Vec<&ObservedAutomation> = observed
         .iter()
-        .enumerate()
-        .filter(|(i, body)| {
-            let found = recorded
-                .automation_ids
-                .get(*i)
-                .and_then(|aid| observed.iter().find(|a| a.id == *aid));
-            !found.is_some_and(|a| automation_same(body, a))
+        .filter(|a| a.runs_deployment(id) && !recorded.automation_ids.contains(&a.id))
+        .collect();
+    (0..bodies.len())
+        .filter(|i| !in_place(*i))
+        .map(|index| {
+            let take = spare
+                .iter()
+                .position(|a| automation_same(&bodies[index], a))
+                .map(|k| spare.remove(k).id.clone());
+            RestoredTrigger { index, take }
         })
-        .map(|(i, _)| i)
         .collect()
 }
 
@@ -1146,11 +1173,17 @@ impl fmt::Display for Plan {
                 delete.join(", ")
             )?,
             AutomationAction::Restore { triggers } => {
-                let numbers: Vec<String> = triggers.iter().map(|i| format!("#{}", i + 1)).collect();
+                let which: Vec<String> = triggers
+                    .iter()
+                    .map(|t| match &t.take {
+                        Some(id) => format!("trigger #{} (taking {id})", t.index + 1),
+                        None => format!("trigger #{}", t.index + 1),
+                    })
+                    .collect();
                 writeln!(
                     f,
-                    "  automations: put back the one(s) of trigger(s) {} (deleted or edited in Prefect)",
-                    numbers.join(", ")
+                    "  automations: restore {}, deleted or edited in Prefect",
+                    which.join(", ")
                 )?
             }
         }

@@ -128,6 +128,12 @@ impl EventStreams {
         // The latest credentials of any resource on the server (a rotated key).
         *server.auth.lock().expect("events lock") = auth;
         let mut watched = server.watched.lock().expect("events lock");
+        // Every pass registers again; unless its ids changed, there is nothing to do
+        // (the scan below is over every id of the server).
+        let mine = |k: &str| watched.get(k) == Some(&who);
+        if mine(id) && automations.iter().all(|a| mine(a)) {
+            return true;
+        }
         watched.retain(|_, w| *w != who);
         for a in automations {
             watched.insert(a.clone(), who.clone());

@@ -568,14 +568,18 @@ async fn apply_automations(
         AutomationAction::Restore { triggers } => {
             let bodies = want.automations_for(id);
             let mut names = Vec::new();
-            for &i in triggers {
+            for t in triggers {
+                let i = t.index;
                 let Some(body) = bodies.get(i) else {
                     continue;
                 };
-                let new = client
-                    .create_automation(body)
-                    .await
-                    .map_err(|e| trigger_error(body, i, e))?;
+                let new = match &t.take {
+                    Some(existing) => existing.clone(),
+                    None => client
+                        .create_automation(body)
+                        .await
+                        .map_err(|e| trigger_error(body, i, e))?,
+                };
                 // The edited (or vanished) one becomes a leftover, deleted below or, if
                 // that fails, on a later pass.
                 match state.automation_ids.get_mut(i) {
