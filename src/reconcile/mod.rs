@@ -59,6 +59,20 @@ struct Synced {
     at: Instant,
     /// The action annotations it handled.
     requests: Requests,
+    /// A digest of the status it wrote (or found already in place), and when.
+    status: u64,
+    written: Instant,
+}
+
+/// How long a pass waits for the cache to show the status the last one wrote: a pass on
+/// an older copy would plan from ids that are no longer current.
+const CACHE_CATCH_UP: Duration = Duration::from_secs(10);
+
+fn status_digest(status: Option<&crate::api::PrefectDeploymentStatus>) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    serde_json::to_vec(&status).unwrap_or_default().hash(&mut h);
+    h.finish()
 }
 
 /// The action annotations of an object (see `api::RECONCILE_REQUESTED_AT` and
@@ -439,6 +453,14 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
     let last = ctx.synced.lock().expect("lock").get(&oref).cloned();
     // The first pass over this object since the operator started.
     let first_here = last.is_none();
+    // A pass triggered before the cache shows the status the last pass wrote (an event
+    // from Prefect about that pass's own writes, say) waits for it; only someone else
+    // writing the status keeps it different, and then it stops waiting.
+    if let Some(l) = &last {
+        if l.status != status_digest(old) && l.written.elapsed() < CACHE_CATCH_UP {
+            return Ok(Action::requeue(Duration::from_millis(500)));
+        }
+    }
     // When the next-run preview of this generation was last written.
     let previewed = last.as_ref().map(|l| (l.generation, l.at));
     // A new action annotation (reconcile now, run now) makes a full pass due now.
@@ -613,6 +635,8 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
                     due: Instant::now() + next,
                     at: previewed_at,
                     requests,
+                    status: status_digest(Some(&new)),
+                    written: Instant::now(),
                 };
                 ctx.synced.lock().expect("lock").insert(oref, synced);
             }
