@@ -87,6 +87,26 @@ impl Env {
         support::prefect_get(&self.raw, &format!("{}{path}", self.prefect.url)).await
     }
 
+    /// Creates resource `name` with `spec` on the shared server's `pool`, and waits
+    /// until it is Ready.
+    async fn create_ready(&self, pool: &str, name: &str, spec: Value) -> PrefectDeployment {
+        let pd = resource(self, pool, name, spec);
+        self.api.create(&PostParams::default(), &pd).await.unwrap();
+        self.wait_for(name, "ready", is_ready).await
+    }
+
+    /// Waits until the operator follows a Prefect event stream (30 s at most).
+    async fn wait_for_stream(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while self.ctx.metrics.event_streams.get() < 1 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the event stream did not connect"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// Polls the resource until `pred` holds (60 s at most).
     async fn wait_for(
         &self,
@@ -1723,18 +1743,32 @@ async fn shared_global_concurrency_limit_between_resources() {
     support::prefect_call(&env.raw, reqwest::Method::DELETE, &url, None).await;
 }
 
+/// An operator with `resync` between drift checks, and resource `name` with `spec`
+/// created against a Prefect server of `version` (started for the test).
+async fn on_version(
+    resync: Duration,
+    version: &str,
+    name: &str,
+    spec: Value,
+) -> (Env, PrefectServer) {
+    let (env, _) = Env::new(resync).await;
+    let server = PrefectServer::start_version(version);
+    let pool = support::create_pool(&server);
+    let mut pd = resource(&env, &pool, name, spec);
+    pd.spec.server.remote_api_url = Some(server.url.clone());
+    env.api.create(&PostParams::default(), &pd).await.unwrap();
+    (env, server)
+}
+
 /// Against a Prefect 3.1 server: the deployment is applied without the fields 3.1
 /// refuses, the resource says which settings that server cannot hold (condition and
 /// Event), and a drift check afterwards writes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn older_prefect_server_gets_what_it_can_hold() {
-    let (env, _) = Env::new(Duration::from_secs(300)).await;
-    let older = PrefectServer::start_version("3.1.15");
-    let pool = support::create_pool(&older);
     let name = "on-3-1";
-    let mut pd = resource(
-        &env,
-        &pool,
+    let (env, older) = on_version(
+        Duration::from_secs(300),
+        "3.1.15",
         name,
         json!({"deployment": {
             "entrypoint": "flows/o.py:older",
@@ -1745,9 +1779,8 @@ async fn older_prefect_server_gets_what_it_can_hold() {
                 {"slug": "daily", "cron": "0 6 * * *"},
             ],
         }}),
-    );
-    pd.spec.server.remote_api_url = Some(older.url.clone());
-    env.api.create(&PostParams::default(), &pd).await.unwrap();
+    )
+    .await;
     let obj = env.wait_for(name, "ready", is_ready).await;
     let (_, _, message) = ready(&obj).unwrap();
     for lost in [
@@ -1781,24 +1814,11 @@ async fn older_prefect_server_gets_what_it_can_hold() {
 async fn changes_in_prefect_are_repaired_from_its_event_stream() {
     let (env, pool) = Env::new(Duration::from_secs(3600)).await;
     let name = "event-driven";
-    let pd = resource(
-        &env,
-        &pool,
-        name,
-        json!({"deployment": {"entrypoint": "flows/e.py:events", "description": "declared",
-            "schedules": [{"slug": "hourly", "interval": 3600}]}}),
-    );
-    env.api.create(&PostParams::default(), &pd).await.unwrap();
-    let obj = env.wait_for(name, "ready", is_ready).await;
+    let spec = json!({"deployment": {"entrypoint": "flows/e.py:events", "description": "declared",
+        "schedules": [{"slug": "hourly", "interval": 3600}]}});
+    let obj = env.create_ready(&pool, name, spec).await;
     let id = obj.status.unwrap().deployment_id.unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while env.ctx.metrics.event_streams.get() < 1 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the event stream did not connect"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    env.wait_for_stream().await;
 
     // Edited in Prefect: put back without waiting for the resync.
     let url = format!("{}/deployments/{id}", env.prefect.url);
@@ -1844,28 +1864,15 @@ async fn automations_changed_in_prefect_are_restored_from_its_event_stream() {
     use k8s_openapi::api::events::v1::Event as K8sEvent;
     let (env, pool) = Env::new(Duration::from_secs(3600)).await;
     let name = "automation-events";
-    let pd = resource(
-        &env,
-        &pool,
-        name,
-        json!({"deployment": {"entrypoint": "flows/a.py:autos", "triggers": [
-            {"name": "on-done", "expect": ["prefect.flow-run.Completed"]},
-            {"name": "on-fail", "expect": ["prefect.flow-run.Failed"]}]}}),
-    );
-    env.api.create(&PostParams::default(), &pd).await.unwrap();
-    let obj = env.wait_for(name, "ready", is_ready).await;
+    let spec = json!({"deployment": {"entrypoint": "flows/a.py:autos", "triggers": [
+        {"name": "on-done", "expect": ["prefect.flow-run.Completed"]},
+        {"name": "on-fail", "expect": ["prefect.flow-run.Failed"]}]}});
+    let obj = env.create_ready(&pool, name, spec).await;
     let status = obj.status.unwrap();
     let id = status.deployment_id.unwrap();
     let first = status.automation_ids.unwrap();
     assert_eq!(first.len(), 2);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while env.ctx.metrics.event_streams.get() < 1 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the event stream did not connect"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    env.wait_for_stream().await;
     let env = &env;
     let automation =
         |aid: String| async move { env.prefect_get(&format!("/automations/{aid}")).await };
@@ -1876,17 +1883,22 @@ async fn automations_changed_in_prefect_are_restored_from_its_event_stream() {
             .unwrap_or_default()
     };
 
+    // Status's automation ids once the one at `i` is no longer `old`.
+    let replaced = |i: usize, old: String, what: &'static str| async move {
+        let obj = env
+            .wait_for(name, what, |o| {
+                let ids = ids_of(o);
+                ids.len() == 2 && ids[i] != old
+            })
+            .await;
+        ids_of(&obj)
+    };
+
     // Deleted in Prefect: made again; the other one is kept as it is.
     let url = format!("{}/automations/{}", env.prefect.url, first[0]);
     let (code, _) = support::prefect_call(&env.raw, reqwest::Method::DELETE, &url, None).await;
     assert_eq!(code, 204);
-    let obj = env
-        .wait_for(name, "the deleted automation made again", |o| {
-            let ids = ids_of(o);
-            ids.len() == 2 && ids[0] != first[0]
-        })
-        .await;
-    let second = ids_of(&obj);
+    let second = replaced(0, first[0].clone(), "the deleted automation made again").await;
     assert_eq!(second[1], first[1], "the untouched automation was replaced");
     let (code, a) = automation(second[0].clone()).await;
     assert_eq!(code, 200);
@@ -1900,13 +1912,7 @@ async fn automations_changed_in_prefect_are_restored_from_its_event_stream() {
     let (code, _) =
         support::prefect_call(&env.raw, reqwest::Method::PATCH, &url, Some(&body)).await;
     assert_eq!(code, 204);
-    let obj = env
-        .wait_for(name, "the edited automation made again", |o| {
-            let ids = ids_of(o);
-            ids.len() == 2 && ids[1] != second[1]
-        })
-        .await;
-    let third = ids_of(&obj);
+    let third = replaced(1, second[1].clone(), "the edited automation made again").await;
     assert_eq!(third[0], second[0]);
     let (code, a) = automation(third[1].clone()).await;
     assert_eq!(code, 200);
@@ -1951,19 +1957,15 @@ async fn automations_changed_in_prefect_are_restored_from_its_event_stream() {
 /// back within an interval.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn automations_are_checked_on_the_resync_without_a_stream() {
-    let (env, _) = Env::new(Duration::from_secs(10)).await;
-    let older = PrefectServer::start_version("3.4.25");
-    let pool = support::create_pool(&older);
     let name = "no-stream";
-    let mut pd = resource(
-        &env,
-        &pool,
+    let (env, older) = on_version(
+        Duration::from_secs(10),
+        "3.4.25",
         name,
         json!({"deployment": {"entrypoint": "flows/n.py:nostream",
             "triggers": [{"expect": ["prefect.flow-run.Completed"]}]}}),
-    );
-    pd.spec.server.remote_api_url = Some(older.url.clone());
-    env.api.create(&PostParams::default(), &pd).await.unwrap();
+    )
+    .await;
     let obj = env.wait_for(name, "ready", is_ready).await;
     let first = obj.status.unwrap().automation_ids.unwrap();
     assert_eq!(first.len(), 1);
