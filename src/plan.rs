@@ -47,8 +47,8 @@ pub struct SyncState {
     #[serde(skip)]
     pub limit_shared: bool,
     /// Prefect may have changed this resource's automations (its event stream said so,
-    /// or no stream reports their changes): read them by the recorded ids and put back
-    /// any that are gone or differ from the triggers.
+    /// or no stream reports their changes): read the deployment's automations and put
+    /// back any recorded one that is gone or differs from its trigger.
     #[serde(skip)]
     pub check_automations: bool,
 }

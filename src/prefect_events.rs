@@ -97,9 +97,9 @@ impl EventStreams {
     }
 
     /// Watches deployment `id` and `automations` on server `base` for resource `who`,
-    /// starting the server's stream if it has none. False where there is nothing to follow: a server
-    /// older than 3.7 announces no deployment changes, and beyond `MAX_STREAMS` servers
-    /// the resync alone covers them.
+    /// starting the server's stream if it has none. False where there is nothing to
+    /// follow: a server older than 3.7 announces no deployment changes, and beyond
+    /// `MAX_STREAMS` servers the resync alone covers them.
     pub fn watch(
         self: &Arc<Self>,
         base: &str,
