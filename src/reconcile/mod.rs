@@ -62,6 +62,8 @@ struct Synced {
     /// A digest of the status it wrote (or found already in place), and when.
     status: u64,
     written: Instant,
+    /// A pass since the operator started has checked the automations.
+    automations_checked: bool,
 }
 
 /// How long a pass waits for the cache to show the status the last one wrote: a pass on
@@ -451,8 +453,9 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
     // since the last successful pass, so there is nothing to do until the resync is due.
     let requests = Requests::of(obj);
     let last = ctx.synced.lock().expect("lock").get(&oref).cloned();
-    // The first pass over this object since the operator started.
+    // The first pass over this object since the operator started (or since a failure).
     let first_here = last.is_none();
+    let automations_checked = last.as_ref().is_some_and(|l| l.automations_checked);
     // A pass triggered before the cache shows the status the last pass wrote (an event
     // from Prefect about that pass's own writes, say) waits for it; only someone else
     // writing the status keeps it different, and then it stops waiting.
@@ -511,9 +514,13 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
             && requests.reconcile == old.and_then(|s| s.last_handled_reconcile_at.clone());
         // Automations have no bulk snapshot: their changes come from the event stream.
         // Where it cannot have told us (no stream up, or the operator was not running),
-        // the pass reads the resource's own.
-        state.check_automations =
-            changed_in_prefect || first_here || !ctx.events.live(client.base_url());
+        // a drift check reads the resource's own; not the first pass after a start, so
+        // a restart re-checks at the speed of the bulk read and these reads spread over
+        // the next interval.
+        state.check_automations = changed_in_prefect
+            || (checking
+                && !first_here
+                && (!automations_checked || !ctx.events.live(client.base_url())));
         let snapshot = match (&recorded, checking) {
             (Some(id), true) => match ctx
                 .snapshots
@@ -637,6 +644,7 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
                     requests,
                     status: status_digest(Some(&new)),
                     written: Instant::now(),
+                    automations_checked: automations_checked || state.check_automations,
                 };
                 ctx.synced.lock().expect("lock").insert(oref, synced);
             }
