@@ -644,7 +644,17 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
                     requests,
                     status: status_digest(Some(&new)),
                     written: Instant::now(),
-                    automations_checked: automations_checked || state.check_automations,
+                    // Made or read by this pass: known to be as the triggers say.
+                    automations_checked: automations_checked
+                        || state.check_automations
+                        || changes.iter().any(|c| {
+                            matches!(
+                                c,
+                                execute::Change::Created { .. }
+                                    | execute::Change::AutomationsReplaced { .. }
+                                    | execute::Change::AutomationsRestored { .. }
+                            )
+                        }),
                 };
                 ctx.synced.lock().expect("lock").insert(oref, synced);
             }
