@@ -281,15 +281,23 @@ pub(crate) fn build_with(
         .shutdown_on_signal()
 }
 
+/// The same object's reference as another type (the cache holds resources in a trimmed
+/// form of their own type).
+fn retyped<K, L>(r: &ObjectRef<K>) -> ObjectRef<L>
+where
+    K: kube::Resource<DynamicType = ()>,
+    L: kube::Resource<DynamicType = ()>,
+{
+    let to = ObjectRef::new(&r.name);
+    match &r.namespace {
+        Some(ns) => to.within(ns),
+        None => to,
+    }
+}
+
 pub(crate) async fn drive(c: Controller<Cached>, ctx: Arc<Context>) {
     ctx.stores.lock().expect("lock").push(c.store());
-    let c = c.reconcile_on(ctx.events.subscribe().map(|who| {
-        let r = ObjectRef::<Cached>::new(&who.name);
-        match &who.namespace {
-            Some(ns) => r.within(ns),
-            None => r,
-        }
-    }));
+    let c = c.reconcile_on(ctx.events.subscribe().map(|who| retyped(&who)));
     c.run(reconcile_cached, error_policy, ctx)
         .for_each(|res| async move {
             if let Err(e) = res {
@@ -406,8 +414,7 @@ fn error_policy(obj: Arc<Cached>, err: &Error, ctx: Arc<Context>) -> Action {
         // Retrying cannot help; the next generation of the spec wakes us.
         return Action::await_change();
     }
-    let oref = ObjectRef::<PrefectDeployment>::new(&obj.name_any())
-        .within(&obj.namespace().unwrap_or_default());
+    let oref = retyped(&ObjectRef::from_obj(&*obj));
     let mut failures = ctx.failures.lock().expect("lock");
     let n = failures.entry(oref).or_insert(0);
     *n = n.saturating_add(1);
