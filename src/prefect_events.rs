@@ -57,46 +57,11 @@ pub struct EventStreams {
 }
 
 struct Server {
-    watched: Mutex<Watched>,
+    /// Managed deployment and automation ids on this server (UUIDs, so one map holds
+    /// both), and the resource of each.
+    watched: Mutex<HashMap<String, Trigger>>,
     auth: Mutex<Option<Auth>>,
     connected: AtomicBool,
-}
-
-/// Managed deployment and automation ids on one server (UUIDs, so one map holds both),
-/// and the resource of each; kept by resource too, so that a resource's change or
-/// deletion touches only its own ids.
-#[derive(Default)]
-struct Watched {
-    ids: HashMap<String, Trigger>,
-    of: HashMap<Trigger, Vec<String>>,
-}
-
-impl Watched {
-    /// Makes `ids` the ones `who` watches; false when they already were.
-    fn set(&mut self, who: &Trigger, ids: Vec<String>) -> bool {
-        if self.of.get(who) == Some(&ids) {
-            return false;
-        }
-        self.remove(who);
-        for id in &ids {
-            // An id another resource had (it moved) is that resource's no longer.
-            if let Some(before) = self.ids.insert(id.clone(), who.clone()) {
-                if let Some(theirs) = self.of.get_mut(&before) {
-                    theirs.retain(|i| i != id);
-                }
-            }
-        }
-        self.of.insert(who.clone(), ids);
-        true
-    }
-
-    fn remove(&mut self, who: &Trigger) {
-        for id in self.of.remove(who).unwrap_or_default() {
-            if self.ids.get(&id) == Some(who) {
-                self.ids.remove(&id);
-            }
-        }
-    }
 }
 
 impl EventStreams {
@@ -162,12 +127,18 @@ impl EventStreams {
         });
         // The latest credentials of any resource on the server (a rotated key).
         *server.auth.lock().expect("events lock") = auth;
-        let ids = std::iter::once(id).chain(automations.iter().map(String::as_str));
-        server
-            .watched
-            .lock()
-            .expect("events lock")
-            .set(&who, ids.map(str::to_string).collect());
+        let mut watched = server.watched.lock().expect("events lock");
+        // Every pass registers again; unless its ids changed, there is nothing to do
+        // (the scan below is over every id of the server).
+        let mine = |k: &str| watched.get(k) == Some(&who);
+        if mine(id) && automations.iter().all(|a| mine(a)) {
+            return true;
+        }
+        watched.retain(|_, w| *w != who);
+        for a in automations {
+            watched.insert(a.clone(), who.clone());
+        }
+        watched.insert(id.to_string(), who);
         true
     }
 
@@ -184,7 +155,11 @@ impl EventStreams {
     pub fn forget(&self, who: &Trigger) {
         let servers = self.servers.lock().expect("events lock");
         for server in servers.values() {
-            server.watched.lock().expect("events lock").remove(who);
+            server
+                .watched
+                .lock()
+                .expect("events lock")
+                .retain(|_, w| w != who);
         }
     }
 
@@ -208,13 +183,7 @@ impl EventStreams {
         else {
             return;
         };
-        let who = server
-            .watched
-            .lock()
-            .expect("events lock")
-            .ids
-            .get(id)
-            .cloned();
+        let who = server.watched.lock().expect("events lock").get(id).cloned();
         if let Some(who) = who {
             tracing::debug!(event = name, id, resource = %who, "change in Prefect");
             self.notify(who);
@@ -242,7 +211,7 @@ async fn run(streams: Arc<EventStreams>, base: String, server: Arc<Server>) {
     let mut backoff = Duration::from_secs(1);
     let mut since = chrono::Utc::now();
     loop {
-        if server.watched.lock().expect("events lock").ids.is_empty() {
+        if server.watched.lock().expect("events lock").is_empty() {
             streams.servers.lock().expect("events lock").remove(&base);
             return;
         }
@@ -468,26 +437,5 @@ mod tests {
             "wss://api.prefect.cloud/api/accounts/a/workspaces/w/events/out"
         );
         assert!(ws_url("ftp://x").is_err());
-    }
-
-    #[test]
-    fn watched_ids_follow_their_resource() {
-        let who = |n: &str| Trigger::new(n).within("ns");
-        let ids = |v: &[&str]| v.iter().map(|i| i.to_string()).collect::<Vec<_>>();
-        let mut w = Watched::default();
-        assert!(w.set(&who("a"), ids(&["d1", "a1"])));
-        assert!(!w.set(&who("a"), ids(&["d1", "a1"])), "unchanged");
-        assert!(w.set(&who("b"), ids(&["d2"])));
-        // Automations replaced: the old id is no longer watched.
-        assert!(w.set(&who("a"), ids(&["d1", "a2"])));
-        assert_eq!(w.ids.get("a1"), None);
-        assert_eq!(w.ids.get("a2"), Some(&who("a")));
-        // A deployment id taken over by another resource stays with it.
-        assert!(w.set(&who("b"), ids(&["d1"])));
-        w.remove(&who("a"));
-        assert_eq!(w.ids.get("d1"), Some(&who("b")));
-        assert_eq!(w.ids.len(), 1);
-        w.remove(&who("b"));
-        assert!(w.ids.is_empty() && w.of.is_empty());
     }
 }

@@ -45,52 +45,12 @@ struct Server {
 struct Registry {
     /// The deployment ids resources recorded for this server, and their resources.
     ids: HashMap<String, Trigger>,
-    /// The same, by resource: forgetting a deleted resource touches its own ids, not a
-    /// scan over every id of the server.
-    of: HashMap<Trigger, HashSet<String>>,
     /// Ids registered since the last full read began, oldest first: not in the
     /// snapshot yet. Drift checks come due in about the order resources registered.
     unread: Vec<String>,
 }
 
 impl Registry {
-    fn insert(&mut self, id: &str, who: Trigger) {
-        match self.ids.insert(id.to_string(), who.clone()) {
-            None => self.unread.push(id.to_string()),
-            Some(before) if before == who => return,
-            Some(before) => self.unlink(&before, id),
-        }
-        self.of.entry(who).or_default().insert(id.to_string());
-    }
-
-    fn remove(&mut self, id: &str) {
-        if let Some(who) = self.ids.remove(id) {
-            self.unlink(&who, id);
-            self.unread.retain(|u| u != id);
-        }
-    }
-
-    fn remove_resource(&mut self, who: &Trigger) {
-        let Some(mine) = self.of.remove(who) else {
-            return;
-        };
-        for id in &mine {
-            self.ids.remove(id);
-        }
-        if !self.unread.is_empty() {
-            self.unread.retain(|u| !mine.contains(u));
-        }
-    }
-
-    fn unlink(&mut self, who: &Trigger, id: &str) {
-        if let Some(set) = self.of.get_mut(who) {
-            set.remove(id);
-            if set.is_empty() {
-                self.of.remove(who);
-            }
-        }
-    }
-
     /// `id` and the oldest others not yet read, up to a page, no longer counted as
     /// unread; nothing when `id` is not waiting to be read.
     fn take_unread(&mut self, id: &str) -> Vec<String> {
@@ -154,17 +114,18 @@ impl Snapshots {
     /// Remembers that resource `who` manages deployment `id` on this client's server.
     pub fn register(&self, client: &PrefectClient, id: &str, who: Trigger) {
         let server = self.server(client);
-        server
-            .ids
-            .lock()
-            .expect("snapshot ids lock")
-            .insert(id, who);
+        let mut reg = server.ids.lock().expect("snapshot ids lock");
+        if reg.ids.insert(id.to_string(), who).is_none() {
+            reg.unread.push(id.to_string());
+        }
     }
 
     /// Forgets a deployment (its resource is gone or points elsewhere now).
     pub fn forget(&self, client: &PrefectClient, id: &str) {
         let server = self.server(client);
-        server.ids.lock().expect("snapshot ids lock").remove(id);
+        let mut reg = server.ids.lock().expect("snapshot ids lock");
+        reg.ids.remove(id);
+        reg.unread.retain(|u| u != id);
     }
 
     /// Forgets whatever resource `who` had registered on any server (it is deleted).
@@ -175,7 +136,9 @@ impl Snapshots {
         };
         for server in servers {
             let mut reg = server.ids.lock().expect("snapshot ids lock");
-            reg.remove_resource(who);
+            let Registry { ids, unread } = &mut *reg;
+            ids.retain(|_, w| w != who);
+            unread.retain(|u| ids.contains_key(u));
         }
     }
 
@@ -243,11 +206,10 @@ impl Snapshots {
                         // Left for a later check; this one reads directly.
                         tracing::debug!(error = %e, "reading newly registered deployments failed");
                         let mut reg = server.ids.lock().expect("snapshot ids lock");
-                        let back: Vec<String> = page
-                            .into_iter()
-                            .filter(|i| reg.ids.contains_key(i))
-                            .collect();
-                        reg.unread.splice(0..0, back);
+                        let Registry { ids, unread } = &mut *reg;
+                        let back: Vec<String> =
+                            page.into_iter().filter(|i| ids.contains_key(i)).collect();
+                        unread.splice(0..0, back);
                     }
                 }
             }
@@ -358,28 +320,6 @@ mod tests {
         let rest = reg.take_unread(&reg.unread[10].clone());
         assert_eq!(rest.len(), 450 - 2 * PAGE);
         assert!(reg.unread.is_empty());
-    }
-
-    #[test]
-    fn forgetting_a_resource_forgets_its_ids_only() {
-        let who = |n: &str| Trigger::new(n).within("ns");
-        let mut reg = Registry::default();
-        reg.insert("a1", who("a"));
-        reg.insert("a2", who("a"));
-        reg.insert("b1", who("b"));
-        reg.insert("b1", who("b"));
-        assert_eq!(reg.unread, ["a1", "a2", "b1"], "registered once each");
-        // An id that moves to another resource leaves the first one's set.
-        reg.insert("a2", who("b"));
-        reg.remove_resource(&who("a"));
-        let mut left: Vec<&String> = reg.ids.keys().collect();
-        left.sort();
-        assert_eq!(left, ["a2", "b1"]);
-        assert_eq!(reg.unread, ["a2", "b1"]);
-        reg.remove("b1");
-        assert_eq!(reg.of[&who("b")], HashSet::from(["a2".to_string()]));
-        reg.remove_resource(&who("b"));
-        assert!(reg.ids.is_empty() && reg.of.is_empty() && reg.unread.is_empty());
     }
 
     #[test]
