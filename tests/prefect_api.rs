@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prefect_operator::api::PrefectDeploymentSpec;
+use prefect_operator::observed::ObservedDeployment;
 use prefect_operator::prefect::{http_client, Auth, CallLog, PrefectClient};
 use prefect_operator::reconcile::execute::{self, Change, SyncState};
 use prefect_operator::validate::validate;
@@ -113,10 +114,25 @@ impl Env {
         uid: &str,
         state: &mut SyncState,
     ) -> (Result<(), Error>, Vec<Change>, Vec<String>) {
+        self.apply_from(spec, name, uid, state, None).await
+    }
+
+    /// `apply`, planning first against `snapshot` as a drift check from a bulk read does.
+    async fn apply_from(
+        &self,
+        spec: &PrefectDeploymentSpec,
+        name: &str,
+        uid: &str,
+        state: &mut SyncState,
+        snapshot: Option<ObservedDeployment>,
+    ) -> (Result<(), Error>, Vec<Change>, Vec<String>) {
         let before = self.calls.snapshot();
         let mut changes = Vec::new();
         let r = match validate(spec, name) {
-            Ok(valid) => execute::apply(&self.client, &valid, uid, state, &mut changes).await,
+            Ok(valid) => {
+                let client = &self.client;
+                execute::apply_from(client, &valid, uid, state, &mut changes, snapshot).await
+            }
             Err(p) => Err(Error::InvalidSpec(p.to_string())),
         };
         let after = self.calls.snapshot();
@@ -659,6 +675,48 @@ async fn triggers_are_applied_only_when_changed() {
     execute::delete(&env.client, &spec, &name, &uid, &state)
         .await
         .unwrap();
+}
+
+/// A drift check that planned from the bulk snapshot and finds an automation gone reads
+/// the deployment again before writing, but not the automations it has just read.
+#[tokio::test]
+async fn a_deleted_automation_found_from_the_snapshot_is_read_once() {
+    let env = Env::new().await;
+    let pool = env.work_pool().await;
+    let name = unique("snapshot-automation");
+    let uid = unique("uid");
+    let spec = env.spec(
+        &pool,
+        json!({"entrypoint": "flows/a.py:run", "triggers": [{"expect": ["a.b"]}]}),
+    );
+    let mut state = SyncState::default();
+    env.apply(&spec, &name, &uid, &mut state).await.0.unwrap();
+    let id = state.deployment_id.clone().unwrap();
+    let gone = state.automation_ids[0].clone();
+    let path = format!("/automations/{gone}");
+    assert_eq!(env.call(reqwest::Method::DELETE, &path, None).await, 204);
+
+    let snapshot = env.client.read_deployment(&id).await.unwrap().unwrap();
+    state.check_automations = true;
+    let (r, changes, made) = env
+        .apply_from(&spec, &name, &uid, &mut state, Some(snapshot))
+        .await;
+    r.unwrap();
+    let times = |call: &str| made.iter().filter(|m| *m == call).count();
+    assert_eq!(times("GET automations_related_to"), 1, "{made:?}");
+    assert_eq!(
+        times("GET deployment_by_name"),
+        1,
+        "read before writing: {made:?}"
+    );
+    assert_eq!(times("POST automations"), 1, "{made:?}");
+    assert!(
+        matches!(&changes[..], [Change::AutomationsRestored { .. }]),
+        "{changes:?}"
+    );
+    assert_eq!(state.automation_ids.len(), 1);
+    assert_ne!(state.automation_ids[0], gone);
+    assert!(env.automation_exists(&state.automation_ids[0]).await);
 }
 
 #[tokio::test]

@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use crate::api::PrefectDeploymentSpec;
 use crate::desired::{self, DesiredDeployment, OWNER_LABEL};
-use crate::observed::ObservedDeployment;
+use crate::observed::{ObservedAutomation, ObservedDeployment};
 use crate::plan::{
     self, AutomationAction, DeploymentAction, LimitAction, LimitRecord, Observed, Plan,
     ScheduleChange, LIMIT_ID_FIELD,
@@ -187,6 +187,9 @@ pub async fn apply_from(
     let (want, lost) = desired::deployment(valid, owner_uid).for_server(&caps);
     state.unsupported =
         (!lost.is_empty()).then(|| format!("{caps} cannot hold {}", lost.join(", ")));
+    // Automations read directly below, kept for the direct read that may follow: only
+    // the deployment's part of the snapshot plan is read again.
+    let mut related = Related::default();
     if let Some(d) = snapshot {
         let same_deployment = state.deployment_id.as_deref() == Some(d.id.as_str())
             && d.fields.get("name").and_then(Value::as_str) == Some(want.name.as_str())
@@ -198,16 +201,20 @@ pub async fn apply_from(
             // still comes from the snapshot.
             let observed = Observed {
                 by_name: Some(d),
-                related_automations: read_related(client, &reads).await?,
+                related_automations: read_related(client, &reads, &mut related).await?,
                 ..Observed::default()
             };
             let p = plan::plan(&want, state, &observed);
             if p.is_noop() && p.drift.is_empty() {
                 return perform(client, &want, &p, observed.by_name.as_ref(), state, changes).await;
             }
+            related.keep(&reads, observed.related_automations);
         }
     }
-    let observed = observe(client, &want, state).await?;
+    let by_name = client
+        .deployment_by_name(&want.flow_name, &want.name)
+        .await?;
+    let observed = observe_reusing(client, &want, state, by_name, related).await?;
     let plan = plan::plan(&want, state, &observed);
     perform(
         client,
@@ -240,12 +247,22 @@ pub async fn observe_given(
     state: &SyncState,
     by_name: Option<ObservedDeployment>,
 ) -> Result<Observed> {
+    observe_reusing(client, want, state, by_name, Related::default()).await
+}
+
+async fn observe_reusing(
+    client: &PrefectClient,
+    want: &DesiredDeployment,
+    state: &SyncState,
+    by_name: Option<ObservedDeployment>,
+    mut related: Related,
+) -> Result<Observed> {
     let reads = plan::reads(want, state, by_name.as_ref());
     let recorded_exists = match &reads.recorded {
         Some(id) => Some(client.read_deployment(id).await?.is_some()),
         None => None,
     };
-    let related_automations = read_related(client, &reads).await?;
+    let related_automations = read_related(client, &reads, &mut related).await?;
     let limit = match &reads.limit {
         Some(name) => client.read_limit(name).await?,
         None => None,
@@ -258,19 +275,33 @@ pub async fn observe_given(
     })
 }
 
-/// The automations related to the deployment `reads` names, if it names one.
+/// Automations of one deployment read earlier in the same pass.
+#[derive(Default)]
+struct Related(Option<(String, Vec<ObservedAutomation>)>);
+
+impl Related {
+    fn keep(&mut self, reads: &plan::Reads, read: Option<Vec<ObservedAutomation>>) {
+        self.0 = reads.related_automations.clone().zip(read);
+    }
+}
+
+/// The automations related to the deployment `reads` names, if it names one; taken
+/// from `known` when this pass already read that deployment's.
 async fn read_related(
     client: &PrefectClient,
     reads: &plan::Reads,
-) -> Result<Option<Vec<crate::observed::ObservedAutomation>>> {
-    match &reads.related_automations {
-        Some(id) => Ok(Some(
-            client
-                .automations_related_to(&desired::owner_resource(id))
-                .await?,
-        )),
-        None => Ok(None),
+    known: &mut Related,
+) -> Result<Option<Vec<ObservedAutomation>>> {
+    let Some(id) = &reads.related_automations else {
+        return Ok(None);
+    };
+    if let Some((_, read)) = known.0.take().filter(|(of, _)| of == id) {
+        return Ok(Some(read));
     }
+    let read = client
+        .automations_related_to(&desired::owner_resource(id))
+        .await?;
+    Ok(Some(read))
 }
 
 /// Makes the calls `plan` lists, in order, recording each success in `state` and each
