@@ -248,9 +248,14 @@ pub enum AutomationAction {
     Replace { create: usize, delete: Vec<String> },
     /// The triggers are unchanged, but the automations of these triggers were deleted
     /// or edited in Prefect: each gets one that says what it says again, then the
-    /// edited ones and any left over are deleted. The others are kept as they are (with
-    /// their state).
-    Restore { triggers: Vec<RestoredTrigger> },
+    /// edited ones and any left over are deleted, except those in `gone`: recorded, but
+    /// Prefect no longer has them, so there is nothing to delete. The others are kept as
+    /// they are (with their state).
+    Restore {
+        triggers: Vec<RestoredTrigger>,
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        gone: Vec<String>,
+    },
     /// Nothing recorded, but the automations that run the deployment are exactly the
     /// ones the triggers describe (made by Prefect's own `apply()`, say): take them as
     /// they are, in trigger order, without a write.
@@ -652,7 +657,7 @@ fn report_only(mut plan: Plan, want: &DesiredDeployment, recorded: &SyncState) -
             LimitAction::Keep { .. } | LimitAction::Missing => {}
         }
     }
-    if let AutomationAction::Restore { triggers } = &plan.automations {
+    if let AutomationAction::Restore { triggers, .. } = &plan.automations {
         let names: Vec<String> = triggers
             .iter()
             .map(|t| {
@@ -822,7 +827,14 @@ fn automation_action(
     if recorded.triggers_hash.as_deref() == Some(want.triggers_hash(id).as_str()) {
         let triggers = changed_in_prefect(want, recorded, id, related);
         if !triggers.is_empty() {
-            return AutomationAction::Restore { triggers };
+            let has = |aid: &String| related.unwrap_or_default().iter().any(|a| a.id == *aid);
+            let gone = recorded
+                .automation_ids
+                .iter()
+                .filter(|aid| !has(aid))
+                .cloned()
+                .collect();
+            return AutomationAction::Restore { triggers, gone };
         }
         return if recorded.automation_ids.len() > n {
             AutomationAction::DeleteLeftovers {
@@ -1172,7 +1184,7 @@ impl fmt::Display for Plan {
                 "  automations: create {create}, then delete {}",
                 delete.join(", ")
             )?,
-            AutomationAction::Restore { triggers } => {
+            AutomationAction::Restore { triggers, .. } => {
                 let which: Vec<String> = triggers
                     .iter()
                     .map(|t| match &t.take {

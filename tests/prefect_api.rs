@@ -678,7 +678,8 @@ async fn triggers_are_applied_only_when_changed() {
 }
 
 /// A drift check that planned from the bulk snapshot and finds an automation gone reads
-/// the deployment again before writing, but not the automations it has just read.
+/// the deployment again before writing, but not the automations it has just read; it
+/// makes the automation again and sends no deletion for the id Prefect no longer has.
 #[tokio::test]
 async fn a_deleted_automation_found_from_the_snapshot_is_read_once() {
     let env = Env::new().await;
@@ -710,6 +711,7 @@ async fn a_deleted_automation_found_from_the_snapshot_is_read_once() {
         "read before writing: {made:?}"
     );
     assert_eq!(times("POST automations"), 1, "{made:?}");
+    assert_eq!(times("DELETE automation"), 0, "already gone: {made:?}");
     assert!(
         matches!(&changes[..], [Change::AutomationsRestored { .. }]),
         "{changes:?}"

@@ -596,7 +596,7 @@ async fn apply_automations(
             }
             Ok(())
         }
-        AutomationAction::Restore { triggers } => {
+        AutomationAction::Restore { triggers, gone } => {
             let bodies = want.automations_for(id);
             let mut names = Vec::new();
             for t in triggers {
@@ -631,7 +631,9 @@ async fn apply_automations(
                 .unwrap_or_default()
                 .to_vec();
             for old in &leftovers {
-                client.delete_automation(old).await?;
+                if !gone.contains(old) {
+                    client.delete_automation(old).await?;
+                }
                 state.automation_ids.retain(|x| x != old);
             }
             changes.push(Change::AutomationsRestored { names });
