@@ -127,6 +127,44 @@ impl CallLog {
     }
 }
 
+/// The largest answer read from a Prefect server. A page of 200 deployments is a few MiB
+/// at most; the URL comes from a spec, so the server at the other end may be anyone's,
+/// and an endless answer must not take the operator's memory.
+pub const MAX_RESPONSE_BYTES: usize = 32 << 20;
+
+/// The answer's body, refused once it passes `MAX_RESPONSE_BYTES` (read chunk by chunk,
+/// so a server that sends no length or a wrong one is stopped there too).
+async fn read_bounded(
+    mut resp: reqwest::Response,
+    method: &Method,
+    endpoint: &str,
+) -> Result<Vec<u8>, Error> {
+    let too_large = || {
+        Error::PrefectRejected(format!(
+            "{method} {endpoint}: the answer is larger than {} MiB; is the URL Prefect's API?",
+            MAX_RESPONSE_BYTES >> 20
+        ))
+    };
+    if resp
+        .content_length()
+        .is_some_and(|n| n > MAX_RESPONSE_BYTES as u64)
+    {
+        return Err(too_large());
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .map_err(|e| Error::PrefectUnreachable(short_transport(&e), Some(e)))?
+    {
+        if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
 /// Builds the shared HTTP client.
 pub fn http_client() -> reqwest::Client {
     reqwest::Client::builder()
@@ -284,6 +322,20 @@ impl PrefectClient {
         Ok(caps)
     }
 
+    /// Whether the server says its event stream is switched off
+    /// (`server.events.stream_out_enabled: false` in `GET /admin/settings`). Its websocket
+    /// then accepts a subscription and never delivers an event. Anything else (no such
+    /// endpoint, as on Prefect Cloud, or an error) is not taken as off: the stream is tried.
+    pub async fn event_stream_switched_off(&self) -> bool {
+        match self
+            .call_opt(Method::GET, "admin_settings", "/admin/settings", None)
+            .await
+        {
+            Ok(Some(v)) => v["server"]["events"]["stream_out_enabled"] == Value::Bool(false),
+            _ => false,
+        }
+    }
+
     /// Shares an adaptive in-flight limit with every other client of this server.
     pub fn with_limit(mut self, limit: Arc<Limit>) -> Self {
         self.limit = Some(limit);
@@ -367,10 +419,7 @@ impl PrefectClient {
                         .and_then(|v| v.to_str().ok())
                         .and_then(|v| v.trim().parse::<u64>().ok())
                         .map(Duration::from_secs);
-                    let bytes = resp
-                        .bytes()
-                        .await
-                        .map_err(|e| Error::PrefectUnreachable(short_transport(&e), Some(e)))?;
+                    let bytes = read_bounded(resp, &method, endpoint).await?;
                     if status.is_success() {
                         if bytes.is_empty() {
                             return Ok(Ok(Value::Null));

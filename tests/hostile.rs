@@ -508,3 +508,58 @@ fn fuzz_for_a_while() {
     let end = Instant::now() + Duration::from_secs(seconds);
     fuzz(seed, |_| Instant::now() < end);
 }
+
+/// A spec may name any server, so the answer may be anyone's. One that never ends is cut
+/// off at the client's bound with an error that says so, and reading it takes about that
+/// bound in memory, not what the server sends (256 MiB here).
+#[test]
+fn an_endless_answer_from_a_server_is_cut_off() {
+    use prefect_operator::prefect::{http_client, CallLog, PrefectClient, MAX_RESPONSE_BYTES};
+    use std::io::{Read, Write};
+    let _turn = serial();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = format!("http://{}/api", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            std::thread::spawn(move || {
+                let mut request = [0u8; 4096];
+                let _ = conn.read(&mut request);
+                let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n\r\n";
+                if conn.write_all(head.as_bytes()).is_err() {
+                    return;
+                }
+                let chunk = vec![b' '; 1 << 20];
+                for _ in 0..256 {
+                    if conn.write_all(&chunk).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let before = LIVE.load(Ordering::Relaxed);
+    PEAK.store(before, Ordering::Relaxed);
+    let result = rt.block_on(async {
+        let client = PrefectClient::new(http_client(), &base, None, Default::default());
+        client.capabilities().await
+    });
+    let peak = PEAK.load(Ordering::Relaxed).saturating_sub(before);
+    let message = result
+        .expect_err("an endless answer was accepted")
+        .to_string();
+    assert!(message.contains("larger than 32 MiB"), "{message}");
+    println!(
+        "peak while reading: {:.1} MiB",
+        peak as f64 / (1 << 20) as f64
+    );
+    assert!(
+        peak < 2 * MAX_RESPONSE_BYTES,
+        "reading the answer took {peak} bytes"
+    );
+}
