@@ -8,23 +8,59 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::counter::Counter;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 /// The limits of every server this process calls, by base URL.
-#[derive(Default)]
 pub struct Limits {
     max: usize,
     servers: Mutex<HashMap<String, Arc<Limit>>>,
     decreases: Counter,
+    /// A spec may name a URL that leads nowhere, or a server that accepts connections
+    /// and never answers; each pass to it may then wait for a whole timeout. Passes to a
+    /// server that has stopped answering take turns from `failing`; a server not yet
+    /// heard from is tried by one pass at a time, at most `probes` servers at once. Each
+    /// pool holds a quarter of the workers, so half of them always serve the servers
+    /// that answer.
+    failing: Arc<Semaphore>,
+    probes: Arc<Semaphore>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits::new(1)
+    }
+}
+
+/// How long a pass waits for the first answer of a server that another pass is trying,
+/// and how long a server may give no answer before its passes take turns.
+const TURN_WAIT: Duration = Duration::from_secs(5);
+
+/// A pass's turn to call a server in doubt, held until the pass ends.
+pub struct Turn {
+    _permit: OwnedSemaphorePermit,
+    /// The server this pass is the one to try.
+    probing: Option<Arc<Limit>>,
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        if let Some(l) = &self.probing {
+            l.health.lock().expect("limit lock").probing = None;
+        }
+    }
 }
 
 impl Limits {
     /// At most `max` requests in flight per server (the controller's concurrency).
     pub fn new(max: usize) -> Self {
+        let max = max.max(1);
+        let quarter = (max / 4).max(1);
         Limits {
-            max: max.max(1),
+            max,
             servers: Mutex::default(),
             decreases: Counter::default(),
+            failing: Arc::new(Semaphore::new(quarter)),
+            probes: Arc::new(Semaphore::new(quarter)),
         }
     }
 
@@ -32,6 +68,80 @@ impl Limits {
     pub fn counting(mut self, decreases: Counter) -> Self {
         self.decreases = decreases;
         self
+    }
+
+    /// A pass's turn to call the server of `limit`. A server that answers needs none
+    /// (`None`). One that has given no answer for a while gets a turn if one is free.
+    /// One not heard from yet (or only a moment ago) is tried by one pass; the others
+    /// wait a little for its answer (a cold start asks a new server many things at
+    /// once). Otherwise the error says why, and the pass is retried later.
+    pub async fn turn(&self, limit: &Arc<Limit>) -> Result<Option<Turn>, String> {
+        match limit.doubt() {
+            None => Ok(None),
+            Some(Doubt::Failing(why)) => match self.failing.clone().try_acquire_owned() {
+                Ok(permit) => Ok(Some(Turn {
+                    _permit: permit,
+                    probing: None,
+                })),
+                Err(_) => Err(why),
+            },
+            Some(Doubt::Unproven) => {
+                if let Some(turn) = self.probe(limit) {
+                    return Ok(Some(turn));
+                }
+                let said = |limit: &Limit| match limit.doubt() {
+                    Some(Doubt::Failing(why)) => why,
+                    _ => format!("no answer yet after {} s", TURN_WAIT.as_secs()),
+                };
+                match limit.wait_until() {
+                    // Another pass is trying the server: its answer decides.
+                    Some(until) => {
+                        match tokio::time::timeout_at(until.into(), limit.proven()).await {
+                            Ok(()) => Ok(None),
+                            Err(_) => Err(said(limit)),
+                        }
+                    }
+                    // Every probe is taken (a restart meets many servers at once): wait
+                    // for one to free up.
+                    None => {
+                        match tokio::time::timeout(TURN_WAIT, self.probes.clone().acquire_owned())
+                            .await
+                        {
+                            Ok(Ok(permit)) => {
+                                let mut h = limit.health.lock().expect("limit lock");
+                                let mine = h.probing.is_none();
+                                if mine {
+                                    h.probing = Some(Instant::now());
+                                }
+                                Ok(Some(Turn {
+                                    _permit: permit,
+                                    probing: mine.then(|| limit.clone()),
+                                }))
+                            }
+                            _ => Err(format!(
+                                "{}; other servers that do not answer are being tried",
+                                said(limit)
+                            )),
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The turn to try `limit`'s server, unless another pass is trying it or every
+    /// probe is taken.
+    fn probe(&self, limit: &Arc<Limit>) -> Option<Turn> {
+        let mut h = limit.health.lock().expect("limit lock");
+        if h.probing.is_some() {
+            return None;
+        }
+        let permit = self.probes.clone().try_acquire_owned().ok()?;
+        h.probing = Some(Instant::now());
+        Some(Turn {
+            _permit: permit,
+            probing: Some(limit.clone()),
+        })
     }
 
     pub fn for_server(&self, base: &str) -> Arc<Limit> {
@@ -51,6 +161,29 @@ pub struct Limit {
     state: Mutex<State>,
     freed: Notify,
     decreases: Counter,
+    health: Mutex<Health>,
+    answered: Notify,
+}
+
+/// Whether the server answers at all (any HTTP answer, whatever its status).
+#[derive(Default)]
+struct Health {
+    answered_once: bool,
+    /// Since when requests get no answer, and why the latest did not; cleared by an
+    /// answer.
+    failing: Option<(Instant, String)>,
+    /// Since when a pass holding a probe turn is trying the server.
+    probing: Option<Instant>,
+}
+
+/// Why passes to a server take turns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Doubt {
+    /// It has not answered yet, or stopped answering only a moment ago (one dropped
+    /// connection among many answers is not an outage): worth waiting a little for.
+    Unproven,
+    /// It has given no answer for a while; the latest request failed for this reason.
+    Failing(String),
 }
 
 struct State {
@@ -108,6 +241,66 @@ impl Limit {
             }),
             freed: Notify::new(),
             decreases: Counter::default(),
+            health: Mutex::default(),
+            answered: Notify::new(),
+        }
+    }
+
+    /// Records whether a request got an answer (`Err`: why not).
+    pub fn heard(&self, answer: Result<(), String>) {
+        let mut h = self.health.lock().expect("limit lock");
+        match answer {
+            Ok(()) => {
+                h.answered_once = true;
+                h.failing = None;
+                drop(h);
+                self.answered.notify_waiters();
+            }
+            Err(why) => {
+                let since = h.failing.as_ref().map_or_else(Instant::now, |f| f.0);
+                h.failing = Some((since, why));
+            }
+        }
+    }
+
+    /// Why passes to this server take turns, if they do.
+    pub fn doubt(&self) -> Option<Doubt> {
+        let h = self.health.lock().expect("limit lock");
+        match (&h.failing, h.answered_once, h.probing) {
+            (Some((since, why)), _, _) if since.elapsed() >= TURN_WAIT => {
+                Some(Doubt::Failing(why.clone()))
+            }
+            (None, false, Some(t)) if t.elapsed() >= TURN_WAIT => Some(Doubt::Failing(format!(
+                "no answer after {} s",
+                t.elapsed().as_secs()
+            ))),
+            (Some(_), _, _) | (None, false, _) => Some(Doubt::Unproven),
+            (None, true, _) => None,
+        }
+    }
+
+    /// Until when an answer is worth waiting for: the doubt started recently (a probe
+    /// in flight, or the first request without an answer). None when nothing is trying.
+    fn wait_until(&self) -> Option<Instant> {
+        let h = self.health.lock().expect("limit lock");
+        let since = match (&h.failing, h.probing) {
+            (Some((since, _)), _) => Some(*since),
+            (None, probing) => probing,
+        };
+        since.map(|t| t + TURN_WAIT)
+    }
+
+    /// Returns once the server answers again.
+    async fn proven(&self) {
+        loop {
+            let next = self.answered.notified();
+            {
+                let h = self.health.lock().expect("limit lock");
+                if h.answered_once && h.failing.is_none() {
+                    return;
+                }
+            }
+            next.await;
         }
     }
 
@@ -290,5 +483,40 @@ mod tests {
             .await
             .expect("freed")
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_new_server_is_tried_by_one_pass_while_the_others_wait_for_its_answer() {
+        let limits = Arc::new(Limits::new(8));
+        let server = limits.for_server("http://prefect/api");
+        let probe = limits.turn(&server).await.unwrap();
+        assert!(probe.is_some(), "the first pass tries the server");
+        let (l, s) = (limits.clone(), server.clone());
+        let waiting = tokio::spawn(async move { l.turn(&s).await.map(|t| t.is_some()) });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "a second pass waits for the answer");
+        server.heard(Ok(()));
+        let waited = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("the answer ends the wait")
+            .unwrap();
+        assert_eq!(waited, Ok(false), "once it answered, no turn is needed");
+        drop(probe);
+        assert!(limits.turn(&server).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_failed_request_among_answers_is_waited_out_not_refused() {
+        let limits = Limits::new(4);
+        let server = limits.for_server("http://prefect/api");
+        server.heard(Ok(()));
+        server.heard(Err("connection failed".into()));
+        assert_eq!(server.doubt(), Some(Doubt::Unproven));
+        // A moment after a failure the server is tried again by one pass; the next
+        // answer ends the doubt.
+        let probe = limits.turn(&server).await.unwrap();
+        assert!(probe.is_some());
+        server.heard(Ok(()));
+        assert_eq!(server.doubt(), None);
     }
 }

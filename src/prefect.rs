@@ -401,6 +401,9 @@ impl PrefectClient {
             let code = sent.as_ref().map(|r| r.status().as_u16()).unwrap_or(0);
             self.calls
                 .observe(&method, endpoint, code, started.elapsed());
+            if let Some(l) = &self.limit {
+                l.heard(sent.as_ref().map(|_| ()).map_err(short_transport));
+            }
             if let Some(p) = permit {
                 // Freed before any retry wait, so a backing-off request holds no slot.
                 p.finish(match (&sent, code) {
@@ -445,7 +448,10 @@ impl PrefectClient {
                         .unwrap_or_else(|| backoff(attempt))
                 }
                 Err(e) => {
-                    if attempt >= MAX_ATTEMPTS_UNREACHABLE {
+                    // A request that timed out has held its worker for the whole
+                    // timeout already; the pass fails and is retried with backoff
+                    // instead of holding it for two more.
+                    if e.is_timeout() || attempt >= MAX_ATTEMPTS_UNREACHABLE {
                         return Err(Error::PrefectUnreachable(short_transport(&e), Some(e)));
                     }
                     backoff(attempt)

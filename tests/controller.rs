@@ -2063,3 +2063,59 @@ async fn repeated_events_form_a_series() {
     assert_eq!(down["type"], json!("Warning"));
     assert_eq!(down["reason"], json!("PrefectUnreachable"));
 }
+
+/// A spec may name a server that accepts connections and never answers. Its passes
+/// take turns on a quarter of the workers (one of the four here), so resources on a
+/// server that answers are applied meanwhile, and the waiting ones say what is wrong.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_never_answers_does_not_hold_up_the_others() {
+    let (env, pool) = Env::new(Duration::from_secs(300)).await;
+    let spec = |f: &str| json!({"deployment": {"entrypoint": format!("flows/s.py:{f}")}});
+    env.create_ready(&pool, "before", spec("before")).await;
+    // Connections complete in the kernel's backlog; nothing ever reads or answers them.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_url = format!("http://{}/api", silent.local_addr().unwrap());
+    for i in 0..6 {
+        let mut pd = resource(&env, &pool, &format!("silent-{i}"), spec("silent"));
+        pd.spec.server.remote_api_url = Some(silent_url.clone());
+        env.api.create(&PostParams::default(), &pd).await.unwrap();
+    }
+    for i in 0..6 {
+        env.wait_for(&format!("silent-{i}"), "a pass started", |o| {
+            o.finalizers()
+                .iter()
+                .any(|f| f == "prefect.io/deployment-cleanup")
+        })
+        .await;
+    }
+    // Without turns the silent server's passes would hold all four workers for minutes
+    // (longer than `create_ready` waits).
+    env.create_ready(&pool, "after", spec("after")).await;
+    // The silent ones say why they are not Ready: no answer, with the server named. The
+    // two holding turns wait out a request timeout first; the others are told at once.
+    let address = silent.local_addr().unwrap().to_string();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut told = 0;
+        for i in 0..6 {
+            let o = env.api.get(&format!("silent-{i}")).await.unwrap();
+            assert!(!is_ready(&o), "silent-{i} is Ready");
+            if let Some((status, reason, message)) = ready(&o) {
+                if reason == "PrefectUnreachable" {
+                    assert_eq!(status, "False");
+                    assert!(message.contains(&address), "{message}");
+                    told += 1;
+                }
+            }
+        }
+        if told >= 4 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {told} of the silent server's resources say why"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    drop(silent);
+}

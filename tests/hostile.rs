@@ -514,7 +514,7 @@ fn fuzz_for_a_while() {
 /// bound in memory, not what the server sends (256 MiB here).
 #[test]
 fn an_endless_answer_from_a_server_is_cut_off() {
-    use prefect_operator::prefect::{http_client, CallLog, PrefectClient, MAX_RESPONSE_BYTES};
+    use prefect_operator::prefect::{http_client, PrefectClient, MAX_RESPONSE_BYTES};
     use std::io::{Read, Write};
     let _turn = serial();
     let _ = rustls::crypto::ring::default_provider().install_default();

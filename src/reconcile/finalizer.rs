@@ -88,7 +88,7 @@ pub(super) async fn finalize(
         let mut state = status::state_of(obj.status.as_ref());
         let result = async {
             ctx.limit_peers(obj, None, &mut state)?;
-            let client = prefect_client(obj, ctx, &ns).await?;
+            let (client, _turn) = prefect_client(obj, ctx, &ns).await?;
             execute::delete(
                 &client,
                 &obj.spec,

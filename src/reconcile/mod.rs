@@ -513,7 +513,7 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
     let mut last_run = old.and_then(|s| s.last_run.clone());
     let outcome = async {
         ctx.limit_peers(obj, Some(&valid), &mut state)?;
-        let client = prefect_client(obj, ctx, &ns).await?;
+        let (client, _turn) = prefect_client(obj, ctx, &ns).await?;
         // A drift check (nothing new asked) plans against the server's bulk snapshot.
         let recorded = state.deployment_id.clone();
         let checking = state.spec_applied
@@ -792,7 +792,13 @@ async fn run_if_requested(
     Ok(())
 }
 
-async fn prefect_client(obj: &PrefectDeployment, ctx: &Context, ns: &str) -> Result<PrefectClient> {
+/// The client for the resource's server, and the pass's turn where that server is in
+/// doubt (see `Limits::turn`); the turn is held until the pass ends.
+async fn prefect_client(
+    obj: &PrefectDeployment,
+    ctx: &Context,
+    ns: &str,
+) -> Result<(PrefectClient, Option<crate::limit::Turn>)> {
     let base = server::base_url(&obj.spec.server, ns);
     if !ctx.access.server_allowed(&base) {
         return Err(Error::ServerNotAllowed(format!(
@@ -800,12 +806,18 @@ async fn prefect_client(obj: &PrefectDeployment, ctx: &Context, ns: &str) -> Res
         )));
     }
     let auth = server::credentials(&ctx.kube, ns, &obj.spec.server, &ctx.access).await?;
-    Ok(
-        PrefectClient::new(ctx.http.clone(), &base, auth, ctx.calls.clone())
-            .with_limit(ctx.limits.for_server(&base))
-            .with_flow_cache(ctx.flows.clone())
-            .with_lookups(ctx.lookups.clone()),
-    )
+    let limit = ctx.limits.for_server(&base);
+    let turn = ctx.limits.turn(&limit).await.map_err(|why| {
+        Error::PrefectUnreachable(
+            format!("{base}: {why}; passes to a server that does not answer take turns, and this one is retried later"),
+            None,
+        )
+    })?;
+    let client = PrefectClient::new(ctx.http.clone(), &base, auth, ctx.calls.clone())
+        .with_limit(limit)
+        .with_flow_cache(ctx.flows.clone())
+        .with_lookups(ctx.lookups.clone());
+    Ok((client, turn))
 }
 
 /// Ready=False with the error's reason; a Warning event when the reason or message is
