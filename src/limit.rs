@@ -19,8 +19,8 @@ pub struct Limits {
     /// and never answers; each pass to it may then wait for a whole timeout. Passes to a
     /// server that has stopped answering take turns from `failing`; a server not yet
     /// heard from is tried by one pass at a time, at most `probes` servers at once. Each
-    /// pool holds a quarter of the workers, so half of them always serve the servers
-    /// that answer.
+    /// pool holds a quarter of the per-server request limit (2 of the default 8), far
+    /// fewer than the controller's workers, which stay free for servers that answer.
     failing: Arc<Semaphore>,
     probes: Arc<Semaphore>,
 }

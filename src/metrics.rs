@@ -49,6 +49,9 @@ pub struct Metrics {
     drifted_uids: Mutex<std::collections::HashSet<String>>,
     /// Prefect servers whose event stream is connected.
     pub event_streams: Gauge,
+    /// Prefect servers followed whose event stream is not up (connecting, refused,
+    /// or switched off on the server).
+    pub event_streams_down: Gauge,
     /// Event streams lost (each falls back to the resync until it is back).
     pub event_stream_drops: Counter,
     /// Times a server's in-flight request limit was halved (429/503 or slow answers).
@@ -100,6 +103,12 @@ impl Metrics {
             "Prefect servers whose event stream is connected (changes there are repaired at once)",
             event_streams.clone(),
         );
+        let event_streams_down = Gauge::default();
+        registry.register(
+            "event_streams_down",
+            "Prefect servers with managed deployments whose event stream is not up (changes there are found by the drift check)",
+            event_streams_down.clone(),
+        );
         let event_stream_drops = Counter::default();
         registry.register(
             "event_stream_drops",
@@ -116,6 +125,7 @@ impl Metrics {
             registry,
             request_limit_decreases,
             event_streams,
+            event_streams_down,
             event_stream_drops,
             drifted,
             drifted_uids: Mutex::default(),

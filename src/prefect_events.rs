@@ -24,7 +24,7 @@ use tokio_tungstenite::tungstenite::{ClientRequestBuilder, Message};
 use crate::api::PrefectDeployment;
 use crate::capabilities::Capabilities;
 use crate::metrics::Metrics;
-use crate::prefect::Auth;
+use crate::prefect::{Auth, CallLog, PrefectClient};
 
 /// More servers than this get no stream (the resync still covers them): the servers
 /// come from specs, which anyone allowed to create a resource writes.
@@ -54,6 +54,9 @@ pub struct EventStreams {
     changed: Mutex<HashSet<Trigger>>,
     triggers: broadcast::Sender<Trigger>,
     metrics: Arc<Metrics>,
+    /// For the one read a stream makes over HTTP: whether the server's stream is on.
+    http: reqwest::Client,
+    calls: Arc<CallLog>,
 }
 
 struct Server {
@@ -72,7 +75,16 @@ impl EventStreams {
             changed: Mutex::default(),
             triggers,
             metrics,
+            http: crate::prefect::http_client(),
+            calls: Arc::default(),
         }
+    }
+
+    /// Makes the settings read with this HTTP client, counted in `calls`.
+    pub fn calling(mut self, http: reqwest::Client, calls: Arc<CallLog>) -> Self {
+        self.http = http;
+        self.calls = calls;
+        self
     }
 
     /// The resources to reconcile now, for a controller's `reconcile_on`. A receiver that
@@ -125,6 +137,7 @@ impl EventStreams {
             tokio::spawn(run(self.clone(), base.to_string(), server.clone()));
             server
         });
+        let fresh = server.watched.lock().expect("events lock").is_empty();
         // The latest credentials of any resource on the server (a rotated key).
         *server.auth.lock().expect("events lock") = auth;
         let mut watched = server.watched.lock().expect("events lock");
@@ -139,6 +152,11 @@ impl EventStreams {
             watched.insert(a.clone(), who.clone());
         }
         watched.insert(id.to_string(), who);
+        drop(watched);
+        drop(servers);
+        if fresh {
+            self.count();
+        }
         true
     }
 
@@ -201,7 +219,20 @@ impl EventStreams {
 
     fn set_connected(&self, server: &Server, up: bool) {
         server.connected.store(up, Ordering::Relaxed);
-        self.metrics.event_streams.set(self.connected() as i64);
+        self.count();
+    }
+
+    /// Sets the gauges of streams up and down (followed but not up).
+    fn count(&self) {
+        let servers = self.servers.lock().expect("events lock");
+        let up = servers
+            .values()
+            .filter(|s| s.connected.load(Ordering::Relaxed))
+            .count();
+        self.metrics.event_streams.set(up as i64);
+        self.metrics
+            .event_streams_down
+            .set((servers.len() - up) as i64);
     }
 }
 
@@ -210,12 +241,23 @@ impl EventStreams {
 async fn run(streams: Arc<EventStreams>, base: String, server: Arc<Server>) {
     let mut backoff = Duration::from_secs(1);
     let mut since = chrono::Utc::now();
+    let mut said_off = false;
     loop {
         if server.watched.lock().expect("events lock").is_empty() {
             streams.servers.lock().expect("events lock").remove(&base);
+            streams.count();
             return;
         }
         let auth = server.auth.lock().expect("events lock").clone();
+        if switched_off(&streams, &base, auth.clone()).await {
+            if !said_off {
+                tracing::warn!(server = %base, "this Prefect server's event stream is switched off (server.events.stream_out_enabled is false); changes made in Prefect are found by the drift check, and automations are read on each one");
+                said_off = true;
+            }
+            tokio::time::sleep(MAX_BACKOFF).await;
+            continue;
+        }
+        said_off = false;
         let started = std::time::Instant::now();
         let result = follow(&streams, &base, auth, &server, &mut since).await;
         if server.connected.load(Ordering::Relaxed) {
@@ -236,6 +278,18 @@ async fn run(streams: Arc<EventStreams>, base: String, server: Arc<Server>) {
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
+}
+
+/// Whether the server says its stream is switched off: its websocket would then accept
+/// the subscription and never deliver, and look up all the while. Prefect Cloud has no
+/// such setting to read, and its stream is on.
+async fn switched_off(streams: &EventStreams, base: &str, auth: Option<Auth>) -> bool {
+    if base.contains("/accounts/") && base.contains("/workspaces/") {
+        return false;
+    }
+    PrefectClient::new(streams.http.clone(), base, auth, streams.calls.clone())
+        .event_stream_switched_off()
+        .await
 }
 
 /// Connects, authenticates, subscribes and reads until the stream ends. `since` moves

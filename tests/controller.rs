@@ -2065,8 +2065,9 @@ async fn repeated_events_form_a_series() {
 }
 
 /// A spec may name a server that accepts connections and never answers. Its passes
-/// take turns on a quarter of the workers (one of the four here), so resources on a
-/// server that answers are applied meanwhile, and the waiting ones say what is wrong.
+/// take turns (at most three of the four workers here: one trying it, two turns), so
+/// resources on a server that answers are applied meanwhile, and the waiting ones say
+/// what is wrong.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_that_never_answers_does_not_hold_up_the_others() {
     let (env, pool) = Env::new(Duration::from_secs(300)).await;
@@ -2118,4 +2119,65 @@ async fn a_server_that_never_answers_does_not_hold_up_the_others() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     drop(silent);
+}
+
+/// A server started with its event stream switched off accepts a subscription and
+/// never delivers. The operator reads that setting, does not count the stream as up,
+/// says so in `prefect_operator_event_streams_down`, and reads automations on each
+/// drift check instead: one deleted in Prefect is made again within an interval.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_whose_event_stream_is_switched_off_is_checked_on_the_resync() {
+    let (env, _) = Env::new(Duration::from_secs(10)).await;
+    let off = PrefectServer::start_with_settings(&[(
+        "PREFECT_SERVER_EVENTS_STREAM_OUT_ENABLED",
+        "false",
+    )]);
+    let pool = support::create_pool(&off);
+    let name = "stream-off";
+    let mut pd = resource(
+        &env,
+        &pool,
+        name,
+        json!({"deployment": {"entrypoint": "flows/o.py:off",
+            "triggers": [{"expect": ["prefect.flow-run.Completed"]}]}}),
+    );
+    pd.spec.server.remote_api_url = Some(off.url.clone());
+    env.api.create(&PostParams::default(), &pd).await.unwrap();
+    let obj = env.wait_for(name, "ready", is_ready).await;
+    let first = obj.status.unwrap().automation_ids.unwrap();
+    assert_eq!(first.len(), 1);
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while env.ctx.metrics.event_streams_down.get() != 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the switched-off stream is not reported as down"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(env.ctx.metrics.event_streams.get(), 0);
+    let settings = env
+        .ctx
+        .calls
+        .snapshot()
+        .get(&("GET".to_string(), "admin_settings"))
+        .copied()
+        .unwrap_or(0);
+    assert!(settings >= 1, "the server's settings were not read");
+
+    let url = format!("{}/automations/{}", off.url, first[0]);
+    let (code, _) = support::prefect_call(&env.raw, reqwest::Method::DELETE, &url, None).await;
+    assert_eq!(code, 204);
+    let obj = env
+        .wait_for(name, "the deleted automation made again", |o| {
+            o.status
+                .as_ref()
+                .and_then(|s| s.automation_ids.clone())
+                .is_some_and(|ids| ids.len() == 1 && ids[0] != first[0])
+        })
+        .await;
+    let now = obj.status.unwrap().automation_ids.unwrap();
+    let (code, _) =
+        support::prefect_get(&env.raw, &format!("{}/automations/{}", off.url, now[0])).await;
+    assert_eq!(code, 200);
 }

@@ -131,10 +131,14 @@ impl Context {
     pub fn new(kube: kube::Client, default_resync: Duration) -> Self {
         let calls = Arc::new(CallLog::default());
         let metrics = Arc::new(Metrics::new(calls.durations.clone()));
+        let http = crate::prefect::http_client();
         Self {
             recorder: Recorder::new(kube.clone(), REPORTER),
             kube,
-            http: crate::prefect::http_client(),
+            events: Arc::new(
+                EventStreams::new(metrics.clone()).calling(http.clone(), calls.clone()),
+            ),
+            http,
             calls,
             default_resync,
             failures: Mutex::default(),
@@ -148,7 +152,6 @@ impl Context {
             snapshots: Snapshots::default(),
             lookups: Arc::default(),
             stores: Mutex::default(),
-            events: Arc::new(EventStreams::new(metrics.clone())),
             metrics,
             started: Instant::now(),
         }
