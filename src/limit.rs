@@ -46,6 +46,8 @@ impl Drop for Turn {
     fn drop(&mut self) {
         if let Some(l) = &self.probing {
             l.health.lock().expect("limit lock").probing = None;
+            // The passes waiting on this try learn how it went.
+            l.news.notify_waiters();
         }
     }
 }
@@ -94,10 +96,14 @@ impl Limits {
                     _ => format!("no answer yet after {} s", TURN_WAIT.as_secs()),
                 };
                 match limit.wait_until() {
-                    // Another pass is trying the server: its answer decides.
+                    // Another pass is trying the server: how that goes decides.
                     Some(until) => {
-                        match tokio::time::timeout_at(until.into(), limit.proven()).await {
-                            Ok(()) => Ok(None),
+                        match tokio::time::timeout_at(until.into(), limit.settled()).await {
+                            Ok(()) => match limit.doubt() {
+                                None => Ok(None),
+                                Some(Doubt::Failing(why)) => Err(why),
+                                Some(Doubt::Unproven) => Err(limit.last_error()),
+                            },
                             Err(_) => Err(said(limit)),
                         }
                     }
@@ -162,16 +168,20 @@ pub struct Limit {
     freed: Notify,
     decreases: Counter,
     health: Mutex<Health>,
-    answered: Notify,
+    /// An answer came, or a try of a server in doubt ended.
+    news: Notify,
 }
 
 /// Whether the server answers at all (any HTTP answer, whatever its status).
 #[derive(Default)]
 struct Health {
     answered_once: bool,
-    /// Since when requests get no answer, and why the latest did not; cleared by an
-    /// answer.
+    /// Since when requests end without an answer after a timeout (they hold a worker
+    /// for the whole timeout), and why the latest did; cleared by an answer. A refused
+    /// connection fails at once and holds nobody up, so it does not count here.
     failing: Option<(Instant, String)>,
+    /// Why the latest request got no answer, however quickly; cleared by an answer.
+    last_error: Option<String>,
     /// Since when a pass holding a probe turn is trying the server.
     probing: Option<Instant>,
 }
@@ -242,25 +252,35 @@ impl Limit {
             freed: Notify::new(),
             decreases: Counter::default(),
             health: Mutex::default(),
-            answered: Notify::new(),
+            news: Notify::new(),
         }
     }
 
-    /// Records whether a request got an answer (`Err`: why not).
-    pub fn heard(&self, answer: Result<(), String>) {
+    /// Records an answer (any HTTP status).
+    pub fn answered(&self) {
         let mut h = self.health.lock().expect("limit lock");
-        match answer {
-            Ok(()) => {
-                h.answered_once = true;
-                h.failing = None;
-                drop(h);
-                self.answered.notify_waiters();
-            }
-            Err(why) => {
-                let since = h.failing.as_ref().map_or_else(Instant::now, |f| f.0);
-                h.failing = Some((since, why));
-            }
+        h.answered_once = true;
+        h.failing = None;
+        h.last_error = None;
+        drop(h);
+        self.news.notify_waiters();
+    }
+
+    /// Records a request that got no answer, and whether it waited out a timeout.
+    pub fn unanswered(&self, why: String, slow: bool) {
+        let mut h = self.health.lock().expect("limit lock");
+        if slow {
+            let since = h.failing.as_ref().map_or_else(Instant::now, |f| f.0);
+            h.failing = Some((since, why.clone()));
         }
+        h.last_error = Some(why);
+    }
+
+    fn last_error(&self) -> String {
+        let h = self.health.lock().expect("limit lock");
+        h.last_error
+            .clone()
+            .unwrap_or_else(|| "no answer yet".to_string())
     }
 
     /// Why passes to this server take turns, if they do.
@@ -290,13 +310,13 @@ impl Limit {
         since.map(|t| t + TURN_WAIT)
     }
 
-    /// Returns once the server answers again.
-    async fn proven(&self) {
+    /// Returns once the server answers again, or no pass is trying it any more.
+    async fn settled(&self) {
         loop {
-            let next = self.answered.notified();
+            let next = self.news.notified();
             {
                 let h = self.health.lock().expect("limit lock");
-                if h.answered_once && h.failing.is_none() {
+                if (h.answered_once && h.failing.is_none()) || h.probing.is_none() {
                     return;
                 }
             }
@@ -495,7 +515,7 @@ mod tests {
         let waiting = tokio::spawn(async move { l.turn(&s).await.map(|t| t.is_some()) });
         tokio::task::yield_now().await;
         assert!(!waiting.is_finished(), "a second pass waits for the answer");
-        server.heard(Ok(()));
+        server.answered();
         let waited = tokio::time::timeout(Duration::from_secs(5), waiting)
             .await
             .expect("the answer ends the wait")
@@ -506,17 +526,37 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_failed_request_among_answers_is_waited_out_not_refused() {
+    async fn only_requests_that_wait_out_a_timeout_put_a_server_in_doubt() {
         let limits = Limits::new(4);
         let server = limits.for_server("http://prefect/api");
-        server.heard(Ok(()));
-        server.heard(Err("connection failed".into()));
+        server.answered();
+        // Refused at once: holds nobody up, so passes go on as usual.
+        server.unanswered("connection failed".into(), false);
+        assert_eq!(server.doubt(), None);
+        // Timed out: for a moment it is tried by one pass at a time, then passes take
+        // turns until it answers.
+        server.unanswered("timed out".into(), true);
         assert_eq!(server.doubt(), Some(Doubt::Unproven));
-        // A moment after a failure the server is tried again by one pass; the next
-        // answer ends the doubt.
         let probe = limits.turn(&server).await.unwrap();
         assert!(probe.is_some());
-        server.heard(Ok(()));
+        server.answered();
         assert_eq!(server.doubt(), None);
+    }
+
+    #[tokio::test]
+    async fn a_new_server_that_refuses_does_not_keep_the_others_waiting() {
+        let limits = Arc::new(Limits::new(8));
+        let server = limits.for_server("http://nowhere/api");
+        let probe = limits.turn(&server).await.unwrap();
+        let (l, s) = (limits.clone(), server.clone());
+        let waiting = tokio::spawn(async move { l.turn(&s).await.map(|t| t.is_some()) });
+        tokio::task::yield_now().await;
+        server.unanswered("connection failed: refused".into(), false);
+        drop(probe);
+        let waited = tokio::time::timeout(Duration::from_secs(2), waiting)
+            .await
+            .expect("the end of the try ends the wait")
+            .unwrap();
+        assert_eq!(waited, Err("connection failed: refused".to_string()));
     }
 }

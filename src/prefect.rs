@@ -399,30 +399,49 @@ impl PrefectClient {
             let started = std::time::Instant::now();
             let sent = req.send().await;
             let code = sent.as_ref().map(|r| r.status().as_u16()).unwrap_or(0);
-            self.calls
-                .observe(&method, endpoint, code, started.elapsed());
-            if let Some(l) = &self.limit {
-                l.heard(sent.as_ref().map(|_| ()).map_err(short_transport));
-            }
-            if let Some(p) = permit {
-                // Freed before any retry wait, so a backing-off request holds no slot.
-                p.finish(match (&sent, code) {
-                    (_, 429 | 502 | 503 | 504) => LimitOutcome::Overloaded,
-                    (Err(e), _) if e.is_timeout() => LimitOutcome::Overloaded,
-                    (Ok(_), _) => LimitOutcome::Ok(endpoint, started.elapsed()),
-                    (Err(_), _) => LimitOutcome::Other,
-                });
-            }
-            let retry_in = match sent {
+            let took = started.elapsed();
+            self.calls.observe(&method, endpoint, code, took);
+            let outcome = match (&sent, code) {
+                (_, 429 | 502 | 503 | 504) => LimitOutcome::Overloaded,
+                (Err(e), _) if e.is_timeout() => LimitOutcome::Overloaded,
+                (Ok(_), _) => LimitOutcome::Ok(endpoint, took),
+                (Err(_), _) => LimitOutcome::Other,
+            };
+            // The body is read while the request still counts as in flight, so the
+            // per-server limit also bounds the answers held in memory at once.
+            let answer = match sent {
                 Ok(resp) => {
-                    let status = resp.status();
                     let retry_after = resp
                         .headers()
                         .get(reqwest::header::RETRY_AFTER)
                         .and_then(|v| v.to_str().ok())
                         .and_then(|v| v.trim().parse::<u64>().ok())
                         .map(Duration::from_secs);
-                    let bytes = read_bounded(resp, &method, endpoint).await?;
+                    let status = resp.status();
+                    read_bounded(resp, &method, endpoint)
+                        .await
+                        .map(|bytes| Ok((status, retry_after, bytes)))
+                }
+                Err(e) => Ok(Err(e)),
+            };
+            if let Some(l) = &self.limit {
+                // Only a whole answer counts: headers followed by a body that never
+                // ends (or never arrives) are as good as silence.
+                match &answer {
+                    Ok(Ok(_)) => l.answered(),
+                    Ok(Err(e)) => l.unanswered(short_transport(e), e.is_timeout()),
+                    Err(Error::PrefectUnreachable(why, source)) => {
+                        l.unanswered(why.clone(), source.as_ref().is_some_and(|e| e.is_timeout()))
+                    }
+                    Err(e) => l.unanswered(e.to_string(), true),
+                }
+            }
+            if let Some(p) = permit {
+                // Freed before any retry wait, so a backing-off request holds no slot.
+                p.finish(outcome);
+            }
+            let retry_in = match answer? {
+                Ok((status, retry_after, bytes)) => {
                     if status.is_success() {
                         if bytes.is_empty() {
                             return Ok(Ok(Value::Null));
