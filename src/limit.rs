@@ -25,12 +25,6 @@ pub struct Limits {
     probes: Arc<Semaphore>,
 }
 
-impl Default for Limits {
-    fn default() -> Self {
-        Limits::new(1)
-    }
-}
-
 /// How long a pass waits for the first answer of a server that another pass is trying,
 /// and how long a server may give no answer before its passes take turns.
 const TURN_WAIT: Duration = Duration::from_secs(5);

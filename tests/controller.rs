@@ -1971,21 +1971,7 @@ async fn automations_are_checked_on_the_resync_without_a_stream() {
     assert_eq!(first.len(), 1);
     assert_eq!(env.ctx.metrics.event_streams.get(), 0);
 
-    let url = format!("{}/automations/{}", older.url, first[0]);
-    let (code, _) = support::prefect_call(&env.raw, reqwest::Method::DELETE, &url, None).await;
-    assert_eq!(code, 204);
-    let obj = env
-        .wait_for(name, "the deleted automation made again", |o| {
-            o.status
-                .as_ref()
-                .and_then(|s| s.automation_ids.clone())
-                .is_some_and(|ids| ids.len() == 1 && ids[0] != first[0])
-        })
-        .await;
-    let now = obj.status.unwrap().automation_ids.unwrap();
-    let url = format!("{}/automations/{}", older.url, now[0]);
-    let (code, a) = support::prefect_get(&env.raw, &url).await;
-    assert_eq!(code, 200);
+    let a = delete_and_see_it_made_again(&env, name, &older.url, &first[0]).await;
     assert_eq!(
         a["trigger"]["expect"],
         json!(["prefect.flow-run.Completed"])
@@ -2165,7 +2151,14 @@ async fn a_server_whose_event_stream_is_switched_off_is_checked_on_the_resync() 
         .unwrap_or(0);
     assert!(settings >= 1, "the server's settings were not read");
 
-    let url = format!("{}/automations/{}", off.url, first[0]);
+    delete_and_see_it_made_again(&env, name, &off.url, &first[0]).await;
+}
+
+/// Deletes automation `old` of resource `name` through the API of the server at `base`,
+/// waits until the resource records a new one in its place, and returns it as Prefect
+/// has it.
+async fn delete_and_see_it_made_again(env: &Env, name: &str, base: &str, old: &str) -> Value {
+    let url = format!("{base}/automations/{old}");
     let (code, _) = support::prefect_call(&env.raw, reqwest::Method::DELETE, &url, None).await;
     assert_eq!(code, 204);
     let obj = env
@@ -2173,11 +2166,11 @@ async fn a_server_whose_event_stream_is_switched_off_is_checked_on_the_resync() 
             o.status
                 .as_ref()
                 .and_then(|s| s.automation_ids.clone())
-                .is_some_and(|ids| ids.len() == 1 && ids[0] != first[0])
+                .is_some_and(|ids| ids.len() == 1 && ids[0] != old)
         })
         .await;
     let now = obj.status.unwrap().automation_ids.unwrap();
-    let (code, _) =
-        support::prefect_get(&env.raw, &format!("{}/automations/{}", off.url, now[0])).await;
+    let (code, a) = support::prefect_get(&env.raw, &format!("{base}/automations/{}", now[0])).await;
     assert_eq!(code, 200);
+    a
 }
