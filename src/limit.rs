@@ -47,7 +47,7 @@ impl Drop for Turn {
 }
 
 impl Limits {
-    /// At most `max` requests in flight per server (the controller's concurrency).
+    /// At most `max` requests in flight per server (`--max-requests-per-server`).
     pub fn new(max: usize) -> Self {
         let max = max.max(1);
         let quarter = (max / 4).max(1);
@@ -67,10 +67,11 @@ impl Limits {
     }
 
     /// A pass's turn to call the server of `limit`. A server that answers needs none
-    /// (`None`). One that has given no answer for a while gets a turn if one is free.
-    /// One not heard from yet (or only a moment ago) is tried by one pass; the others
-    /// wait a little for its answer (a cold start asks a new server many things at
-    /// once). Otherwise the error says why, and the pass is retried later.
+    /// (`None`). One whose requests have been timing out for a while gets a turn if one
+    /// is free. One not heard from yet (or timing out only since a moment ago) is tried
+    /// by one pass; the others wait for how that goes, a few seconds at most (a cold
+    /// start asks a new server many things at once). Otherwise the error says why, and
+    /// the pass is retried later.
     pub async fn turn(&self, limit: &Arc<Limit>) -> Result<Option<Turn>, String> {
         match limit.doubt() {
             None => Ok(None),
@@ -183,10 +184,11 @@ struct Health {
 /// Why passes to a server take turns.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Doubt {
-    /// It has not answered yet, or stopped answering only a moment ago (one dropped
-    /// connection among many answers is not an outage): worth waiting a little for.
+    /// It has not answered yet, or its requests began to time out only a moment ago:
+    /// worth waiting a little for.
     Unproven,
-    /// It has given no answer for a while; the latest request failed for this reason.
+    /// Its requests have been timing out for a while, or the first try of it has had
+    /// no answer for as long; the reason is the latest.
     Failing(String),
 }
 
