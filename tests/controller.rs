@@ -2133,23 +2133,25 @@ async fn a_server_whose_event_stream_is_switched_off_is_checked_on_the_resync() 
     let first = obj.status.unwrap().automation_ids.unwrap();
     assert_eq!(first.len(), 1);
 
+    // The stream's task reads the setting on its own; wait for that read.
+    let settings_read = || {
+        env.ctx
+            .calls
+            .snapshot()
+            .get(&("GET".to_string(), "admin_settings"))
+            .copied()
+            .unwrap_or(0)
+    };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while env.ctx.metrics.event_streams_down.get() != 1 {
+    while settings_read() == 0 {
         assert!(
             tokio::time::Instant::now() < deadline,
-            "the switched-off stream is not reported as down"
+            "the server's settings were not read"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    assert_eq!(env.ctx.metrics.event_streams_down.get(), 1);
     assert_eq!(env.ctx.metrics.event_streams.get(), 0);
-    let settings = env
-        .ctx
-        .calls
-        .snapshot()
-        .get(&("GET".to_string(), "admin_settings"))
-        .copied()
-        .unwrap_or(0);
-    assert!(settings >= 1, "the server's settings were not read");
 
     delete_and_see_it_made_again(&env, name, &off.url, &first[0]).await;
 }
