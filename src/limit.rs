@@ -36,6 +36,21 @@ pub struct Turn {
     probing: Option<Arc<Limit>>,
 }
 
+impl Turn {
+    /// A probe turn on `permit`: this pass is the one trying the server, unless another
+    /// already is (`h` is the server's health, locked).
+    fn on(limit: &Arc<Limit>, h: &mut Health, permit: OwnedSemaphorePermit) -> Turn {
+        let mine = h.probing.is_none();
+        if mine {
+            h.probing = Some(Instant::now());
+        }
+        Turn {
+            _permit: permit,
+            probing: mine.then(|| limit.clone()),
+        }
+    }
+}
+
 impl Drop for Turn {
     fn drop(&mut self) {
         if let Some(l) = &self.probing {
@@ -110,14 +125,7 @@ impl Limits {
                         {
                             Ok(Ok(permit)) => {
                                 let mut h = limit.health.lock().expect("limit lock");
-                                let mine = h.probing.is_none();
-                                if mine {
-                                    h.probing = Some(Instant::now());
-                                }
-                                Ok(Some(Turn {
-                                    _permit: permit,
-                                    probing: mine.then(|| limit.clone()),
-                                }))
+                                Ok(Some(Turn::on(limit, &mut h, permit)))
                             }
                             _ => Err(format!(
                                 "{}; other servers that do not answer are being tried",
@@ -138,11 +146,7 @@ impl Limits {
             return None;
         }
         let permit = self.probes.clone().try_acquire_owned().ok()?;
-        h.probing = Some(Instant::now());
-        Some(Turn {
-            _permit: permit,
-            probing: Some(limit.clone()),
-        })
+        Some(Turn::on(limit, &mut h, permit))
     }
 
     pub fn for_server(&self, base: &str) -> Arc<Limit> {

@@ -116,6 +116,17 @@ impl CallLog {
         self.counts.lock().expect("call log lock").clone()
     }
 
+    /// Calls made with `method` to `endpoint`.
+    #[cfg(feature = "test-util")]
+    pub fn count(&self, method: &str, endpoint: &str) -> u64 {
+        self.counts
+            .lock()
+            .expect("call log lock")
+            .get(&(method.to_string(), endpoint))
+            .copied()
+            .unwrap_or(0)
+    }
+
     /// Requests that change something in Prefect.
     #[cfg(feature = "test-util")]
     pub fn writes(&self) -> u64 {

@@ -183,11 +183,17 @@ impl EventStreams {
 
     /// Number of servers whose stream is up.
     pub fn connected(&self) -> usize {
+        self.up_and_followed().0
+    }
+
+    /// Servers whose stream is up, and servers followed.
+    fn up_and_followed(&self) -> (usize, usize) {
         let servers = self.servers.lock().expect("events lock");
-        servers
+        let up = servers
             .values()
             .filter(|s| s.connected.load(Ordering::Relaxed))
-            .count()
+            .count();
+        (up, servers.len())
     }
 
     fn on_event(&self, server: &Server, event: &Value) {
@@ -224,15 +230,9 @@ impl EventStreams {
 
     /// Sets the gauges of streams up and down (followed but not up).
     fn count(&self) {
-        let servers = self.servers.lock().expect("events lock");
-        let up = servers
-            .values()
-            .filter(|s| s.connected.load(Ordering::Relaxed))
-            .count();
+        let (up, followed) = self.up_and_followed();
         self.metrics.event_streams.set(up as i64);
-        self.metrics
-            .event_streams_down
-            .set((servers.len() - up) as i64);
+        self.metrics.event_streams_down.set((followed - up) as i64);
     }
 }
 

@@ -693,13 +693,7 @@ async fn steady_state_writes_nothing() {
         "a resync compared with Prefect"
     );
     // (`POST deployments/filter` is a read.)
-    let filters = |ctx: &Context| {
-        ctx.calls
-            .snapshot()
-            .get(&("POST".to_string(), "deployments_filter"))
-            .copied()
-            .unwrap_or(0)
-    };
+    let filters = |ctx: &Context| ctx.calls.count("POST", "deployments_filter");
     assert_eq!(
         env.ctx.calls.writes() - filters(&env.ctx),
         writes,
@@ -1285,14 +1279,7 @@ async fn drift_checks_read_in_bulk() {
     for name in &names {
         env.wait_for(name, "Ready", is_ready).await;
     }
-    let count = |m: &str, e: &'static str| {
-        env.ctx
-            .calls
-            .snapshot()
-            .get(&(m.to_string(), e))
-            .copied()
-            .unwrap_or(0)
-    };
+    let count = |m: &str, e: &str| env.ctx.calls.count(m, e);
     let by_name = count("GET", "deployment_by_name");
     let filters = count("POST", "deployments_filter");
     let writes = env.ctx.calls.writes() - filters;
@@ -1407,14 +1394,7 @@ async fn export_round_trip_changes_nothing() {
             "adopted, not created"
         );
     }
-    let bulk = |env: &Env| {
-        env.ctx
-            .calls
-            .snapshot()
-            .get(&("POST".to_string(), "deployments_filter"))
-            .copied()
-            .unwrap_or(0)
-    };
+    let bulk = |env: &Env| env.ctx.calls.count("POST", "deployments_filter");
     assert_eq!(
         env.ctx.calls.writes() - bulk(&env),
         writes_before,
@@ -2134,14 +2114,7 @@ async fn a_server_whose_event_stream_is_switched_off_is_checked_on_the_resync() 
     assert_eq!(first.len(), 1);
 
     // The stream's task reads the setting on its own; wait for that read.
-    let settings_read = || {
-        env.ctx
-            .calls
-            .snapshot()
-            .get(&("GET".to_string(), "admin_settings"))
-            .copied()
-            .unwrap_or(0)
-    };
+    let settings_read = || env.ctx.calls.count("GET", "admin_settings");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while settings_read() == 0 {
         assert!(

@@ -938,13 +938,7 @@ async fn flow_ids_are_cached_and_a_deleted_flow_is_recreated() {
             state
         }
     };
-    let flows_posted = || {
-        calls
-            .snapshot()
-            .get(&("POST".to_string(), "flows"))
-            .copied()
-            .unwrap_or(0)
-    };
+    let flows_posted = || calls.count("POST", "flows");
     let a = apply(unique("a")).await;
     assert_eq!(flows_posted(), 1);
     let b = apply(unique("b")).await;
