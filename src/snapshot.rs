@@ -4,23 +4,29 @@
 //! and every drift check plans against that snapshot. A resource whose deployment the
 //! snapshot shows as it should be costs no request at all; where the snapshot shows a
 //! difference, or lacks the deployment, the pass reads it directly before writing.
+//! The automations that triggers made are kept the same way (`POST /automations/filter`
+//! by id), on servers whose filter takes ids; on others each check reads its own.
 //!
 //! A snapshot is read at most once per resync interval. Each new read is compared with
-//! the one before: a deployment whose `updated` time moved, or that is gone, has changed
+//! the one before: an object whose `updated` time moved, or that is gone, has changed
 //! in Prefect, and its resource is asked for a pass at once (reading Prefect directly).
 //! So a change is found within about one interval for `ceil(N/200)` requests per server
 //! per interval, with or without an event stream.
 //!
-//! Deployments registered after a read (a cold start spans several intervals) are not
-//! in it. A check that misses one reads it into the snapshot together with the oldest
+//! Objects registered after a read (a cold start spans several intervals) are not in
+//! it. A check that misses one reads it into the snapshot together with the oldest
 //! others waiting, up to a page, instead of each check reading its own directly.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
 use crate::compact::{Compact, Dictionary};
-use crate::observed::ObservedDeployment;
+use crate::observed::{ObservedAutomation, ObservedDeployment};
 use crate::prefect::PrefectClient;
 use crate::prefect_events::Trigger;
 use crate::Result;
@@ -35,33 +41,141 @@ pub struct Snapshots {
 
 #[derive(Default)]
 struct Server {
+    deployments: Book<ObservedDeployment>,
+    automations: Book<ObservedAutomation>,
+}
+
+/// What a snapshot holds: one kind of Prefect object, read in pages by id.
+trait Held: Serialize + DeserializeOwned + Sized {
+    fn id(&self) -> &str;
+    /// Prefect's `updated` time: it moves whenever the server's copy changes.
+    fn updated(&self) -> Option<&str>;
+    /// The dictionary the kind's entries are compressed against.
+    fn dictionary() -> &'static Dictionary;
+    /// One page; `None` when the server cannot read this kind by id.
+    async fn read(client: &PrefectClient, ids: &[String]) -> Result<Option<Vec<Self>>>;
+}
+
+static DEPLOYMENTS: Dictionary = Dictionary::new();
+static AUTOMATIONS: Dictionary = Dictionary::new();
+
+impl Held for ObservedDeployment {
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn updated(&self) -> Option<&str> {
+        self.fields.get("updated").and_then(|v| v.as_str())
+    }
+    fn dictionary() -> &'static Dictionary {
+        &DEPLOYMENTS
+    }
+    async fn read(client: &PrefectClient, ids: &[String]) -> Result<Option<Vec<Self>>> {
+        client.read_deployments(ids).await.map(Some)
+    }
+}
+
+impl Held for ObservedAutomation {
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn updated(&self) -> Option<&str> {
+        self.fields.get("updated").and_then(|v| v.as_str())
+    }
+    fn dictionary() -> &'static Dictionary {
+        &AUTOMATIONS
+    }
+    async fn read(client: &PrefectClient, ids: &[String]) -> Result<Option<Vec<Self>>> {
+        client.read_automations(ids).await
+    }
+}
+
+/// The snapshot of one kind of object on one server.
+struct Book<T> {
     ids: Mutex<Registry>,
     /// The last read; the async lock makes concurrent passes wait for one read instead
     /// of each making their own.
     data: tokio::sync::Mutex<Data>,
+    /// The server answered that it cannot read this kind by id: nothing is kept.
+    unreadable: AtomicBool,
+    kind: std::marker::PhantomData<fn() -> T>,
+}
+
+impl<T> Default for Book<T> {
+    fn default() -> Self {
+        Book {
+            ids: Mutex::default(),
+            data: tokio::sync::Mutex::default(),
+            unreadable: AtomicBool::new(false),
+            kind: std::marker::PhantomData,
+        }
+    }
 }
 
 #[derive(Default)]
 struct Registry {
-    /// The deployment ids resources recorded for this server, and their resources.
+    /// The ids resources recorded for this server, and their resources.
     ids: HashMap<String, Trigger>,
+    /// The ids each resource registered through `set`.
+    of: HashMap<Trigger, Vec<String>>,
     /// Ids registered since the last full read began, oldest first: not in the
     /// snapshot yet. Drift checks come due in about the order resources registered.
     unread: Vec<String>,
 }
 
 impl Registry {
-    /// `id` and the oldest others not yet read, up to a page, no longer counted as
-    /// unread; nothing when `id` is not waiting to be read.
-    fn take_unread(&mut self, id: &str) -> Vec<String> {
-        let Some(at) = self.unread.iter().position(|u| u == id) else {
-            return Vec::new();
+    fn add(&mut self, id: &str, who: &Trigger) {
+        if self.ids.insert(id.to_string(), who.clone()).is_none() {
+            self.unread.push(id.to_string());
+        }
+    }
+
+    /// Makes `ids` the ones `who` has registered, forgetting those it no longer has.
+    fn set(&mut self, who: &Trigger, ids: &[String]) {
+        let old = if ids.is_empty() {
+            self.of.remove(who)
+        } else {
+            self.of.insert(who.clone(), ids.to_vec())
         };
-        let mine = self.unread.remove(at);
-        let more = self.unread.len().min(PAGE - 1);
-        std::iter::once(mine)
-            .chain(self.unread.drain(..more))
-            .collect()
+        let dropped: Vec<String> = old
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|o| !ids.contains(o) && self.ids.get(o) == Some(who))
+            .collect();
+        if !dropped.is_empty() {
+            for o in &dropped {
+                self.ids.remove(o);
+            }
+            self.unread.retain(|u| !dropped.contains(u));
+        }
+        for id in ids {
+            self.add(id, who);
+        }
+    }
+
+    fn forget(&mut self, who: &Trigger) {
+        let Registry { ids, of, unread } = self;
+        of.remove(who);
+        ids.retain(|_, w| w != who);
+        unread.retain(|u| ids.contains_key(u));
+    }
+
+    /// The `asked` ids still waiting to be read and the oldest others, up to a page, no
+    /// longer counted as unread; nothing when none of `asked` is waiting.
+    fn take_unread(&mut self, asked: &[String]) -> Vec<String> {
+        let mut page: Vec<String> = Vec::new();
+        self.unread.retain(|u| {
+            let mine = asked.contains(u) && page.len() < PAGE;
+            if mine {
+                page.push(u.clone());
+            }
+            !mine
+        });
+        if page.is_empty() {
+            return page;
+        }
+        let more = self.unread.len().min(PAGE.saturating_sub(page.len()));
+        page.extend(self.unread.drain(..more));
+        page
     }
 }
 
@@ -71,7 +185,7 @@ struct Data {
     entries: HashMap<String, Entry>,
 }
 
-/// One deployment as last read, kept as compressed JSON text (`compact`): at 10,000
+/// One object as last read, kept as compressed JSON text (`compact`): at 10,000
 /// deployments the decoded form would be several times larger, and only the resource
 /// that asks for it decodes it, at most once per interval.
 struct Entry {
@@ -79,30 +193,31 @@ struct Entry {
     text: Compact,
 }
 
-/// The dictionary of every snapshot entry.
-static DEPLOYMENTS: Dictionary = Dictionary::new();
-
 impl Entry {
-    fn decode(&self) -> Option<ObservedDeployment> {
-        let text = self.text.text(&DEPLOYMENTS).ok()?;
+    fn of<T: Held>(d: &T) -> Entry {
+        Entry {
+            updated: d.updated().map(Box::from),
+            text: Compact::new(
+                &serde_json::to_string(d).expect("a decoded object encodes"),
+                T::dictionary(),
+            ),
+        }
+    }
+
+    fn decode<T: Held>(&self) -> Option<T> {
+        let text = self.text.text(T::dictionary()).ok()?;
         serde_json::from_str(&text).ok()
     }
 }
 
-impl Entry {
-    fn of(d: &ObservedDeployment) -> Entry {
-        Entry {
-            updated: d
-                .fields
-                .get("updated")
-                .and_then(|v| v.as_str())
-                .map(Box::from),
-            text: Compact::new(
-                &serde_json::to_string(d).expect("a decoded deployment encodes"),
-                &DEPLOYMENTS,
-            ),
-        }
-    }
+/// Prefect's ids are UUIDs; anything else in a status (written by hand, say) would make
+/// the server refuse the whole page it is in, so it is never registered.
+fn is_uuid(id: &str) -> bool {
+    id.len() == 36
+        && id.char_indices().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => c == '-',
+            _ => c.is_ascii_hexdigit(),
+        })
 }
 
 impl Snapshots {
@@ -113,17 +228,26 @@ impl Snapshots {
 
     /// Remembers that resource `who` manages deployment `id` on this client's server.
     pub fn register(&self, client: &PrefectClient, id: &str, who: Trigger) {
-        let server = self.server(client);
-        let mut reg = server.ids.lock().expect("snapshot ids lock");
-        if reg.ids.insert(id.to_string(), who).is_none() {
-            reg.unread.push(id.to_string());
+        if is_uuid(id) {
+            let server = self.server(client);
+            let mut reg = server.deployments.ids.lock().expect("snapshot ids lock");
+            reg.add(id, &who);
         }
+    }
+
+    /// Remembers that the automations resource `who` made on this client's server are
+    /// `ids`, and no longer any others.
+    pub fn register_automations(&self, client: &PrefectClient, who: &Trigger, ids: &[String]) {
+        let ids: Vec<String> = ids.iter().filter(|i| is_uuid(i)).cloned().collect();
+        let server = self.server(client);
+        let mut reg = server.automations.ids.lock().expect("snapshot ids lock");
+        reg.set(who, &ids);
     }
 
     /// Forgets a deployment (its resource is gone or points elsewhere now).
     pub fn forget(&self, client: &PrefectClient, id: &str) {
         let server = self.server(client);
-        let mut reg = server.ids.lock().expect("snapshot ids lock");
+        let mut reg = server.deployments.ids.lock().expect("snapshot ids lock");
         reg.ids.remove(id);
         reg.unread.retain(|u| u != id);
     }
@@ -135,11 +259,19 @@ impl Snapshots {
             map.values().cloned().collect()
         };
         for server in servers {
-            let mut reg = server.ids.lock().expect("snapshot ids lock");
-            let Registry { ids, unread } = &mut *reg;
-            ids.retain(|_, w| w != who);
-            unread.retain(|u| ids.contains_key(u));
+            server.deployments.ids.lock().expect("ids lock").forget(who);
+            server.automations.ids.lock().expect("ids lock").forget(who);
         }
+    }
+
+    /// Whether automations on this client's server can be checked from a snapshot: not
+    /// once the server has said it cannot filter them by id.
+    pub fn automations_in_bulk(&self, client: &PrefectClient) -> bool {
+        !self
+            .server(client)
+            .automations
+            .unreadable
+            .load(Ordering::Relaxed)
     }
 
     /// Deployment `id` as the server's snapshot holds it, reading the snapshot anew when
@@ -154,11 +286,46 @@ impl Snapshots {
         changed: impl FnOnce(Vec<Trigger>),
     ) -> Result<Option<ObservedDeployment>> {
         let server = self.server(client);
-        let mut data = server.data.lock().await;
+        let found = server
+            .deployments
+            .lookup(client, &[id.to_string()], max_age, changed)
+            .await?;
+        Ok(found.and_then(|mut f| f.pop()))
+    }
+
+    /// The automations `ids` as the server's snapshot holds them, like `lookup`; `None`
+    /// unless it holds every one (or when the server cannot read automations by id).
+    pub async fn lookup_automations(
+        &self,
+        client: &PrefectClient,
+        ids: &[String],
+        max_age: Duration,
+        changed: impl FnOnce(Vec<Trigger>),
+    ) -> Result<Option<Vec<ObservedAutomation>>> {
+        let server = self.server(client);
+        server
+            .automations
+            .lookup(client, ids, max_age, changed)
+            .await
+    }
+}
+
+impl<T: Held> Book<T> {
+    async fn lookup(
+        &self,
+        client: &PrefectClient,
+        asked: &[String],
+        max_age: Duration,
+        changed: impl FnOnce(Vec<Trigger>),
+    ) -> Result<Option<Vec<T>>> {
+        if asked.is_empty() || self.unreadable.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        let mut data = self.data.lock().await;
         let fresh = data.read_at.is_some_and(|at| at.elapsed() < max_age);
         if !fresh {
             let ids: Vec<(String, Trigger)> = {
-                let mut reg = server.ids.lock().expect("snapshot ids lock");
+                let mut reg = self.ids.lock().expect("snapshot ids lock");
                 reg.unread.clear();
                 reg.ids
                     .iter()
@@ -167,12 +334,16 @@ impl Snapshots {
             };
             // Merged page by page into the entries in place, so memory holds one copy
             // plus a page. Changes found before a failed page are still handed on.
-            let mut merge = Merge::new(id);
+            let mut merge = Merge::new(asked);
             let mut read = Ok(());
             for chunk in ids.chunks(PAGE) {
                 let page: Vec<String> = chunk.iter().map(|(i, _)| i.clone()).collect();
-                match client.read_deployments(&page).await {
-                    Ok(found) => merge.page(&mut data.entries, &found, chunk),
+                match T::read(client, &page).await {
+                    Ok(Some(found)) => merge.page(&mut data.entries, &found, chunk),
+                    Ok(None) => {
+                        self.cannot_read(&mut data);
+                        return Ok(None);
+                    }
                     Err(e) => {
                         read = Err(e);
                         break;
@@ -185,28 +356,32 @@ impl Snapshots {
             }
             changed(merge.changed);
             read?;
-        } else if !data.entries.contains_key(id) {
-            // Registered since the read: read it with the oldest others waiting, one
-            // page (theirs are the checks due next).
-            let page = server
+        } else if asked.iter().any(|id| !data.entries.contains_key(id)) {
+            // Registered since the read: read with the oldest others waiting, one page
+            // (theirs are the checks due next).
+            let page = self
                 .ids
                 .lock()
                 .expect("snapshot ids lock")
-                .take_unread(id);
+                .take_unread(asked);
             if !page.is_empty() {
-                match client.read_deployments(&page).await {
-                    Ok(found) => {
+                match T::read(client, &page).await {
+                    Ok(Some(found)) => {
                         for d in &found {
-                            if page.contains(&d.id) {
-                                data.entries.insert(d.id.clone(), Entry::of(d));
+                            if page.iter().any(|p| p == d.id()) {
+                                data.entries.insert(d.id().to_string(), Entry::of(d));
                             }
                         }
                     }
+                    Ok(None) => {
+                        self.cannot_read(&mut data);
+                        return Ok(None);
+                    }
                     Err(e) => {
                         // Left for a later check; this one reads directly.
-                        tracing::debug!(error = %e, "reading newly registered deployments failed");
-                        let mut reg = server.ids.lock().expect("snapshot ids lock");
-                        let Registry { ids, unread } = &mut *reg;
+                        tracing::debug!(error = %e, "reading newly registered objects failed");
+                        let mut reg = self.ids.lock().expect("snapshot ids lock");
+                        let Registry { ids, unread, .. } = &mut *reg;
                         let back: Vec<String> =
                             page.into_iter().filter(|i| ids.contains_key(i)).collect();
                         unread.splice(0..0, back);
@@ -214,51 +389,72 @@ impl Snapshots {
                 }
             }
         }
-        match data.entries.get(id) {
-            Some(e) => Ok(e.decode()),
-            None => Ok(None),
+        let mut found = Vec::with_capacity(asked.len());
+        for id in asked {
+            match data.entries.get(id).and_then(Entry::decode) {
+                Some(d) => found.push(d),
+                None => return Ok(None),
+            }
         }
+        Ok(Some(found))
+    }
+
+    fn cannot_read(&self, data: &mut Data) {
+        tracing::info!(
+            "this Prefect server cannot read its automations by id; each drift check reads its own"
+        );
+        self.unreadable.store(true, Ordering::Relaxed);
+        data.entries.clear();
     }
 }
 
-/// One re-read of a snapshot: the deployments whose `updated` time moved, or that are
-/// gone, compared with the read before (deployments registered since then are not
-/// compared), other than the one `asking`.
+/// One re-read of a snapshot: the objects whose `updated` time moved, or that are gone,
+/// compared with the read before (objects registered since then are not compared),
+/// other than the ones `asking`.
 struct Merge<'a> {
-    asking: &'a str,
+    asking: &'a [String],
     seen: HashSet<String>,
     changed: Vec<Trigger>,
+    told: HashSet<Trigger>,
 }
 
 impl<'a> Merge<'a> {
-    fn new(asking: &'a str) -> Self {
+    fn new(asking: &'a [String]) -> Self {
         Merge {
             asking,
             seen: HashSet::new(),
             changed: Vec::new(),
+            told: HashSet::new(),
+        }
+    }
+
+    fn tell(&mut self, id: &str, who: &Trigger) {
+        // A resource with several automations is told once.
+        if !self.asking.iter().any(|a| a == id) && self.told.insert(who.clone()) {
+            self.changed.push(who.clone());
         }
     }
 
     /// One page's answer for the ids in `asked`.
-    fn page(
+    fn page<T: Held>(
         &mut self,
         entries: &mut HashMap<String, Entry>,
-        found: &[ObservedDeployment],
+        found: &[T],
         asked: &[(String, Trigger)],
     ) {
         for d in found {
-            let Some((_, who)) = asked.iter().find(|(i, _)| *i == d.id) else {
+            let Some((_, who)) = asked.iter().find(|(i, _)| i == d.id()) else {
                 continue;
             };
             let new = Entry::of(d);
             let moved = entries
-                .get(&d.id)
+                .get(d.id())
                 .is_some_and(|old| old.updated != new.updated);
-            if moved && d.id != self.asking {
-                self.changed.push(who.clone());
+            if moved {
+                self.tell(d.id(), who);
             }
-            entries.insert(d.id.clone(), new);
-            self.seen.insert(d.id.clone());
+            entries.insert(d.id().to_string(), new);
+            self.seen.insert(d.id().to_string());
         }
     }
 
@@ -266,8 +462,8 @@ impl<'a> Merge<'a> {
     /// what is no longer registered.
     fn finish(&mut self, entries: &mut HashMap<String, Entry>, ids: &[(String, Trigger)]) {
         for (id, who) in ids {
-            if !self.seen.contains(id) && entries.remove(id).is_some() && id != self.asking {
-                self.changed.push(who.clone());
+            if !self.seen.contains(id) && entries.remove(id).is_some() {
+                self.tell(id, who);
             }
         }
         let seen = &self.seen;
@@ -290,7 +486,8 @@ mod tests {
         ids: &[(String, Trigger)],
         asking: &str,
     ) -> Vec<Trigger> {
-        let mut merge = Merge::new(asking);
+        let asking = [asking.to_string()];
+        let mut merge = Merge::new(&asking);
         // Two pages, as the ids come in pages.
         let (a, b) = ids.split_at(ids.len() / 2);
         merge.page(entries, found, a);
@@ -306,18 +503,24 @@ mod tests {
         let mut reg = Registry::default();
         let ids: Vec<String> = (0..450).map(|i| format!("d{i}")).collect();
         reg.unread = ids.clone();
-        let page = reg.take_unread("d300");
+        let page = reg.take_unread(&["d300".to_string()]);
         assert_eq!(page.len(), PAGE);
         assert_eq!(page[0], "d300");
         assert_eq!(page[1..], ids[..PAGE - 1], "then the oldest");
         assert_eq!(reg.unread.len(), 450 - PAGE);
         assert_eq!(reg.unread[0], format!("d{}", PAGE - 1));
-        assert!(reg.take_unread("d300").is_empty(), "read already");
-        assert!(reg.take_unread("d5").is_empty(), "read already");
-        let page = reg.take_unread("d449");
+        assert!(
+            reg.take_unread(&["d300".to_string()]).is_empty(),
+            "read already"
+        );
+        assert!(
+            reg.take_unread(&["d5".to_string()]).is_empty(),
+            "read already"
+        );
+        let page = reg.take_unread(&["d449".to_string()]);
         assert_eq!(page.len(), PAGE);
         assert_eq!(reg.unread.len(), 450 - 2 * PAGE);
-        let rest = reg.take_unread(&reg.unread[10].clone());
+        let rest = reg.take_unread(&[reg.unread[10].clone()]);
         assert_eq!(rest.len(), 450 - 2 * PAGE);
         assert!(reg.unread.is_empty());
     }

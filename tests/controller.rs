@@ -1265,30 +1265,42 @@ async fn drift_policy_report_and_ignored_fields() {
 /// fewer requests than one read per resource, and none of them a write.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drift_checks_read_in_bulk() {
-    let (env, pool) = Env::new(Duration::from_secs(300)).await;
+    let (mut env, pool) = Env::new(Duration::from_secs(300)).await;
     let names: Vec<String> = (0..8).map(|_| unique("bulk")).collect();
-    for name in &names {
+    for (i, name) in names.iter().enumerate() {
+        let mut deployment = json!({"entrypoint": "f.py:bulk"});
+        if i % 2 == 0 {
+            deployment["triggers"] = json!([{"expect": ["prefect.flow-run.Failed"]}]);
+        }
         let pd = resource(
             &env,
             &pool,
             name,
-            json!({"interval": "10s", "deployment": {"entrypoint": "f.py:bulk"}}),
+            json!({"interval": "10s", "deployment": deployment}),
         );
         env.api.create(&PostParams::default(), &pd).await.unwrap();
     }
     for name in &names {
         env.wait_for(name, "Ready", is_ready).await;
     }
+    // The operator restarts: it cannot know what changed in Prefect while it was away.
+    env.task.abort();
+    env.ctx = Arc::new(Context::new(env.kube.clone(), Duration::from_secs(300)));
+    env.task = tokio::spawn(reconcile::controller(env.api.clone(), env.ctx.clone(), 4));
     let count = |m: &str, e: &str| env.ctx.calls.count(m, e);
     let by_name = count("GET", "deployment_by_name");
-    let filters = count("POST", "deployments_filter");
-    let writes = env.ctx.calls.writes() - filters;
-    // Two resync rounds (10 s, +-10% jitter).
+    let related = count("GET", "automations_related_to");
+    let bulk_reads = || count("POST", "deployments_filter") + count("POST", "automations_filter");
+    let writes = env.ctx.calls.writes() - bulk_reads();
+    // The first pass and two resync rounds (10 s, +-10% jitter). The first checks the
+    // automations too: no stream told of changes made while the operator was away.
     tokio::time::sleep(Duration::from_secs(23)).await;
-    let bulk = count("POST", "deployments_filter") - filters;
+    let bulk = count("POST", "deployments_filter");
     let direct = count("GET", "deployment_by_name") - by_name;
+    let automations = count("POST", "automations_filter");
+    let automations_direct = count("GET", "automations_related_to") - related;
     eprintln!(
-        "drift checks of {} resources over two rounds: {bulk} bulk reads, {direct} direct reads",
+        "drift checks of {} resources after a restart: {bulk} bulk reads, {direct} direct reads; automations: {automations} bulk, {automations_direct} direct",
         names.len()
     );
     assert!(bulk >= 1, "drift checks used the bulk read");
@@ -1297,10 +1309,13 @@ async fn drift_checks_read_in_bulk() {
         "{bulk} bulk + {direct} direct reads for {} drift checks",
         2 * names.len()
     );
-    assert_eq!(
-        env.ctx.calls.writes() - count("POST", "deployments_filter"),
-        writes
+    assert_eq!(automations_direct, 0, "every automation was in the bulk read");
+    assert!(
+        (1..=names.len() as u64 / 2).contains(&automations),
+        "{automations} bulk reads for the automations of {} resources",
+        names.len() / 2
     );
+    assert_eq!(env.ctx.calls.writes() - bulk_reads(), writes);
 }
 
 /// `export` round trip: deployments made by Prefect's own `RunnerDeployment.apply()`,
@@ -1956,6 +1971,9 @@ async fn automations_are_checked_on_the_resync_without_a_stream() {
         a["trigger"]["expect"],
         json!(["prefect.flow-run.Completed"])
     );
+    // 3.4 cannot filter automations by id: asked once, then each check reads its own.
+    assert!(env.ctx.calls.count("POST", "automations_filter") <= 1);
+    assert!(env.ctx.calls.count("GET", "automations_related_to") >= 1);
 }
 
 /// A repeat of an event on the same object adds to the first one's series instead of
@@ -2127,6 +2145,10 @@ async fn a_server_whose_event_stream_is_switched_off_is_checked_on_the_resync() 
     assert_eq!(env.ctx.metrics.event_streams.get(), 0);
 
     delete_and_see_it_made_again(&env, name, &off.url, &first[0]).await;
+    assert!(
+        env.ctx.calls.count("POST", "automations_filter") >= 1,
+        "the checks used the bulk read"
+    );
 }
 
 /// Deletes automation `old` of resource `name` through the API of the server at `base`,

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prefect_operator::api::PrefectDeploymentSpec;
-use prefect_operator::observed::ObservedDeployment;
 use prefect_operator::prefect::{http_client, Auth, CallLog, PrefectClient};
 use prefect_operator::reconcile::execute::{self, Change, SyncState};
 use prefect_operator::validate::validate;
@@ -124,7 +123,7 @@ impl Env {
         name: &str,
         uid: &str,
         state: &mut SyncState,
-        snapshot: Option<ObservedDeployment>,
+        snapshot: Option<execute::Snapshot>,
     ) -> (Result<(), Error>, Vec<Change>, Vec<String>) {
         let before = self.calls.snapshot();
         let mut changes = Vec::new();
@@ -697,8 +696,12 @@ async fn a_deleted_automation_found_from_the_snapshot_is_read_once() {
     let path = format!("/automations/{gone}");
     assert_eq!(env.call(reqwest::Method::DELETE, &path, None).await, 204);
 
-    let snapshot = env.client.read_deployment(&id).await.unwrap().unwrap();
+    let deployment = env.client.read_deployment(&id).await.unwrap().unwrap();
     state.check_automations = true;
+    let snapshot = execute::Snapshot {
+        deployment,
+        automations: None,
+    };
     let (r, changes, made) = env
         .apply_from(&spec, &name, &uid, &mut state, Some(snapshot))
         .await;
@@ -1574,4 +1577,154 @@ async fn snapshots_read_late_registrations_together() {
         None,
         "gone: read directly by the caller"
     );
+}
+
+/// The automations triggers made are read in bulk by id: one read answers every
+/// resource, a fresh snapshot answers without a request, and a re-read names the
+/// resources whose automations were edited or deleted in Prefect (each once).
+#[tokio::test]
+async fn automations_are_read_in_bulk_by_id() {
+    use kube::runtime::reflector::ObjectRef;
+    use prefect_operator::api::PrefectDeployment;
+    use prefect_operator::snapshot::Snapshots;
+    let env = Env::new().await;
+    let pool = env.work_pool().await;
+    let who = |i: usize| ObjectRef::<PrefectDeployment>::new(&format!("r{i}")).within("ns");
+    let spec = env.spec(
+        &pool,
+        json!({"entrypoint": "flows/b.py:bulk",
+            "triggers": [{"expect": ["a.one"]}, {"expect": ["a.two"]}]}),
+    );
+    let mut states = Vec::new();
+    for _ in 0..3 {
+        let mut state = SyncState::default();
+        let name = unique("bulk-automations");
+        env.apply(&spec, &name, &unique("uid"), &mut state)
+            .await
+            .0
+            .unwrap();
+        assert_eq!(state.automation_ids.len(), 2);
+        states.push(state);
+    }
+    let snapshots = Snapshots::default();
+    for (i, s) in states.iter().enumerate() {
+        snapshots.register_automations(&env.client, &who(i), &s.automation_ids);
+    }
+    let filters = || env.calls.count("POST", "automations_filter");
+    let hour = Duration::from_secs(3600);
+    let look = |i: usize, max_age: Duration| {
+        let (snapshots, client, ids) = (&snapshots, &env.client, states[i].automation_ids.clone());
+        async move {
+            let mut changed = Vec::new();
+            let found = snapshots
+                .lookup_automations(client, &ids, max_age, |c| changed = c)
+                .await
+                .unwrap();
+            (
+                found.map(|f| f.into_iter().map(|a| a.id).collect::<Vec<_>>()),
+                changed,
+            )
+        }
+    };
+    let before = filters();
+    for (i, s) in states.iter().enumerate() {
+        assert_eq!(look(i, hour).await.0.as_ref(), Some(&s.automation_ids));
+    }
+    assert_eq!(filters() - before, 1, "one read answers all three");
+    assert!(snapshots.automations_in_bulk(&env.client));
+
+    // Both automations of r1 edited, one of r2 deleted, behind the operator's back.
+    for a in &states[1].automation_ids {
+        let path = format!("/automations/{a}");
+        let body = json!({"enabled": false});
+        assert_eq!(
+            env.call(reqwest::Method::PATCH, &path, Some(body)).await,
+            204
+        );
+    }
+    let path = format!("/automations/{}", states[2].automation_ids[0]);
+    assert_eq!(env.call(reqwest::Method::DELETE, &path, None).await, 204);
+    let (found, mut changed) = look(0, Duration::ZERO).await;
+    assert_eq!(found.as_ref(), Some(&states[0].automation_ids));
+    changed.sort_by_key(|t| t.name.clone());
+    assert_eq!(changed, vec![who(1), who(2)], "each resource named once");
+    assert_eq!(look(2, hour).await.0, None, "one is gone: read directly");
+
+    // A resource whose set changed keeps only its new ids.
+    let fewer = &states[1].automation_ids[..1];
+    snapshots.register_automations(&env.client, &who(1), fewer);
+    let before = filters();
+    let (_, changed) = look(0, Duration::ZERO).await;
+    assert!(changed.is_empty(), "{changed:?}");
+    let mut changed = Vec::new();
+    let found = snapshots
+        .lookup_automations(&env.client, &states[1].automation_ids, hour, |c| {
+            changed = c
+        })
+        .await
+        .unwrap();
+    assert!(found.is_none(), "the dropped id is no longer read");
+    assert_eq!(filters() - before, 1);
+}
+
+/// A drift check that finds the deployment and its automations in the snapshot as they
+/// should be makes no request at all; an automation edited in Prefect is read directly
+/// before it is put back.
+#[tokio::test]
+async fn automations_from_the_snapshot_are_checked_without_a_request() {
+    let env = Env::new().await;
+    let pool = env.work_pool().await;
+    let name = unique("snapshot-automations");
+    let uid = unique("uid");
+    let spec = env.spec(
+        &pool,
+        json!({"entrypoint": "flows/a.py:run", "triggers": [{"expect": ["a.b"]}]}),
+    );
+    let mut state = SyncState::default();
+    env.apply(&spec, &name, &uid, &mut state).await.0.unwrap();
+    let id = state.deployment_id.clone().unwrap();
+    let aid = state.automation_ids[0].clone();
+    state.check_automations = true;
+    let snapshot = || async {
+        execute::Snapshot {
+            deployment: env.client.read_deployment(&id).await.unwrap().unwrap(),
+            automations: env
+                .client
+                .read_automations(std::slice::from_ref(&aid))
+                .await
+                .unwrap(),
+        }
+    };
+    let taken = snapshot().await;
+    assert_eq!(taken.automations.as_ref().map(Vec::len), Some(1));
+    let (r, changes, made) = env
+        .apply_from(&spec, &name, &uid, &mut state, Some(taken))
+        .await;
+    r.unwrap();
+    assert!(made.is_empty(), "{made:?}");
+    assert!(changes.is_empty(), "{changes:?}");
+
+    let path = format!("/automations/{aid}");
+    let edit = json!({"enabled": false});
+    assert_eq!(
+        env.call(reqwest::Method::PATCH, &path, Some(edit)).await,
+        204
+    );
+    let taken = snapshot().await;
+    let (r, changes, made) = env
+        .apply_from(&spec, &name, &uid, &mut state, Some(taken))
+        .await;
+    r.unwrap();
+    let times = |call: &str| made.iter().filter(|m| *m == call).count();
+    assert_eq!(times("GET automations_related_to"), 1, "{made:?}");
+    assert_eq!(times("GET deployment_by_name"), 1, "{made:?}");
+    assert!(
+        matches!(&changes[..], [Change::AutomationsRestored { .. }]),
+        "{changes:?}"
+    );
+    let (code, a) = env
+        .get(&format!("/automations/{}", state.automation_ids[0]))
+        .await;
+    assert_eq!(code, 200);
+    assert_eq!(a["enabled"], json!(true));
 }

@@ -166,17 +166,25 @@ pub async fn apply(
     apply_from(client, valid, owner_uid, state, changes, None).await
 }
 
-/// Like `apply`, first planning against `snapshot` (the deployment from a bulk read)
-/// when it is the recorded deployment under the desired name: if that plan writes
-/// nothing, the pass is done without a request. Otherwise, and without a snapshot, it
-/// reads Prefect directly, so nothing is ever written on the word of a snapshot.
+/// What the bulk snapshots hold for one drift check.
+pub struct Snapshot {
+    pub deployment: ObservedDeployment,
+    /// The automations status records, when the snapshot holds every one of them.
+    pub automations: Option<Vec<ObservedAutomation>>,
+}
+
+/// Like `apply`, first planning against `snapshot` (from the bulk reads) when it shows
+/// the recorded deployment under the desired name: if that plan writes nothing, the
+/// pass is done without a request, or with only the automations read when the
+/// snapshot lacks them. Otherwise, and without a snapshot, it reads Prefect directly,
+/// so nothing is ever written on the word of a snapshot.
 pub async fn apply_from(
     client: &PrefectClient,
     valid: &ValidSpec<'_>,
     owner_uid: &str,
     state: &mut SyncState,
     changes: &mut Vec<Change>,
-    snapshot: Option<ObservedDeployment>,
+    snapshot: Option<Snapshot>,
 ) -> Result<()> {
     let caps = client.capabilities().await?;
     if caps.too_old() {
@@ -190,25 +198,35 @@ pub async fn apply_from(
     // Automations read directly below, kept for the direct read that may follow: only
     // the deployment's part of the snapshot plan is read again.
     let mut related = Related::default();
-    if let Some(d) = snapshot {
+    if let Some(Snapshot {
+        deployment: d,
+        automations,
+    }) = snapshot
+    {
         let same_deployment = state.deployment_id.as_deref() == Some(d.id.as_str())
             && d.fields.get("name").and_then(Value::as_str) == Some(want.name.as_str())
             && d.flow_id.is_some()
             && d.flow_id == state.flow_id;
         let reads = plan::reads(&want, state, Some(&d));
         if same_deployment && reads.only_automations() {
-            // Checking the automations is one read of its own; the deployment's part
-            // still comes from the snapshot.
+            // The automations from the snapshot when it has them; else one read of
+            // their own, the deployment's part still coming from the snapshot.
+            let (related_automations, read_here) = match automations {
+                Some(a) if reads.related_automations.is_some() => (Some(a), false),
+                _ => (read_related(client, &reads, &mut related).await?, true),
+            };
             let observed = Observed {
                 by_name: Some(d),
-                related_automations: read_related(client, &reads, &mut related).await?,
+                related_automations,
                 ..Observed::default()
             };
             let p = plan::plan(&want, state, &observed);
             if p.is_noop() && p.drift.is_empty() {
                 return perform(client, &want, &p, observed.by_name.as_ref(), state, changes).await;
             }
-            related.keep(&reads, observed.related_automations);
+            if read_here {
+                related.keep(&reads, observed.related_automations);
+            }
         }
     }
     let by_name = client

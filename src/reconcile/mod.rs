@@ -28,7 +28,7 @@ use crate::limit::Limits;
 use crate::lookup::Lookups;
 use crate::metrics::{Metrics, ReconcileLabels};
 use crate::prefect::{CallLog, FlowCache, PrefectClient};
-use crate::prefect_events::EventStreams;
+use crate::prefect_events::{EventStreams, Trigger};
 use crate::snapshot::Snapshots;
 use crate::validate::{validate, ValidSchedule};
 use crate::{Error, Result};
@@ -522,36 +522,60 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
         let checking = state.spec_applied
             && !changed_in_prefect
             && requests.reconcile == old.and_then(|s| s.last_handled_reconcile_at.clone());
-        // Automations have no bulk snapshot: their changes come from the event stream.
-        // Where it cannot have told us (no stream up, or the operator was not running),
-        // a drift check reads the resource's own; not the first pass after a start, so
-        // a restart re-checks at the speed of the bulk read and these reads spread over
+        // Automations' changes come from the event stream. Where it cannot have told
+        // us (no stream up, or the operator was not running), a drift check checks the
+        // resource's own, from the bulk snapshot. A server that cannot read automations
+        // in bulk is not asked on the first pass after a start, so a restart re-checks
+        // at the speed of the deployments' bulk read and those direct reads spread over
         // the next interval.
+        let in_bulk = ctx.snapshots.automations_in_bulk(&client);
         state.check_automations = changed_in_prefect
             || (checking
-                && !first_here
+                && (!first_here || in_bulk)
                 && (!automations_checked || !ctx.events.live(client.base_url())));
-        let snapshot = match (&recorded, checking) {
-            (Some(id), true) => match ctx
-                .snapshots
-                .lookup(&client, id, resync, |changed| {
-                    for who in changed {
-                        ctx.events.notify(who);
+        let tell = |changed: Vec<Trigger>| {
+            for who in changed {
+                ctx.events.notify(who);
+            }
+        };
+        // What status records is registered before the reads, so that after a restart
+        // the first checks read together, a page at a time, while one read is out.
+        let deployment = match (&recorded, checking) {
+            (Some(id), true) => {
+                ctx.snapshots.register(&client, id, oref.clone());
+                match ctx.snapshots.lookup(&client, id, resync, tell).await {
+                    Ok(found) => found,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "bulk read failed; reading directly");
+                        None
                     }
-                })
-                .await
-            {
-                Ok(found) => found,
-                Err(e) => {
-                    tracing::debug!(error = %e, "bulk read failed; reading directly");
-                    None
                 }
-            },
+            }
             _ => None,
         };
+        let automations = match &deployment {
+            Some(_) if state.check_automations && in_bulk => {
+                ctx.snapshots
+                    .register_automations(&client, &oref, &state.automation_ids);
+                ctx.snapshots
+                    .lookup_automations(&client, &state.automation_ids, resync, tell)
+                .await
+                    .unwrap_or_else(|e| {
+                        tracing::debug!(error = %e, "bulk read of automations failed; reading directly");
+                        None
+                    })
+            }
+            _ => None,
+        };
+        let snapshot = deployment.map(|deployment| execute::Snapshot {
+            deployment,
+            automations,
+        });
         execute::apply_from(&client, &valid, &uid, &mut state, &mut changes, snapshot).await?;
         if let Some(id) = &state.deployment_id {
             ctx.snapshots.register(&client, id, oref.clone());
+            ctx.snapshots
+                .register_automations(&client, &oref, &state.automation_ids);
             // Known from this pass (kept for ten minutes): no request.
             let caps = client.capabilities().await?;
             ctx.events.watch(
