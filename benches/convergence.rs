@@ -618,11 +618,12 @@ fn diff(after: &BTreeMap<String, f64>, before: &BTreeMap<String, f64>) -> BTreeM
         .collect()
 }
 
-/// Requests that change something: everything but GETs and the bulk read (a POST).
+/// Requests that change something: everything but GETs and the bulk reads (POSTs to
+/// `.../filter`).
 fn writes(calls: &BTreeMap<String, f64>) -> u64 {
     calls
         .iter()
-        .filter(|(k, _)| !k.starts_with("GET ") && k.as_str() != "POST deployments_filter")
+        .filter(|(k, _)| !k.starts_with("GET ") && !k.ends_with("_filter"))
         .map(|(_, v)| *v as u64)
         .sum()
 }
@@ -1019,7 +1020,11 @@ struct Cut {
     n: usize,
     resync_secs: f64,
     repair: Repair,
+    /// Seconds until each automation deleted in Prefect was made again.
+    automations: Vec<f64>,
     calls_per_interval: f64,
+    /// Reads of automations per interval with nothing changed: (bulk, one resource's).
+    automation_reads: (f64, f64),
 }
 
 async fn cut_round(cp: &ControlPlane, n: usize) -> Cut {
@@ -1036,6 +1041,17 @@ async fn cut_round(cp: &ControlPlane, n: usize) -> Cut {
     wait_ready(&api, n, cold_limit(n)).await;
     // Let the first drift checks register every deployment with the bulk reads.
     tokio::time::sleep(Duration::from_secs_f64(resync)).await;
+    // Two quiet intervals: what checking the automations costs.
+    let quiet = op.calls();
+    let t_quiet = Instant::now();
+    tokio::time::sleep(Duration::from_secs_f64(2.0 * resync)).await;
+    let read = diff(&op.calls(), &quiet);
+    let per_interval =
+        |k: &str| read.get(k).copied().unwrap_or(0.0) * resync / t_quiet.elapsed().as_secs_f64();
+    let automation_reads = (
+        per_interval("POST automations_filter"),
+        per_interval("GET automations_related_to"),
+    );
     let ids = deployment_ids(&api).await;
     let http = reqwest::Client::new();
     let before = op.calls();
@@ -1075,12 +1091,68 @@ async fn cut_round(cp: &ControlPlane, n: usize) -> Cut {
         .get("POST deployments_filter")
         .copied()
         .unwrap_or(0.0);
+    let calls_per_interval = bulk * resync / t_calls.elapsed().as_secs_f64();
+
+    // Three automations deleted at once (every fourth resource has a trigger).
+    let automations = automations_deleted_and_made_again(&api, &http, &prefect.url, n, 3).await;
     Cut {
         n,
         resync_secs: resync,
         repair,
-        calls_per_interval: bulk * resync / t_calls.elapsed().as_secs_f64(),
+        automations,
+        calls_per_interval,
+        automation_reads,
     }
+}
+
+/// Deletes the automation of `count` resources with a trigger through Prefect's API and
+/// returns, for each, the seconds until its resource records one made in its place.
+async fn automations_deleted_and_made_again(
+    api: &Api<PrefectDeployment>,
+    http: &reqwest::Client,
+    prefect: &str,
+    n: usize,
+    count: usize,
+) -> Vec<f64> {
+    let automation_of = |o: &PrefectDeployment| {
+        o.status
+            .as_ref()
+            .and_then(|s| s.automation_ids.clone())
+            .and_then(|ids| ids.first().cloned())
+    };
+    let mut picked = Vec::new();
+    for k in 0..count {
+        // Spread over the fleet, on resources with a trigger (i a multiple of 4).
+        let name = format!("bench-{}", (k * n / count + 2) / 4 * 4);
+        let old = automation_of(&api.get(&name).await.unwrap()).expect("a trigger's automation");
+        picked.push((name, old));
+    }
+    let t = Instant::now();
+    for (_, old) in &picked {
+        let url = format!("{prefect}/automations/{old}");
+        let (code, _) = support::prefect_call(http, reqwest::Method::DELETE, &url, None).await;
+        assert!(code < 300, "deleting automation {old}: {code}");
+    }
+    let mut took = Vec::new();
+    let mut pending = picked;
+    while !pending.is_empty() {
+        let mut left = Vec::new();
+        for (name, old) in pending {
+            let now = automation_of(&api.get(&name).await.unwrap());
+            if now.is_some_and(|a| a != old) {
+                took.push(t.elapsed().as_secs_f64());
+            } else {
+                left.push((name, old));
+            }
+        }
+        pending = left;
+        assert!(
+            t.elapsed() < Duration::from_secs(600),
+            "automations not made again without the stream"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    took
 }
 
 /// A Prefect outage of 60 s during a cold start.
@@ -1487,6 +1559,13 @@ fn report(rows: &[Row], cut: Option<&Cut>, outage: Option<&Outage>, binary_size:
             summary(&c.repair.edits),
             summary(&c.repair.deletes),
             c.calls_per_interval
+        );
+        println!(
+            "  automations ({} with triggers): per interval with nothing changed {:.1} bulk reads, {:.1} single reads; deleted automations made again after {} s (p50 / p95 / max)",
+            c.n.div_ceil(4),
+            c.automation_reads.0,
+            c.automation_reads.1,
+            summary(&c.automations)
         );
     }
     if let Some(o) = outage {
