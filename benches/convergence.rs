@@ -168,6 +168,8 @@ struct Row {
     change_calls: BTreeMap<String, f64>,
     restart_secs: f64,
     restart_writes: u64,
+    /// Prefect calls of the restarted operator until every resource was re-checked.
+    restart_calls: BTreeMap<String, f64>,
     /// Kubernetes writes during the restart: (others, next-run refreshes).
     restart_k8s_writes: (usize, usize),
     repair: Repair,
@@ -864,7 +866,8 @@ async fn operator_round(cp: &ControlPlane, n: usize, services: bool) -> Row {
         op.cost().0
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let restart_writes = writes(&op.calls());
+    let restart_calls = op.calls();
+    let restart_writes = writes(&restart_calls);
     let restart_k8s_writes = status_writes(&before, &shown(&api).await, chrono::Utc::now());
 
     // Out-of-band changes in Prefect with a 1 h resync: only the event stream can
@@ -889,6 +892,7 @@ async fn operator_round(cp: &ControlPlane, n: usize, services: bool) -> Row {
         change_calls,
         restart_secs,
         restart_writes,
+        restart_calls,
         restart_k8s_writes,
         repair,
         rss_mib: first_cost.0.max(second_cost.0),
@@ -1597,6 +1601,12 @@ fn report(rows: &[Row], cut: Option<&Cut>, outage: Option<&Outage>, binary_size:
             r.services,
             r.cold_calls.values().sum::<f64>() / r.n as f64,
             fmt_calls(&r.cold_calls)
+        );
+        println!(
+            "N={} services={}: Prefect calls of the restart re-check: {}",
+            r.n,
+            r.services,
+            fmt_calls(&r.restart_calls)
         );
     }
     println!(

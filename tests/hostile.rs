@@ -563,3 +563,84 @@ fn an_endless_answer_from_a_server_is_cut_off() {
         "reading the answer took {peak} bytes"
     );
 }
+
+/// A server that sends its headers at once and then drips its body, a byte at a time,
+/// has not answered: the request ends at the client's timeout, is not tried again
+/// within the pass, and puts the server in doubt (its passes take turns) just as
+/// silence would, although it answered before.
+#[test]
+fn a_dripping_answer_counts_as_no_answer() {
+    use prefect_operator::limit::Limits;
+    use prefect_operator::prefect::PrefectClient;
+    use std::io::{Read, Write};
+    use std::sync::Arc;
+    let _turn = serial();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = format!("http://{}/api", listener.local_addr().unwrap());
+    let dripped = Arc::new(AtomicUsize::new(0));
+    let counted = dripped.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let counted = counted.clone();
+            std::thread::spawn(move || {
+                let mut request = [0u8; 4096];
+                let n = conn.read(&mut request).unwrap_or(0);
+                let line = String::from_utf8_lossy(&request[..n]).to_string();
+                if line.starts_with("GET /api/deployments/known ") {
+                    let body = "{\"detail\":\"Deployment not found\"}";
+                    let answer = format!(
+                        "HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = conn.write_all(answer.as_bytes());
+                    return;
+                }
+                counted.fetch_add(1, Ordering::Relaxed);
+                let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 1000000\r\nconnection: close\r\n\r\n";
+                if conn.write_all(head.as_bytes()).is_err() {
+                    return;
+                }
+                loop {
+                    std::thread::sleep(Duration::from_millis(100));
+                    if conn.write_all(b" ").is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .build()
+            .unwrap();
+        let limits = Limits::new(8);
+        let limit = limits.for_server(&base);
+        let client =
+            PrefectClient::new(http, &base, None, Default::default()).with_limit(limit.clone());
+        assert!(client.read_deployment("known").await.unwrap().is_none());
+        assert_eq!(limit.doubt(), None, "the server has answered");
+
+        let err = client
+            .read_deployment("dripping")
+            .await
+            .expect_err("a dripping answer was accepted");
+        assert!(
+            matches!(err, prefect_operator::Error::PrefectUnreachable(..)),
+            "{err}"
+        );
+        assert!(err.to_string().contains("timed out"), "{err}");
+        assert_eq!(
+            dripped.load(Ordering::Relaxed),
+            1,
+            "tried once within the pass"
+        );
+        assert!(limit.doubt().is_some(), "the server is in doubt");
+    });
+}
