@@ -539,10 +539,16 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
             }
         };
         // What status records is registered before the reads, so that after a restart
-        // the first checks read together, a page at a time, while one read is out.
+        // the first checks read together, a page at a time, while one read is out (the
+        // automations too: they are read after the deployments).
+        let automations_in_bulk = state.check_automations && in_bulk;
         let deployment = match (&recorded, checking) {
             (Some(id), true) => {
                 ctx.snapshots.register(&client, id, oref.clone());
+                if automations_in_bulk {
+                    let ids = &state.automation_ids;
+                    ctx.snapshots.register_automations(&client, &oref, ids);
+                }
                 match ctx.snapshots.lookup(&client, id, resync, tell).await {
                     Ok(found) => found,
                     Err(e) => {
@@ -554,16 +560,13 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
             _ => None,
         };
         let automations = match &deployment {
-            Some(_) if state.check_automations && in_bulk => {
-                ctx.snapshots
-                    .register_automations(&client, &oref, &state.automation_ids);
-                ctx.snapshots
-                    .lookup_automations(&client, &state.automation_ids, resync, tell)
-                .await
-                    .unwrap_or_else(|e| {
-                        tracing::debug!(error = %e, "bulk read of automations failed; reading directly");
-                        None
-                    })
+            Some(_) if automations_in_bulk => {
+                let ids = &state.automation_ids;
+                let found = ctx.snapshots.lookup_automations(&client, ids, resync, tell);
+                found.await.unwrap_or_else(|e| {
+                    tracing::debug!(error = %e, "bulk read of automations failed");
+                    None
+                })
             }
             _ => None,
         };
