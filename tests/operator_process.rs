@@ -302,11 +302,16 @@ impl Operator {
             "prefect_operator_prefect_request_duration_seconds_count",
             &["method=\"GET\""],
         );
-        // The bulk read of drift checks is a POST that changes nothing.
-        let bulk_reads = self.metric_sum(
-            "prefect_operator_prefect_request_duration_seconds_count",
-            &["endpoint=\"deployments_filter\""],
-        );
+        // The bulk reads of drift checks are POSTs that change nothing.
+        let bulk_reads: f64 = ["deployments_filter", "automations_filter"]
+            .iter()
+            .map(|e| {
+                self.metric_sum(
+                    "prefect_operator_prefect_request_duration_seconds_count",
+                    &[&format!("endpoint=\"{e}\"")],
+                )
+            })
+            .sum();
         all - gets - bulk_reads
     }
 
