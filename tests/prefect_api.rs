@@ -80,6 +80,22 @@ impl Env {
         self.get(&format!("/automations/{id}")).await.0 == 200
     }
 
+    /// A deployment with one trigger, applied: its spec, name, owner uid and state.
+    async fn applied_with_a_trigger(
+        &self,
+        prefix: &str,
+    ) -> (PrefectDeploymentSpec, String, String, SyncState) {
+        let pool = self.work_pool().await;
+        let (name, uid) = (unique(prefix), unique("uid"));
+        let spec = self.spec(
+            &pool,
+            json!({"entrypoint": "flows/a.py:run", "triggers": [{"expect": ["a.b"]}]}),
+        );
+        let mut state = SyncState::default();
+        self.apply(&spec, &name, &uid, &mut state).await.0.unwrap();
+        (spec, name, uid, state)
+    }
+
     /// Whether the server's automation filter takes ids, as its own OpenAPI document
     /// says (3.9 does; 3.4 and older do not).
     async fn automations_by_id(&self) -> bool {
@@ -692,15 +708,7 @@ async fn triggers_are_applied_only_when_changed() {
 #[tokio::test]
 async fn a_deleted_automation_found_from_the_snapshot_is_read_once() {
     let env = Env::new().await;
-    let pool = env.work_pool().await;
-    let name = unique("snapshot-automation");
-    let uid = unique("uid");
-    let spec = env.spec(
-        &pool,
-        json!({"entrypoint": "flows/a.py:run", "triggers": [{"expect": ["a.b"]}]}),
-    );
-    let mut state = SyncState::default();
-    env.apply(&spec, &name, &uid, &mut state).await.0.unwrap();
+    let (spec, name, uid, mut state) = env.applied_with_a_trigger("snapshot-automation").await;
     let id = state.deployment_id.clone().unwrap();
     let gone = state.automation_ids[0].clone();
     let path = format!("/automations/{gone}");
@@ -1692,15 +1700,7 @@ async fn automations_are_read_in_bulk_by_id() {
 #[tokio::test]
 async fn automations_from_the_snapshot_are_checked_without_a_request() {
     let env = Env::new().await;
-    let pool = env.work_pool().await;
-    let name = unique("snapshot-automations");
-    let uid = unique("uid");
-    let spec = env.spec(
-        &pool,
-        json!({"entrypoint": "flows/a.py:run", "triggers": [{"expect": ["a.b"]}]}),
-    );
-    let mut state = SyncState::default();
-    env.apply(&spec, &name, &uid, &mut state).await.0.unwrap();
+    let (spec, name, uid, mut state) = env.applied_with_a_trigger("snapshot-automations").await;
     let id = state.deployment_id.clone().unwrap();
     let aid = state.automation_ids[0].clone();
     state.check_automations = true;
