@@ -47,6 +47,8 @@ struct Server {
 
 /// What a snapshot holds: one kind of Prefect object, read in pages by id.
 trait Held: Serialize + DeserializeOwned + Sized {
+    /// What the kind is called in logs.
+    const KIND: &'static str;
     fn id(&self) -> &str;
     /// Prefect's `updated` time: it moves whenever the server's copy changes.
     fn updated(&self) -> Option<&str>;
@@ -60,6 +62,7 @@ static DEPLOYMENTS: Dictionary = Dictionary::new();
 static AUTOMATIONS: Dictionary = Dictionary::new();
 
 impl Held for ObservedDeployment {
+    const KIND: &'static str = "deployments";
     fn id(&self) -> &str {
         &self.id
     }
@@ -75,6 +78,7 @@ impl Held for ObservedDeployment {
 }
 
 impl Held for ObservedAutomation {
+    const KIND: &'static str = "automations";
     fn id(&self) -> &str {
         &self.id
     }
@@ -341,7 +345,7 @@ impl<T: Held> Book<T> {
                 match T::read(client, &page).await {
                     Ok(Some(found)) => merge.page(&mut data.entries, &found, chunk),
                     Ok(None) => {
-                        self.cannot_read(&mut data);
+                        self.cannot_read(client, &mut data);
                         return Ok(None);
                     }
                     Err(e) => {
@@ -374,12 +378,12 @@ impl<T: Held> Book<T> {
                         }
                     }
                     Ok(None) => {
-                        self.cannot_read(&mut data);
+                        self.cannot_read(client, &mut data);
                         return Ok(None);
                     }
                     Err(e) => {
                         // Left for a later check; this one reads directly.
-                        tracing::debug!(error = %e, "reading newly registered objects failed");
+                        tracing::debug!(error = %e, kind = T::KIND, "reading newly registered ones failed");
                         let mut reg = self.ids.lock().expect("snapshot ids lock");
                         let Registry { ids, unread, .. } = &mut *reg;
                         let back: Vec<String> =
@@ -399,9 +403,11 @@ impl<T: Held> Book<T> {
         Ok(Some(found))
     }
 
-    fn cannot_read(&self, data: &mut Data) {
+    fn cannot_read(&self, client: &PrefectClient, data: &mut Data) {
         tracing::info!(
-            "this Prefect server cannot read its automations by id; each drift check reads its own"
+            server = client.base_url(),
+            kind = T::KIND,
+            "this Prefect server cannot read these by id; each drift check reads its own"
         );
         self.unreadable.store(true, Ordering::Relaxed);
         data.entries.clear();
