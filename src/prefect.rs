@@ -169,8 +169,19 @@ async fn read_bounded(
         .await
         .map_err(|e| Error::PrefectUnreachable(short_transport(&e), Some(e)))?
     {
-        if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
+        let need = body.len() + chunk.len();
+        if need > MAX_RESPONSE_BYTES {
             return Err(too_large());
+        }
+        if need > body.capacity() {
+            // Powers of two up to the bound (itself one), so the last copy holds at most
+            // 16 + 32 MiB; Vec's own doubling from an odd first chunk could end at a
+            // capacity just under the bound and copy into twice that.
+            let cap = need
+                .next_power_of_two()
+                .max(body.capacity() * 2)
+                .min(MAX_RESPONSE_BYTES);
+            body.reserve_exact(cap - body.len());
         }
         body.extend_from_slice(&chunk);
     }
