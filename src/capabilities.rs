@@ -7,7 +7,9 @@
 //! in a PATCH, arrived in 3.2; `version_info` and `global_concurrency_limit_id` in 3.3.
 //! `concurrency_options.grace_period_seconds` and the deployment events
 //! (`prefect.deployment.updated` / `.deleted`) arrived in 3.7 (read in the 3.5 to 3.8
-//! release files). A feature is assumed from the first patch of the minor where it was measured.
+//! release files). A feature is assumed from the first patch of the minor where it was measured,
+//! but for a trigger's `schedule_after`, which arrived in the patch 3.4.15 (read in the
+//! 3.4.14 and 3.4.15 release files).
 
 use std::fmt;
 
@@ -27,6 +29,9 @@ pub struct Capabilities {
     pub grace_period: bool,
     /// The event stream carries `prefect.deployment.updated` / `.deleted`.
     pub deployment_events: bool,
+    /// A `run-deployment` action keeps `schedule_after`. An older server takes the field
+    /// and drops it: its automations run the deployment at once.
+    pub schedule_after: bool,
 }
 
 impl Capabilities {
@@ -40,6 +45,7 @@ impl Capabilities {
         limit_id: true,
         grace_period: true,
         deployment_events: true,
+        schedule_after: true,
     };
 
     /// The capabilities of a server reporting `version` (`3.4.25`, `3.1.15.dev3`, ...).
@@ -56,6 +62,7 @@ impl Capabilities {
             limit_id: minor >= (3, 3),
             grace_period: minor >= (3, 7),
             deployment_events: minor >= (3, 7),
+            schedule_after: v >= (3, 4, 15),
         }
     }
 
@@ -111,6 +118,9 @@ mod tests {
         assert!(Capabilities::of("3.7.0").grace_period);
         assert!(!Capabilities::of("3.6.29").deployment_events);
         assert!(Capabilities::of("3.7.0").deployment_events);
+        assert!(!Capabilities::of("3.4.14").schedule_after);
+        assert!(Capabilities::of("3.4.15").schedule_after);
+        assert!(Capabilities::of("3.5.0").schedule_after);
         assert_eq!(Capabilities::of("garbage"), Capabilities::LATEST);
         assert!(Capabilities::of("2.20.1").too_old());
         assert!(!Capabilities::of("3.1.0").too_old());

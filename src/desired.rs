@@ -273,6 +273,17 @@ impl DesiredDeployment {
                 }
             }
         }
+        if !caps.schedule_after {
+            // Sent all the same (such a server takes the field and drops it, so a
+            // status written before this check keeps its fingerprint); named when it
+            // asks for a delay the server will not make.
+            for (i, a) in self.automations.iter().enumerate() {
+                let after = &a["actions"][0]["schedule_after"];
+                if after.as_f64().is_some_and(|s| s != 0.0) {
+                    lost.push(format!("triggers[{i}].scheduleAfter"));
+                }
+            }
+        }
         if !caps.limit_id {
             if let Some(l) = self.limit.take() {
                 // The nearest this server has: a limit of the deployment's own.
