@@ -30,6 +30,7 @@ pub mod reason {
     pub const SECRET_NOT_ALLOWED: &str = "SecretNotAllowed";
     pub const PREFECT_UNREACHABLE: &str = "PrefectUnreachable";
     pub const PREFECT_REJECTED: &str = "PrefectRejected";
+    pub const PREFECT_UNAUTHORIZED: &str = "PrefectUnauthorized";
     pub const WORK_POOL_NOT_FOUND: &str = "WorkPoolNotFound";
     pub const CONFLICT: &str = "Conflict";
     pub const AUTOMATION_FAILED: &str = "AutomationFailed";

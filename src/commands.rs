@@ -180,9 +180,11 @@ async fn diff_one(
         let valid = checked.valid().map_err(|p| p.to_string())?;
         let (auth, live) = match kube {
             Some(k) => {
-                let auth = server::credentials(k, &ns, &pd.spec.server, &Default::default())
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let cache = server::CredentialCache::default();
+                let auth =
+                    server::credentials(k, &ns, &pd.spec.server, &Default::default(), &cache)
+                        .await
+                        .map_err(|e| e.to_string())?;
                 let api: kube::Api<crate::api::PrefectDeployment> =
                     kube::Api::namespaced(k.clone(), &ns);
                 let live = api

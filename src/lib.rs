@@ -60,6 +60,9 @@ pub enum Error {
     WorkPoolNotFound(String),
     #[error("{0}")]
     PrefectRejected(String),
+    /// The server refused the credentials (401 or 403).
+    #[error("{0}")]
+    PrefectUnauthorized(String),
     #[error("{0}")]
     Conflict(String),
     #[error("{0}")]
@@ -135,6 +138,14 @@ impl Error {
             Error::PrefectRejected(_) => {
                 (reason::PREFECT_REJECTED, "prefect_rejected", false, true)
             }
+            // The Secret, not the spec, needs fixing (or the key its access): retried,
+            // and the next pass reads the credentials anew.
+            Error::PrefectUnauthorized(_) => (
+                reason::PREFECT_UNAUTHORIZED,
+                "prefect_unauthorized",
+                false,
+                true,
+            ),
             Error::Conflict(_) => (reason::CONFLICT, "conflict", false, true),
             Error::AutomationFailed(_) => {
                 (reason::AUTOMATION_FAILED, "automation_failed", false, true)

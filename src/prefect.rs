@@ -1017,6 +1017,10 @@ fn failure_to_error(what: &str, f: Failure) -> Error {
     let msg = format!("{what}: {code}: {}", f.summary);
     if f.status.is_server_error() || code == 429 {
         Error::PrefectUnreachable(msg, None)
+    } else if code == 401 || code == 403 {
+        Error::PrefectUnauthorized(format!(
+            "{msg} (the server refused the credentials of spec.server)"
+        ))
     } else {
         Error::PrefectRejected(msg)
     }

@@ -566,6 +566,75 @@ async fn missing_secret_then_created() {
         .await;
 }
 
+/// Credentials are read once and kept, not read from the Secret on every pass; a server
+/// that refuses them makes the next pass read them anew, so a fixed (or rotated) Secret
+/// is used on the next retry rather than when the kept value expires (two minutes,
+/// longer than this test waits).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_credentials_are_read_again() {
+    let (env, _) = Env::new(Duration::from_secs(300)).await;
+    let secured = PrefectServer::start(Some("admin:s3cret"));
+    let pool = unique("pool");
+    let made = env
+        .raw
+        .post(format!("{}/work_pools/", secured.url))
+        .basic_auth("admin", Some("s3cret"))
+        .json(&json!({"name": pool, "type": "process"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(made.status().as_u16(), 201);
+    let secrets = Api::<Secret>::namespaced(env.kube.clone(), &env.ns);
+    let secret = |auth: &str| -> Secret {
+        serde_json::from_value(
+            json!({"metadata": {"name": "rotated"}, "stringData": {"auth": auth}}),
+        )
+        .unwrap()
+    };
+    secrets
+        .create(&PostParams::default(), &secret("admin:old"))
+        .await
+        .unwrap();
+    let name = unique("rotated");
+    let pd = resource(
+        &env,
+        &pool,
+        &name,
+        json!({
+            "server": {"remoteApiUrl": secured.url, "authString": {"valueFrom": {"secretKeyRef": {"name": "rotated", "key": "auth"}}}},
+            "deployment": {"entrypoint": "f.py:secured"}
+        }),
+    );
+    env.api.create(&PostParams::default(), &pd).await.unwrap();
+    let obj = env
+        .wait_for(&name, "PrefectUnauthorized", |o| {
+            ready(o).is_some_and(|r| r.1 == "PrefectUnauthorized")
+        })
+        .await;
+    let (_, _, message) = ready(&obj).unwrap();
+    assert!(message.contains("401"), "{message}");
+    assert!(
+        !message.contains("admin:old"),
+        "no credentials in status: {message}"
+    );
+    assert_eq!(kstatus_of(&obj), "Failed");
+
+    secrets
+        .replace("rotated", &PostParams::default(), &secret("admin:s3cret"))
+        .await
+        .unwrap();
+    env.wait_for(&name, "Ready with the new Secret", is_ready)
+        .await;
+
+    // Kept: with the Secret gone, a pass asked for now still has the credentials.
+    secrets
+        .delete("rotated", &DeleteParams::default())
+        .await
+        .unwrap();
+    let obj = env.reconcile_now(&name, "after-delete").await;
+    assert!(is_ready(&obj), "{:?}", ready(&obj));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn triggers_orphan_policy_and_unreachable_cleanup() {
     let (env, pool) = Env::new(Duration::from_secs(300)).await;

@@ -591,7 +591,10 @@ async fn triggers_are_applied_only_when_changed() {
         assert_eq!(first["actions"][0]["schedule_after"], json!(300.0));
         assert!(!lost.contains("scheduleAfter"), "{lost}");
     } else {
-        assert!(first["actions"][0].get("schedule_after").is_none(), "{first}");
+        assert!(
+            first["actions"][0].get("schedule_after").is_none(),
+            "{first}"
+        );
         assert!(lost.contains("triggers[0].scheduleAfter"), "{lost}");
     }
     let (_, compound) = env
@@ -837,16 +840,18 @@ async fn basic_auth_server() {
     let anon = PrefectClient::new(http_client(), &server.url, None, calls.clone());
     let err = anon.upsert_flow("f").await.unwrap_err();
     assert!(
-        matches!(err, Error::PrefectRejected(ref m) if m.contains("401")),
+        matches!(err, Error::PrefectUnauthorized(ref m) if m.contains("401")),
         "{err:?}"
     );
+    assert_eq!(err.reason(), "PrefectUnauthorized");
     let wrong = PrefectClient::new(
         http_client(),
         &server.url,
         Some(Auth::Basic("admin:nope".into())),
         calls.clone(),
     );
-    assert!(wrong.upsert_flow("f").await.is_err());
+    let err = wrong.upsert_flow("f").await.unwrap_err();
+    assert!(matches!(err, Error::PrefectUnauthorized(_)), "{err:?}");
     let authed = PrefectClient::new(
         http_client(),
         &server.url,

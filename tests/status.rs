@@ -39,6 +39,10 @@ fn every_outcome_reads_as_kstatus_expects() {
             "Failed",
         ),
         (Error::AutomationFailed("trigger refused".into()), "Failed"),
+        (
+            Error::PrefectUnauthorized("POST flows: 401".into()),
+            "Failed",
+        ),
         (Error::ServerNotAllowed("not allowed".into()), "Failed"),
         (Error::SecretNotAllowed("no label".into()), "Failed"),
         (Error::PrefectUnreachable("503".into(), None), "InProgress"),

@@ -125,6 +125,8 @@ pub struct Context {
     events: Arc<EventStreams>,
     /// When this operator started.
     started: Instant,
+    /// Credentials read from Secrets and ConfigMaps, kept for a while.
+    pub credentials: server::CredentialCache,
 }
 
 impl Context {
@@ -154,6 +156,7 @@ impl Context {
             stores: Mutex::default(),
             metrics,
             started: Instant::now(),
+            credentials: server::CredentialCache::default(),
         }
     }
 
@@ -699,6 +702,9 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
         }
         Err(e) => {
             ctx.synced.lock().expect("lock").remove(&oref);
+            if matches!(e, Error::PrefectUnauthorized(_)) {
+                ctx.credentials.forget(&ns, &obj.spec.server);
+            }
             report_failure(obj, ctx, &api, &state, &e).await?;
             Err(e)
         }
@@ -835,7 +841,14 @@ async fn prefect_client(
             "spec.server: {base} is not among the Prefect servers this operator may call (its --allowed-server list); no request was made"
         )));
     }
-    let auth = server::credentials(&ctx.kube, ns, &obj.spec.server, &ctx.access).await?;
+    let auth = server::credentials(
+        &ctx.kube,
+        ns,
+        &obj.spec.server,
+        &ctx.access,
+        &ctx.credentials,
+    )
+    .await?;
     let limit = ctx.limits.for_server(&base);
     let turn = ctx.limits.turn(&limit).await.map_err(|why| {
         Error::PrefectUnreachable(

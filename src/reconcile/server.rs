@@ -1,6 +1,10 @@
 //! Resolving `spec.server` to a base URL and credentials. Credentials are read only
 //! from the resource's own namespace.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::Api;
 
@@ -34,21 +38,80 @@ pub fn base_url(s: &ServerSpec, resource_namespace: &str) -> String {
     format!("http://{name}.{ns}.svc:{IN_CLUSTER_PORT}/api")
 }
 
-/// The credentials `s` names, read from the resource's namespace. Only Secrets and
-/// ConfigMaps that `access` allows are read.
+/// How long a credential read from a Secret or ConfigMap is used before it is read
+/// again. A server refusing it (401/403) drops it sooner: `CredentialCache::forget`.
+const CREDENTIAL_TTL: Duration = Duration::from_secs(120);
+/// Longer values are read every time rather than kept: real keys are a few dozen
+/// bytes, and a namespace must not fill the operator's memory with megabyte Secrets.
+const CREDENTIAL_MAX_KEPT: usize = 4096;
+/// Past this many sources, ones not in use and no longer fresh are dropped.
+const CREDENTIAL_SOURCES: usize = 1024;
+
+/// Credentials read from Secrets and ConfigMaps, per namespace, object and key. Without
+/// it every pass reads its Secret: a thousand resources sharing one API key made a
+/// thousand GETs each resync. Only values that passed the label check are kept; errors
+/// are not kept, so a Secret created or labelled later is seen on the next retry.
+#[derive(Default)]
+pub struct CredentialCache {
+    sources: Mutex<HashMap<Source, Slot>>,
+}
+
+/// (namespace, kind, name, key)
+type Source = (String, &'static str, String, String);
+/// One read at a time per source: passes that miss together make one GET.
+type Slot = Arc<tokio::sync::Mutex<Option<(Instant, String)>>>;
+
+impl CredentialCache {
+    fn slot(&self, source: &Source) -> Slot {
+        let mut map = self.sources.lock().expect("credential cache lock");
+        if map.len() >= CREDENTIAL_SOURCES && !map.contains_key(source) {
+            map.retain(|_, slot| match slot.try_lock() {
+                Ok(kept) => kept
+                    .as_ref()
+                    .is_some_and(|(at, _)| at.elapsed() < CREDENTIAL_TTL),
+                Err(_) => true,
+            });
+        }
+        map.entry(source.clone()).or_default().clone()
+    }
+
+    /// Drops what `s` reads in `namespace`, so the next pass reads it anew (the server
+    /// refused it: the Secret may have been rotated since it was read).
+    pub fn forget(&self, namespace: &str, s: &ServerSpec) {
+        let mut map = self.sources.lock().expect("credential cache lock");
+        for v in [&s.api_key, &s.auth_string].into_iter().flatten() {
+            if let Some((kind, name, key)) = source_of(v) {
+                map.remove(&(namespace.to_string(), kind, name, key));
+            }
+        }
+    }
+}
+
+fn source_of(v: &SecretValue) -> Option<(&'static str, String, String)> {
+    let from = v.value_from.as_ref()?;
+    let (kind, r) = match (&from.secret_key_ref, &from.config_map_key_ref) {
+        (Some(r), _) => ("Secret", r),
+        (None, Some(r)) => ("ConfigMap", r),
+        (None, None) => return None,
+    };
+    Some((kind, r.name.clone().unwrap_or_default(), r.key.clone()))
+}
+
+/// The credentials `s` names, read from the resource's namespace (or `cache`). Only
+/// Secrets and ConfigMaps that `access` allows are read.
 pub async fn credentials(
     kube: &kube::Client,
     namespace: &str,
     s: &ServerSpec,
     access: &Access,
+    cache: &CredentialCache,
 ) -> Result<Option<Auth>> {
+    let read = |v, field| cached(kube, namespace, v, field, access, cache);
     if let Some(key) = &s.api_key {
-        return Ok(Some(Auth::Bearer(
-            read(kube, namespace, key, "spec.server.apiKey", access).await?,
-        )));
+        return Ok(Some(Auth::Bearer(read(key, "spec.server.apiKey").await?)));
     }
     if let Some(auth) = &s.auth_string {
-        let value = read(kube, namespace, auth, "spec.server.authString", access).await?;
+        let value = read(auth, "spec.server.authString").await?;
         if !value.contains(':') {
             // The Secret, not the spec, needs fixing: keep retrying until it is.
             return Err(Error::SecretNotFound(
@@ -59,6 +122,32 @@ pub async fn credentials(
         return Ok(Some(Auth::Basic(value)));
     }
     Ok(None)
+}
+
+async fn cached(
+    kube: &kube::Client,
+    namespace: &str,
+    v: &SecretValue,
+    field: &str,
+    access: &Access,
+    cache: &CredentialCache,
+) -> Result<String> {
+    let Some((kind, name, key)) = v.value.is_none().then(|| source_of(v)).flatten() else {
+        return read(kube, namespace, v, field, access).await;
+    };
+    let slot = cache.slot(&(namespace.to_string(), kind, name, key));
+    let mut held = slot.lock().await;
+    if let Some((at, value)) = held.as_ref() {
+        if at.elapsed() < CREDENTIAL_TTL {
+            return Ok(value.clone());
+        }
+    }
+    *held = None;
+    let value = read(kube, namespace, v, field, access).await?;
+    if value.len() <= CREDENTIAL_MAX_KEPT {
+        *held = Some((Instant::now(), value.clone()));
+    }
+    Ok(value)
 }
 
 async fn read(
@@ -140,6 +229,39 @@ fn check_label(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn source(i: usize) -> Source {
+        ("ns".into(), "Secret", format!("s{i}"), "key".into())
+    }
+
+    #[tokio::test]
+    async fn kept_credentials_are_bounded_and_forgotten() {
+        let cache = CredentialCache::default();
+        let fresh = cache.slot(&source(0));
+        *fresh.lock().await = Some((Instant::now(), "admin:pass".into()));
+        let busy = cache.slot(&source(1));
+        let _reading = busy.lock().await;
+        for i in 2..CREDENTIAL_SOURCES {
+            cache.slot(&source(i));
+        }
+        // Full: the next new source drops the ones that hold nothing fresh, but not
+        // a fresh value or a read in progress.
+        cache.slot(&source(CREDENTIAL_SOURCES));
+        let held: Vec<Source> = cache.sources.lock().unwrap().keys().cloned().collect();
+        assert_eq!(held.len(), 3, "{held:?}");
+        for kept in [source(0), source(1), source(CREDENTIAL_SOURCES)] {
+            assert!(held.contains(&kept), "{kept:?}");
+        }
+        // A refused credential is dropped for the spec that named it.
+        let spec: ServerSpec = serde_json::from_value(serde_json::json!({
+            "authString": {"valueFrom": {"secretKeyRef": {"name": "s0", "key": "key"}}}
+        }))
+        .unwrap();
+        cache.forget("other", &spec);
+        assert!(cache.sources.lock().unwrap().contains_key(&source(0)));
+        cache.forget("ns", &spec);
+        assert!(!cache.sources.lock().unwrap().contains_key(&source(0)));
+    }
 
     #[test]
     fn urls() {
