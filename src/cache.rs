@@ -83,7 +83,46 @@ fn limit_of(
     })
 }
 
+/// What a resource's status says it made, for `Cached::recorded`.
+#[derive(Deserialize)]
+struct RecordedBody {
+    spec: ServerOnly,
+    #[serde(default)]
+    status: Option<PrefectDeploymentStatus>,
+}
+
+#[derive(Deserialize)]
+struct ServerOnly {
+    server: ServerSpec,
+}
+
+/// A resource whose status says its spec is applied: where, and what it made there.
+pub struct Recorded {
+    pub server: ServerSpec,
+    pub deployment_id: String,
+    pub automation_ids: Vec<String>,
+}
+
 impl Cached {
+    /// What the status records, when it says this generation is applied (its next pass
+    /// is a drift check); decodes the server and the status only.
+    pub fn recorded(&self) -> Option<Recorded> {
+        let text = self.body.text(&BODIES).ok()?;
+        let RecordedBody { spec, status } = serde_json::from_str(&text).ok()?;
+        let status = status?;
+        let applied = status.observed_generation.is_some()
+            && status.observed_generation == self.metadata.generation
+            && status
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True");
+        Some(Recorded {
+            server: spec.server,
+            deployment_id: status.deployment_id.filter(|_| applied)?,
+            automation_ids: status.automation_ids.unwrap_or_default(),
+        })
+    }
+
     /// The whole resource, decoded for a pass.
     pub fn decode(&self) -> Result<PrefectDeployment, serde_json::Error> {
         let text = self.body.text(&BODIES).map_err(serde::de::Error::custom)?;

@@ -14,6 +14,7 @@ use prefect_operator::access::{parse_label, Access};
 use prefect_operator::api::{
     PrefectDeployment, FINALIZER, RECONCILE_REQUESTED_AT, RUN_REQUESTED_AT,
 };
+use prefect_operator::metrics::ReconcileLabels;
 use prefect_operator::reconcile::{self, Context};
 use serde_json::{json, Value};
 use support::{unique, ControlPlane, PrefectServer};
@@ -1353,11 +1354,36 @@ async fn drift_checks_read_in_bulk() {
     // The operator restarts: it cannot know what changed in Prefect while it was away.
     env.task.abort();
     env.ctx = Arc::new(Context::new(env.kube.clone(), Duration::from_secs(300)));
-    env.task = tokio::spawn(reconcile::controller(env.api.clone(), env.ctx.clone(), 4));
+    // One pass at a time: each would otherwise read its own page.
+    env.task = tokio::spawn(reconcile::controller(env.api.clone(), env.ctx.clone(), 1));
     let count = |m: &str, e: &str| env.ctx.calls.count(m, e);
     let by_name = count("GET", "deployment_by_name");
     let related = count("GET", "automations_related_to");
     let writes = env.ctx.calls.writes();
+    // The restart's own checks (the resync comes 9 s later at the soonest) read what
+    // every status records together: one page of each kind, though the passes come
+    // one at a time.
+    let passes = env.ctx.metrics.reconciles.get_or_create(&ReconcileLabels {
+        result: "ok",
+        category: "",
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(8);
+    while passes.get() < names.len() as u64 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the restart's checks did not end"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (first, first_automations) = (
+        count("POST", "deployments_filter"),
+        count("POST", "automations_filter"),
+    );
+    assert!(first <= 2, "{first} reads of 8 deployments");
+    assert!(
+        first_automations <= 2,
+        "{first_automations} reads of 4 automations"
+    );
     // The first pass and two resync rounds (10 s, +-10% jitter). The first checks the
     // automations too: no stream told of changes made while the operator was away.
     tokio::time::sleep(Duration::from_secs(23)).await;

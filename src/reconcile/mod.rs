@@ -127,6 +127,8 @@ pub struct Context {
     started: Instant,
     /// Credentials read from Secrets and ConfigMaps, kept for a while.
     pub credentials: server::CredentialCache,
+    /// The caches (by their place in `stores`) whose recorded ids are registered.
+    registered: tokio::sync::Mutex<Vec<usize>>,
 }
 
 impl Context {
@@ -157,6 +159,7 @@ impl Context {
             metrics,
             started: Instant::now(),
             credentials: server::CredentialCache::default(),
+            registered: tokio::sync::Mutex::default(),
         }
     }
 
@@ -171,6 +174,67 @@ impl Context {
     pub fn with_access(mut self, access: Access) -> Self {
         self.access = access;
         self
+    }
+
+    /// Registers, once per cache, what every applied resource's status records with its
+    /// server's snapshots. Called by a start's first drift checks before they read: the
+    /// controller starts passes once its cache holds every resource, and registered only
+    /// by their own passes (a few dozen at once), each read carried the few that came
+    /// since the one before: 52 reads for 1000 deployments, 33 for 250 automations.
+    async fn register_recorded(&self) {
+        let mut done = self.registered.lock().await;
+        let stores = self.stores.lock().expect("lock").clone();
+        for (i, store) in stores.iter().enumerate() {
+            // Empty before its first list is in (it arrives whole).
+            let objects = store.state();
+            if done.contains(&i) || objects.is_empty() {
+                continue;
+            }
+            done.push(i);
+            // Decoding every status is CPU work: off the async workers.
+            let recorded: Vec<(String, String, crate::cache::Recorded)> = off_the_workers(|| {
+                objects
+                    .iter()
+                    .filter_map(|c| {
+                        let ns = c.metadata.namespace.clone().unwrap_or_default();
+                        let name = c.metadata.name.clone().unwrap_or_default();
+                        Some((ns, name, c.recorded()?))
+                    })
+                    .collect()
+            });
+            // Read as the passes read them (and kept for them), several at once; a
+            // resource whose Secret is missing or refused is left to its own pass.
+            let registered = futures::stream::iter(recorded)
+                .map(|(ns, name, r)| async move {
+                    let base = server::base_url(&r.server, &ns);
+                    if !self.access.server_allowed(&base) {
+                        return false;
+                    }
+                    let creds = server::credentials(
+                        &self.kube,
+                        &ns,
+                        &r.server,
+                        &self.access,
+                        &self.credentials,
+                    );
+                    let Ok(auth) = creds.await else {
+                        return false;
+                    };
+                    let client =
+                        PrefectClient::new(self.http.clone(), &base, auth, self.calls.clone());
+                    let who = Trigger::new(&name).within(&ns);
+                    self.snapshots
+                        .register(&client, &r.deployment_id, who.clone());
+                    self.snapshots
+                        .register_automations(&client, &who, &r.automation_ids);
+                    true
+                })
+                .buffer_unordered(16)
+                .filter(|done| std::future::ready(*done))
+                .count()
+                .await;
+            tracing::debug!(registered, "registered what applied resources record");
+        }
     }
 
     /// Checks the named global concurrency limit `valid` asks for against the other
@@ -547,6 +611,9 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
         let automations_in_bulk = state.check_automations && in_bulk;
         let deployment = match (&recorded, checking) {
             (Some(id), true) => {
+                if first_here {
+                    ctx.register_recorded().await;
+                }
                 ctx.snapshots.register(&client, id, oref.clone());
                 if automations_in_bulk {
                     let ids = &state.automation_ids;
