@@ -279,6 +279,46 @@ mod tests {
         assert_eq!(cached.decode().expect("decodes").status, None);
     }
 
+    /// What a start registers for a resource: only a status that says the resource's
+    /// current generation is applied (its next pass is a drift check).
+    #[test]
+    fn recorded_only_where_this_generation_is_applied() {
+        let condition = |status: &str| crate::api::Condition {
+            type_: "Ready".into(),
+            status: status.into(),
+            reason: "Synced".into(),
+            message: String::new(),
+            last_transition_time: "2026-01-01T00:00:00Z".into(),
+            observed_generation: Some(3),
+        };
+        let mut pd = limited_with_status("d1");
+        pd.metadata.generation = Some(3);
+        let status = pd.status.as_mut().expect("status");
+        status.automation_ids = Some(vec!["a1".into(), "a2".into()]);
+        status.observed_generation = Some(3);
+        status.conditions = vec![condition("True")];
+        let r = cache(&pd).recorded().expect("applied");
+        assert_eq!(r.deployment_id, "d1");
+        assert_eq!(r.automation_ids, ["a1", "a2"]);
+        assert_eq!(
+            r.server.remote_api_url.as_deref(),
+            Some("http://prefect:4200/api")
+        );
+
+        let mut newer = pd.clone();
+        newer.metadata.generation = Some(4);
+        assert!(
+            cache(&newer).recorded().is_none(),
+            "a spec change is applied first"
+        );
+        let mut failing = pd.clone();
+        failing.status.as_mut().expect("status").conditions = vec![condition("False")];
+        assert!(cache(&failing).recorded().is_none());
+        let mut fresh = pd.clone();
+        fresh.status = None;
+        assert!(cache(&fresh).recorded().is_none());
+    }
+
     const LIMITED: &str = r#"
 apiVersion: prefect.io/v1
 kind: PrefectDeployment
