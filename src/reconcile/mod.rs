@@ -177,17 +177,20 @@ impl Context {
     }
 
     /// Registers, once per cache, what every applied resource's status records with its
-    /// server's snapshots. Called by a start's first drift checks before they read: the
-    /// controller starts passes once its cache holds every resource, and registered only
-    /// by their own passes (a few dozen at once), each read carried the few that came
-    /// since the one before: 52 reads for 1000 deployments, 33 for 250 automations.
+    /// server's snapshots. Called by a start's first drift checks before they read (the
+    /// controller starts passes once its cache holds every resource), so the reads take
+    /// full pages; registered only by their own passes, a few dozen at once, each read
+    /// carried the few that came since the one before.
     async fn register_recorded(&self) {
         let mut done = self.registered.lock().await;
         let stores = self.stores.lock().expect("lock").clone();
         for (i, store) in stores.iter().enumerate() {
+            if done.contains(&i) {
+                continue;
+            }
             // Empty before its first list is in (it arrives whole).
             let objects = store.state();
-            if done.contains(&i) || objects.is_empty() {
+            if objects.is_empty() {
                 continue;
             }
             done.push(i);

@@ -44,7 +44,8 @@ const CREDENTIAL_TTL: Duration = Duration::from_secs(120);
 /// Longer values are read every time rather than kept: real keys are a few dozen
 /// bytes, and a namespace must not fill the operator's memory with megabyte Secrets.
 const CREDENTIAL_MAX_KEPT: usize = 4096;
-/// Past this many sources, ones not in use and no longer fresh are dropped.
+/// Past this many sources (or twice as many as were left the last time), ones not in
+/// use and no longer fresh are dropped.
 const CREDENTIAL_SOURCES: usize = 1024;
 
 /// Credentials read from Secrets and ConfigMaps, per namespace, object and key. Without
@@ -53,7 +54,15 @@ const CREDENTIAL_SOURCES: usize = 1024;
 /// are not kept, so a Secret created or labelled later is seen on the next retry.
 #[derive(Default)]
 pub struct CredentialCache {
-    sources: Mutex<HashMap<Source, Slot>>,
+    sources: Mutex<Sources>,
+}
+
+#[derive(Default)]
+struct Sources {
+    held: HashMap<Source, Slot>,
+    /// Pruned when `held` reaches this (at least `CREDENTIAL_SOURCES`): a scan per
+    /// doubling, not per new source, where many are fresh at once.
+    prune_at: usize,
 }
 
 /// (namespace, kind, name, key)
@@ -63,25 +72,29 @@ type Slot = Arc<tokio::sync::Mutex<Option<(Instant, String)>>>;
 
 impl CredentialCache {
     fn slot(&self, source: &Source) -> Slot {
-        let mut map = self.sources.lock().expect("credential cache lock");
-        if map.len() >= CREDENTIAL_SOURCES && !map.contains_key(source) {
-            map.retain(|_, slot| match slot.try_lock() {
+        let mut sources = self.sources.lock().expect("credential cache lock");
+        let Sources { held, prune_at } = &mut *sources;
+        if held.len() >= (*prune_at).max(CREDENTIAL_SOURCES) && !held.contains_key(source) {
+            held.retain(|_, slot| match slot.try_lock() {
                 Ok(kept) => kept
                     .as_ref()
                     .is_some_and(|(at, _)| at.elapsed() < CREDENTIAL_TTL),
                 Err(_) => true,
             });
+            *prune_at = 2 * held.len();
         }
-        map.entry(source.clone()).or_default().clone()
+        held.entry(source.clone()).or_default().clone()
     }
 
     /// Drops what `s` reads in `namespace`, so the next pass reads it anew (the server
     /// refused it: the Secret may have been rotated since it was read).
     pub fn forget(&self, namespace: &str, s: &ServerSpec) {
-        let mut map = self.sources.lock().expect("credential cache lock");
+        let mut sources = self.sources.lock().expect("credential cache lock");
         for v in [&s.api_key, &s.auth_string].into_iter().flatten() {
             if let Some((kind, name, key)) = source_of(v) {
-                map.remove(&(namespace.to_string(), kind, name, key));
+                sources
+                    .held
+                    .remove(&(namespace.to_string(), kind, name, key));
             }
         }
     }
@@ -247,7 +260,7 @@ mod tests {
         // Full: the next new source drops the ones that hold nothing fresh, but not
         // a fresh value or a read in progress.
         cache.slot(&source(CREDENTIAL_SOURCES));
-        let held: Vec<Source> = cache.sources.lock().unwrap().keys().cloned().collect();
+        let held: Vec<Source> = cache.sources.lock().unwrap().held.keys().cloned().collect();
         assert_eq!(held.len(), 3, "{held:?}");
         for kept in [source(0), source(1), source(CREDENTIAL_SOURCES)] {
             assert!(held.contains(&kept), "{kept:?}");
@@ -258,9 +271,9 @@ mod tests {
         }))
         .unwrap();
         cache.forget("other", &spec);
-        assert!(cache.sources.lock().unwrap().contains_key(&source(0)));
+        assert!(cache.sources.lock().unwrap().held.contains_key(&source(0)));
         cache.forget("ns", &spec);
-        assert!(!cache.sources.lock().unwrap().contains_key(&source(0)));
+        assert!(!cache.sources.lock().unwrap().held.contains_key(&source(0)));
     }
 
     #[test]
