@@ -133,6 +133,15 @@ impl Env {
         }
     }
 
+    /// Polls the resource until `Ready` has `reason`; the resource and the message.
+    async fn wait_for_reason(&self, name: &str, reason: &str) -> (PrefectDeployment, String) {
+        let obj = self
+            .wait_for(name, reason, |o| ready(o).is_some_and(|r| r.1 == reason))
+            .await;
+        let message = ready(&obj).map(|r| r.2).unwrap_or_default();
+        (obj, message)
+    }
+
     /// Asks for a pass now (`reconcile.fluxcd.io/requestedAt: token`) and waits until a
     /// pass has answered it.
     async fn reconcile_now(&self, name: &str, token: &str) -> PrefectDeployment {
@@ -538,12 +547,7 @@ async fn missing_secret_then_created() {
         }),
     );
     env.api.create(&PostParams::default(), &pd).await.unwrap();
-    let obj = env
-        .wait_for(&name, "SecretNotFound", |o| {
-            ready(o).is_some_and(|r| r.1 == "SecretNotFound")
-        })
-        .await;
-    let (_, _, message) = ready(&obj).unwrap();
+    let (obj, message) = env.wait_for_reason(&name, "SecretNotFound").await;
     assert!(
         message.contains(r#"Secret "prefect-auth" not found"#),
         "{message}"
@@ -607,12 +611,7 @@ async fn refused_credentials_are_read_again() {
         }),
     );
     env.api.create(&PostParams::default(), &pd).await.unwrap();
-    let obj = env
-        .wait_for(&name, "PrefectUnauthorized", |o| {
-            ready(o).is_some_and(|r| r.1 == "PrefectUnauthorized")
-        })
-        .await;
-    let (_, _, message) = ready(&obj).unwrap();
+    let (obj, message) = env.wait_for_reason(&name, "PrefectUnauthorized").await;
     assert!(message.contains("401"), "{message}");
     assert!(
         !message.contains("admin:old"),
@@ -1178,12 +1177,7 @@ async fn access_policy_servers_and_secret_labels() {
         }),
     );
     env.api.create(&PostParams::default(), &pd).await.unwrap();
-    let obj = env
-        .wait_for(&name, "SecretNotAllowed", |o| {
-            ready(o).is_some_and(|r| r.1 == "SecretNotAllowed")
-        })
-        .await;
-    let (_, _, message) = ready(&obj).unwrap();
+    let (obj, message) = env.wait_for_reason(&name, "SecretNotAllowed").await;
     assert!(message.contains("prefect.io/credentials=true"), "{message}");
     assert_eq!(kstatus_of(&obj), "Failed");
     assert!(env.ctx.calls.snapshot().is_empty());
