@@ -110,12 +110,7 @@ impl Cached {
         let text = self.body.text(&BODIES).ok()?;
         let RecordedBody { spec, status } = serde_json::from_str(&text).ok()?;
         let status = status?;
-        let applied = status.observed_generation.is_some()
-            && status.observed_generation == self.metadata.generation
-            && status
-                .conditions
-                .iter()
-                .any(|c| c.type_ == "Ready" && c.status == "True");
+        let applied = crate::reconcile::status::applied(Some(&status), self.metadata.generation);
         Some(Recorded {
             server: spec.server,
             deployment_id: status.deployment_id.filter(|_| applied)?,

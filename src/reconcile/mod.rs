@@ -176,6 +176,23 @@ impl Context {
         self
     }
 
+    /// The base URL `s` points at from namespace `ns`, if this operator may call it, and
+    /// the credentials to call it with.
+    async fn server(
+        &self,
+        s: &crate::api::ServerSpec,
+        ns: &str,
+    ) -> Result<(String, Option<crate::prefect::Auth>)> {
+        let base = server::base_url(s, ns);
+        if !self.access.server_allowed(&base) {
+            return Err(Error::ServerNotAllowed(format!(
+                "spec.server: {base} is not among the Prefect servers this operator may call (its --allowed-server list); no request was made"
+            )));
+        }
+        let auth = server::credentials(&self.kube, ns, s, &self.access, &self.credentials);
+        Ok((base, auth.await?))
+    }
+
     /// Registers, once per cache, what every applied resource's status records with its
     /// server's snapshots. Called by a start's first drift checks before they read (the
     /// controller starts passes once its cache holds every resource), so the reads take
@@ -205,22 +222,12 @@ impl Context {
                     })
                     .collect()
             });
-            // Read as the passes read them (and kept for them), several at once; a
-            // resource whose Secret is missing or refused is left to its own pass.
+            // Credentials read as the passes read them (and kept for them), several at
+            // once; a resource whose server is not allowed or whose Secret cannot be read
+            // is left to its own pass.
             let registered = futures::stream::iter(recorded)
                 .map(|(ns, name, r)| async move {
-                    let base = server::base_url(&r.server, &ns);
-                    if !self.access.server_allowed(&base) {
-                        return false;
-                    }
-                    let creds = server::credentials(
-                        &self.kube,
-                        &ns,
-                        &r.server,
-                        &self.access,
-                        &self.credentials,
-                    );
-                    let Ok(auth) = creds.await else {
+                    let Ok((base, auth)) = self.server(&r.server, &ns).await else {
                         return false;
                     };
                     let client =
@@ -576,12 +583,7 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
 
     let mut state = status::state_of(old);
     // Whether this generation was applied before: then this pass is a drift check.
-    state.spec_applied = old.is_some_and(|s| {
-        s.observed_generation == generation
-            && s.conditions
-                .iter()
-                .any(|c| c.type_ == status::READY && c.status == "True")
-    });
+    state.spec_applied = status::applied(old, generation);
     let mut changes = Vec::new();
     let mut last_run = old.and_then(|s| s.last_run.clone());
     let outcome = async {
@@ -905,20 +907,7 @@ async fn prefect_client(
     ctx: &Context,
     ns: &str,
 ) -> Result<(PrefectClient, Option<crate::limit::Turn>)> {
-    let base = server::base_url(&obj.spec.server, ns);
-    if !ctx.access.server_allowed(&base) {
-        return Err(Error::ServerNotAllowed(format!(
-            "spec.server: {base} is not among the Prefect servers this operator may call (its --allowed-server list); no request was made"
-        )));
-    }
-    let auth = server::credentials(
-        &ctx.kube,
-        ns,
-        &obj.spec.server,
-        &ctx.access,
-        &ctx.credentials,
-    )
-    .await?;
+    let (base, auth) = ctx.server(&obj.spec.server, ns).await?;
     let limit = ctx.limits.for_server(&base);
     let turn = ctx.limits.turn(&limit).await.map_err(|why| {
         Error::PrefectUnreachable(

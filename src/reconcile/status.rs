@@ -157,6 +157,17 @@ pub fn kept_preview(old: Option<&PrefectDeploymentStatus>) -> Preview {
         .unwrap_or_default()
 }
 
+/// Whether `status` says generation `generation` is applied: the resource's next pass
+/// with nothing new asked is a drift check.
+pub fn applied(status: Option<&PrefectDeploymentStatus>, generation: Option<i64>) -> bool {
+    status.is_some_and(|s| {
+        s.observed_generation == generation
+            && s.conditions
+                .iter()
+                .any(|c| c.type_ == READY && c.status == "True")
+    })
+}
+
 pub fn state_of(status: Option<&PrefectDeploymentStatus>) -> SyncState {
     status
         .map(|s| SyncState {
