@@ -124,9 +124,7 @@ pub(super) async fn finalize(
                 .await;
             }
             Err(e) => {
-                if matches!(e, crate::Error::PrefectUnauthorized(_)) {
-                    ctx.credentials.forget(&ns, &obj.spec.server);
-                }
+                ctx.refused_credentials(obj, &e);
                 let msg = format!("Could not delete the Prefect deployment, will retry: {e}");
                 let failure = Failure {
                     reason: reason::CLEANUP_FAILED,

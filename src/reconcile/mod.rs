@@ -193,6 +193,15 @@ impl Context {
         Ok((base, auth.await?))
     }
 
+    /// After a pass failed with `e`: credentials the server refused are dropped, so the
+    /// next pass reads them anew (the Secret may have been fixed or rotated since).
+    fn refused_credentials(&self, obj: &PrefectDeployment, e: &Error) {
+        if matches!(e, Error::PrefectUnauthorized(_)) {
+            let ns = obj.namespace().unwrap_or_default();
+            self.credentials.forget(&ns, &obj.spec.server);
+        }
+    }
+
     /// Registers, once per cache, what every applied resource's status records with its
     /// server's snapshots. Called by a start's first drift checks before they read (the
     /// controller starts passes once its cache holds every resource), so the reads take
@@ -774,9 +783,7 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
         }
         Err(e) => {
             ctx.synced.lock().expect("lock").remove(&oref);
-            if matches!(e, Error::PrefectUnauthorized(_)) {
-                ctx.credentials.forget(&ns, &obj.spec.server);
-            }
+            ctx.refused_credentials(obj, &e);
             report_failure(obj, ctx, &api, &state, &e).await?;
             Err(e)
         }
