@@ -47,10 +47,10 @@ pub struct Metrics {
     ready_by_uid: Mutex<HashMap<String, &'static str>>,
     drifted: Gauge,
     drifted_uids: Mutex<std::collections::HashSet<String>>,
-    /// Prefect servers whose event stream is connected.
+    /// Prefect servers whose event stream is connected and delivers.
     pub event_streams: Gauge,
     /// Prefect servers followed whose event stream is not up (connecting, refused,
-    /// or switched off on the server).
+    /// switched off on the server, or not shown to deliver).
     pub event_streams_down: Gauge,
     /// Event streams lost (each falls back to the resync until it is back).
     pub event_stream_drops: Counter,
@@ -100,13 +100,13 @@ impl Metrics {
         let event_streams = Gauge::default();
         registry.register(
             "event_streams_connected",
-            "Prefect servers whose event stream is connected (changes there are repaired at once)",
+            "Prefect servers whose event stream is connected and delivers (a probe event came back; changes there are repaired at once)",
             event_streams.clone(),
         );
         let event_streams_down = Gauge::default();
         registry.register(
             "event_streams_down",
-            "Prefect servers with managed deployments whose event stream is not up (changes there are found by the drift check)",
+            "Prefect servers with managed deployments whose event stream is not up or not shown to deliver (changes there are found by the drift check)",
             event_streams_down.clone(),
         );
         let event_stream_drops = Counter::default();

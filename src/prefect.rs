@@ -127,13 +127,14 @@ impl CallLog {
             .unwrap_or(0)
     }
 
-    /// Requests that change something in Prefect: all but GETs and the bulk reads
-    /// (`POST .../filter`).
+    /// Requests that change something in Prefect: all but GETs, the bulk reads
+    /// (`POST .../filter`) and the event stream's probes (`POST /events`, an event about
+    /// the operator itself).
     #[cfg(feature = "test-util")]
     pub fn writes(&self) -> u64 {
         self.snapshot()
             .iter()
-            .filter(|((m, e), _)| m != "GET" && !e.ends_with("_filter"))
+            .filter(|((m, e), _)| m != "GET" && !e.ends_with("_filter") && *e != "events")
             .map(|(_, n)| n)
             .sum()
     }
@@ -357,6 +358,14 @@ impl PrefectClient {
             Ok(Some(v)) => v["server"]["events"]["stream_out_enabled"] == Value::Bool(false),
             _ => false,
         }
+    }
+
+    /// Posts one event (`POST /events`): how the event stream checks that it delivers.
+    pub async fn emit_event(&self, event: &Value) -> Result<(), Error> {
+        let body = Value::Array(vec![event.clone()]);
+        self.call(Method::POST, "events", "/events", Some(&body))
+            .await
+            .map(|_| ())
     }
 
     /// Shares an adaptive in-flight limit with every other client of this server.

@@ -2239,6 +2239,58 @@ async fn a_server_whose_event_stream_is_switched_off_is_checked_on_the_resync() 
     );
 }
 
+/// Two API replicas on one database with no message broker between them, behind one
+/// address: the event stream reaches one replica and everything else the other, so the
+/// stream connects and authenticates but never delivers. The operator does not count it
+/// as up (the probe event it posts never comes back) and reads automations on each drift
+/// check instead: one deleted in Prefect is made again within an interval.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_delivers_nothing_is_not_trusted() {
+    let (env, _) = Env::new(Duration::from_secs(10)).await;
+    let db = tempfile::tempdir().unwrap();
+    let url = format!(
+        "sqlite+aiosqlite:///{}",
+        db.path().join("prefect.db").display()
+    );
+    let api = PrefectServer::start_on_database(None, &url, &[]);
+    let stream = PrefectServer::start_on_database(None, &url, &[]);
+    let front = support::SplitFront::start(&api, &stream);
+    let pool = support::create_pool(&api);
+    let name = "stream-deaf";
+    let mut pd = resource(
+        &env,
+        &pool,
+        name,
+        json!({"deployment": {"entrypoint": "flows/d.py:deaf",
+            "triggers": [{"expect": ["prefect.flow-run.Completed"]}]}}),
+    );
+    pd.spec.server.remote_api_url = Some(front.url.clone());
+    env.api.create(&PostParams::default(), &pd).await.unwrap();
+    let obj = env.wait_for(name, "ready", is_ready).await;
+    let first = obj.status.unwrap().automation_ids.unwrap();
+    assert_eq!(first.len(), 1);
+
+    // The stream's task posts its probe on its own; wait for that.
+    let probes = || env.ctx.calls.count("POST", "events");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while probes() == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no probe event was posted"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(env.ctx.metrics.event_streams.get(), 0);
+    assert_eq!(env.ctx.metrics.event_streams_down.get(), 1);
+
+    delete_and_see_it_made_again(&env, name, &api.url, &first[0]).await;
+    assert!(
+        env.ctx.calls.count("POST", "automations_filter") >= 1,
+        "the checks used the bulk read"
+    );
+    assert_eq!(env.ctx.metrics.event_streams.get(), 0);
+}
+
 /// Deletes automation `old` of resource `name` through the API of the server at `base`,
 /// waits until the resource records a new one in its place, and returns it as Prefect
 /// has it.

@@ -1273,7 +1273,8 @@ async fn event_stream_with_basic_auth_triggers_watched_resources() {
     let who = kube::runtime::reflector::ObjectRef::new("watched").within("team");
     let caps = client.capabilities().await.unwrap();
     let base = client.base_url().to_string();
-    let following = streams.watch(&base, &caps, Some(auth), &watched, &[], who.clone());
+    let every = Duration::from_secs(60);
+    let following = streams.watch(&base, &caps, Some(auth), &watched, &[], who.clone(), every);
     // Before 3.7 Prefect announces no deployment changes: nothing to follow, the
     // resync alone finds them.
     assert_eq!(following, caps.deployment_events);
@@ -1437,8 +1438,31 @@ async fn event_stream_authenticates_with_a_cloud_api_key() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel::<Value>();
+    // Probe events posted over HTTP, to be sent back through the stream.
+    let (posted_tx, mut posted) = tokio::sync::mpsc::unbounded_channel::<Value>();
+    let (ws_tx, ws_rx) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
-        let (tcp, _) = listener.accept().await.unwrap();
+        let mut ws_tx = Some(ws_tx);
+        loop {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            let mut head = [0u8; 5];
+            tcp.peek(&mut head).await.unwrap();
+            if &head == b"POST " {
+                let posted_tx = posted_tx.clone();
+                tokio::spawn(async move {
+                    if let Some(events) = read_post(&mut tcp, KEY).await {
+                        for e in events.as_array().into_iter().flatten() {
+                            let _ = posted_tx.send(e.clone());
+                        }
+                    }
+                });
+            } else if let Some(tx) = ws_tx.take() {
+                let _ = tx.send(tcp);
+            }
+        }
+    });
+    tokio::spawn(async move {
+        let tcp = ws_rx.await.unwrap();
         let mut path = String::new();
         let ws = tokio_tungstenite::accept_hdr_async(tcp, |req: &Request, mut resp: Response| {
             path = req.uri().path().to_string();
@@ -1475,8 +1499,19 @@ async fn event_stream_authenticates_with_a_cloud_api_key() {
             "id": "e-1",
         }});
         ws.send(Message::text(event.to_string())).await.unwrap();
-        // Keep the stream open until the client goes.
-        while let Some(Ok(_)) = ws.next().await {}
+        // Echo what is posted, until the client goes.
+        loop {
+            tokio::select! {
+                e = posted.recv() => {
+                    let Some(e) = e else { break };
+                    let echo = json!({"type": "event", "event": e});
+                    if ws.send(Message::text(echo.to_string())).await.is_err() {
+                        break;
+                    }
+                }
+                m = ws.next() => if !matches!(m, Some(Ok(_))) { break },
+            }
+        }
     });
 
     let calls = Arc::new(CallLog::default());
@@ -1487,7 +1522,16 @@ async fn event_stream_authenticates_with_a_cloud_api_key() {
     let who = kube::runtime::reflector::ObjectRef::new("cloud").within("team");
     let base = format!("http://127.0.0.1:{port}/api/accounts/a/workspaces/w");
     let key = Some(Auth::Bearer(KEY.into()));
-    assert!(streams.watch(&base, &Capabilities::LATEST, key, "d-1", &[], who.clone()));
+    let every = Duration::from_secs(60);
+    assert!(streams.watch(
+        &base,
+        &Capabilities::LATEST,
+        key,
+        "d-1",
+        &[],
+        who.clone(),
+        every
+    ));
 
     let within = Duration::from_secs(20);
     let auth = tokio::time::timeout(within, seen.recv()).await.unwrap();
@@ -1504,16 +1548,71 @@ async fn event_stream_authenticates_with_a_cloud_api_key() {
             "prefect.deployment.updated",
             "prefect.deployment.deleted",
             "prefect.automation.updated",
-            "prefect.automation.deleted"
+            "prefect.automation.deleted",
+            "prefect-operator.stream.probe"
         ])
     );
     assert_eq!(
         filter["filter"]["resource"]["id_prefix"],
-        json!(["prefect.deployment.", "prefect.automation."])
+        json!([
+            "prefect.deployment.",
+            "prefect.automation.",
+            "prefect-operator.stream."
+        ])
     );
     let next = tokio::time::timeout(within, triggers.next()).await;
     assert_eq!(next.expect("a trigger").unwrap(), who);
-    assert_eq!(streams.connected(), 1);
+    // Up once the probe, posted with the same key, came back through the stream.
+    let deadline = tokio::time::Instant::now() + within;
+    while streams.connected() < 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the probe never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Reads one HTTP request from `tcp` and answers it: 204 with the JSON body returned when
+/// it carries bearer `key`, 401 otherwise.
+async fn read_post(tcp: &mut tokio::net::TcpStream, key: &str) -> Option<Value> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let end = loop {
+        let n = tcp.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+    let header = |name: &str| {
+        head.lines().find_map(|l| {
+            l.strip_prefix(&format!("{name}:"))
+                .map(|v| v.trim().to_string())
+        })
+    };
+    let length: usize = header("content-length")?.parse().ok()?;
+    while buf.len() < end + length {
+        let n = tcp.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let authorized = header("authorization") == Some(format!("bearer {}", key.to_lowercase()));
+    let status = if authorized {
+        "204 No Content"
+    } else {
+        "401 Unauthorized"
+    };
+    let answer = format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+    tcp.write_all(answer.as_bytes()).await.ok()?;
+    authorized.then(|| serde_json::from_slice(&buf[end..end + length]).ok())?
 }
 
 /// Drift checks plan against a bulk snapshot of the managed deployments. One registered

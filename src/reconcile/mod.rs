@@ -672,6 +672,7 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
                 id,
                 &state.automation_ids,
                 oref.clone(),
+                resync,
             );
         }
         if let Some(old_id) = recorded.filter(|o| Some(o) != state.deployment_id.as_ref()) {

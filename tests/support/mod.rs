@@ -1037,6 +1037,56 @@ impl CountingProxy {
     }
 }
 
+/// The front of two Prefect API replicas that share a database but no message broker:
+/// event-stream websockets go to one, every other request to the other. An event posted
+/// through the front (or made by a change through it) never reaches a stream opened
+/// through it, yet the stream connects and authenticates as usual.
+pub struct SplitFront {
+    /// The front's API base (`http://127.0.0.1:PORT/api`).
+    pub url: String,
+}
+
+impl SplitFront {
+    pub fn start(api: &PrefectServer, stream: &PrefectServer) -> SplitFront {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (api, stream) = (api.port, stream.port);
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                loop {
+                    let Ok((mut client, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    tokio::spawn(async move {
+                        // The request line decides; a client sends it in one piece.
+                        let mut head = [0u8; 32];
+                        let n = client.peek(&mut head).await.unwrap_or(0);
+                        let to = if head[..n].starts_with(b"GET /api/events/out") {
+                            stream
+                        } else {
+                            api
+                        };
+                        if let Ok(mut upstream) =
+                            tokio::net::TcpStream::connect(("127.0.0.1", to)).await
+                        {
+                            let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                        }
+                    });
+                }
+            });
+        });
+        SplitFront {
+            url: format!("http://127.0.0.1:{port}/api"),
+        }
+    }
+}
+
 /// Records `req` in `log` and forwards it to `origin`, answering with the upstream's
 /// status, content type and body (502 when the upstream cannot be reached).
 async fn proxy_one(
