@@ -2205,34 +2205,19 @@ async fn a_server_whose_event_stream_is_switched_off_is_checked_on_the_resync() 
         "false",
     )]);
     let pool = support::create_pool(&off);
-    let name = "stream-off";
-    let mut pd = resource(
-        &env,
-        &pool,
-        name,
-        json!({"deployment": {"entrypoint": "flows/o.py:off",
-            "triggers": [{"expect": ["prefect.flow-run.Completed"]}]}}),
-    );
-    pd.spec.server.remote_api_url = Some(off.url.clone());
-    env.api.create(&PostParams::default(), &pd).await.unwrap();
-    let obj = env.wait_for(name, "ready", is_ready).await;
-    let first = obj.status.unwrap().automation_ids.unwrap();
-    assert_eq!(first.len(), 1);
-
+    let first = ready_with_a_trigger_on(&env, &pool, "stream-off", &off.url).await;
     // The stream's task reads the setting on its own; wait for that read.
-    let settings_read = || env.ctx.calls.count("GET", "admin_settings");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while settings_read() == 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the server's settings were not read"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_for_call(
+        &env,
+        "GET",
+        "admin_settings",
+        "the server's settings were not read",
+    )
+    .await;
     assert_eq!(env.ctx.metrics.event_streams_down.get(), 1);
     assert_eq!(env.ctx.metrics.event_streams.get(), 0);
 
-    delete_and_see_it_made_again(&env, name, &off.url, &first[0]).await;
+    delete_and_see_it_made_again(&env, "stream-off", &off.url, &first).await;
     assert!(
         env.ctx.calls.count("POST", "automations_filter") >= 1,
         "the checks used the bulk read"
@@ -2256,39 +2241,45 @@ async fn a_stream_that_delivers_nothing_is_not_trusted() {
     let stream = PrefectServer::start_on_database(None, &url, &[]);
     let front = support::SplitFront::start(&api, &stream);
     let pool = support::create_pool(&api);
-    let name = "stream-deaf";
-    let mut pd = resource(
-        &env,
-        &pool,
-        name,
-        json!({"deployment": {"entrypoint": "flows/d.py:deaf",
-            "triggers": [{"expect": ["prefect.flow-run.Completed"]}]}}),
-    );
-    pd.spec.server.remote_api_url = Some(front.url.clone());
-    env.api.create(&PostParams::default(), &pd).await.unwrap();
-    let obj = env.wait_for(name, "ready", is_ready).await;
-    let first = obj.status.unwrap().automation_ids.unwrap();
-    assert_eq!(first.len(), 1);
-
+    let first = ready_with_a_trigger_on(&env, &pool, "stream-deaf", &front.url).await;
     // The stream's task posts its probe on its own; wait for that.
-    let probes = || env.ctx.calls.count("POST", "events");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while probes() == 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no probe event was posted"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_for_call(&env, "POST", "events", "no probe event was posted").await;
     assert_eq!(env.ctx.metrics.event_streams.get(), 0);
     assert_eq!(env.ctx.metrics.event_streams_down.get(), 1);
 
-    delete_and_see_it_made_again(&env, name, &api.url, &first[0]).await;
+    delete_and_see_it_made_again(&env, "stream-deaf", &api.url, &first).await;
     assert!(
         env.ctx.calls.count("POST", "automations_filter") >= 1,
         "the checks used the bulk read"
     );
     assert_eq!(env.ctx.metrics.event_streams.get(), 0);
+}
+
+/// Creates resource `name` with one trigger, on the Prefect server at `url` (its work
+/// pool `pool` there), waits until it is Ready and returns its automation's id.
+async fn ready_with_a_trigger_on(env: &Env, pool: &str, name: &str, url: &str) -> String {
+    let mut pd = resource(
+        env,
+        pool,
+        name,
+        json!({"deployment": {"entrypoint": format!("flows/{name}.py:main"),
+            "triggers": [{"expect": ["prefect.flow-run.Completed"]}]}}),
+    );
+    pd.spec.server.remote_api_url = Some(url.to_string());
+    env.api.create(&PostParams::default(), &pd).await.unwrap();
+    let obj = env.wait_for(name, "ready", is_ready).await;
+    let ids = obj.status.unwrap().automation_ids.unwrap();
+    assert_eq!(ids.len(), 1);
+    ids[0].clone()
+}
+
+/// Waits (30 s at most) until the operator has made request `method endpoint` once.
+async fn wait_for_call(env: &Env, method: &str, endpoint: &'static str, failure: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while env.ctx.calls.count(method, endpoint) == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "{failure}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Deletes automation `old` of resource `name` through the API of the server at `base`,

@@ -302,8 +302,9 @@ impl Operator {
             "prefect_operator_prefect_request_duration_seconds_count",
             &["method=\"GET\""],
         );
-        // The bulk reads of drift checks are POSTs that change nothing.
-        let bulk_reads: f64 = ["deployments_filter", "automations_filter"]
+        // The bulk reads of drift checks, and the event stream's probes (an event about
+        // the operator), are POSTs that change nothing a resource manages.
+        let bulk_reads: f64 = ["deployments_filter", "automations_filter", "events"]
             .iter()
             .map(|e| {
                 self.metric_sum(

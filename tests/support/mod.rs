@@ -995,35 +995,25 @@ pub struct CountingProxy {
 
 impl CountingProxy {
     pub fn start(server: &PrefectServer) -> CountingProxy {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let port = listener.local_addr().unwrap().port();
         let origin = server.url.trim_end_matches("/api").to_string();
         let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let log = seen.clone();
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                let http = reqwest::Client::new();
-                loop {
-                    let Ok((stream, _)) = listener.accept().await else {
-                        continue;
-                    };
+        let port = serve_on_own_thread(move |listener| async move {
+            let http = reqwest::Client::new();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (http, origin, log) = (http.clone(), origin.clone(), log.clone());
+                let service = hyper::service::service_fn(move |req| {
                     let (http, origin, log) = (http.clone(), origin.clone(), log.clone());
-                    let service = hyper::service::service_fn(move |req| {
-                        let (http, origin, log) = (http.clone(), origin.clone(), log.clone());
-                        async move { proxy_one(&http, &origin, &log, req).await }
-                    });
-                    tokio::spawn(
-                        hyper::server::conn::http1::Builder::new()
-                            .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
-                    );
-                }
-            });
+                    async move { proxy_one(&http, &origin, &log, req).await }
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+                );
+            }
         });
         CountingProxy {
             url: format!("http://127.0.0.1:{port}/api"),
@@ -1048,43 +1038,55 @@ pub struct SplitFront {
 
 impl SplitFront {
     pub fn start(api: &PrefectServer, stream: &PrefectServer) -> SplitFront {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let port = listener.local_addr().unwrap().port();
         let (api, stream) = (api.port, stream.port);
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                loop {
-                    let Ok((mut client, _)) = listener.accept().await else {
-                        continue;
+        let port = serve_on_own_thread(move |listener| async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    continue;
+                };
+                tokio::spawn(async move {
+                    // The request line decides; a client sends it in one piece.
+                    let mut head = [0u8; 32];
+                    let n = client.peek(&mut head).await.unwrap_or(0);
+                    let to = if head[..n].starts_with(b"GET /api/events/out") {
+                        stream
+                    } else {
+                        api
                     };
-                    tokio::spawn(async move {
-                        // The request line decides; a client sends it in one piece.
-                        let mut head = [0u8; 32];
-                        let n = client.peek(&mut head).await.unwrap_or(0);
-                        let to = if head[..n].starts_with(b"GET /api/events/out") {
-                            stream
-                        } else {
-                            api
-                        };
-                        if let Ok(mut upstream) =
-                            tokio::net::TcpStream::connect(("127.0.0.1", to)).await
-                        {
-                            let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
-                        }
-                    });
-                }
-            });
+                    if let Ok(mut upstream) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", to)).await
+                    {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                    }
+                });
+            }
         });
         SplitFront {
             url: format!("http://127.0.0.1:{port}/api"),
         }
     }
+}
+
+/// Runs `serve` on a listener bound to a free loopback port, on a thread and runtime of
+/// its own (so a test may block on a child process meanwhile), and returns the port.
+fn serve_on_own_thread<F, Fut>(serve: F) -> u16
+where
+    F: FnOnce(tokio::net::TcpListener) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            serve(tokio::net::TcpListener::from_std(listener).unwrap()).await;
+        });
+    });
+    port
 }
 
 /// Records `req` in `log` and forwards it to `origin`, answering with the upstream's
