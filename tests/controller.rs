@@ -2214,14 +2214,7 @@ async fn a_server_whose_event_stream_is_switched_off_is_checked_on_the_resync() 
         "the server's settings were not read",
     )
     .await;
-    assert_eq!(env.ctx.metrics.event_streams_down.get(), 1);
-    assert_eq!(env.ctx.metrics.event_streams.get(), 0);
-
-    delete_and_see_it_made_again(&env, "stream-off", &off.url, &first).await;
-    assert!(
-        env.ctx.calls.count("POST", "automations_filter") >= 1,
-        "the checks used the bulk read"
-    );
+    checked_on_the_resync(&env, "stream-off", &off.url, &first).await;
 }
 
 /// Two API replicas on one database with no message broker between them, behind one
@@ -2244,10 +2237,15 @@ async fn a_stream_that_delivers_nothing_is_not_trusted() {
     let first = ready_with_a_trigger_on(&env, &pool, "stream-deaf", &front.url).await;
     // The stream's task posts its probe on its own; wait for that.
     wait_for_call(&env, "POST", "events", "no probe event was posted").await;
+    checked_on_the_resync(&env, "stream-deaf", &api.url, &first).await;
+}
+
+/// The one server's stream counts as down, and automation `first` of resource `name`,
+/// deleted through the API at `base`, is made again by a drift check's bulk read.
+async fn checked_on_the_resync(env: &Env, name: &str, base: &str, first: &str) {
     assert_eq!(env.ctx.metrics.event_streams.get(), 0);
     assert_eq!(env.ctx.metrics.event_streams_down.get(), 1);
-
-    delete_and_see_it_made_again(&env, "stream-deaf", &api.url, &first).await;
+    delete_and_see_it_made_again(env, name, base, first).await;
     assert!(
         env.ctx.calls.count("POST", "automations_filter") >= 1,
         "the checks used the bulk read"
