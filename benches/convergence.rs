@@ -19,6 +19,7 @@ use futures::{stream, StreamExt};
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::Api;
 use prefect_operator::api::PrefectDeployment;
+use prefect_operator::prefect::is_write;
 use serde_json::{json, Value};
 use support::{create_pool, http_get, unique, ControlPlane, PrefectServer};
 
@@ -620,13 +621,12 @@ fn diff(after: &BTreeMap<String, f64>, before: &BTreeMap<String, f64>) -> BTreeM
         .collect()
 }
 
-/// Requests that change something: everything but GETs, the bulk reads (POSTs to
-/// `.../filter`) and the event stream's probes (`POST events`, an event about the
-/// operator itself; they are listed with the calls).
+/// Requests that change something (`prefect::is_write`; the stream's probes are listed
+/// with the calls, not counted here).
 fn writes(calls: &BTreeMap<String, f64>) -> u64 {
     calls
         .iter()
-        .filter(|(k, _)| !k.starts_with("GET ") && !k.ends_with("_filter") && *k != "POST events")
+        .filter(|(k, _)| k.split_once(' ').is_some_and(|(m, e)| is_write(m, e)))
         .map(|(_, v)| *v as u64)
         .sum()
 }

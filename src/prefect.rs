@@ -127,17 +127,24 @@ impl CallLog {
             .unwrap_or(0)
     }
 
-    /// Requests that change something in Prefect: all but GETs, the bulk reads
-    /// (`POST .../filter`) and the event stream's probes (`POST /events`, an event about
-    /// the operator itself).
+    /// Requests that change something in Prefect (see `is_write`).
     #[cfg(feature = "test-util")]
     pub fn writes(&self) -> u64 {
         self.snapshot()
             .iter()
-            .filter(|((m, e), _)| m != "GET" && !e.ends_with("_filter") && *e != "events")
+            .filter(|((m, e), _)| is_write(m, e))
             .map(|(_, n)| n)
             .sum()
     }
+}
+
+/// Whether a request (method and endpoint label, as counted) changes something in
+/// Prefect: all but GETs, the bulk reads (`POST .../filter`) and the event stream's
+/// probes (`POST /events`, an event about the operator itself). For tests and the
+/// benchmark, which count writes from the call log or from the metrics.
+#[cfg(feature = "test-util")]
+pub fn is_write(method: &str, endpoint: &str) -> bool {
+    method != "GET" && !endpoint.ends_with("_filter") && endpoint != "events"
 }
 
 /// The largest answer read from a Prefect server. A page of 200 deployments is a few MiB

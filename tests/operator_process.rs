@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use prefect_operator::prefect::is_write;
 use serde_json::{json, Value};
 use support::{create_pool, http_get, unique, ControlPlane, PrefectServer};
 
@@ -292,21 +293,21 @@ impl Operator {
             .any(|l| l == "prefect_operator_leader 1")
     }
 
-    /// Prefect requests that change something, made by this process: all but GETs, the
-    /// drift checks' bulk reads and the event stream's probes (an event about the
-    /// operator). Counted from one read of the metrics: the stream posts its probes on
-    /// its own, and a probe between two reads would be counted in one and not the other.
+    /// Prefect requests that change something, made by this process
+    /// (`prefect::is_write`). Counted from one read of the metrics: the stream posts its
+    /// probes on its own, and one between two reads would be counted in one only.
     fn prefect_writes(&self) -> f64 {
-        let reads = [
-            "method=\"GET\"",
-            "endpoint=\"deployments_filter\"",
-            "endpoint=\"automations_filter\"",
-            "endpoint=\"events\"",
-        ];
+        let label = |line: &str, key: &str| -> String {
+            let at = format!("{key}=\"");
+            line.split_once(&at)
+                .and_then(|(_, rest)| rest.split('"').next())
+                .unwrap_or_default()
+                .to_string()
+        };
         self.metrics()
             .lines()
             .filter(|l| l.starts_with("prefect_operator_prefect_request_duration_seconds_count"))
-            .filter(|l| !reads.iter().any(|r| l.contains(r)))
+            .filter(|l| is_write(&label(l, "method"), &label(l, "endpoint")))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum()
     }
