@@ -12,9 +12,15 @@
 //! (`Echo`): a websocket can connect, authenticate and answer pings yet deliver nothing,
 //! as on several API replicas that share no message broker, where each replica's stream
 //! hears only what was posted to that replica.
+//!
+//! A stream reports only what happens while it is subscribed. Each subscription after
+//! a server's first is a new stretch (`Coverage`), from the moment it proves it delivers: automations known to a resource from
+//! an earlier stretch are read again on its next drift check, since a change made while
+//! no stream listened is not replayed by a server that keeps no events (and one that
+//! does replays at most its last few minutes).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -71,6 +77,22 @@ pub struct EventStreams {
     /// For the one read a stream makes over HTTP: whether the server's stream is on.
     http: reqwest::Client,
     calls: Arc<CallLog>,
+    /// Numbers the stretches after a server's first (see `Coverage`).
+    stretches: AtomicU64,
+}
+
+/// Which stretch of a server's stream a drift check ran under: a stretch begins when a
+/// subscription proves it delivers and ends when the stream drops or goes unproven.
+/// Automations read (or made) under the stretch the stream is still on need no reading
+/// while it is up; what was known before a drop is read again once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Coverage {
+    /// 0 for the first since the server was first followed: what a pass read before
+    /// it (the first second or so of a start) counts as within it.
+    pub stretch: u64,
+    /// When this stretch began (none yet for the first one): a snapshot read before
+    /// then may not show what changed while no stream listened.
+    pub since: Option<Instant>,
 }
 
 struct Server {
@@ -80,6 +102,8 @@ struct Server {
     auth: Mutex<Option<Auth>>,
     /// Up and known to deliver.
     connected: AtomicBool,
+    /// The current subscription's stretch and when it began.
+    stretch: Mutex<Coverage>,
     /// The shortest resync interval of the resources watched here: a quiet stream is
     /// probed this often, so a stream gone deaf is found within about one interval.
     probe_every: Mutex<Duration>,
@@ -101,6 +125,7 @@ impl EventStreams {
             metrics,
             http: crate::prefect::http_client(),
             calls: Arc::default(),
+            stretches: AtomicU64::new(0),
         }
     }
 
@@ -160,6 +185,10 @@ impl EventStreams {
                 watched: Mutex::default(),
                 auth: Mutex::new(auth.clone()),
                 connected: AtomicBool::new(false),
+                stretch: Mutex::new(Coverage {
+                    stretch: 0,
+                    since: None,
+                }),
                 probe_every: Mutex::new(resync),
             });
             tokio::spawn(run(self.clone(), base.to_string(), server.clone()));
@@ -192,13 +221,36 @@ impl EventStreams {
         true
     }
 
-    /// Whether the stream of server `base` is up: then it reports changes to the
-    /// automations it watches, and they need no periodic read.
-    pub fn live(&self, base: &str) -> bool {
+    /// The stretch the stream of server `base` is on, or would start with if the server
+    /// is not followed yet. Taken before a drift check reads, and compared after.
+    pub fn coverage(&self, base: &str) -> Coverage {
         let servers = self.servers.lock().expect("events lock");
-        servers
-            .get(base)
-            .is_some_and(|s| s.connected.load(Ordering::Relaxed))
+        servers.get(base).map_or(
+            Coverage {
+                stretch: 0,
+                since: None,
+            },
+            |s| *s.stretch.lock().expect("events lock"),
+        )
+    }
+
+    /// Whether server `base`'s stream is up and has been since `known` was taken: then
+    /// it has reported every change made since to the automations it watches.
+    pub fn covers(&self, base: &str, known: Coverage) -> bool {
+        let servers = self.servers.lock().expect("events lock");
+        servers.get(base).is_some_and(|s| {
+            s.connected.load(Ordering::Relaxed)
+                && s.stretch.lock().expect("events lock").stretch == known.stretch
+        })
+    }
+
+    /// Starts a new stretch for `server`, unless this is its first.
+    fn new_stretch(&self, server: &Server) {
+        let mut stretch = server.stretch.lock().expect("events lock");
+        if stretch.since.is_some() {
+            stretch.stretch = self.stretches.fetch_add(1, Ordering::Relaxed) + 1;
+        }
+        stretch.since = Some(Instant::now());
     }
 
     /// Stops watching what resource `who` had on any server.
@@ -256,6 +308,9 @@ impl EventStreams {
     }
 
     fn set_connected(&self, server: &Server, up: bool) {
+        if up {
+            self.new_stretch(server);
+        }
         server.connected.store(up, Ordering::Relaxed);
         self.count();
     }
@@ -651,6 +706,49 @@ fn tls_config() -> Result<Arc<rustls::ClientConfig>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a drift check knows under one stretch stays covered while the stream is
+    /// up on it, and no longer once the stream has dropped, even when it is back.
+    #[test]
+    fn a_drop_ends_what_the_stream_covers() {
+        // The HTTP client the streams keep for their own reads needs a TLS provider.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let calls = CallLog::default();
+        let streams = EventStreams::new(Arc::new(Metrics::new(calls.durations.clone())));
+        let base = "http://prefect/api";
+        let before = streams.coverage(base);
+        assert_eq!(before.stretch, 0);
+        let server = Arc::new(Server {
+            watched: Mutex::default(),
+            auth: Mutex::default(),
+            connected: AtomicBool::new(false),
+            stretch: Mutex::new(before),
+            probe_every: Mutex::new(Duration::from_secs(60)),
+        });
+        streams
+            .servers
+            .lock()
+            .unwrap()
+            .insert(base.into(), server.clone());
+        // Not up yet: nothing is covered.
+        assert!(!streams.covers(base, before));
+        // The first proof keeps the first stretch: a start reads before its stream is up.
+        streams.set_connected(&server, true);
+        assert!(streams.covers(base, before));
+        let first = streams.coverage(base);
+        assert_eq!(first.stretch, 0);
+        assert!(first.since.is_some());
+        // Down, then up again: a new stretch, and what was known before is not covered.
+        streams.set_connected(&server, false);
+        assert!(!streams.covers(base, first));
+        streams.set_connected(&server, true);
+        let second = streams.coverage(base);
+        assert_ne!(second.stretch, first.stretch);
+        assert!(!streams.covers(base, first));
+        assert!(streams.covers(base, second));
+        // Another server is covered by nothing.
+        assert!(!streams.covers("http://other/api", second));
+    }
 
     #[test]
     fn urls() {

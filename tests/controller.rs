@@ -2240,6 +2240,59 @@ async fn a_stream_that_delivers_nothing_is_not_trusted() {
     checked_on_the_resync(&env, "stream-deaf", &api.url, &first).await;
 }
 
+/// An automation deleted in Prefect while the event stream was away is made again on the
+/// first drift check after the stream is back: a server that keeps no events replays
+/// nothing to the new subscription, so what the resource knew from before the drop is
+/// read again (once) instead of being taken as covered by the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn automations_changed_while_the_stream_was_away_are_read_once_it_is_back() {
+    let resync = Duration::from_secs(20);
+    let (env, pool) = Env::new(resync).await;
+    let gate = support::StreamGate::start(env.prefect);
+    let name = "stream-away";
+    let first = ready_with_a_trigger_on(&env, &pool, name, &gate.url).await;
+    env.wait_for_stream().await;
+    // Right after a drift check (it reads the deployments in bulk), so the next one is
+    // an interval away and comes after the stream is back.
+    let reads = env.ctx.calls.count("POST", "deployments_filter");
+    let deadline = tokio::time::Instant::now() + resync * 2;
+    while env.ctx.calls.count("POST", "deployments_filter") == reads {
+        assert!(tokio::time::Instant::now() < deadline, "no drift check ran");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(env.ctx.calls.count("POST", "automations_filter"), 0);
+    gate.cut();
+    wait_for_streams(&env, 0, "the cut stream still counts as up").await;
+    let url = format!("{}/automations/{first}", env.prefect.url);
+    let (code, _) = support::prefect_call(&env.raw, reqwest::Method::DELETE, &url, None).await;
+    assert_eq!(code, 204);
+    gate.restore();
+    wait_for_streams(&env, 1, "the stream did not come back").await;
+    let obj = env
+        .wait_for(name, "the automation deleted meanwhile made again", |o| {
+            o.status
+                .as_ref()
+                .and_then(|s| s.automation_ids.clone())
+                .is_some_and(|ids| ids.len() == 1 && ids[0] != first)
+        })
+        .await;
+    let now = obj.status.unwrap().automation_ids.unwrap();
+    let (code, _) = env.prefect_get(&format!("/automations/{}", now[0])).await;
+    assert_eq!(code, 200);
+    // Found by the drift check's bulk read of the automations, with the stream up.
+    assert_eq!(env.ctx.calls.count("POST", "automations_filter"), 1);
+    assert_eq!(env.ctx.metrics.event_streams.get(), 1);
+}
+
+/// Waits (30 s at most) until `n` event streams count as up.
+async fn wait_for_streams(env: &Env, n: i64, failure: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while env.ctx.metrics.event_streams.get() != n {
+        assert!(tokio::time::Instant::now() < deadline, "{failure}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// The one server's stream counts as down, and automation `first` of resource `name`,
 /// deleted through the API at `base`, is made again by a drift check's bulk read.
 async fn checked_on_the_resync(env: &Env, name: &str, base: &str, first: &str) {

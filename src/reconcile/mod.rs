@@ -28,7 +28,7 @@ use crate::limit::Limits;
 use crate::lookup::Lookups;
 use crate::metrics::{Metrics, ReconcileLabels};
 use crate::prefect::{CallLog, FlowCache, PrefectClient};
-use crate::prefect_events::{EventStreams, Trigger};
+use crate::prefect_events::{Coverage, EventStreams, Trigger};
 use crate::snapshot::Snapshots;
 use crate::validate::{validate, ValidSchedule};
 use crate::{Error, Result};
@@ -62,8 +62,9 @@ struct Synced {
     /// A digest of the status it wrote (or found already in place), and when.
     status: u64,
     written: Instant,
-    /// A pass since the operator started has checked the automations.
-    automations_checked: bool,
+    /// The event stream's stretch (see `prefect_events::Coverage`) under which a pass
+    /// since the operator started last checked or made the automations.
+    automations_known: Option<Coverage>,
 }
 
 /// How long a pass waits for the cache to show the status the last one wrote: a pass on
@@ -551,7 +552,7 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
     let last = ctx.synced.lock().expect("lock").get(&oref).cloned();
     // The first pass over this object since the operator started (or since a failure).
     let first_here = last.is_none();
-    let automations_checked = last.as_ref().is_some_and(|l| l.automations_checked);
+    let automations_known = last.as_ref().and_then(|l| l.automations_known);
     // A pass triggered before the cache shows the status the last pass wrote (an event
     // from Prefect about that pass's own writes, say) waits for it; only someone else
     // writing the status keeps it different, and then it stops waiting.
@@ -595,6 +596,9 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
     state.spec_applied = status::applied(old, generation);
     let mut changes = Vec::new();
     let mut last_run = old.and_then(|s| s.last_run.clone());
+    // The stream's stretch as this pass began: what it reads of the automations is
+    // known under it.
+    let mut coverage = None;
     let outcome = async {
         ctx.limit_peers(obj, Some(&valid), &mut state)?;
         let (client, _turn) = prefect_client(obj, ctx, &ns).await?;
@@ -604,16 +608,26 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
             && !changed_in_prefect
             && requests.reconcile == old.and_then(|s| s.last_handled_reconcile_at.clone());
         // Automations' changes come from the event stream. Where it cannot have told
-        // us (no stream up, or the operator was not running), a drift check checks the
-        // resource's own, from the bulk snapshot. A server that cannot read automations
-        // in bulk is not asked on the first pass after a start, so a restart re-checks
-        // at the speed of the deployments' bulk read and those direct reads spread over
-        // the next interval.
+        // us (no stream up, one that dropped since they were last known, or the
+        // operator was not running), a drift check checks the resource's own, from the
+        // bulk snapshot. A server that cannot read automations in bulk is not asked on
+        // the first pass after a start, so a restart re-checks at the speed of the
+        // deployments' bulk read and those direct reads spread over the next interval.
         let in_bulk = ctx.snapshots.automations_in_bulk(&client);
-        state.check_automations = changed_in_prefect
-            || (checking
-                && (!first_here || in_bulk)
-                && (!automations_checked || !ctx.events.live(client.base_url())));
+        let now_on = ctx.events.coverage(client.base_url());
+        coverage = Some(now_on);
+        let covered =
+            automations_known.is_some_and(|known| ctx.events.covers(client.base_url(), known));
+        state.check_automations =
+            changed_in_prefect || (checking && (!first_here || in_bulk) && !covered);
+        // After a drop, a snapshot read before the new stretch began may miss what
+        // changed while no stream listened.
+        let automations_age = match (automations_known, now_on.since) {
+            (Some(known), Some(since)) if known.stretch != now_on.stretch => {
+                resync.min(since.elapsed())
+            }
+            _ => resync,
+        };
         let tell = |changed: Vec<Trigger>| {
             for who in changed {
                 ctx.events.notify(who);
@@ -646,7 +660,9 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
         let automations = match &deployment {
             Some(_) if automations_in_bulk => {
                 let ids = &state.automation_ids;
-                let found = ctx.snapshots.lookup_automations(&client, ids, resync, tell);
+                let found = ctx
+                    .snapshots
+                    .lookup_automations(&client, ids, automations_age, tell);
                 found.await.unwrap_or_else(|e| {
                     tracing::debug!(error = %e, "bulk read of automations failed");
                     None
@@ -767,8 +783,7 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
                     status: status_digest(Some(&new)),
                     written: Instant::now(),
                     // Made or read by this pass: known to be as the triggers say.
-                    automations_checked: automations_checked
-                        || state.check_automations
+                    automations_known: if state.check_automations
                         || changes.iter().any(|c| {
                             matches!(
                                 c,
@@ -776,7 +791,11 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
                                     | execute::Change::AutomationsReplaced { .. }
                                     | execute::Change::AutomationsRestored { .. }
                             )
-                        }),
+                        }) {
+                        coverage
+                    } else {
+                        automations_known
+                    },
                 };
                 ctx.synced.lock().expect("lock").insert(oref, synced);
             }

@@ -1067,6 +1067,67 @@ impl SplitFront {
     }
 }
 
+/// A front to one Prefect server that can cut its event-stream websockets: `cut` closes
+/// the open ones and turns new ones away until `restore`; every other request passes.
+/// Changes made meanwhile reach no stream, and a server that keeps no events (services
+/// off) replays none of them to the next subscription.
+pub struct StreamGate {
+    /// The front's API base (`http://127.0.0.1:PORT/api`).
+    pub url: String,
+    closed: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+impl StreamGate {
+    pub fn start(server: &PrefectServer) -> StreamGate {
+        let to = server.port;
+        let closed = std::sync::Arc::new(tokio::sync::watch::Sender::new(false));
+        let gate = closed.clone();
+        let port = serve_on_own_thread(move |listener| async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    continue;
+                };
+                let mut closed = gate.subscribe();
+                tokio::spawn(async move {
+                    let mut head = [0u8; 32];
+                    let n = client.peek(&mut head).await.unwrap_or(0);
+                    let stream = head[..n].starts_with(b"GET /api/events/out");
+                    if stream && *closed.borrow() {
+                        return;
+                    }
+                    let Ok(mut upstream) = tokio::net::TcpStream::connect(("127.0.0.1", to)).await
+                    else {
+                        return;
+                    };
+                    let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
+                    if stream {
+                        tokio::select! {
+                            _ = copy => {}
+                            _ = closed.wait_for(|c| *c) => {}
+                        }
+                    } else {
+                        let _ = copy.await;
+                    }
+                });
+            }
+        });
+        StreamGate {
+            url: format!("http://127.0.0.1:{port}/api"),
+            closed,
+        }
+    }
+
+    /// Closes the open event-stream websockets and turns new ones away.
+    pub fn cut(&self) {
+        self.closed.send_replace(true);
+    }
+
+    /// Lets event-stream websockets through again.
+    pub fn restore(&self) {
+        self.closed.send_replace(false);
+    }
+}
+
 /// Runs `serve` on a listener bound to a free loopback port, on a thread and runtime of
 /// its own (so a test may block on a child process meanwhile), and returns the port.
 fn serve_on_own_thread<F, Fut>(serve: F) -> u16
