@@ -249,6 +249,18 @@ pub struct FlowCache {
 }
 
 impl FlowCache {
+    /// Server `base`'s version, if read at or after `since`, still holds now: `since`
+    /// is when an event stream that still delivers connected, and a server changes
+    /// version only by restarting, which drops the stream. Its ten minutes start again.
+    pub fn confirm_version(&self, base: &str, since: std::time::Instant) {
+        let mut map = self.versions.lock().expect("version cache lock");
+        if let Some((_, at)) = map.get_mut(base) {
+            if *at >= since {
+                *at = std::time::Instant::now();
+            }
+        }
+    }
+
     /// The lock to hold while reading what `key` names.
     fn gate(&self, key: String) -> Arc<tokio::sync::Mutex<()>> {
         let mut gates = self.reading.lock().expect("flow cache lock");
@@ -1103,6 +1115,31 @@ pub fn truncate(s: &str, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A version read while the stream that delivers was connected is kept fresh; one
+    /// read before it connected (the server may have restarted since) is not.
+    #[test]
+    fn a_delivering_stream_keeps_the_version_read_since_it_connected() {
+        let flows = FlowCache::default();
+        let base = "http://prefect/api";
+        let old = std::time::Instant::now() - VERSION_TTL / 2;
+        let at = |f: &FlowCache| f.versions.lock().unwrap()[base].1;
+        flows
+            .versions
+            .lock()
+            .unwrap()
+            .insert(base.into(), (Capabilities::LATEST, old));
+        // Connected after the read: the read may predate a restart.
+        flows.confirm_version(base, old + Duration::from_secs(1));
+        assert_eq!(at(&flows), old);
+        // Connected before the read: the same process answered both.
+        flows.confirm_version(base, old - Duration::from_secs(1));
+        assert!(at(&flows) > old);
+        assert!(at(&flows).elapsed() < VERSION_TTL / 4);
+        // No version read yet: nothing to keep.
+        flows.confirm_version("http://other/api", old);
+        assert_eq!(flows.versions.lock().unwrap().len(), 1);
+    }
 
     #[test]
     fn summarize_keeps_validation_errors_short() {

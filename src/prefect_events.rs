@@ -37,7 +37,7 @@ use tokio_tungstenite::tungstenite::{ClientRequestBuilder, Message};
 use crate::api::PrefectDeployment;
 use crate::capabilities::Capabilities;
 use crate::metrics::Metrics;
-use crate::prefect::{Auth, CallLog, PrefectClient};
+use crate::prefect::{Auth, CallLog, FlowCache, PrefectClient};
 
 /// More servers than this get no stream (the resync still covers them): the servers
 /// come from specs, which anyone allowed to create a resource writes.
@@ -77,6 +77,8 @@ pub struct EventStreams {
     /// For the one read a stream makes over HTTP: whether the server's stream is on.
     http: reqwest::Client,
     calls: Arc<CallLog>,
+    /// The servers' versions, kept fresh while their streams deliver.
+    versions: Option<Arc<FlowCache>>,
     /// Numbers the stretches after a server's first (see `Coverage`).
     stretches: AtomicU64,
 }
@@ -125,6 +127,7 @@ impl EventStreams {
             metrics,
             http: crate::prefect::http_client(),
             calls: Arc::default(),
+            versions: None,
             stretches: AtomicU64::new(0),
         }
     }
@@ -133,6 +136,13 @@ impl EventStreams {
     pub fn calling(mut self, http: reqwest::Client, calls: Arc<CallLog>) -> Self {
         self.http = http;
         self.calls = calls;
+        self
+    }
+
+    /// Keeps the versions in `flows` fresh while a server's stream delivers, so a
+    /// server whose stream is up is not asked its version every ten minutes.
+    pub fn confirming(mut self, flows: Arc<FlowCache>) -> Self {
+        self.versions = Some(flows);
         self
     }
 
@@ -449,6 +459,9 @@ async fn talk<S: AsyncRead + AsyncWrite + Unpin>(
     ))
     .await
     .map_err(|e| e.to_string())?;
+    // The server's process answering this websocket stays the same until it drops (an
+    // upgrade restarts it): a version read since then holds while the probes come back.
+    let connected = std::time::Instant::now();
     let answer = next_text(&mut ws).await?;
     if answer["type"] != "auth_success" {
         return Err(format!(
@@ -527,7 +540,13 @@ async fn talk<S: AsyncRead + AsyncWrite + Unpin>(
                         let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
                         if v["type"] == "event" {
                             let id = v["event"]["id"].as_str().unwrap_or_default();
-                            if echo.heard(id, Instant::now(), every) {
+                            let probe = echo.heard(id, Instant::now(), every);
+                            if probe.is_some() {
+                                if let Some(versions) = &streams.versions {
+                                    versions.confirm_version(client.base_url(), connected);
+                                }
+                            }
+                            if probe == Some(true) {
                                 said_unposted = false;
                                 streams.set_connected(server, true);
                                 tracing::info!("Prefect event stream connected and delivering");
@@ -597,19 +616,19 @@ impl Echo {
         self.next = now + every;
     }
 
-    /// Event `id` came through at `now`. True when it is the probe and the stream was
-    /// not known to deliver before.
-    fn heard(&mut self, id: &str, now: Instant, every: Duration) -> bool {
+    /// Event `id` came through at `now`. `Some` when it is the probe: `Some(true)` when
+    /// the stream was not known to deliver before.
+    fn heard(&mut self, id: &str, now: Instant, every: Duration) -> Option<bool> {
         if self.pending.as_ref().is_some_and(|(p, _)| p == id) {
             self.pending = None;
             self.next = now + every;
-            return !std::mem::replace(&mut self.delivers, true);
+            return Some(!std::mem::replace(&mut self.delivers, true));
         }
         // Any event on a stream known to deliver shows it still does.
         if self.delivers && self.pending.is_none() {
             self.next = now + every;
         }
-        false
+        None
     }
 }
 
@@ -772,20 +791,28 @@ mod tests {
         echo.posted("p1".into(), t0);
         assert_eq!(echo.due(t0), Due::Wait(t0 + ECHO_WAIT));
         // Backfilled or unrelated events prove nothing before the probe is back.
-        assert!(!echo.heard("old", t0, every));
+        assert_eq!(echo.heard("old", t0, every), None);
         assert!(!echo.delivers);
-        assert!(echo.heard("p1", t0 + Duration::from_secs(1), every));
+        assert_eq!(
+            echo.heard("p1", t0 + Duration::from_secs(1), every),
+            Some(true)
+        );
         assert!(echo.delivers);
         // Quiet for an interval: probed again; an event meanwhile puts that off.
         let t1 = t0 + Duration::from_secs(1);
         assert_eq!(echo.due(t1), Due::Wait(t1 + every));
         let t2 = t1 + Duration::from_secs(30);
-        assert!(!echo.heard("someone's edit", t2, every));
+        assert_eq!(echo.heard("someone's edit", t2, every), None);
         assert_eq!(echo.due(t2 + every), Due::Probe);
         echo.posted("p2".into(), t2 + every);
         // The same probe twice does not verify twice; a lost one is the stream's end.
-        assert!(!echo.heard("p1", t2 + every, every));
-        assert_eq!(echo.due(t2 + every + ECHO_WAIT), Due::Deaf);
+        assert_eq!(echo.heard("p1", t2 + every, every), None);
+        // A later probe back on a stream that delivers is a probe, not a new proof.
+        echo.heard("p2", t2 + every, every);
+        echo.posted("p3".into(), t2 + every * 2);
+        assert_eq!(echo.heard("p3", t2 + every * 2, every), Some(false));
+        echo.posted("p4".into(), t2 + every * 3);
+        assert_eq!(echo.due(t2 + every * 3 + ECHO_WAIT), Due::Deaf);
     }
 
     #[test]
@@ -794,7 +821,7 @@ mod tests {
         let t0 = Instant::now();
         let mut echo = Echo::new(t0);
         echo.posted("p1".into(), t0);
-        assert!(echo.heard("p1", t0, every));
+        assert_eq!(echo.heard("p1", t0, every), Some(true));
         echo.not_posted(t0 + every, every);
         assert!(!echo.delivers);
         assert_eq!(echo.due(t0 + every), Due::Wait(t0 + every * 2));

@@ -137,11 +137,14 @@ impl Context {
         let calls = Arc::new(CallLog::default());
         let metrics = Arc::new(Metrics::new(calls.durations.clone()));
         let http = crate::prefect::http_client();
+        let flows: Arc<FlowCache> = Arc::default();
         Self {
             recorder: Recorder::new(kube.clone(), REPORTER),
             kube,
             events: Arc::new(
-                EventStreams::new(metrics.clone()).calling(http.clone(), calls.clone()),
+                EventStreams::new(metrics.clone())
+                    .calling(http.clone(), calls.clone())
+                    .confirming(flows.clone()),
             ),
             http,
             calls,
@@ -153,7 +156,7 @@ impl Context {
                 Limits::new(DEFAULT_REQUEST_LIMIT)
                     .counting(metrics.request_limit_decreases.clone()),
             ),
-            flows: Arc::default(),
+            flows,
             snapshots: Snapshots::default(),
             lookups: Arc::default(),
             stores: Mutex::default(),
