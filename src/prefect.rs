@@ -252,13 +252,27 @@ impl FlowCache {
     /// Server `base`'s version, if read at or after `since`, still holds now: `since`
     /// is when an event stream that still delivers connected, and a server changes
     /// version only by restarting, which drops the stream. Its ten minutes start again.
-    pub fn confirm_version(&self, base: &str, since: std::time::Instant) {
+    /// False when there is no such read to keep.
+    pub fn confirm_version(&self, base: &str, since: std::time::Instant) -> bool {
         let mut map = self.versions.lock().expect("version cache lock");
-        if let Some((_, at)) = map.get_mut(base) {
-            if *at >= since {
+        match map.get_mut(base) {
+            Some((_, at)) if *at >= since => {
                 *at = std::time::Instant::now();
+                true
             }
+            _ => false,
         }
+    }
+
+    /// Server `base`'s version as `client` reads it now, kept as `confirm_version` keeps
+    /// it (for a stream that connected after the passes' last read).
+    pub async fn read_version(&self, client: &PrefectClient) -> Result<(), Error> {
+        let caps = client.capabilities().await?;
+        self.versions
+            .lock()
+            .expect("version cache lock")
+            .insert(client.base.clone(), (caps, std::time::Instant::now()));
+        Ok(())
     }
 
     /// The lock to hold while reading what `key` names.
@@ -1130,14 +1144,14 @@ mod tests {
             .unwrap()
             .insert(base.into(), (Capabilities::LATEST, old));
         // Connected after the read: the read may predate a restart.
-        flows.confirm_version(base, old + Duration::from_secs(1));
+        assert!(!flows.confirm_version(base, old + Duration::from_secs(1)));
         assert_eq!(at(&flows), old);
         // Connected before the read: the same process answered both.
-        flows.confirm_version(base, old - Duration::from_secs(1));
+        assert!(flows.confirm_version(base, old - Duration::from_secs(1)));
         assert!(at(&flows) > old);
         assert!(at(&flows).elapsed() < VERSION_TTL / 4);
         // No version read yet: nothing to keep.
-        flows.confirm_version("http://other/api", old);
+        assert!(!flows.confirm_version("http://other/api", old));
         assert_eq!(flows.versions.lock().unwrap().len(), 1);
     }
 

@@ -541,9 +541,15 @@ async fn talk<S: AsyncRead + AsyncWrite + Unpin>(
                         if v["type"] == "event" {
                             let id = v["event"]["id"].as_str().unwrap_or_default();
                             let probe = echo.heard(id, Instant::now(), every);
-                            if probe.is_some() {
-                                if let Some(versions) = &streams.versions {
-                                    versions.confirm_version(client.base_url(), connected);
+                            if let (Some(first), Some(versions)) = (probe, &streams.versions) {
+                                // The passes read the version before this stream
+                                // connected: read it once more, then keep it.
+                                if !versions.confirm_version(client.base_url(), connected)
+                                    && first
+                                {
+                                    if let Err(e) = versions.read_version(client).await {
+                                        tracing::debug!(error = %e, "reading the server's version failed; it is read again in ten minutes");
+                                    }
                                 }
                             }
                             if probe == Some(true) {

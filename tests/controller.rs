@@ -1902,6 +1902,18 @@ async fn changes_in_prefect_are_repaired_from_its_event_stream() {
     let obj = env.create_ready(&pool, name, spec).await;
     let id = obj.status.unwrap().deployment_id.unwrap();
     env.wait_for_stream().await;
+    // The passes read the server's version before the stream connected; once it
+    // delivers, the stream reads it once more, and from then on each probe that comes
+    // back keeps that read (instead of a read every ten minutes).
+    let versions = || env.ctx.calls.count("GET", "admin_version");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while versions() < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the stream did not read the version"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // Edited in Prefect: put back without waiting for the resync.
     let url = format!("{}/deployments/{id}", env.prefect.url);
@@ -1937,6 +1949,7 @@ async fn changes_in_prefect_are_repaired_from_its_event_stream() {
     let (code, d) = env.prefect_get(&format!("/deployments/{new_id}")).await;
     assert_eq!(code, 200);
     assert_eq!(d["description"], json!("declared"));
+    assert_eq!(versions(), 2, "the version was read again");
 }
 
 /// With an hour between drift checks, a trigger automation deleted or edited in Prefect
