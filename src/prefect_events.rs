@@ -14,10 +14,11 @@
 //! hears only what was posted to that replica.
 //!
 //! A stream reports only what happens while it is subscribed. Each subscription after
-//! a server's first is a new stretch (`Coverage`), from the moment it proves it delivers: automations known to a resource from
-//! an earlier stretch are read again on its next drift check, since a change made while
-//! no stream listened is not replayed by a server that keeps no events (and one that
-//! does replays at most its last few minutes).
+//! a server's first is a new stretch (`Coverage`), from the moment it proves it
+//! delivers: automations known to a resource from an earlier stretch are read again on
+//! its next drift check, since a change made while no stream listened is not replayed
+//! by a server that keeps no events (and one that does replays at most its last 15
+//! minutes).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -89,8 +90,8 @@ pub struct EventStreams {
 /// while it is up; what was known before a drop is read again once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Coverage {
-    /// 0 for the first since the server was first followed: what a pass read before
-    /// it (the first second or so of a start) counts as within it.
+    /// 0 for the first stretch since the server was first followed: what a pass read
+    /// before it (the first second or so of a start) counts as within it.
     pub stretch: u64,
     /// When this stretch began (none yet for the first one): a snapshot read before
     /// then may not show what changed while no stream listened.

@@ -2276,22 +2276,10 @@ async fn automations_changed_while_the_stream_was_away_are_read_once_it_is_back(
     assert_eq!(env.ctx.calls.count("POST", "automations_filter"), 0);
     gate.cut();
     wait_for_streams(&env, 0, "the cut stream still counts as up").await;
-    let url = format!("{}/automations/{first}", env.prefect.url);
-    let (code, _) = support::prefect_call(&env.raw, reqwest::Method::DELETE, &url, None).await;
-    assert_eq!(code, 204);
+    delete_automation(&env, &env.prefect.url, &first).await;
     gate.restore();
     wait_for_streams(&env, 1, "the stream did not come back").await;
-    let obj = env
-        .wait_for(name, "the automation deleted meanwhile made again", |o| {
-            o.status
-                .as_ref()
-                .and_then(|s| s.automation_ids.clone())
-                .is_some_and(|ids| ids.len() == 1 && ids[0] != first)
-        })
-        .await;
-    let now = obj.status.unwrap().automation_ids.unwrap();
-    let (code, _) = env.prefect_get(&format!("/automations/{}", now[0])).await;
-    assert_eq!(code, 200);
+    made_again(&env, name, &env.prefect.url, &first).await;
     // Found by the drift check's bulk read of the automations, with the stream up.
     assert_eq!(env.ctx.calls.count("POST", "automations_filter"), 1);
     assert_eq!(env.ctx.metrics.event_streams.get(), 1);
@@ -2350,9 +2338,20 @@ async fn wait_for_call(env: &Env, method: &str, endpoint: &'static str, failure:
 /// waits until the resource records a new one in its place, and returns it as Prefect
 /// has it.
 async fn delete_and_see_it_made_again(env: &Env, name: &str, base: &str, old: &str) -> Value {
+    delete_automation(env, base, old).await;
+    made_again(env, name, base, old).await
+}
+
+/// Deletes automation `old` through the API of the server at `base`.
+async fn delete_automation(env: &Env, base: &str, old: &str) {
     let url = format!("{base}/automations/{old}");
     let (code, _) = support::prefect_call(&env.raw, reqwest::Method::DELETE, &url, None).await;
     assert_eq!(code, 204);
+}
+
+/// Waits until resource `name` records a new automation in place of the deleted `old`,
+/// and returns it as the server at `base` has it.
+async fn made_again(env: &Env, name: &str, base: &str, old: &str) -> Value {
     let obj = env
         .wait_for(name, "the deleted automation made again", |o| {
             o.status
