@@ -459,6 +459,17 @@ pub fn parameter_validator(schema: &Value) -> Result<Arc<jsonschema::Validator>,
     if let Some(v) = validators().lock().expect("lock").get(&key) {
         return Ok(v.clone());
     }
+    // Prefect checks the schema as written against draft 2020-12 before it drops the
+    // `required` lists, so a malformed list (YAML 1.1 reads a bare `n` or `no` as false)
+    // is refused there and must be refused here.
+    if let Err(e) = jsonschema::draft202012::meta::validate(schema) {
+        let at = e.instance_path().as_str();
+        return Err(if at.is_empty() {
+            format!("is not a valid JSON Schema (draft 2020-12): {e}")
+        } else {
+            format!("is not a valid JSON Schema (draft 2020-12): at {at}: {e}")
+        });
+    }
     let mut prepared = schema.clone();
     drop_required(&mut prepared);
     let patterns = jsonschema::PatternOptions::fancy_regex()
