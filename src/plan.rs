@@ -70,6 +70,24 @@ pub struct Observed {
     /// The named global concurrency limit the spec asks for; read only when it names one
     /// (`None`: there is no limit of that name).
     pub limit: Option<ObservedLimit>,
+    /// Another resource this operator handles whose status records the deployment found
+    /// by name (`by_name`): only one resource may write to a deployment.
+    pub holder: Option<Holder>,
+}
+
+/// Another resource that manages the deployment found by name.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Holder {
+    /// `namespace/name`.
+    pub resource: String,
+    /// Its metadata.uid: it made the deployment when that is the owner label.
+    pub uid: String,
+    /// Whether it came first (created before this resource; the same second decided
+    /// by namespace/name): of two resources that both took over a deployment they did
+    /// not make, the first keeps it.
+    #[serde(default)]
+    pub senior: bool,
 }
 
 /// The calls that bring Prefect to the desired state, in the order they are made.
@@ -192,9 +210,14 @@ pub enum DeploymentAction {
         /// The schedules go in the create request (else one request after it).
         schedules_in_body: bool,
     },
-    /// A deployment of this name that this resource did not create and may not adopt.
-    /// Nothing is written; the pass fails with `Conflict` and is retried with backoff.
-    Conflict { id: String },
+    /// A deployment of this name that this resource did not create and may not adopt,
+    /// or that another resource (`holder`, `namespace/name`) manages. Nothing is
+    /// written; the pass fails with `Conflict` and is retried with backoff.
+    Conflict {
+        id: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        holder: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -322,20 +345,34 @@ fn target(
     recorded: &SyncState,
     by_name: Option<&ObservedDeployment>,
     recorded_exists: Option<bool>,
+    holder: Option<&Holder>,
 ) -> DeploymentAction {
     let known = recorded.deployment_id.clone();
     match by_name {
-        Some(found) if known.as_deref() == Some(found.id.as_str()) => DeploymentAction::Update {
-            id: found.id.clone(),
-        },
         Some(found) => {
             let id = found.id.clone();
-            if found.label(OWNER_LABEL) == Some(want.owner_uid.as_str()) {
+            let recorded_here = known.as_deref() == Some(found.id.as_str());
+            let owner = found.label(OWNER_LABEL);
+            let made_here = owner == Some(want.owner_uid.as_str());
+            // Two resources writing one deployment would undo each other's writes on
+            // every pass. The one that made it keeps it; else the one that already
+            // manages it; of two that both took it over, the first.
+            if let Some(h) = holder.filter(|_| !made_here) {
+                if owner == Some(h.uid.as_str()) || !recorded_here || h.senior {
+                    return DeploymentAction::Conflict {
+                        id,
+                        holder: Some(h.resource.clone()),
+                    };
+                }
+            }
+            if recorded_here {
+                DeploymentAction::Update { id }
+            } else if made_here {
                 DeploymentAction::Resume { id, retire: known }
             } else if want.adopt_existing {
                 DeploymentAction::Adopt { id, retire: known }
             } else {
-                DeploymentAction::Conflict { id }
+                DeploymentAction::Conflict { id, holder: None }
             }
         }
         None => DeploymentAction::Create {
@@ -368,6 +405,7 @@ pub fn reads(
     want: &DesiredDeployment,
     recorded: &SyncState,
     by_name: Option<&ObservedDeployment>,
+    holder: Option<&Holder>,
 ) -> Reads {
     let limit = want.limit.as_ref().map(|l| l.name.clone());
     if by_name.is_none() {
@@ -384,7 +422,7 @@ pub fn reads(
             && !recorded.automation_ids.is_empty()
             && recorded.triggers_hash.as_deref() == Some(want.triggers_hash(id).as_str())
     };
-    let related = match target(want, recorded, by_name, None) {
+    let related = match target(want, recorded, by_name, None, holder) {
         DeploymentAction::Update { id } => (previous_unknown(recorded) || check(&id)).then_some(id),
         // Taking a deployment over starts from nothing recorded.
         DeploymentAction::Resume { id, .. } | DeploymentAction::Adopt { id, .. } => Some(id),
@@ -501,6 +539,7 @@ pub fn plan(want: &DesiredDeployment, recorded: &SyncState, observed: &Observed)
         recorded,
         observed.by_name.as_ref(),
         observed.recorded_exists,
+        observed.holder.as_ref(),
     );
     let mut plan = Plan {
         flow_name: want.flow_name.clone(),
@@ -1066,7 +1105,16 @@ impl fmt::Display for Plan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let who = format!("{}/{}", self.flow_name, self.name);
         match &self.deployment {
-            DeploymentAction::Conflict { id } => {
+            DeploymentAction::Conflict {
+                id,
+                holder: Some(holder),
+            } => {
+                return writeln!(
+                    f,
+                    "{who}: conflict: Prefect deployment {id} is managed by PrefectDeployment {holder}"
+                )
+            }
+            DeploymentAction::Conflict { id, holder: None } => {
                 return writeln!(
                     f,
                     "{who}: conflict: Prefect deployment {id} was not made by this resource (set spec.adoptExisting: true to manage it)"

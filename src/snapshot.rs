@@ -124,12 +124,61 @@ struct Registry {
     /// Ids registered since the last full read began, oldest first: not in the
     /// snapshot yet. Drift checks come due in about the order resources registered.
     unread: Vec<String>,
+    /// Ids more than one resource has registered, and those resources: two resources
+    /// that record one deployment (`plan` lets only one of them write to it). Empty
+    /// unless that happens.
+    shared: HashMap<String, Vec<Trigger>>,
 }
 
 impl Registry {
     fn add(&mut self, id: &str, who: &Trigger) {
-        if self.ids.insert(id.to_string(), who.clone()).is_none() {
-            self.unread.push(id.to_string());
+        match self.ids.insert(id.to_string(), who.clone()) {
+            None => self.unread.push(id.to_string()),
+            Some(before) if &before != who => {
+                let claims = self.shared.entry(id.to_string()).or_default();
+                for w in [before, who.clone()] {
+                    if !claims.contains(&w) {
+                        claims.push(w);
+                    }
+                }
+            }
+            Some(_) => {}
+        }
+    }
+
+    /// The resources that registered `id`.
+    fn claimants(&self, id: &str) -> Vec<Trigger> {
+        let mut all: Vec<Trigger> = self.shared.get(id).cloned().unwrap_or_default();
+        if let Some(w) = self.ids.get(id) {
+            if !all.contains(w) {
+                all.push(w.clone());
+            }
+        }
+        all
+    }
+
+    /// `who` no longer records `id`; another resource that does keeps it registered.
+    fn drop_claim(&mut self, id: &str, who: &Trigger) {
+        let others: Vec<Trigger> = match self.shared.remove(id) {
+            Some(mut claims) => {
+                claims.retain(|w| w != who);
+                claims
+            }
+            None => Vec::new(),
+        };
+        if self.ids.get(id) == Some(who) {
+            match others.first() {
+                Some(other) => {
+                    self.ids.insert(id.to_string(), other.clone());
+                }
+                None => {
+                    self.ids.remove(id);
+                    self.unread.retain(|u| u != id);
+                }
+            }
+        }
+        if others.len() > 1 {
+            self.shared.insert(id.to_string(), others);
         }
     }
 
@@ -140,16 +189,10 @@ impl Registry {
         } else {
             self.of.insert(who.clone(), ids.to_vec())
         };
-        let dropped: Vec<String> = old
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|o| !ids.contains(o) && self.ids.get(o) == Some(who))
-            .collect();
-        if !dropped.is_empty() {
-            for o in &dropped {
-                self.ids.remove(o);
+        for o in old.unwrap_or_default() {
+            if !ids.contains(&o) {
+                self.drop_claim(&o, who);
             }
-            self.unread.retain(|u| !dropped.contains(u));
         }
         for id in ids {
             self.add(id, who);
@@ -157,7 +200,18 @@ impl Registry {
     }
 
     fn forget(&mut self, who: &Trigger) {
-        let Registry { ids, of, unread } = self;
+        let shared: Vec<String> = self
+            .shared
+            .iter()
+            .filter(|(_, claims)| claims.contains(who))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in shared {
+            self.drop_claim(&id, who);
+        }
+        let Registry {
+            ids, of, unread, ..
+        } = self;
         of.remove(who);
         ids.retain(|_, w| w != who);
         unread.retain(|u| ids.contains_key(u));
@@ -248,12 +302,18 @@ impl Snapshots {
         reg.set(who, &ids);
     }
 
-    /// Forgets a deployment (its resource is gone or points elsewhere now).
-    pub fn forget(&self, client: &PrefectClient, id: &str) {
+    /// Forgets that resource `who` manages deployment `id` (it points elsewhere now).
+    pub fn forget(&self, client: &PrefectClient, id: &str, who: &Trigger) {
         let server = self.server(client);
         let mut reg = server.deployments.ids.lock().expect("snapshot ids lock");
-        reg.ids.remove(id);
-        reg.unread.retain(|u| u != id);
+        reg.drop_claim(id, who);
+    }
+
+    /// The resources that have registered deployment `id` on this client's server.
+    pub fn claimants(&self, client: &PrefectClient, id: &str) -> Vec<Trigger> {
+        let server = self.server(client);
+        let reg = server.deployments.ids.lock().expect("snapshot ids lock");
+        reg.claimants(id)
     }
 
     /// Forgets whatever resource `who` had registered on any server (it is deleted).
@@ -502,6 +562,30 @@ mod tests {
         let mut changed = merge.changed;
         changed.sort_by_key(|t| t.name.clone());
         changed
+    }
+
+    #[test]
+    fn a_deployment_two_resources_record_keeps_both_claims() {
+        let who = |n: &str| Trigger::new(n).within("ns");
+        let mut reg = Registry::default();
+        reg.add("d1", &who("a"));
+        assert_eq!(reg.claimants("d1"), vec![who("a")]);
+        assert!(reg.shared.is_empty(), "one claim is not kept twice");
+        reg.add("d1", &who("b"));
+        reg.add("d1", &who("a"));
+        assert_eq!(reg.claimants("d1").len(), 2);
+        // "a" moves to another deployment: "b" still has d1 registered and read.
+        reg.drop_claim("d1", &who("a"));
+        assert_eq!(reg.claimants("d1"), vec![who("b")]);
+        assert_eq!(reg.ids.get("d1"), Some(&who("b")));
+        assert!(reg.shared.is_empty());
+        // "b" is deleted: d1 is no longer read.
+        reg.add("d1", &who("a"));
+        reg.forget(&who("b"));
+        assert_eq!(reg.claimants("d1"), vec![who("a")]);
+        reg.forget(&who("a"));
+        assert!(reg.claimants("d1").is_empty() && reg.ids.is_empty() && reg.shared.is_empty());
+        assert!(reg.unread.is_empty());
     }
 
     #[test]

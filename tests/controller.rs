@@ -1826,6 +1826,90 @@ async fn shared_global_concurrency_limit_between_resources() {
     support::prefect_call(&env.raw, reqwest::Method::DELETE, &url, None).await;
 }
 
+/// One deployment, one resource: a second resource naming the same deployment does not
+/// take it over, not even with adoptExisting, and one whose status records it (taken
+/// over before the operator checked this) stops writing to it. Two writers would undo
+/// each other's changes on every pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deployment_is_managed_by_one_resource() {
+    let (env, pool) = Env::new(Duration::from_secs(300)).await;
+    let shared = unique("shared");
+    let spec = |description: &str| {
+        json!({"adoptExisting": true, "deployment": {"name": shared,
+            "entrypoint": "flows/s.py:shared", "description": description}})
+    };
+    let first = env.create_ready(&pool, "first", spec("first's")).await;
+    let first_status = first.status.clone().unwrap();
+    let id = first_status.deployment_id.clone().unwrap();
+    let path = format!("/deployments/{id}");
+    let (_, before) = env.prefect_get(&path).await;
+    let holder = format!("{}/first", env.ns);
+
+    env.api
+        .create(
+            &PostParams::default(),
+            &resource(&env, &pool, "second", spec("second's")),
+        )
+        .await
+        .unwrap();
+    let (_, message) = env.wait_for_reason("second", "Conflict").await;
+    assert!(message.contains(&holder), "names the holder: {message}");
+    let (_, after) = env.prefect_get(&path).await;
+    assert_eq!(after["description"], "first's");
+    assert_eq!(after["updated"], before["updated"], "second wrote nothing");
+
+    // "second" records the deployment as if it had taken it over: its next pass stops
+    // instead of writing its description over first's.
+    let second = env.api.get("second").await.unwrap();
+    let generation = second.metadata.generation.unwrap();
+    let claim = json!({"status": {
+        "deploymentId": id,
+        "flowId": first_status.flow_id,
+        "observedGeneration": generation,
+        "conditions": [{"type": "Ready", "status": "True", "reason": "Synced",
+            "message": "recorded by hand", "lastTransitionTime": "2026-01-01T00:00:00Z",
+            "observedGeneration": generation}],
+    }});
+    env.api
+        .patch_status("second", &PatchParams::default(), &Patch::Merge(claim))
+        .await
+        .unwrap();
+    let (_, message) = env.wait_for_reason("second", "Conflict").await;
+    assert!(message.contains(&holder), "names the holder: {message}");
+    let first = env.reconcile_now("first", "after-the-claim").await;
+    assert!(is_ready(&first), "first keeps it: {:?}", first.status);
+    let (_, after) = env.prefect_get(&path).await;
+    assert_eq!(after["description"], "first's");
+    assert_eq!(after["updated"], before["updated"], "nobody wrote to it");
+
+    // Once "first" and its deployment are gone, "second" makes its own.
+    env.api
+        .delete("first", &DeleteParams::default())
+        .await
+        .unwrap();
+    env.wait_gone("first").await;
+    assert_eq!(env.prefect_get(&path).await.0, 404);
+    env.cp.kubectl_ok(&[
+        "annotate",
+        "--overwrite",
+        "pd",
+        "-n",
+        &env.ns,
+        "second",
+        &format!("{RECONCILE_REQUESTED_AT}=after-first"),
+    ]);
+    let second = env.wait_for("second", "second ready", is_ready).await;
+    let own = second.status.unwrap().deployment_id.unwrap();
+    assert_ne!(own, id);
+    let (_, made) = env.prefect_get(&format!("/deployments/{own}")).await;
+    assert_eq!(made["description"], "second's");
+    env.api
+        .delete("second", &DeleteParams::default())
+        .await
+        .unwrap();
+    env.wait_gone("second").await;
+}
+
 /// An operator with `resync` between drift checks, and resource `name` with `spec`
 /// created against a Prefect server of `version` (started for the test).
 async fn on_version(

@@ -8,7 +8,8 @@
 //! `observe` would make them: `prefect.recordedExists` for the recorded id, and
 //! `prefect.automations` (default: base's) for the related automations. A case with
 //! `checkAutomations: true` is a pass told to check the recorded automations (an event
-//! said they changed).
+//! said they changed). `prefect.holder` is another resource whose status records the
+//! deployment found by name (`resource`, `uid`, `senior`).
 
 mod support;
 
@@ -86,7 +87,11 @@ fn run(base: &Value, case: &Value, name: &str) -> Outcome {
     let by_name: Option<ObservedDeployment> = patched(&base["deployment"], &prefect, "deployment")
         .map(|d| serde_json::from_value(d).unwrap_or_else(|e| panic!("{name}: deployment: {e}")));
 
-    let reads = plan::reads(&want, &state, by_name.as_ref());
+    // Another resource that records the deployment found by name: `prefect.holder`.
+    let holder: Option<plan::Holder> = prefect.get("holder").map(|h| {
+        serde_json::from_value(h.clone()).unwrap_or_else(|e| panic!("{name}: holder: {e}"))
+    });
+    let reads = plan::reads(&want, &state, by_name.as_ref(), holder.as_ref());
     let recorded_exists = reads.recorded.as_ref().map(|_| {
         prefect["recordedExists"].as_bool().unwrap_or_else(|| {
             panic!("{name}: the planner reads the recorded deployment: give prefect.recordedExists")
@@ -109,6 +114,7 @@ fn run(base: &Value, case: &Value, name: &str) -> Outcome {
         recorded_exists,
         related_automations,
         limit,
+        holder,
     };
     let plan = plan::plan(&want, &state, &observed);
     // Planning is a function of its inputs: the same inputs give the same plan.

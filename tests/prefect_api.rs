@@ -156,7 +156,10 @@ impl Env {
         let r = match validate(spec, name) {
             Ok(valid) => {
                 let client = &self.client;
-                execute::apply_from(client, &valid, uid, state, &mut changes, snapshot).await
+                execute::apply_from(client, &valid, uid, state, &mut changes, snapshot, &|_| {
+                    None
+                })
+                .await
             }
             Err(p) => Err(Error::InvalidSpec(p.to_string())),
         };

@@ -163,8 +163,11 @@ pub async fn apply(
     state: &mut SyncState,
     changes: &mut Vec<Change>,
 ) -> Result<()> {
-    apply_from(client, valid, owner_uid, state, changes, None).await
+    apply_from(client, valid, owner_uid, state, changes, None, &|_| None).await
 }
+
+/// Another resource that records deployment id `.0`, if any (see `plan::Holder`).
+pub type HolderOf<'a> = &'a (dyn Fn(&str) -> Option<plan::Holder> + Send + Sync);
 
 /// What the bulk snapshots hold for one drift check.
 pub struct Snapshot {
@@ -185,6 +188,7 @@ pub async fn apply_from(
     state: &mut SyncState,
     changes: &mut Vec<Change>,
     snapshot: Option<Snapshot>,
+    holder_of: HolderOf<'_>,
 ) -> Result<()> {
     let caps = client.capabilities().await?;
     if caps.too_old() {
@@ -207,7 +211,8 @@ pub async fn apply_from(
             && d.fields.get("name").and_then(Value::as_str) == Some(want.name.as_str())
             && d.flow_id.is_some()
             && d.flow_id == state.flow_id;
-        let reads = plan::reads(&want, state, Some(&d));
+        let holder = holder_of(&d.id);
+        let reads = plan::reads(&want, state, Some(&d), holder.as_ref());
         if same_deployment && reads.only_automations() {
             // The automations from the snapshot when it has them; else one read of
             // their own, the deployment's part still coming from the snapshot.
@@ -216,6 +221,7 @@ pub async fn apply_from(
                 _ => (read_related(client, &reads, &mut related).await?, true),
             };
             let observed = Observed {
+                holder,
                 by_name: Some(d),
                 related_automations,
                 ..Observed::default()
@@ -232,7 +238,8 @@ pub async fn apply_from(
     let by_name = client
         .deployment_by_name(&want.flow_name, &want.name)
         .await?;
-    let observed = observe_reusing(client, &want, state, by_name, related).await?;
+    let holder = by_name.as_ref().and_then(|d| holder_of(&d.id));
+    let observed = observe_reusing(client, &want, state, by_name, holder, related).await?;
     let plan = plan::plan(&want, state, &observed);
     perform(
         client,
@@ -265,7 +272,7 @@ pub async fn observe_given(
     state: &SyncState,
     by_name: Option<ObservedDeployment>,
 ) -> Result<Observed> {
-    observe_reusing(client, want, state, by_name, Related::default()).await
+    observe_reusing(client, want, state, by_name, None, Related::default()).await
 }
 
 async fn observe_reusing(
@@ -273,9 +280,10 @@ async fn observe_reusing(
     want: &DesiredDeployment,
     state: &SyncState,
     by_name: Option<ObservedDeployment>,
+    holder: Option<plan::Holder>,
     mut related: Related,
 ) -> Result<Observed> {
-    let reads = plan::reads(want, state, by_name.as_ref());
+    let reads = plan::reads(want, state, by_name.as_ref(), holder.as_ref());
     let recorded_exists = match &reads.recorded {
         Some(id) => Some(client.read_deployment(id).await?.is_some()),
         None => None,
@@ -290,6 +298,7 @@ async fn observe_reusing(
         recorded_exists,
         related_automations,
         limit,
+        holder,
     })
 }
 
@@ -332,11 +341,17 @@ pub async fn perform(
     state: &mut SyncState,
     changes: &mut Vec<Change>,
 ) -> Result<()> {
-    if let DeploymentAction::Conflict { id } = &plan.deployment {
-        return Err(Error::Conflict(format!(
-            "Prefect already has a deployment {}/{} ({id}) that this resource did not create; set spec.adoptExisting: true to manage it",
-            plan.flow_name, plan.name
-        )));
+    if let DeploymentAction::Conflict { id, holder } = &plan.deployment {
+        return Err(Error::Conflict(match holder {
+            Some(h) => format!(
+                "Prefect deployment {}/{} ({id}) is managed by PrefectDeployment {h}; one deployment can have only one resource: remove one or give it another spec.deployment.name",
+                plan.flow_name, plan.name
+            ),
+            None => format!(
+                "Prefect already has a deployment {}/{} ({id}) that this resource did not create; set spec.adoptExisting: true to manage it",
+                plan.flow_name, plan.name
+            ),
+        }));
     }
     let limit_id = apply_limit(client, plan, state, changes).await?;
     let id = match &plan.deployment {

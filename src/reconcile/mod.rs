@@ -260,6 +260,57 @@ impl Context {
         }
     }
 
+    /// Another resource this operator handles whose status records deployment `id` on
+    /// `client`'s server: found through the ids the resources registered, so a pass
+    /// does not look through every cached resource.
+    fn holder_of(
+        &self,
+        client: &PrefectClient,
+        id: &str,
+        me: &PrefectDeployment,
+    ) -> Option<crate::plan::Holder> {
+        let mine = ObjectRef::from_obj(me);
+        let claimants = self.snapshots.claimants(client, id);
+        if claimants.iter().all(|w| *w == mine) {
+            return None;
+        }
+        let stores = self.stores.lock().expect("lock").clone();
+        let rank = |m: &kube::api::ObjectMeta| {
+            (
+                m.creation_timestamp.clone(),
+                m.namespace.clone().unwrap_or_default(),
+                m.name.clone().unwrap_or_default(),
+            )
+        };
+        for who in claimants.into_iter().filter(|w| *w != mine) {
+            let key = retyped::<_, Cached>(&who);
+            let Some(other) = stores.iter().find_map(|s| s.get(&key)) else {
+                continue;
+            };
+            // One on its way out, or a resource deleted and made again under the same
+            // name, holds nothing.
+            if other.meta().deletion_timestamp.is_some() || other.uid() == me.uid() {
+                continue;
+            }
+            let Ok(decoded) = other.decode() else {
+                continue;
+            };
+            let records = decoded
+                .status
+                .as_ref()
+                .and_then(|s| s.deployment_id.as_deref());
+            if records != Some(id) {
+                continue;
+            }
+            return Some(crate::plan::Holder {
+                resource: format!("{}/{}", who.namespace.clone().unwrap_or_default(), who.name),
+                uid: other.uid().unwrap_or_default(),
+                senior: rank(other.meta()) < rank(&me.metadata),
+            });
+        }
+        None
+    }
+
     /// Checks the named global concurrency limit `valid` asks for against the other
     /// resources that name a limit of the same name on the same server: their declared
     /// settings must agree. Records in `state` whether any of them names the limit this
@@ -677,7 +728,17 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
             deployment,
             automations,
         });
-        execute::apply_from(&client, &valid, &uid, &mut state, &mut changes, snapshot).await?;
+        let holder_of = |id: &str| ctx.holder_of(&client, id, obj);
+        execute::apply_from(
+            &client,
+            &valid,
+            &uid,
+            &mut state,
+            &mut changes,
+            snapshot,
+            &holder_of,
+        )
+        .await?;
         if let Some(id) = &state.deployment_id {
             ctx.snapshots.register(&client, id, oref.clone());
             ctx.snapshots
@@ -695,7 +756,7 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
             );
         }
         if let Some(old_id) = recorded.filter(|o| Some(o) != state.deployment_id.as_ref()) {
-            ctx.snapshots.forget(&client, &old_id);
+            ctx.snapshots.forget(&client, &old_id, &oref);
         }
         run_if_requested(obj, &client, &state, &mut last_run, &mut changes).await?;
         Ok::<_, Error>(client.base_url().to_string())
