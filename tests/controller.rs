@@ -1882,22 +1882,14 @@ async fn a_deployment_is_managed_by_one_resource() {
     assert_eq!(after["description"], "first's");
     assert_eq!(after["updated"], before["updated"], "nobody wrote to it");
 
-    // Once "first" and its deployment are gone, "second" makes its own.
+    // Once "first" and its deployment are gone, "second" makes its own (woken by the
+    // deletion, not left to its backoff).
     env.api
         .delete("first", &DeleteParams::default())
         .await
         .unwrap();
     env.wait_gone("first").await;
     assert_eq!(env.prefect_get(&path).await.0, 404);
-    env.cp.kubectl_ok(&[
-        "annotate",
-        "--overwrite",
-        "pd",
-        "-n",
-        &env.ns,
-        "second",
-        &format!("{RECONCILE_REQUESTED_AT}=after-first"),
-    ]);
     let second = env.wait_for("second", "second ready", is_ready).await;
     let own = second.status.unwrap().deployment_id.unwrap();
     assert_ne!(own, id);

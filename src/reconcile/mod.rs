@@ -8,7 +8,7 @@ mod finalizer;
 pub mod server;
 pub mod status;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -130,6 +130,9 @@ pub struct Context {
     pub credentials: server::CredentialCache,
     /// The caches (by their place in `stores`) whose recorded ids are registered.
     registered: tokio::sync::Mutex<Vec<usize>>,
+    /// Resources found holding a deployment another resource wants (`holder_of`), and
+    /// those others: woken once the holder is gone, not left to their backoff.
+    blocked: Mutex<HashMap<ObjectRef<PrefectDeployment>, HashSet<ObjectRef<PrefectDeployment>>>>,
 }
 
 impl Context {
@@ -164,6 +167,7 @@ impl Context {
             started: Instant::now(),
             credentials: server::CredentialCache::default(),
             registered: tokio::sync::Mutex::default(),
+            blocked: Mutex::default(),
         }
     }
 
@@ -302,6 +306,12 @@ impl Context {
             if records != Some(id) {
                 continue;
             }
+            self.blocked
+                .lock()
+                .expect("lock")
+                .entry(who.clone())
+                .or_default()
+                .insert(mine.clone());
             return Some(crate::plan::Holder {
                 resource: format!("{}/{}", who.namespace.clone().unwrap_or_default(), who.name),
                 uid: other.uid().unwrap_or_default(),
@@ -577,7 +587,12 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
         ctx.synced.lock().expect("lock").remove(&oref);
         ctx.events.forget(&oref);
         ctx.snapshots.forget_resource(&oref);
-        return finalizer::finalize(obj, ctx, &api).await;
+        let done = finalizer::finalize(obj, ctx, &api).await?;
+        let waiting = ctx.blocked.lock().expect("lock").remove(&oref);
+        for who in waiting.into_iter().flatten() {
+            ctx.events.notify(who);
+        }
+        return Ok(done);
     }
     if !obj.finalizers().iter().any(|f| f == FINALIZER) {
         finalizer::add_finalizer(obj, &api).await?;
