@@ -632,7 +632,8 @@ pub struct TriggerCondition {
     #[schemars(schema_with = "trigger_type_schema")]
     pub type_: Option<TriggerType>,
     /// Event triggers: `Reactive` fires when events arrive (default), `Proactive` when
-    /// they do not arrive within `within` seconds.
+    /// they do not arrive within `within` seconds. Metric triggers: `Metric` (their only
+    /// posture, and the default; prefect.yaml files often spell it out).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "posture_schema")]
     pub posture: Option<Posture>,
@@ -684,6 +685,7 @@ pub enum TriggerType {
 pub enum Posture {
     Reactive,
     Proactive,
+    Metric,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
@@ -845,7 +847,7 @@ fn trigger_type_schema(_: &mut SchemaGenerator) -> Schema {
 }
 
 fn posture_schema(_: &mut SchemaGenerator) -> Schema {
-    json_schema!({"type": "string", "enum": ["Reactive", "Proactive"]})
+    json_schema!({"type": "string", "enum": ["Reactive", "Proactive", "Metric"]})
 }
 
 fn free_object(_: &mut SchemaGenerator) -> Schema {

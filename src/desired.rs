@@ -461,6 +461,8 @@ fn condition(c: &TriggerCondition) -> Value {
             "posture": match c.posture.unwrap_or(Posture::Reactive) {
                 Posture::Reactive => "Reactive",
                 Posture::Proactive => "Proactive",
+                // Refused by `validate` on an event trigger; sent as written otherwise.
+                Posture::Metric => "Metric",
             },
             "match": match_,
             "match_related": match_related,

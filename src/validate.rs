@@ -841,6 +841,12 @@ fn condition(c: &TriggerCondition, field: &str) -> Check {
                     return Err(problem(format!("{field}.threshold"), "must be at least 1"));
                 }
             }
+            if c.posture == Some(Posture::Metric) {
+                return Err(problem(
+                    format!("{field}.posture"),
+                    "Metric is the posture of metric triggers (set type: metric); event triggers are Reactive or Proactive",
+                ));
+            }
             if c.posture == Some(Posture::Proactive) && c.within.unwrap_or(0) < 10 {
                 return Err(problem(
                     format!("{field}.within"),
@@ -856,7 +862,7 @@ fn condition(c: &TriggerCondition, field: &str) -> Check {
                     "is required for metric triggers",
                 ));
             };
-            if c.posture.is_some()
+            if c.posture.is_some_and(|p| p != Posture::Metric)
                 || c.after.is_some()
                 || c.expect.is_some()
                 || c.threshold.is_some()
@@ -864,7 +870,7 @@ fn condition(c: &TriggerCondition, field: &str) -> Check {
             {
                 return Err(problem(
                     field,
-                    "a metric trigger takes metric, match and matchRelated only",
+                    "a metric trigger takes metric, match and matchRelated only (and posture Metric)",
                 ));
             }
             if !["lateness", "duration", "successes"].contains(&m.name.as_str()) {
