@@ -666,6 +666,23 @@ pub fn schedule(s: &Schedule, field: &str) -> Result<ValidSchedule, Problem> {
     } else {
         let text = s.rrule.clone().unwrap_or_default();
         let r = rrule::parse(&text).map_err(|m| problem(format!("{field}.rrule"), m))?;
+        // Prefect drops a TZID and reads the times in the schedule's zone, UTC unless
+        // set. With no timezone set, which one was meant is not clear (the runs would
+        // come hours away from the written times), so it must be said; a timezone set
+        // explicitly is what Prefect uses, as an exported deployment has it.
+        if s.timezone.is_none() {
+            if let Some(named) = rrule::zones_named(&text)
+                .into_iter()
+                .find(|n| zone::timezone(n).ok() != Some(Tz::UTC))
+            {
+                return Err(problem(
+                    format!("{field}.rrule"),
+                    format!(
+                        "names TZID={named}, which Prefect ignores: it reads the rule's times in the schedule's timezone, UTC when none is set; set timezone: {named} (or timezone: UTC to keep Prefect's reading)"
+                    ),
+                ));
+            }
+        }
         (Rule::RRule(r), text)
     };
     Ok(ValidSchedule {

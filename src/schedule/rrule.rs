@@ -48,6 +48,33 @@ pub fn parse(rule: &str) -> Result<Rule, String> {
     Ok(Rule { set })
 }
 
+/// The time zones the rule's date lines name (`DTSTART;TZID=Europe/Paris:...`), each
+/// once, in order. Prefect ignores them: it reads every date in the schedule's zone.
+pub fn zones_named(rule: &str) -> Vec<String> {
+    let mut zones: Vec<String> = Vec::new();
+    for line in rule.lines().map(str::trim) {
+        let Some((name_params, _)) = line.split_once(':') else {
+            continue;
+        };
+        let mut parts = name_params.split(';');
+        let name = parts.next().unwrap_or_default();
+        if !["DTSTART", "RDATE", "EXDATE"]
+            .iter()
+            .any(|n| name.eq_ignore_ascii_case(n))
+        {
+            continue;
+        }
+        for p in parts {
+            if let Some((k, v)) = p.split_once('=') {
+                if k.trim().eq_ignore_ascii_case("TZID") && !zones.iter().any(|z| z == v.trim()) {
+                    zones.push(v.trim().to_string());
+                }
+            }
+        }
+    }
+    zones
+}
+
 /// The rule with every date written as UTC, and Prefect's default DTSTART
 /// (2020-01-01 00:00) where it has none.
 fn wall_clock(rule: &str) -> String {
