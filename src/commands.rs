@@ -367,6 +367,12 @@ pub async fn export(args: &ExportArgs) -> ExitCode {
                 for n in &out.notes {
                     eprintln!("export: {flow}/{label}: {n}");
                 }
+                // The same checks as `validate`: what Prefect holds may be more than a
+                // manifest can say (the manifest is still printed, to be fixed by hand).
+                if let Err(e) = manifests::check(&out.manifest) {
+                    eprintln!("export: {flow}/{label}: the manifest would be refused: {e}");
+                    failed = true;
+                }
                 manifests.push(out.manifest);
             }
             Err(why) => {

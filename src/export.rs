@@ -221,10 +221,14 @@ fn schedule(s: &ObservedSchedule) -> Value {
         ("timezone", "timezone"),
     ] {
         if let Some(v) = inner.get(from).filter(|v| !v.is_null()) {
-            let v = if from == "interval" {
-                whole(v)
-            } else {
-                v.clone()
+            // The CRD takes an interval as whole seconds or a string: a fraction of a
+            // second goes as a string of seconds, which reads back the same.
+            let v = match whole(v) {
+                Value::Number(n) if from == "interval" && !n.is_i64() => {
+                    Value::String(n.to_string())
+                }
+                w if from == "interval" => w,
+                _ => v.clone(),
             };
             // day_or true is the default, and only cron schedules have it.
             if from == "day_or" && v == json!(true) {
@@ -354,5 +358,21 @@ mod tests {
         assert_eq!(kubernetes_name("--"), "deployment");
         assert_eq!(kubernetes_name("a.b"), "a.b");
         assert_eq!(kubernetes_name(&"x".repeat(300)).len(), 253);
+    }
+
+    #[test]
+    fn intervals_are_whole_seconds_or_strings() {
+        let of = |interval: Value| {
+            let s: ObservedSchedule = serde_json::from_value(json!({"id": "s", "slug": "a",
+                "schedule": {"interval": interval, "timezone": "UTC"}}))
+            .unwrap();
+            schedule(&s)["interval"].clone()
+        };
+        assert_eq!(of(json!(3600.0)), json!(3600));
+        // The CRD's int-or-string refuses 90.5 as a number; the string reads back the same.
+        assert_eq!(of(json!(90.5)), json!("90.5"));
+        let read = |v: Value| format!("{:?}", crate::schedule::interval::parse(&v));
+        assert_eq!(read(of(json!(90.5))), read(json!(90.5)));
+        assert!(read(json!(90.5)).starts_with("Ok"));
     }
 }
