@@ -755,6 +755,28 @@ pub struct PrefectDeploymentStatus {
     /// The named global concurrency limit the deployment is attached to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub global_concurrency_limit: Option<LimitRecord>,
+    /// The Prefect API the ids above belong to. When spec.server names another one, the
+    /// deployment is made there and the one recorded here is deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048))]
+    pub server: Option<String>,
+    /// Deployments this resource replaced (a new name or flow, another server) that
+    /// are not deleted yet; each pass tries again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 16))]
+    pub pending_deletions: Option<Vec<PendingDeletion>>,
+}
+
+/// A deployment the resource no longer describes, still to be deleted.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PendingDeletion {
+    /// Its id in Prefect.
+    #[schemars(length(max = 64))]
+    pub deployment_id: String,
+    /// The Prefect API it is on.
+    #[schemars(length(max = 2048))]
+    pub server: String,
 }
 
 /// The named global concurrency limit a deployment is attached to.

@@ -72,7 +72,7 @@ pub fn validate(args: &ValidateArgs) -> ExitCode {
 struct Outcome {
     label: String,
     server: String,
-    result: Result<(plan::Plan, Option<&'static str>), String>,
+    result: Result<(plan::Plan, Option<std::borrow::Cow<'static, str>>), String>,
 }
 
 /// `diff`: 0 no differences, 1 differences, 2 an error (an invalid manifest, an
@@ -203,12 +203,23 @@ async fn diff_one(
         );
         let (uid, state, note, read) = match &live {
             // The controller's own inputs: its uid and what its status recorded.
-            Some(obj) => (
-                obj.metadata.uid.clone().unwrap_or_default(),
-                status::state_of(obj.status.as_ref()),
-                None,
-                None,
-            ),
+            Some(obj) => {
+                let mut state = status::state_of(obj.status.as_ref());
+                let recorded = state.deployment_id.clone();
+                let from = state.server.clone();
+                let note = match (state.move_to(&base), recorded, from) {
+                    (true, Some(id), Some(from)) => Some(std::borrow::Cow::Owned(format!(
+                        "status records deployment {id} on {from}: applying makes the deployment on {base} and deletes that one"
+                    ))),
+                    _ => None,
+                };
+                (
+                    obj.metadata.uid.clone().unwrap_or_default(),
+                    state,
+                    note,
+                    None,
+                )
+            }
             None => guess_state(&client, &valid, pd.metadata.uid.clone(), kube.is_some()).await?,
         };
         let want = desired::deployment(&valid, &uid);
@@ -233,7 +244,7 @@ async fn diff_one(
 type Guess = (
     String,
     SyncState,
-    Option<&'static str>,
+    Option<std::borrow::Cow<'static, str>>,
     Option<Option<crate::observed::ObservedDeployment>>,
 );
 
@@ -266,7 +277,7 @@ async fn guess_state(
                 triggers_hash: Some(want.triggers_hash(&found.id)),
                 ..SyncState::default()
             };
-            Ok((uid, state, Some(NO_STATE_NOTE), Some(Some(found))))
+            Ok((uid, state, Some(NO_STATE_NOTE.into()), Some(Some(found))))
         }
         (found, _) => Ok((
             uid.unwrap_or_default(),

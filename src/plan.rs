@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::api::IgnoredField;
-pub use crate::api::LimitRecord;
+pub use crate::api::{LimitRecord, PendingDeletion};
 use crate::desired::{DesiredDeployment, OWNER_LABEL};
 use crate::observed::{ObservedAutomation, ObservedDeployment, ObservedLimit, ObservedSchedule};
 
@@ -51,6 +51,71 @@ pub struct SyncState {
     /// back any recorded one that is gone or differs from its trigger.
     #[serde(skip)]
     pub check_automations: bool,
+    /// The Prefect API the ids above belong to (unknown in statuses written before it
+    /// was recorded: then the spec's).
+    pub server: Option<String>,
+    /// Deployments this resource replaced that are still to be deleted.
+    pub leftovers: Vec<PendingDeletion>,
+    /// Why a replaced deployment on another server is not deleted yet, for the condition.
+    #[serde(skip)]
+    pub leftover_note: Option<String>,
+}
+
+/// The most deployments status keeps as still to delete (the CRD's bound).
+pub const MAX_LEFTOVERS: usize = 16;
+
+impl SyncState {
+    /// Takes the resource to server `base`. Ids recorded for another server name
+    /// nothing there: the deployment recorded becomes one to delete on its own server,
+    /// and the rest is forgotten. True when the server changed.
+    pub fn move_to(&mut self, base: &str) -> bool {
+        let from = self.server.replace(base.to_string());
+        let Some(from) = from.filter(|f| f != base) else {
+            return false;
+        };
+        if let Some(id) = self.deployment_id.take() {
+            self.leave(id, from);
+        }
+        self.flow_id = None;
+        self.automation_ids.clear();
+        self.triggers_hash = None;
+        self.applied_ignored.clear();
+        self.limit = None;
+        self.spec_applied = false;
+        true
+    }
+
+    /// Records deployment `id` on server `server` as one to delete.
+    pub fn leave(&mut self, id: String, server: String) {
+        if !self.leftovers.iter().any(|l| l.deployment_id == id) {
+            // Status holds 16 at most; so many moves in a row cannot all be pending.
+            if self.leftovers.len() >= MAX_LEFTOVERS {
+                self.leftovers.remove(0);
+            }
+            self.leftovers.push(PendingDeletion {
+                deployment_id: id,
+                server,
+            });
+        }
+    }
+
+    /// The deployments still to delete on server `base`, dropping any that is the
+    /// recorded deployment again (the same server under another URL, or moved back).
+    pub fn leftovers_on(&mut self, base: &str) -> Vec<String> {
+        let current = self.deployment_id.clone();
+        self.leftovers
+            .retain(|l| Some(&l.deployment_id) != current.as_ref());
+        self.leftovers
+            .iter()
+            .filter(|l| l.server == base)
+            .map(|l| l.deployment_id.clone())
+            .collect()
+    }
+
+    /// Deployment `id` is deleted.
+    pub fn gone(&mut self, id: &str) {
+        self.leftovers.retain(|l| l.deployment_id != id);
+    }
 }
 
 /// What Prefect holds, as far as planning needs to know. `observe` in the executor
@@ -1275,6 +1340,54 @@ fn short(v: &Value) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_new_server_leaves_the_recorded_deployment_to_delete_there() {
+        let (a, b) = ("http://a:4200/api", "http://b:4200/api");
+        let mut state = SyncState {
+            deployment_id: Some("d1".into()),
+            flow_id: Some("f1".into()),
+            automation_ids: vec!["a1".into()],
+            triggers_hash: Some("h".into()),
+            spec_applied: true,
+            ..SyncState::default()
+        };
+        // A status from before the server was recorded: taken as the spec's.
+        assert!(!state.move_to(a));
+        assert_eq!(state.deployment_id.as_deref(), Some("d1"));
+        assert!(!state.move_to(a), "the same server again");
+        assert!(state.move_to(b));
+        assert_eq!(state.server.as_deref(), Some(b));
+        assert_eq!(
+            (state.deployment_id.as_ref(), state.flow_id.as_ref()),
+            (None, None)
+        );
+        assert!(state.automation_ids.is_empty() && state.triggers_hash.is_none());
+        assert!(
+            !state.spec_applied,
+            "a new server is an apply, not a drift check"
+        );
+        let left = PendingDeletion {
+            deployment_id: "d1".into(),
+            server: a.into(),
+        };
+        assert_eq!(state.leftovers, vec![left.clone()]);
+        assert!(state.leftovers_on(b).is_empty());
+        assert_eq!(state.leftovers_on(a), vec!["d1".to_string()]);
+        // The new URL reached the same server: the deployment found there is the one
+        // recorded, which is then not deleted.
+        state.deployment_id = Some("d1".into());
+        assert!(state.leftovers_on(a).is_empty());
+        assert!(state.leftovers.is_empty());
+        // Moving back and forth records each once, and never more than status holds.
+        for i in 0..40 {
+            state.deployment_id = Some(format!("d{}", i % 20));
+            state.move_to(if i % 2 == 0 { a } else { b });
+        }
+        assert_eq!(state.leftovers.len(), MAX_LEFTOVERS);
+        state.gone("d19");
+        assert!(state.leftovers.iter().all(|l| l.deployment_id != "d19"));
+    }
 
     #[test]
     fn an_action_field_the_server_does_not_return_is_not_a_difference() {

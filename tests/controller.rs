@@ -2441,3 +2441,171 @@ async fn made_again(env: &Env, name: &str, base: &str, old: &str) -> Value {
     assert_eq!(code, 200);
     a
 }
+
+/// Pointing spec.server at another Prefect server moves the deployment: it is made on
+/// the new server and the one on the old server is deleted with its automations, so
+/// two servers never run the same schedules. An old server that does not answer keeps
+/// its deployment listed in status (`pendingDeletions`, said in the Ready message)
+/// until it answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_server_takes_the_deployment_over_from_the_old_one() {
+    let (env, pool) = Env::new(Duration::from_secs(300)).await;
+    let old = PrefectServer::start(None);
+    support::create_pool_named(&old, &pool);
+    let gate = support::StreamGate::whole(&old);
+    let on_old = |name: &str| {
+        let mut pd = resource(
+            &env,
+            &pool,
+            name,
+            json!({"deployment": {"entrypoint": format!("flows/{name}.py:main"),
+                "triggers": [{"expect": ["prefect.flow-run.Completed"]}]}}),
+        );
+        pd.spec.server.remote_api_url = Some(gate.url.clone());
+        pd
+    };
+    let mut made = Vec::new();
+    for name in ["moved", "moved-later"] {
+        env.api
+            .create(&PostParams::default(), &on_old(name))
+            .await
+            .unwrap();
+        let obj = env
+            .wait_for(name, "ready on the old server", is_ready)
+            .await;
+        let status = obj.status.unwrap();
+        assert_eq!(status.server.as_deref(), Some(gate.url.as_str()));
+        made.push((
+            status.deployment_id.unwrap(),
+            status.automation_ids.unwrap()[0].clone(),
+        ));
+    }
+    let on_old_server = |path: String| {
+        let url = format!("{}{path}", old.url);
+        let raw = env.raw.clone();
+        async move { support::prefect_get(&raw, &url).await.0 }
+    };
+    let to_new = json!({"spec": {"server": {"remoteApiUrl": env.prefect.url}}});
+    let move_to_new = |name: &'static str| {
+        let patch = to_new.clone();
+        let api = env.api.clone();
+        async move {
+            api.patch(name, &PatchParams::default(), &Patch::Merge(patch))
+                .await
+                .unwrap();
+        }
+    };
+    let moved_to_new = |o: &PrefectDeployment| {
+        is_ready(o) && o.status.as_ref().and_then(|s| s.server.as_deref()) == Some(&env.prefect.url)
+    };
+
+    // The old server answers: its deployment and automation go at once.
+    move_to_new("moved").await;
+    let obj = env
+        .wait_for("moved", "ready on the new server", moved_to_new)
+        .await;
+    let status = obj.status.unwrap();
+    let (old_id, old_automation) = &made[0];
+    let new_id = status.deployment_id.clone().unwrap();
+    assert_ne!(&new_id, old_id);
+    assert_eq!(
+        env.prefect_get(&format!("/deployments/{new_id}")).await.0,
+        200
+    );
+    let new_automation = &status.automation_ids.unwrap()[0];
+    assert_eq!(
+        env.prefect_get(&format!("/automations/{new_automation}"))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(status.pending_deletions, None);
+    assert_eq!(on_old_server(format!("/deployments/{old_id}")).await, 404);
+    assert_eq!(
+        on_old_server(format!("/automations/{old_automation}")).await,
+        404
+    );
+    assert!(env.events("moved").iter().any(|e| e.1 == "Deleted"
+        && e.2.contains(old_id.as_str())
+        && e.2.contains("spec.server named before")));
+
+    // The old server is down: the deployment still moves, and the old one waits.
+    gate.cut();
+    move_to_new("moved-later").await;
+    let obj = env
+        .wait_for("moved-later", "ready on the new server", moved_to_new)
+        .await;
+    let (old_id, old_automation) = &made[1];
+    let (_, _, message) = ready(&obj).unwrap();
+    assert!(
+        message.contains("not deleted yet") && message.contains(old_id.as_str()),
+        "{message}"
+    );
+    let pending = obj.status.unwrap().pending_deletions.unwrap();
+    assert_eq!(pending.len(), 1);
+    assert_eq!(
+        (&pending[0].deployment_id, &pending[0].server),
+        (old_id, &gate.url)
+    );
+    assert!(env
+        .events("moved-later")
+        .iter()
+        .any(|e| e.0 == "Warning" && e.1 == "CleanupPending"));
+    assert_eq!(on_old_server(format!("/deployments/{old_id}")).await, 200);
+
+    // Back up: the next pass deletes it.
+    gate.restore();
+    env.reconcile_now("moved-later", "old-server-back").await;
+    let obj = env
+        .wait_for("moved-later", "the old deployment deleted", |o| {
+            o.status
+                .as_ref()
+                .is_some_and(|s| s.pending_deletions.is_none())
+        })
+        .await;
+    assert!(is_ready(&obj));
+    let (_, _, message) = ready(&obj).unwrap();
+    assert!(!message.contains("not deleted yet"), "{message}");
+    assert_eq!(on_old_server(format!("/deployments/{old_id}")).await, 404);
+    assert_eq!(
+        on_old_server(format!("/automations/{old_automation}")).await,
+        404
+    );
+
+    // Another URL of the same server (here a second front to it): the deployment found
+    // there is the one recorded, so it is kept, not deleted as the old server's.
+    let alias = support::StreamGate::whole(env.prefect);
+    let to_alias = json!({"spec": {"server": {"remoteApiUrl": alias.url}}});
+    env.api
+        .patch("moved", &PatchParams::default(), &Patch::Merge(to_alias))
+        .await
+        .unwrap();
+    let obj = env
+        .wait_for("moved", "ready through the alias", |o| {
+            is_ready(o) && o.status.as_ref().and_then(|s| s.server.as_deref()) == Some(&alias.url)
+        })
+        .await;
+    let status = obj.status.unwrap();
+    assert_eq!(status.deployment_id.as_deref(), Some(new_id.as_str()));
+    assert_eq!(status.pending_deletions, None);
+    // Its automation is taken as it is, not made a second time.
+    assert_eq!(status.automation_ids, Some(vec![new_automation.clone()]));
+    assert_eq!(
+        env.prefect_get(&format!("/deployments/{new_id}")).await.0,
+        200
+    );
+    assert_eq!(
+        env.prefect_get(&format!("/automations/{new_automation}"))
+            .await
+            .0,
+        200
+    );
+
+    for name in ["moved", "moved-later"] {
+        env.api
+            .delete(name, &DeleteParams::default())
+            .await
+            .unwrap();
+        env.wait_gone(name).await;
+    }
+}

@@ -62,6 +62,19 @@ pub enum Change {
     LimitDeleted {
         name: String,
     },
+    /// A deployment the resource replaced earlier, deleted now; `server` when it is
+    /// not the spec's.
+    LeftoverDeleted {
+        id: String,
+        server: Option<String>,
+    },
+    /// A deployment on the server spec.server named before, which that server does not
+    /// let the operator delete: left for people.
+    LeftBehind {
+        id: String,
+        server: String,
+        why: String,
+    },
     /// A flow run made for a `prefect.io/run-requested-at` token.
     RunCreated {
         token: String,
@@ -87,6 +100,8 @@ impl Change {
             Change::LimitCreated { .. } => "ConcurrencyLimitCreated",
             Change::LimitUpdated { .. } => "ConcurrencyLimitUpdated",
             Change::LimitDeleted { .. } => "ConcurrencyLimitDeleted",
+            Change::LeftoverDeleted { .. } => "Deleted",
+            Change::LeftBehind { .. } => "CleanupSkipped",
             Change::RunCreated { .. } => "RunCreated",
             Change::RunRejected { .. } => "RunRejected",
         }
@@ -94,7 +109,7 @@ impl Change {
 
     /// Whether the Event is a Warning.
     pub fn is_warning(&self) -> bool {
-        matches!(self, Change::RunRejected { .. })
+        matches!(self, Change::RunRejected { .. } | Change::LeftBehind { .. })
     }
 
     pub fn message(&self) -> String {
@@ -106,6 +121,18 @@ impl Change {
             Change::Adopted { id } => format!("Adopted existing Prefect deployment {id}"),
             Change::Replaced { old_id, new_id } => format!(
                 "Name or flow changed: created Prefect deployment {new_id} and deleted {old_id}"
+            ),
+            Change::LeftoverDeleted { id, server: None } => {
+                format!("Deleted Prefect deployment {id}, which this resource replaced")
+            }
+            Change::LeftoverDeleted {
+                id,
+                server: Some(s),
+            } => format!(
+                "Deleted Prefect deployment {id} and its automations from {s}, the server spec.server named before"
+            ),
+            Change::LeftBehind { id, server, why } => format!(
+                "Prefect deployment {id} on {server}, the server spec.server named before, is left in place: {why}; delete it there by hand"
             ),
             Change::Updated { fields } => format!("Updated {}", fields.join(", ")),
             Change::SchedulesChanged {
@@ -360,6 +387,7 @@ pub async fn perform(
         DeploymentAction::Resume { id, retire } | DeploymentAction::Adopt { id, retire } => {
             if let Some(old) = retire {
                 retire_deployment(client, old).await?;
+                state.gone(old);
             }
             if matches!(plan.deployment, DeploymentAction::Adopt { .. }) {
                 changes.push(Change::Adopted { id: id.clone() });
@@ -389,6 +417,11 @@ pub async fn perform(
                 }
                 other => other?,
             };
+            // The one replaced is recorded before the new id takes its place, so a
+            // failure from here on cannot lose it.
+            if let Some(old) = retire {
+                state.leave(old.clone(), client.base_url().to_string());
+            }
             state.deployment_id = Some(id.clone());
             state.flow_id = Some(flow_id);
             state.automation_ids.clear();
@@ -399,6 +432,7 @@ pub async fn perform(
             match retire {
                 Some(old) => {
                     retire_deployment(client, old).await?;
+                    state.gone(old);
                     changes.push(Change::Replaced {
                         old_id: old.clone(),
                         new_id: id.clone(),
@@ -444,6 +478,21 @@ pub async fn perform(
     }
     state.applied_ignored = plan.record_ignored.clone();
     state.drift = plan.drift.clone();
+    delete_leftovers(client, state, changes).await
+}
+
+/// Deletes the deployments on this server that the resource replaced and could not
+/// delete when it did (the server failed, or the pass was cut short).
+pub async fn delete_leftovers(
+    client: &PrefectClient,
+    state: &mut SyncState,
+    changes: &mut Vec<Change>,
+) -> Result<()> {
+    for id in state.leftovers_on(client.base_url()) {
+        retire_deployment(client, &id).await?;
+        state.gone(&id);
+        changes.push(Change::LeftoverDeleted { id, server: None });
+    }
     Ok(())
 }
 
@@ -469,7 +518,7 @@ async fn create_schedules(
 /// Prefect deletes the global concurrency limit a deployment is attached to along with
 /// it; a named limit others may share is first let go of, so only the deployment's
 /// own limit goes.
-async fn retire_deployment(client: &PrefectClient, id: &str) -> Result<()> {
+pub async fn retire_deployment(client: &PrefectClient, id: &str) -> Result<()> {
     client
         .delete_owned_automations(&desired::owner_resource(id))
         .await?;

@@ -7,8 +7,10 @@
 //! - On deletion, with `deletionPolicy: Delete` (the default), the deployment and its
 //!   automations are deleted; a deployment already gone counts as deleted. Without a
 //!   recorded id, only a deployment carrying this resource's owner label is deleted.
-//!   With `Orphan`, Prefect is left as it is. A server outside `--allowed-server` is
-//!   not called: the finalizer goes with a Warning event.
+//!   Deployments the resource replaced and has not deleted yet (`pendingDeletions`,
+//!   on this server or on one spec.server named before) go too. With `Orphan`,
+//!   Prefect is left as it is. A server outside `--allowed-server` is not called: the
+//!   finalizer goes with a Warning event.
 //! - The finalizer is removed only after that succeeded. A failure leaves it in place,
 //!   says so on the resource (`Ready=False`, reason `CleanupFailed`, an Event) and is
 //!   retried with backoff; removing the finalizer by hand is the way out when the
@@ -89,14 +91,33 @@ pub(super) async fn finalize(
         let result = async {
             ctx.limit_peers(obj, None, &mut state)?;
             let (client, _turn) = prefect_client(obj, ctx, &ns).await?;
-            execute::delete(
+            // A deployment recorded on the server spec.server named before is deleted
+            // there, like the ones replaced earlier and not deleted yet.
+            state.move_to(client.base_url());
+            let id = execute::delete(
                 &client,
                 &obj.spec,
                 &obj.deployment_name(),
                 &obj.uid().unwrap_or_default(),
                 &state,
             )
-            .await
+            .await?;
+            let mut changes = Vec::new();
+            execute::delete_leftovers(&client, &mut state, &mut changes).await?;
+            ctx.delete_moved(&client, &mut state, &mut changes).await;
+            for c in &changes {
+                let type_ = if c.is_warning() {
+                    EventType::Warning
+                } else {
+                    EventType::Normal
+                };
+                ctx.event(obj, type_, c.reason(), c.message(), "Delete")
+                    .await;
+            }
+            match state.leftover_note.take() {
+                Some(note) => Err(crate::Error::PrefectUnreachable(note, None)),
+                None => Ok(id),
+            }
         }
         .await;
         match result {

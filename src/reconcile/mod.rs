@@ -201,6 +201,71 @@ impl Context {
         Ok((base, auth.await?))
     }
 
+    /// Deletes what the resource left on servers spec.server named before, with the
+    /// credentials of the current one. Such a server may be gone for good, so a failure
+    /// does not fail the pass: it is noted for the Ready message and tried again on
+    /// the next. A server that refuses the credentials, or that this operator may no
+    /// longer call, is given up on with a Warning event.
+    async fn delete_moved(
+        &self,
+        client: &PrefectClient,
+        state: &mut SyncState,
+        changes: &mut Vec<execute::Change>,
+    ) {
+        let others: Vec<_> = state
+            .leftovers
+            .iter()
+            .filter(|l| l.server != client.base_url())
+            .cloned()
+            .collect();
+        let mut notes = Vec::new();
+        for l in others {
+            let (id, server) = (l.deployment_id, l.server);
+            let result = async {
+                if !self.access.server_allowed(&server) {
+                    return Err(Error::ServerNotAllowed(format!(
+                        "{server} is not among the servers this operator may call"
+                    )));
+                }
+                let limit = self.limits.for_server(&server);
+                let _turn =
+                    self.limits.turn(&limit).await.map_err(|why| {
+                        Error::PrefectUnreachable(format!("{server}: {why}"), None)
+                    })?;
+                let old = PrefectClient::new(
+                    self.http.clone(),
+                    &server,
+                    client.auth().cloned(),
+                    self.calls.clone(),
+                )
+                .with_limit(limit);
+                execute::retire_deployment(&old, &id).await
+            }
+            .await;
+            match result {
+                Ok(()) => {
+                    state.gone(&id);
+                    changes.push(execute::Change::LeftoverDeleted {
+                        id,
+                        server: Some(server),
+                    });
+                }
+                Err(e @ (Error::PrefectUnauthorized(_) | Error::ServerNotAllowed(_))) => {
+                    state.gone(&id);
+                    let why = e.to_string();
+                    changes.push(execute::Change::LeftBehind { id, server, why });
+                }
+                Err(e) => notes.push(format!("{id} on {server} ({e})")),
+            }
+        }
+        state.leftover_note = (!notes.is_empty()).then(|| {
+            format!(
+                "the deployment(s) it replaced on the server spec.server named before are not deleted yet, tried again on the next pass: {}",
+                notes.join("; ")
+            )
+        });
+    }
+
     /// After a pass failed with `e`: credentials the server refused are dropped, so the
     /// next pass reads them anew (the Secret may have been fixed or rotated since).
     fn refused_credentials(&self, obj: &PrefectDeployment, e: &Error) {
@@ -671,6 +736,11 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
     let outcome = async {
         ctx.limit_peers(obj, Some(&valid), &mut state)?;
         let (client, _turn) = prefect_client(obj, ctx, &ns).await?;
+        if state.move_to(client.base_url()) {
+            // What the old server's bulk reads and stream followed for this resource.
+            ctx.snapshots.forget_resource(&oref);
+            ctx.events.forget(&oref);
+        }
         // A drift check (nothing new asked) plans against the server's bulk snapshot.
         let recorded = state.deployment_id.clone();
         let checking = state.spec_applied
@@ -754,6 +824,7 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
             &holder_of,
         )
         .await?;
+        ctx.delete_moved(&client, &mut state, &mut changes).await;
         if let Some(id) = &state.deployment_id {
             ctx.snapshots.register(&client, id, oref.clone());
             ctx.snapshots
@@ -789,6 +860,22 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
     match outcome {
         Ok(base) => {
             let mut message = format!("Deployment {name} is applied in Prefect at {base}");
+            if let Some(note) = &state.leftover_note {
+                message.push_str(&format!("; {note}"));
+                let shown = old
+                    .and_then(|s| s.conditions.iter().find(|c| c.type_ == status::READY))
+                    .is_some_and(|c| c.message == message);
+                if !shown {
+                    ctx.event(
+                        obj,
+                        EventType::Warning,
+                        "CleanupPending",
+                        note.clone(),
+                        "Sync",
+                    )
+                    .await;
+                }
+            }
             if let Some(lost) = &state.unsupported {
                 message.push_str(&format!("; {lost}"));
                 // Once per change of the spec, not on every drift check.

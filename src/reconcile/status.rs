@@ -145,6 +145,8 @@ pub fn build(
         applied_ignored_fields: (!state.applied_ignored.is_empty())
             .then(|| state.applied_ignored.clone()),
         global_concurrency_limit: state.limit.clone(),
+        server: state.server.clone(),
+        pending_deletions: (!state.leftovers.is_empty()).then(|| state.leftovers.clone()),
     }
 }
 
@@ -183,6 +185,9 @@ pub fn state_of(status: Option<&PrefectDeploymentStatus>) -> SyncState {
             limit_shared: false,
             unsupported: None,
             check_automations: false,
+            server: s.server.clone(),
+            leftovers: s.pending_deletions.clone().unwrap_or_default(),
+            leftover_note: None,
         })
         .unwrap_or_default()
 }

@@ -1079,6 +1079,16 @@ pub struct StreamGate {
 
 impl StreamGate {
     pub fn start(server: &PrefectServer) -> StreamGate {
+        Self::front(server, true)
+    }
+
+    /// A front whose `cut` turns away every connection, not only the event stream's: to
+    /// the operator the server is down, while it keeps its data for `restore`.
+    pub fn whole(server: &PrefectServer) -> StreamGate {
+        Self::front(server, false)
+    }
+
+    fn front(server: &PrefectServer, streams_only: bool) -> StreamGate {
         let to = server.port;
         let closed = std::sync::Arc::new(tokio::sync::watch::Sender::new(false));
         let gate = closed.clone();
@@ -1091,7 +1101,7 @@ impl StreamGate {
                 tokio::spawn(async move {
                     let mut head = [0u8; 32];
                     let n = client.peek(&mut head).await.unwrap_or(0);
-                    let stream = head[..n].starts_with(b"GET /api/events/out");
+                    let stream = !streams_only || head[..n].starts_with(b"GET /api/events/out");
                     if stream && *closed.borrow() {
                         return;
                     }
