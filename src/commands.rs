@@ -223,12 +223,21 @@ async fn diff_one(
             None => guess_state(&client, &valid, pd.metadata.uid.clone(), kube.is_some()).await?,
         };
         let want = desired::deployment(&valid, &uid);
-        let observed = match read {
+        let mut observed = match read {
             // The guess already read the deployment by name.
             Some(found) => execute::observe_given(&client, &want, &state, found).await,
             None => execute::observe(&client, &want, &state).await,
         }
         .map_err(|e| e.to_string())?;
+        // The controller lets one resource manage a deployment; the cluster says which.
+        if let (Some(k), Some(found)) = (kube, &observed.by_name) {
+            let me = live.as_ref().map_or(&pd.metadata, |o| &o.metadata);
+            let me = kube::api::ObjectMeta {
+                namespace: Some(ns.clone()),
+                ..me.clone()
+            };
+            observed.holder = holder_in_cluster(k, &me, &found.id, &base).await?;
+        }
         Ok((plan::plan(&want, &state, &observed), note))
     }
     .await;
@@ -237,6 +246,45 @@ async fn diff_one(
         server: base,
         result,
     }
+}
+
+/// Another resource whose status records deployment `id` on server `base`, as the
+/// controller's one-resource rule sees it. Reads every namespace, or only `me`'s when
+/// the caller may not list them all.
+async fn holder_in_cluster(
+    k: &kube::Client,
+    me: &kube::api::ObjectMeta,
+    id: &str,
+    base: &str,
+) -> Result<Option<plan::Holder>, String> {
+    use crate::api::PrefectDeployment;
+    let lp = kube::api::ListParams::default();
+    let all = kube::Api::<PrefectDeployment>::all(k.clone())
+        .list(&lp)
+        .await;
+    let list = match all {
+        Err(kube::Error::Api(e)) if e.code == 403 => {
+            let ns = me.namespace.as_deref().unwrap_or_default();
+            kube::Api::<PrefectDeployment>::namespaced(k.clone(), ns)
+                .list(&lp)
+                .await
+        }
+        other => other,
+    }
+    .map_err(|e| format!("listing PrefectDeployments: {e}"))?;
+    let same =
+        |o: &PrefectDeployment| o.metadata.namespace == me.namespace && o.metadata.name == me.name;
+    Ok(list
+        .items
+        .iter()
+        .filter(|o| !same(o) && o.metadata.deletion_timestamp.is_none())
+        .find(|o| {
+            o.status.as_ref().is_some_and(|s| {
+                s.deployment_id.as_deref() == Some(id)
+                    && s.server.as_deref().is_none_or(|s| s == base)
+            })
+        })
+        .map(|o| plan::Holder::new(&o.metadata, me)))
 }
 
 /// What `diff` takes for the controller's inputs: the uid, the recorded state, a note

@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -153,6 +154,26 @@ pub struct Holder {
     /// not make, the first keeps it.
     #[serde(default)]
     pub senior: bool,
+}
+
+impl Holder {
+    /// Resource `other`, whose status records the deployment, as the holder `me` meets.
+    /// A resource not created yet (no timestamp: `diff` of a new manifest) comes last.
+    pub fn new(other: &ObjectMeta, me: &ObjectMeta) -> Holder {
+        let rank = |m: &ObjectMeta| {
+            (
+                m.creation_timestamp.as_ref().map(|t| t.0),
+                m.namespace.clone().unwrap_or_default(),
+                m.name.clone().unwrap_or_default(),
+            )
+        };
+        let (theirs, mine) = (rank(other), rank(me));
+        Holder {
+            resource: format!("{}/{}", theirs.1, theirs.2),
+            uid: other.uid.clone().unwrap_or_default(),
+            senior: mine.0.is_none() || (theirs.0.is_some() && theirs < mine),
+        }
+    }
 }
 
 /// The calls that bring Prefect to the desired state, in the order they are made.
@@ -1340,6 +1361,31 @@ fn short(v: &Value) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn the_resource_created_first_is_senior_and_one_not_created_yet_comes_last() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+        let meta = |ns: &str, name: &str, at: Option<&str>| ObjectMeta {
+            namespace: Some(ns.into()),
+            name: Some(name.into()),
+            uid: Some(format!("uid-{name}")),
+            creation_timestamp: at.map(|t| Time(t.parse().unwrap())),
+            ..ObjectMeta::default()
+        };
+        let early = meta("b", "early", Some("2026-01-01T00:00:00Z"));
+        let late = meta("a", "late", Some("2026-01-02T00:00:00Z"));
+        let same_second = meta("a", "zz", Some("2026-01-01T00:00:00Z"));
+        let manifest = meta("a", "new", None);
+        let h = Holder::new(&early, &late);
+        assert_eq!((h.resource.as_str(), h.uid.as_str()), ("b/early", "uid-early"));
+        assert!(h.senior);
+        assert!(!Holder::new(&late, &early).senior);
+        // The same second: namespace, then name, decides.
+        assert!(Holder::new(&same_second, &early).senior);
+        assert!(!Holder::new(&early, &same_second).senior);
+        assert!(Holder::new(&late, &manifest).senior);
+        assert!(!Holder::new(&manifest, &late).senior);
+    }
 
     #[test]
     fn a_new_server_leaves_the_recorded_deployment_to_delete_there() {

@@ -88,6 +88,26 @@ impl Env {
         support::prefect_get(&self.raw, &format!("{}{path}", self.prefect.url)).await
     }
 
+    /// Runs `diff --from-cluster` on `manifest` through the test cluster's kubeconfig:
+    /// (exit code, stdout and stderr).
+    fn diff_from_cluster(&self, manifest: &str) -> (i32, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pd.yaml");
+        std::fs::write(&file, manifest).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_prefect-operator"))
+            .args(["diff", "--from-cluster", "-f", file.to_str().unwrap()])
+            .env("KUBECONFIG", &self.cp.kubeconfig)
+            .env_remove("PREFECT_API_KEY")
+            .env_remove("PREFECT_API_AUTH_STRING")
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).to_string()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    }
+
     /// Creates resource `name` with `spec` on the shared server's `pool`, and waits
     /// until it is Ready.
     async fn create_ready(&self, pool: &str, name: &str, spec: Value) -> PrefectDeployment {
@@ -1703,23 +1723,7 @@ async fn diff_from_cluster_uses_the_live_status_and_secret() {
         .kubectl_stdin(&["apply", "-f", "-"], Some(&manifest("one")));
     assert!(ok, "{err}");
     env.wait_for(&name, "Ready", is_ready).await;
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("pd.yaml");
-    let diff = |text: String| {
-        std::fs::write(&file, text).unwrap();
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_prefect-operator"))
-            .args(["diff", "--from-cluster", "-f", file.to_str().unwrap()])
-            .env("KUBECONFIG", &env.cp.kubeconfig)
-            .env_remove("PREFECT_API_KEY")
-            .env_remove("PREFECT_API_AUTH_STRING")
-            .output()
-            .unwrap();
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).to_string()
-                + &String::from_utf8_lossy(&out.stderr),
-        )
-    };
+    let diff = |text: String| env.diff_from_cluster(&text);
     let (code, out) = diff(manifest("one"));
     assert_eq!(code, 0, "{out}");
     assert!(out.contains(": no changes"), "{out}");
@@ -1857,6 +1861,20 @@ async fn a_deployment_is_managed_by_one_resource() {
     let (_, after) = env.prefect_get(&path).await;
     assert_eq!(after["description"], "first's");
     assert_eq!(after["updated"], before["updated"], "second wrote nothing");
+    // `diff --from-cluster` plans as the controller does: the conflict, not an update,
+    // for second's manifest, and for one not applied yet.
+    for name in ["second", "third"] {
+        let mut manifest = serde_json::to_value(resource(&env, &pool, name, spec(name))).unwrap();
+        manifest["metadata"]["namespace"] = json!(env.ns);
+        let (code, out) = env.diff_from_cluster(&manifest.to_string());
+        assert_eq!(code, 1, "{out}");
+        assert!(
+            out.contains(&format!(
+                "conflict: Prefect deployment {id} is managed by PrefectDeployment {holder}"
+            )),
+            "{name}: {out}"
+        );
+    }
 
     // "second" records the deployment as if it had taken it over: its next pass stops
     // instead of writing its description over first's.

@@ -344,13 +344,6 @@ impl Context {
             return None;
         }
         let stores = self.stores.lock().expect("lock").clone();
-        let rank = |m: &kube::api::ObjectMeta| {
-            (
-                m.creation_timestamp.clone(),
-                m.namespace.clone().unwrap_or_default(),
-                m.name.clone().unwrap_or_default(),
-            )
-        };
         for who in claimants.into_iter().filter(|w| *w != mine) {
             let key = retyped::<_, Cached>(&who);
             let Some(other) = stores.iter().find_map(|s| s.get(&key)) else {
@@ -377,11 +370,7 @@ impl Context {
                 .entry(who.clone())
                 .or_default()
                 .insert(mine.clone());
-            return Some(crate::plan::Holder {
-                resource: format!("{}/{}", who.namespace.clone().unwrap_or_default(), who.name),
-                uid: other.uid().unwrap_or_default(),
-                senior: rank(other.meta()) < rank(&me.metadata),
-            });
+            return Some(crate::plan::Holder::new(other.meta(), &me.metadata));
         }
         None
     }
