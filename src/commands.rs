@@ -284,7 +284,14 @@ async fn holder_in_cluster(
                     && s.server.as_deref().is_none_or(|s| s == base)
             })
         })
-        .map(|o| plan::Holder::new(&o.metadata, me)))
+        .map(|o| plan::Holder {
+            automations: o
+                .status
+                .as_ref()
+                .and_then(|s| s.automation_ids.clone())
+                .unwrap_or_default(),
+            ..plan::Holder::new(&o.metadata, me)
+        }))
 }
 
 /// What `diff` takes for the controller's inputs: the uid, the recorded state, a note

@@ -154,6 +154,9 @@ pub struct Holder {
     /// not make, the first keeps it.
     #[serde(default)]
     pub senior: bool,
+    /// The automations its status records.
+    #[serde(default)]
+    pub automations: Vec<String>,
 }
 
 impl Holder {
@@ -172,6 +175,7 @@ impl Holder {
             resource: format!("{}/{}", theirs.1, theirs.2),
             uid: other.uid.clone().unwrap_or_default(),
             senior: mine.0.is_none() || (theirs.0.is_some() && theirs < mine),
+            automations: Vec::new(),
         }
     }
 }
@@ -303,6 +307,11 @@ pub enum DeploymentAction {
         id: String,
         #[serde(skip_serializing_if = "Option::is_none")]
         holder: Option<String>,
+        /// This resource's status records the deployment too (it managed it before
+        /// the one-resource rule, or the status was set by hand): it lets go of it,
+        /// deleting these automations it made for it (those the holder does not record).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        let_go: Option<Vec<String>>,
     },
 }
 
@@ -445,9 +454,16 @@ fn target(
             // manages it; of two that both took it over, the first.
             if let Some(h) = holder.filter(|_| !made_here) {
                 if owner == Some(h.uid.as_str()) || !recorded_here || h.senior {
+                    let mine = recorded.automation_ids.iter();
+                    let let_go = recorded_here.then(|| {
+                        mine.filter(|a| !h.automations.contains(a))
+                            .cloned()
+                            .collect()
+                    });
                     return DeploymentAction::Conflict {
                         id,
                         holder: Some(h.resource.clone()),
+                        let_go,
                     };
                 }
             }
@@ -458,7 +474,11 @@ fn target(
             } else if want.adopt_existing {
                 DeploymentAction::Adopt { id, retire: known }
             } else {
-                DeploymentAction::Conflict { id, holder: None }
+                DeploymentAction::Conflict {
+                    id,
+                    holder: None,
+                    let_go: None,
+                }
             }
         }
         None => DeploymentAction::Create {
@@ -1194,13 +1214,25 @@ impl fmt::Display for Plan {
             DeploymentAction::Conflict {
                 id,
                 holder: Some(holder),
+                let_go,
             } => {
-                return writeln!(
+                write!(
                     f,
                     "{who}: conflict: Prefect deployment {id} is managed by PrefectDeployment {holder}"
-                )
+                )?;
+                return match let_go {
+                    Some(ids) if !ids.is_empty() => writeln!(
+                        f,
+                        "; this resource lets go of it and deletes its automation(s) {}",
+                        ids.join(", ")
+                    ),
+                    Some(_) => writeln!(f, "; this resource lets go of it"),
+                    None => writeln!(f),
+                };
             }
-            DeploymentAction::Conflict { id, holder: None } => {
+            DeploymentAction::Conflict {
+                id, holder: None, ..
+            } => {
                 return writeln!(
                     f,
                     "{who}: conflict: Prefect deployment {id} was not made by this resource (set spec.adoptExisting: true to manage it)"
@@ -1377,7 +1409,10 @@ mod tests {
         let same_second = meta("a", "zz", Some("2026-01-01T00:00:00Z"));
         let manifest = meta("a", "new", None);
         let h = Holder::new(&early, &late);
-        assert_eq!((h.resource.as_str(), h.uid.as_str()), ("b/early", "uid-early"));
+        assert_eq!(
+            (h.resource.as_str(), h.uid.as_str()),
+            ("b/early", "uid-early")
+        );
         assert!(h.senior);
         assert!(!Holder::new(&late, &early).senior);
         // The same second: namespace, then name, decides.

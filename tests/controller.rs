@@ -1876,24 +1876,55 @@ async fn a_deployment_is_managed_by_one_resource() {
         );
     }
 
-    // "second" records the deployment as if it had taken it over: its next pass stops
-    // instead of writing its description over first's.
+    // "second" records the deployment as if it had taken it over, with an automation
+    // it made for it: its next pass stops instead of writing its description over
+    // first's, and lets go of the deployment, deleting that automation (else each
+    // trigger would start two runs).
+    let automation = json!({
+        "name": "second's trigger", "enabled": true,
+        "trigger": {"type": "event", "posture": "Reactive", "expect": ["x.y"],
+            "threshold": 1, "within": 0},
+        "actions": [{"type": "run-deployment", "source": "selected", "deployment_id": id}],
+        "owner_resource": format!("prefect.deployment.{id}"),
+    });
+    let url = format!("{}/automations/", env.prefect.url);
+    let (code, made) =
+        support::prefect_call(&env.raw, reqwest::Method::POST, &url, Some(&automation)).await;
+    assert_eq!(code, 201, "{made}");
+    let seconds_automation = made["id"].as_str().unwrap().to_string();
     let second = env.api.get("second").await.unwrap();
     let generation = second.metadata.generation.unwrap();
     let claim = json!({"status": {
         "deploymentId": id,
         "flowId": first_status.flow_id,
+        "automationIds": [seconds_automation],
         "observedGeneration": generation,
         "conditions": [{"type": "Ready", "status": "True", "reason": "Synced",
             "message": "recorded by hand", "lastTransitionTime": "2026-01-01T00:00:00Z",
             "observedGeneration": generation}],
     }});
+    // Written as the operator writes status (an earlier version of it made the claim),
+    // so its later writes may drop what it no longer records.
+    let claim = json!({"apiVersion": "prefect.io/v1", "kind": "PrefectDeployment",
+        "status": claim["status"]});
     env.api
-        .patch_status("second", &PatchParams::default(), &Patch::Merge(claim))
+        .patch_status(
+            "second",
+            &PatchParams::apply("prefect-operator").force(),
+            &Patch::Apply(claim),
+        )
         .await
         .unwrap();
     let (_, message) = env.wait_for_reason("second", "Conflict").await;
     assert!(message.contains(&holder), "names the holder: {message}");
+    let second = env
+        .wait_for("second", "second lets go", |o| {
+            o.status.as_ref().is_some_and(|s| s.deployment_id.is_none())
+        })
+        .await;
+    assert_eq!(second.status.unwrap().automation_ids, None);
+    let automation_path = format!("/automations/{seconds_automation}");
+    assert_eq!(env.prefect_get(&automation_path).await.0, 404);
     let first = env.reconcile_now("first", "after-the-claim").await;
     assert!(is_ready(&first), "first keeps it: {:?}", first.status);
     let (_, after) = env.prefect_get(&path).await;

@@ -368,11 +368,30 @@ pub async fn perform(
     state: &mut SyncState,
     changes: &mut Vec<Change>,
 ) -> Result<()> {
-    if let DeploymentAction::Conflict { id, holder } = &plan.deployment {
+    if let DeploymentAction::Conflict { id, holder, let_go } = &plan.deployment {
+        // Another resource keeps the deployment: this one stops recording it, and its
+        // own automations for it go, or each trigger would start two runs.
+        if let Some(ids) = let_go {
+            for a in ids {
+                client.delete_automation(a).await?;
+            }
+            state.deployment_id = None;
+            state.flow_id = None;
+            state.automation_ids.clear();
+            state.triggers_hash = None;
+        }
         return Err(Error::Conflict(match holder {
             Some(h) => format!(
-                "Prefect deployment {}/{} ({id}) is managed by PrefectDeployment {h}; one deployment can have only one resource: remove one or give it another spec.deployment.name",
-                plan.flow_name, plan.name
+                "Prefect deployment {}/{} ({id}) is managed by PrefectDeployment {h}; one deployment can have only one resource: remove one or give it another spec.deployment.name{}",
+                plan.flow_name,
+                plan.name,
+                match let_go {
+                    Some(ids) => format!(
+                        " (this resource no longer records it; {} automation(s) it had made for it were deleted)",
+                        ids.len()
+                    ),
+                    None => String::new(),
+                }
             ),
             None => format!(
                 "Prefect already has a deployment {}/{} ({id}) that this resource did not create; set spec.adoptExisting: true to manage it",

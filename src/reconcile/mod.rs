@@ -370,7 +370,11 @@ impl Context {
                 .entry(who.clone())
                 .or_default()
                 .insert(mine.clone());
-            return Some(crate::plan::Holder::new(other.meta(), &me.metadata));
+            let automations = decoded.status.and_then(|s| s.automation_ids);
+            return Some(crate::plan::Holder {
+                automations: automations.unwrap_or_default(),
+                ..crate::plan::Holder::new(other.meta(), &me.metadata)
+            });
         }
         None
     }
