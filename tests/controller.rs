@@ -2658,3 +2658,85 @@ async fn a_new_server_takes_the_deployment_over_from_the_old_one() {
         env.wait_gone(name).await;
     }
 }
+
+/// Deleting a resource whose status still records its deployment on the server
+/// spec.server named before (the move could not reach the new server) deletes it
+/// there: the finalizer waits for the new server, then removes what is pending on the
+/// old one, and nothing is left in either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deletion_cleans_up_the_server_spec_server_named_before() {
+    let (env, pool) = Env::new(Duration::from_secs(300)).await;
+    let old = PrefectServer::start(None);
+    support::create_pool_named(&old, &pool);
+    let new = support::StreamGate::whole(env.prefect);
+    let name = "leaving";
+    let mut pd = resource(
+        &env,
+        &pool,
+        name,
+        json!({"deployment": {"entrypoint": "flows/leaving.py:main",
+            "triggers": [{"expect": ["prefect.flow-run.Completed"]}]}}),
+    );
+    pd.spec.server.remote_api_url = Some(old.url.clone());
+    env.api.create(&PostParams::default(), &pd).await.unwrap();
+    let obj = env
+        .wait_for(name, "ready on the old server", is_ready)
+        .await;
+    let status = obj.status.unwrap();
+    let id = status.deployment_id.unwrap();
+    let automation = status.automation_ids.unwrap()[0].clone();
+    let on_old = |path: String| {
+        let url = format!("{}{path}", old.url);
+        let raw = env.raw.clone();
+        async move { support::prefect_get(&raw, &url).await.0 }
+    };
+
+    // The new server does not answer: the move waits, the old deployment stays, and
+    // status lists it as still to delete.
+    new.cut();
+    let to_new = json!({"spec": {"server": {"remoteApiUrl": new.url}}});
+    env.api
+        .patch(name, &PatchParams::default(), &Patch::Merge(to_new))
+        .await
+        .unwrap();
+    let obj = env
+        .wait_for(name, "the move recorded", |o| {
+            o.status.as_ref().is_some_and(|s| {
+                s.server.as_deref() == Some(new.url.as_str())
+                    && s.pending_deletions.as_ref().is_some_and(|p| p.len() == 1)
+            })
+        })
+        .await;
+    assert_eq!(ready(&obj).unwrap().1, "PrefectUnreachable");
+    let pending = &obj.status.unwrap().pending_deletions.unwrap()[0];
+    assert_eq!((&pending.deployment_id, &pending.server), (&id, &old.url));
+    assert_eq!(
+        on_old(format!("/deployments/{id}")).await,
+        200,
+        "still running"
+    );
+
+    // Deleted meanwhile: the finalizer waits for the new server, then cleans up both.
+    env.api
+        .delete(name, &DeleteParams::default())
+        .await
+        .unwrap();
+    env.wait_for(name, "the cleanup waiting", |o| {
+        ready(o).is_some_and(|r| r.1 == "CleanupFailed")
+    })
+    .await;
+    assert_eq!(on_old(format!("/deployments/{id}")).await, 200);
+    new.restore();
+    // A new annotation wakes the finalizer at once instead of after its backoff.
+    env.cp.kubectl_ok(&[
+        "annotate",
+        "pd",
+        "-n",
+        &env.ns,
+        name,
+        &format!("{RECONCILE_REQUESTED_AT}=server-back"),
+    ]);
+    env.wait_gone(name).await;
+    assert_eq!(on_old(format!("/deployments/{id}")).await, 404);
+    assert_eq!(on_old(format!("/automations/{automation}")).await, 404);
+}
