@@ -52,19 +52,11 @@ pub fn parse(rule: &str) -> Result<Rule, String> {
 /// once, in order. Prefect ignores them: it reads every date in the schedule's zone.
 pub fn zones_named(rule: &str) -> Vec<String> {
     let mut zones: Vec<String> = Vec::new();
-    for line in rule.lines().map(str::trim) {
-        let Some((name_params, _)) = line.split_once(':') else {
-            continue;
-        };
-        let mut parts = name_params.split(';');
-        let name = parts.next().unwrap_or_default();
-        if !["DTSTART", "RDATE", "EXDATE"]
-            .iter()
-            .any(|n| name.eq_ignore_ascii_case(n))
-        {
+    for line in content_lines(rule) {
+        if !matches!(line.name.as_str(), "DTSTART" | "RDATE" | "EXDATE") {
             continue;
         }
-        for p in parts {
+        for p in line.params.split(';') {
             if let Some((k, v)) = p.split_once('=') {
                 if k.trim().eq_ignore_ascii_case("TZID") && !zones.iter().any(|z| z == v.trim()) {
                     zones.push(v.trim().to_string());
@@ -75,29 +67,57 @@ pub fn zones_named(rule: &str) -> Vec<String> {
     zones
 }
 
+/// One content line of a rule.
+struct ContentLine<'a> {
+    /// Upper-cased.
+    name: String,
+    /// What follows the name up to the colon, without the leading `;`.
+    params: &'a str,
+    value: &'a str,
+    text: &'a str,
+}
+
+/// The non-empty lines of a rule; a line with no name is an RRULE, as dateutil (and so
+/// Prefect) reads it.
+fn content_lines(rule: &str) -> impl Iterator<Item = ContentLine<'_>> {
+    rule.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(|text| match text.split_once(':') {
+            Some((name_params, value)) => {
+                let (name, params) = name_params.split_once(';').unwrap_or((name_params, ""));
+                ContentLine {
+                    name: name.to_ascii_uppercase(),
+                    params,
+                    value,
+                    text,
+                }
+            }
+            None => ContentLine {
+                name: "RRULE".into(),
+                params: "",
+                value: text,
+                text,
+            },
+        })
+}
+
 /// The rule with every date written as UTC, and Prefect's default DTSTART
 /// (2020-01-01 00:00) where it has none.
 fn wall_clock(rule: &str) -> String {
     let mut lines: Vec<String> = Vec::new();
     let mut has_start = false;
-    for line in rule.trim().lines().map(str::trim).filter(|l| !l.is_empty()) {
-        let (name_params, value) = match line.split_once(':') {
-            Some((a, b)) => (a.to_string(), b.to_string()),
-            None => ("RRULE".to_string(), line.to_string()),
-        };
-        let name = name_params
-            .split(';')
-            .next()
-            .unwrap_or_default()
-            .to_ascii_uppercase();
-        match name.as_str() {
+    for line in content_lines(rule) {
+        let name = line.name.as_str();
+        match name {
             "DTSTART" | "RDATE" | "EXDATE" => {
                 has_start |= name == "DTSTART";
-                let values: Vec<String> = value.split(',').map(as_utc_value).collect();
+                let values: Vec<String> = line.value.split(',').map(as_utc_value).collect();
                 lines.push(format!("{name}:{}", values.join(",")));
             }
             "RRULE" | "EXRULE" => {
-                let parts: Vec<String> = value
+                let parts: Vec<String> = line
+                    .value
                     .split(';')
                     .map(|p| match p.split_once('=') {
                         Some((k, v)) if k.eq_ignore_ascii_case("UNTIL") => {
@@ -108,7 +128,7 @@ fn wall_clock(rule: &str) -> String {
                     .collect();
                 lines.push(format!("{name}:{}", parts.join(";")));
             }
-            _ => lines.push(line.to_string()),
+            _ => lines.push(line.text.to_string()),
         }
     }
     if !has_start {
