@@ -73,6 +73,9 @@ pub struct EventStreams {
     /// Resources changed in Prefect since their last pass: their next pass reads Prefect
     /// directly instead of trusting a recent bulk read or skipping until the resync.
     changed: Mutex<HashSet<Trigger>>,
+    /// Resources whose drift checks trusted a stream found deaf, and when it was found:
+    /// their next pass checks from bulk reads made since, instead of waiting until due.
+    rechecks: Mutex<HashMap<Trigger, Instant>>,
     triggers: broadcast::Sender<Trigger>,
     metrics: Arc<Metrics>,
     /// For the one read a stream makes over HTTP: whether the server's stream is on.
@@ -124,6 +127,7 @@ impl EventStreams {
         Self {
             servers: Mutex::default(),
             changed: Mutex::default(),
+            rechecks: Mutex::default(),
             triggers,
             metrics,
             http: crate::prefect::http_client(),
@@ -306,6 +310,34 @@ impl EventStreams {
         if let Some(who) = who {
             tracing::debug!(event = name, id, resource = %who, "change in Prefect");
             self.notify(who);
+        }
+    }
+
+    /// When the stream resource `who` relied on was found deaf, if it was since the
+    /// resource's last pass (and forgets it).
+    pub fn take_recheck(&self, who: &Trigger) -> Option<Instant> {
+        self.rechecks.lock().expect("events lock").remove(who)
+    }
+
+    /// The stream of `server` delivered nothing since some moment after its last proof,
+    /// and drift checks skipped what it covers meanwhile: every resource on it is
+    /// checked now, from bulk reads made from now on, so a change it missed is found
+    /// within about one interval of the proof rather than two.
+    fn recheck(&self, server: &Server) {
+        // Down first, so none of those checks takes the stream as covering it.
+        self.set_connected(server, false);
+        let now = Instant::now();
+        let who: HashSet<Trigger> = server
+            .watched
+            .lock()
+            .expect("events lock")
+            .values()
+            .cloned()
+            .collect();
+        let mut rechecks = self.rechecks.lock().expect("events lock");
+        for w in who {
+            rechecks.insert(w.clone(), now);
+            let _ = self.triggers.send(w);
         }
     }
 
@@ -494,16 +526,19 @@ async fn talk<S: AsyncRead + AsyncWrite + Unpin>(
     tracing::info!("Prefect event stream subscribed; probing it");
     let mut ping = tokio::time::interval(PING_EVERY);
     let mut heard = Instant::now();
-    let mut echo = Echo::new(Instant::now());
+    let mut echo = Echo::new();
     let mut said_unposted = false;
     loop {
         let every = server.probe_every();
-        let wake = match echo.due(Instant::now()) {
+        let wake = match echo.due(Instant::now(), every) {
             Due::Deaf => {
+                if server.connected.load(Ordering::Relaxed) {
+                    streams.recheck(server);
+                }
                 return Err(format!(
                     "a probe event posted {} s ago did not come back through the event stream (API replicas without a shared message broker do this); taking the stream as down",
                     ECHO_WAIT.as_secs()
-                ))
+                ));
             }
             Due::Probe => {
                 let id = new_id();
@@ -514,7 +549,7 @@ async fn talk<S: AsyncRead + AsyncWrite + Unpin>(
                             tracing::warn!(error = %e, "cannot post the event that shows this Prefect event stream delivers; until one is posted, drift checks read automations themselves");
                             said_unposted = true;
                         }
-                        echo.not_posted(Instant::now(), every);
+                        echo.not_posted(Instant::now());
                         if server.connected.load(Ordering::Relaxed) {
                             streams.set_connected(server, false);
                         }
@@ -541,7 +576,7 @@ async fn talk<S: AsyncRead + AsyncWrite + Unpin>(
                         let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
                         if v["type"] == "event" {
                             let id = v["event"]["id"].as_str().unwrap_or_default();
-                            let probe = echo.heard(id, Instant::now(), every);
+                            let probe = echo.heard(id, Instant::now());
                             if let (Some(first), Some(versions)) = (probe, &streams.versions) {
                                 // The passes read the version before this stream
                                 // connected: read it once more, then keep it.
@@ -581,8 +616,10 @@ async fn talk<S: AsyncRead + AsyncWrite + Unpin>(
 struct Echo {
     /// The probe out, and when it was posted.
     pending: Option<(String, Instant)>,
-    /// When the next probe is due, if none is out.
-    next: Instant,
+    /// Since when the stream has been quiet (its last proof, or a probe that could not
+    /// be posted): the next probe is due an interval later, by the interval as it is
+    /// then (a resource checked more often may have joined meanwhile). None: due now.
+    quiet_since: Option<Instant>,
     /// A probe came back, and none failed to post since.
     delivers: bool,
 }
@@ -595,20 +632,20 @@ enum Due {
 }
 
 impl Echo {
-    fn new(now: Instant) -> Self {
+    fn new() -> Self {
         Echo {
             pending: None,
-            next: now,
+            quiet_since: None,
             delivers: false,
         }
     }
 
-    fn due(&self, now: Instant) -> Due {
-        match &self.pending {
-            Some((_, sent)) if now >= *sent + ECHO_WAIT => Due::Deaf,
-            Some((_, sent)) => Due::Wait(*sent + ECHO_WAIT),
-            None if now >= self.next => Due::Probe,
-            None => Due::Wait(self.next),
+    fn due(&self, now: Instant, every: Duration) -> Due {
+        match (&self.pending, self.quiet_since) {
+            (Some((_, sent)), _) if now >= *sent + ECHO_WAIT => Due::Deaf,
+            (Some((_, sent)), _) => Due::Wait(*sent + ECHO_WAIT),
+            (None, Some(quiet)) if now < quiet + every => Due::Wait(quiet + every),
+            (None, _) => Due::Probe,
         }
     }
 
@@ -618,22 +655,22 @@ impl Echo {
 
     /// The probe could not be posted: whether the stream delivers is not known; the
     /// next try is an interval away.
-    fn not_posted(&mut self, now: Instant, every: Duration) {
+    fn not_posted(&mut self, now: Instant) {
         self.delivers = false;
-        self.next = now + every;
+        self.quiet_since = Some(now);
     }
 
     /// Event `id` came through at `now`. `Some` when it is the probe: `Some(true)` when
     /// the stream was not known to deliver before.
-    fn heard(&mut self, id: &str, now: Instant, every: Duration) -> Option<bool> {
+    fn heard(&mut self, id: &str, now: Instant) -> Option<bool> {
         if self.pending.as_ref().is_some_and(|(p, _)| p == id) {
             self.pending = None;
-            self.next = now + every;
+            self.quiet_since = Some(now);
             return Some(!std::mem::replace(&mut self.delivers, true));
         }
         // Any event on a stream known to deliver shows it still does.
         if self.delivers && self.pending.is_none() {
-            self.next = now + every;
+            self.quiet_since = Some(now);
         }
         None
     }
@@ -776,6 +813,50 @@ mod tests {
         assert!(!streams.covers("http://other/api", second));
     }
 
+    /// A stream found deaf asks for a pass of every resource it watched, to be checked
+    /// from fresh reads, and covers nothing from then on.
+    #[tokio::test]
+    async fn a_deaf_stream_has_every_resource_on_it_checked_now() {
+        use futures::StreamExt;
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let calls = CallLog::default();
+        let streams = EventStreams::new(Arc::new(Metrics::new(calls.durations.clone())));
+        let base = "http://prefect/api";
+        let who = |name: &str| Trigger::new(name).within("ns");
+        let watched = HashMap::from([
+            ("d1".to_string(), who("a")),
+            ("a1".to_string(), who("a")),
+            ("d2".to_string(), who("b")),
+        ]);
+        let server = Arc::new(Server {
+            watched: Mutex::new(watched),
+            auth: Mutex::default(),
+            connected: AtomicBool::new(false),
+            stretch: Mutex::new(streams.coverage(base)),
+            probe_every: Mutex::new(Duration::from_secs(60)),
+        });
+        streams
+            .servers
+            .lock()
+            .unwrap()
+            .insert(base.into(), server.clone());
+        streams.set_connected(&server, true);
+        let known = streams.coverage(base);
+        assert!(streams.covers(base, known));
+        let mut asked = Box::pin(streams.subscribe());
+        let before = Instant::now();
+        streams.recheck(&server);
+        assert!(!streams.covers(base, known));
+        let mut passes = vec![asked.next().await.unwrap(), asked.next().await.unwrap()];
+        passes.sort_by(|x, y| x.name.cmp(&y.name));
+        assert_eq!(passes, vec![who("a"), who("b")], "one pass each");
+        let found = streams.take_recheck(&who("a")).expect("a is rechecked");
+        assert!(found >= before);
+        assert!(streams.take_recheck(&who("a")).is_none(), "once");
+        assert!(!streams.take_changed(&who("b")), "not a change in Prefect");
+        assert!(streams.take_recheck(&who("b")).is_some());
+    }
+
     #[test]
     fn urls() {
         assert_eq!(
@@ -793,45 +874,45 @@ mod tests {
     fn a_stream_delivers_once_its_probe_is_back() {
         let every = Duration::from_secs(60);
         let t0 = Instant::now();
-        let mut echo = Echo::new(t0);
-        assert_eq!(echo.due(t0), Due::Probe);
+        let mut echo = Echo::new();
+        assert_eq!(echo.due(t0, every), Due::Probe);
         echo.posted("p1".into(), t0);
-        assert_eq!(echo.due(t0), Due::Wait(t0 + ECHO_WAIT));
+        assert_eq!(echo.due(t0, every), Due::Wait(t0 + ECHO_WAIT));
         // Backfilled or unrelated events prove nothing before the probe is back.
-        assert_eq!(echo.heard("old", t0, every), None);
+        assert_eq!(echo.heard("old", t0), None);
         assert!(!echo.delivers);
-        assert_eq!(
-            echo.heard("p1", t0 + Duration::from_secs(1), every),
-            Some(true)
-        );
+        assert_eq!(echo.heard("p1", t0 + Duration::from_secs(1)), Some(true));
         assert!(echo.delivers);
         // Quiet for an interval: probed again; an event meanwhile puts that off.
         let t1 = t0 + Duration::from_secs(1);
-        assert_eq!(echo.due(t1), Due::Wait(t1 + every));
+        assert_eq!(echo.due(t1, every), Due::Wait(t1 + every));
         let t2 = t1 + Duration::from_secs(30);
-        assert_eq!(echo.heard("someone's edit", t2, every), None);
-        assert_eq!(echo.due(t2 + every), Due::Probe);
+        assert_eq!(echo.heard("someone's edit", t2), None);
+        assert_eq!(echo.due(t2 + every, every), Due::Probe);
+        // A resource checked more often joined: the next probe comes sooner.
+        let often = Duration::from_secs(10);
+        assert_eq!(echo.due(t2, often), Due::Wait(t2 + often));
         echo.posted("p2".into(), t2 + every);
         // The same probe twice does not verify twice; a lost one is the stream's end.
-        assert_eq!(echo.heard("p1", t2 + every, every), None);
+        assert_eq!(echo.heard("p1", t2 + every), None);
         // A later probe back on a stream that delivers is a probe, not a new proof.
-        echo.heard("p2", t2 + every, every);
+        echo.heard("p2", t2 + every);
         echo.posted("p3".into(), t2 + every * 2);
-        assert_eq!(echo.heard("p3", t2 + every * 2, every), Some(false));
+        assert_eq!(echo.heard("p3", t2 + every * 2), Some(false));
         echo.posted("p4".into(), t2 + every * 3);
-        assert_eq!(echo.due(t2 + every * 3 + ECHO_WAIT), Due::Deaf);
+        assert_eq!(echo.due(t2 + every * 3 + ECHO_WAIT, every), Due::Deaf);
     }
 
     #[test]
     fn a_probe_that_cannot_be_posted_leaves_the_stream_unproven() {
         let every = Duration::from_secs(60);
         let t0 = Instant::now();
-        let mut echo = Echo::new(t0);
+        let mut echo = Echo::new();
         echo.posted("p1".into(), t0);
-        assert_eq!(echo.heard("p1", t0, every), Some(true));
-        echo.not_posted(t0 + every, every);
+        assert_eq!(echo.heard("p1", t0), Some(true));
+        echo.not_posted(t0 + every);
         assert!(!echo.delivers);
-        assert_eq!(echo.due(t0 + every), Due::Wait(t0 + every * 2));
+        assert_eq!(echo.due(t0 + every, every), Due::Wait(t0 + every * 2));
     }
 
     #[test]

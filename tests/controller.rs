@@ -135,7 +135,19 @@ impl Env {
         what: &str,
         pred: impl Fn(&PrefectDeployment) -> bool,
     ) -> PrefectDeployment {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        self.wait_up_to(Duration::from_secs(60), name, what, pred)
+            .await
+    }
+
+    /// Polls the resource until `pred` holds (`limit` at most).
+    async fn wait_up_to(
+        &self,
+        limit: Duration,
+        name: &str,
+        what: &str,
+        pred: impl Fn(&PrefectDeployment) -> bool,
+    ) -> PrefectDeployment {
+        let deadline = tokio::time::Instant::now() + limit;
         loop {
             let obj = self.api.get_opt(name).await.unwrap();
             if let Some(o) = &obj {
@@ -2739,4 +2751,54 @@ async fn deletion_cleans_up_the_server_spec_server_named_before() {
     env.wait_gone(name).await;
     assert_eq!(on_old(format!("/deployments/{id}")).await, 404);
     assert_eq!(on_old(format!("/automations/{automation}")).await, 404);
+}
+
+/// A stream that stays connected but goes deaf is found by its probe, and then every
+/// resource that relied on it is checked at once: an automation deleted meanwhile is
+/// made again then, not at the resource's next drift check (an hour away here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_gone_deaf_has_its_resources_checked_at_once() {
+    let (env, _) = Env::new(Duration::from_secs(3600)).await;
+    let server = PrefectServer::start(None);
+    let pool = support::create_pool(&server);
+    let gate = support::StreamGate::muting(&server);
+    // A resource checked every 10 s has the stream probed that often (it has no
+    // triggers, so its own checks read no automations). First, so that the stream
+    // starts with that interval.
+    let mut quick = resource(
+        &env,
+        &pool,
+        "checked-often",
+        json!({"interval": "10s", "deployment": {"entrypoint": "flows/q.py:quick"}}),
+    );
+    quick.spec.server.remote_api_url = Some(gate.url.clone());
+    env.api
+        .create(&PostParams::default(), &quick)
+        .await
+        .unwrap();
+    env.wait_for("checked-often", "ready", is_ready).await;
+    let first = ready_with_a_trigger_on(&env, &pool, "relies-on-stream", &gate.url).await;
+    env.wait_for_stream().await;
+
+    // Deaf from now on; the automation is deleted while the stream still counts as up.
+    gate.cut();
+    delete_automation(&env, &server.url, &first).await;
+    // Found deaf within an interval and the probe's wait (30 s); then checked at once.
+    let obj = env
+        .wait_up_to(
+            Duration::from_secs(120),
+            "relies-on-stream",
+            "the deleted automation made again",
+            |o| {
+                o.status
+                    .as_ref()
+                    .and_then(|s| s.automation_ids.clone())
+                    .is_some_and(|ids| ids.len() == 1 && ids[0] != first)
+            },
+        )
+        .await;
+    let made = &obj.status.unwrap().automation_ids.unwrap()[0];
+    let url = format!("{}/automations/{made}", server.url);
+    assert_eq!(support::prefect_get(&env.raw, &url).await.0, 200);
+    assert_eq!(env.ctx.metrics.event_streams.get(), 0, "the stream is down");
 }

@@ -694,7 +694,9 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
     let last = last.filter(|l| l.requests == requests);
     // Prefect reported a change to the deployment: look now, and at Prefect itself.
     let changed_in_prefect = ctx.events.take_changed(&oref);
-    let last = last.filter(|_| !changed_in_prefect);
+    // The stream this resource relied on was found deaf: check now, not when due.
+    let recheck = ctx.events.take_recheck(&oref);
+    let last = last.filter(|_| !changed_in_prefect && recheck.is_none());
     if let (
         Some(g),
         Some(Synced {
@@ -760,6 +762,10 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
             }
             _ => resync,
         };
+        // After a deaf stream, only reads made since it was found deaf show what it
+        // missed.
+        let fresh = |age: Duration| recheck.map_or(age, |at| age.min(at.elapsed()));
+        let automations_age = fresh(automations_age);
         let tell = |changed: Vec<Trigger>| {
             for who in changed {
                 ctx.events.notify(who);
@@ -779,7 +785,7 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
                     let ids = &state.automation_ids;
                     ctx.snapshots.register_automations(&client, &oref, ids);
                 }
-                match ctx.snapshots.lookup(&client, id, resync, tell).await {
+                match ctx.snapshots.lookup(&client, id, fresh(resync), tell).await {
                     Ok(found) => found,
                     Err(e) => {
                         tracing::debug!(error = %e, "bulk read failed; reading directly");

@@ -1077,18 +1077,36 @@ pub struct StreamGate {
     closed: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
 }
 
+/// What a `StreamGate`'s `cut` does.
+#[derive(Clone, Copy, PartialEq)]
+enum Cut {
+    /// Closes the event-stream websockets and turns new ones away.
+    Streams,
+    /// The same for every connection: the server seems down.
+    Everything,
+    /// Keeps the event-stream websockets open but drops what the server sends on them:
+    /// a stream that stays up and goes deaf.
+    Mute,
+}
+
 impl StreamGate {
     pub fn start(server: &PrefectServer) -> StreamGate {
-        Self::front(server, true)
+        Self::front(server, Cut::Streams)
     }
 
     /// A front whose `cut` turns away every connection, not only the event stream's: to
     /// the operator the server is down, while it keeps its data for `restore`.
     pub fn whole(server: &PrefectServer) -> StreamGate {
-        Self::front(server, false)
+        Self::front(server, Cut::Everything)
     }
 
-    fn front(server: &PrefectServer, streams_only: bool) -> StreamGate {
+    /// A front whose `cut` leaves the event-stream websockets open but delivers nothing
+    /// more on them (nor on new ones), not even answers to pings.
+    pub fn muting(server: &PrefectServer) -> StreamGate {
+        Self::front(server, Cut::Mute)
+    }
+
+    fn front(server: &PrefectServer, mode: Cut) -> StreamGate {
         let to = server.port;
         let closed = std::sync::Arc::new(tokio::sync::watch::Sender::new(false));
         let gate = closed.clone();
@@ -1101,14 +1119,23 @@ impl StreamGate {
                 tokio::spawn(async move {
                     let mut head = [0u8; 32];
                     let n = client.peek(&mut head).await.unwrap_or(0);
-                    let stream = !streams_only || head[..n].starts_with(b"GET /api/events/out");
-                    if stream && *closed.borrow() {
-                        return;
-                    }
+                    let is_stream = head[..n].starts_with(b"GET /api/events/out");
                     let Ok(mut upstream) = tokio::net::TcpStream::connect(("127.0.0.1", to)).await
                     else {
                         return;
                     };
+                    if mode == Cut::Mute {
+                        if is_stream {
+                            mute_when_cut(client, upstream, closed).await;
+                        } else {
+                            let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                        }
+                        return;
+                    }
+                    let stream = mode == Cut::Everything || is_stream;
+                    if stream && *closed.borrow() {
+                        return;
+                    }
                     let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
                     if stream {
                         tokio::select! {
@@ -1136,6 +1163,71 @@ impl StreamGate {
     pub fn restore(&self) {
         self.closed.send_replace(false);
     }
+}
+
+/// Relays a websocket between `client` and `upstream`. Once `closed` is set, the data
+/// frames the server sends are dropped; its pings, pongs and close frames still pass,
+/// so the connection stays up (as a stream behind API replicas without a shared broker
+/// does) while nothing is delivered on it.
+async fn mute_when_cut(
+    client: tokio::net::TcpStream,
+    upstream: tokio::net::TcpStream,
+    closed: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut from_client, mut to_client) = client.into_split();
+    let (mut from_server, mut to_server) = upstream.into_split();
+    let up = tokio::io::copy(&mut from_client, &mut to_server);
+    let down = async {
+        let mut pending: Vec<u8> = Vec::new();
+        let mut upgraded = false;
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = match from_server.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            pending.extend_from_slice(&buf[..n]);
+            if !upgraded {
+                // The HTTP answer to the upgrade passes as it is.
+                let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") else {
+                    continue;
+                };
+                let head: Vec<u8> = pending.drain(..end + 4).collect();
+                if to_client.write_all(&head).await.is_err() {
+                    return;
+                }
+                upgraded = true;
+            }
+            while let Some(len) = frame_len(&pending) {
+                let frame: Vec<u8> = pending.drain(..len).collect();
+                let control = frame[0] & 0x0f >= 8;
+                if (control || !*closed.borrow()) && to_client.write_all(&frame).await.is_err() {
+                    return;
+                }
+            }
+        }
+    };
+    tokio::select! {
+        _ = up => {}
+        _ = down => {}
+    }
+}
+
+/// The length of the websocket frame `buf` starts with, once all of it is there.
+fn frame_len(buf: &[u8]) -> Option<usize> {
+    if buf.len() < 2 {
+        return None;
+    }
+    let mask = if buf[1] & 0x80 != 0 { 4 } else { 0 };
+    let (ext, payload) = match buf[1] & 0x7f {
+        126 if buf.len() >= 4 => (2, u16::from_be_bytes([buf[2], buf[3]]) as usize),
+        127 if buf.len() >= 10 => (8, u64::from_be_bytes(buf[2..10].try_into().ok()?) as usize),
+        126 | 127 => return None,
+        n => (0, n as usize),
+    };
+    let total = 2 + ext + mask + payload;
+    (buf.len() >= total).then_some(total)
 }
 
 /// Runs `serve` on a listener bound to a free loopback port, on a thread and runtime of
