@@ -770,22 +770,17 @@ fn tls_config() -> Result<Arc<rustls::ClientConfig>, String> {
 mod tests {
     use super::*;
 
-    /// What a drift check knows under one stretch stays covered while the stream is
-    /// up on it, and no longer once the stream has dropped, even when it is back.
-    #[test]
-    fn a_drop_ends_what_the_stream_covers() {
+    /// Streams following server `base`, not up yet, which watches `watched`.
+    fn following(base: &str, watched: HashMap<String, Trigger>) -> (EventStreams, Arc<Server>) {
         // The HTTP client the streams keep for their own reads needs a TLS provider.
         let _ = rustls::crypto::ring::default_provider().install_default();
         let calls = CallLog::default();
         let streams = EventStreams::new(Arc::new(Metrics::new(calls.durations.clone())));
-        let base = "http://prefect/api";
-        let before = streams.coverage(base);
-        assert_eq!(before.stretch, 0);
         let server = Arc::new(Server {
-            watched: Mutex::default(),
+            watched: Mutex::new(watched),
             auth: Mutex::default(),
             connected: AtomicBool::new(false),
-            stretch: Mutex::new(before),
+            stretch: Mutex::new(streams.coverage(base)),
             probe_every: Mutex::new(Duration::from_secs(60)),
         });
         streams
@@ -793,6 +788,17 @@ mod tests {
             .lock()
             .unwrap()
             .insert(base.into(), server.clone());
+        (streams, server)
+    }
+
+    /// What a drift check knows under one stretch stays covered while the stream is
+    /// up on it, and no longer once the stream has dropped, even when it is back.
+    #[test]
+    fn a_drop_ends_what_the_stream_covers() {
+        let base = "http://prefect/api";
+        let (streams, server) = following(base, HashMap::new());
+        let before = streams.coverage(base);
+        assert_eq!(before.stretch, 0);
         // Not up yet: nothing is covered.
         assert!(!streams.covers(base, before));
         // The first proof keeps the first stretch: a start reads before its stream is up.
@@ -818,9 +824,6 @@ mod tests {
     #[tokio::test]
     async fn a_deaf_stream_has_every_resource_on_it_checked_now() {
         use futures::StreamExt;
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let calls = CallLog::default();
-        let streams = EventStreams::new(Arc::new(Metrics::new(calls.durations.clone())));
         let base = "http://prefect/api";
         let who = |name: &str| Trigger::new(name).within("ns");
         let watched = HashMap::from([
@@ -828,18 +831,7 @@ mod tests {
             ("a1".to_string(), who("a")),
             ("d2".to_string(), who("b")),
         ]);
-        let server = Arc::new(Server {
-            watched: Mutex::new(watched),
-            auth: Mutex::default(),
-            connected: AtomicBool::new(false),
-            stretch: Mutex::new(streams.coverage(base)),
-            probe_every: Mutex::new(Duration::from_secs(60)),
-        });
-        streams
-            .servers
-            .lock()
-            .unwrap()
-            .insert(base.into(), server.clone());
+        let (streams, server) = following(base, watched);
         streams.set_connected(&server, true);
         let known = streams.coverage(base);
         assert!(streams.covers(base, known));
