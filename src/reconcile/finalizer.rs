@@ -105,15 +105,7 @@ pub(super) async fn finalize(
             let mut changes = Vec::new();
             execute::delete_leftovers(&client, &mut state, &mut changes).await?;
             ctx.delete_moved(&client, &mut state, &mut changes).await;
-            for c in &changes {
-                let type_ = if c.is_warning() {
-                    EventType::Warning
-                } else {
-                    EventType::Normal
-                };
-                ctx.event(obj, type_, c.reason(), c.message(), "Delete")
-                    .await;
-            }
+            ctx.report_changes(obj, &changes, "Delete").await;
             match state.leftover_note.take() {
                 Some(note) => Err(crate::Error::PrefectUnreachable(note, None)),
                 None => Ok(id),

@@ -201,6 +201,27 @@ impl Context {
         Ok((base, auth.await?))
     }
 
+    /// A client of server `base`, and the turn a pass to a server that does not answer
+    /// must hold.
+    async fn client(
+        &self,
+        base: &str,
+        auth: Option<crate::prefect::Auth>,
+    ) -> Result<(PrefectClient, Option<crate::limit::Turn>)> {
+        let limit = self.limits.for_server(base);
+        let turn = self.limits.turn(&limit).await.map_err(|why| {
+            Error::PrefectUnreachable(
+                format!("{base}: {why}; passes to a server that does not answer take turns, and this one is retried later"),
+                None,
+            )
+        })?;
+        let client = PrefectClient::new(self.http.clone(), base, auth, self.calls.clone())
+            .with_limit(limit)
+            .with_flow_cache(self.flows.clone())
+            .with_lookups(self.lookups.clone());
+        Ok((client, turn))
+    }
+
     /// Deletes what the resource left on servers spec.server named before, with the
     /// credentials of the current one. Such a server may be gone for good, so a failure
     /// does not fail the pass: it is noted for the Ready message and tried again on
@@ -227,18 +248,7 @@ impl Context {
                         "{server} is not among the servers this operator may call"
                     )));
                 }
-                let limit = self.limits.for_server(&server);
-                let _turn =
-                    self.limits.turn(&limit).await.map_err(|why| {
-                        Error::PrefectUnreachable(format!("{server}: {why}"), None)
-                    })?;
-                let old = PrefectClient::new(
-                    self.http.clone(),
-                    &server,
-                    client.auth().cloned(),
-                    self.calls.clone(),
-                )
-                .with_limit(limit);
+                let (old, _turn) = self.client(&server, client.auth().cloned()).await?;
                 execute::retire_deployment(&old, &id).await
             }
             .await;
@@ -437,6 +447,24 @@ impl Context {
         asked
             .unwrap_or(self.default_resync)
             .clamp(MIN_RESYNC, MAX_RESYNC)
+    }
+
+    /// One Event per change a pass or the finalizer made in Prefect.
+    async fn report_changes(
+        &self,
+        obj: &PrefectDeployment,
+        changes: &[execute::Change],
+        action: &str,
+    ) {
+        for c in changes {
+            let type_ = if c.is_warning() {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            };
+            self.event(obj, type_, c.reason(), c.message(), action)
+                .await;
+        }
     }
 
     async fn event(
@@ -848,14 +876,7 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
     }
     .await;
 
-    for c in &changes {
-        let type_ = if c.is_warning() {
-            EventType::Warning
-        } else {
-            EventType::Normal
-        };
-        ctx.event(obj, type_, c.reason(), c.message(), "Sync").await;
-    }
+    ctx.report_changes(obj, &changes, "Sync").await;
     match outcome {
         Ok(base) => {
             let mut message = format!("Deployment {name} is applied in Prefect at {base}");
@@ -1100,18 +1121,7 @@ async fn prefect_client(
     ns: &str,
 ) -> Result<(PrefectClient, Option<crate::limit::Turn>)> {
     let (base, auth) = ctx.server(&obj.spec.server, ns).await?;
-    let limit = ctx.limits.for_server(&base);
-    let turn = ctx.limits.turn(&limit).await.map_err(|why| {
-        Error::PrefectUnreachable(
-            format!("{base}: {why}; passes to a server that does not answer take turns, and this one is retried later"),
-            None,
-        )
-    })?;
-    let client = PrefectClient::new(ctx.http.clone(), &base, auth, ctx.calls.clone())
-        .with_limit(limit)
-        .with_flow_cache(ctx.flows.clone())
-        .with_lookups(ctx.lookups.clone());
-    Ok((client, turn))
+    ctx.client(&base, auth).await
 }
 
 /// Ready=False with the error's reason; a Warning event when the reason or message is
