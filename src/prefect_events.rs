@@ -268,7 +268,8 @@ impl EventStreams {
         stretch.since = Some(Instant::now());
     }
 
-    /// Stops watching what resource `who` had on any server.
+    /// Stops watching what resource `who` had on any server, and forgets what was noted
+    /// for its next pass (a deleted resource has none, and must leave nothing behind).
     pub fn forget(&self, who: &Trigger) {
         let servers = self.servers.lock().expect("events lock");
         for server in servers.values() {
@@ -278,6 +279,8 @@ impl EventStreams {
                 .expect("events lock")
                 .retain(|_, w| w != who);
         }
+        self.changed.lock().expect("events lock").remove(who);
+        self.rechecks.lock().expect("events lock").remove(who);
     }
 
     /// Number of servers whose stream is up.
@@ -846,7 +849,9 @@ mod tests {
         assert!(found >= before);
         assert!(streams.take_recheck(&who("a")).is_none(), "once");
         assert!(!streams.take_changed(&who("b")), "not a change in Prefect");
-        assert!(streams.take_recheck(&who("b")).is_some());
+        // A resource deleted before its pass leaves nothing noted.
+        streams.forget(&who("b"));
+        assert!(streams.take_recheck(&who("b")).is_none());
     }
 
     #[test]
