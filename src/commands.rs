@@ -209,7 +209,7 @@ async fn diff_one(
                 let from = state.server.clone();
                 let note = match (state.move_to(&base), recorded, from) {
                     (true, Some(id), Some(from)) => Some(std::borrow::Cow::Owned(format!(
-                        "status records deployment {id} on {from}: applying makes the deployment on {base} and deletes that one"
+                        "status records deployment {id} on {from}: applying makes the deployment on {base} and deletes that one (unless {base} is the same server and holds that very deployment, which is then kept)"
                     ))),
                     _ => None,
                 };
