@@ -2802,3 +2802,84 @@ async fn a_stream_gone_deaf_has_its_resources_checked_at_once() {
     assert_eq!(support::prefect_get(&env.raw, &url).await.0, 200);
     assert_eq!(env.ctx.metrics.event_streams.get(), 0, "the stream is down");
 }
+
+/// A rename whose old deployment the server will not delete: the new deployment is made
+/// and recorded, the old one is kept in `status.pendingDeletions` (and the resource is
+/// not Ready, since Prefect still runs its schedules), and the first pass once the
+/// server deletes again removes it. Nothing is forgotten in between.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rename_keeps_the_old_deployment_pending_until_it_is_deleted() {
+    let (env, pool) = Env::new(Duration::from_secs(300)).await;
+    let proxy = support::CountingProxy::start(env.prefect);
+    let mut pd = resource(
+        &env,
+        &pool,
+        "renamed",
+        json!({"deployment": {"name": unique("before"), "entrypoint": "flows/renamed.py:main"}}),
+    );
+    pd.spec.server.remote_api_url = Some(proxy.url.clone());
+    env.api.create(&PostParams::default(), &pd).await.unwrap();
+    let obj = env.wait_for("renamed", "ready", is_ready).await;
+    let old_id = obj.status.unwrap().deployment_id.unwrap();
+
+    proxy.refuse("DELETE /api/deployments/");
+    let rename = json!({"spec": {"deployment": {"name": unique("after")}}});
+    env.api
+        .patch("renamed", &PatchParams::default(), &Patch::Merge(rename))
+        .await
+        .unwrap();
+    let obj = env
+        .wait_for("renamed", "the new deployment made, the old one pending", |o| {
+            let Some(s) = &o.status else { return false };
+            ready(o).is_some_and(|r| r.0 == "False")
+                && s.deployment_id.as_ref().is_some_and(|id| *id != old_id)
+                && s.pending_deletions.is_some()
+        })
+        .await;
+    let status = obj.status.unwrap();
+    let new_id = status.deployment_id.unwrap();
+    let pending = status.pending_deletions.unwrap();
+    assert_eq!(pending.len(), 1);
+    assert_eq!(
+        (&pending[0].deployment_id, &pending[0].server),
+        (&old_id, &proxy.url)
+    );
+    for id in [&old_id, &new_id] {
+        assert_eq!(env.prefect_get(&format!("/deployments/{id}")).await.0, 200);
+    }
+
+    proxy.allow();
+    env.reconcile_now("renamed", "deletes-again").await;
+    let obj = env
+        .wait_for("renamed", "the old deployment deleted", |o| {
+            is_ready(o)
+                && o.status
+                    .as_ref()
+                    .is_some_and(|s| s.pending_deletions.is_none())
+        })
+        .await;
+    let status = obj.status.unwrap();
+    assert_eq!(status.deployment_id.as_deref(), Some(new_id.as_str()));
+    assert_eq!(
+        env.prefect_get(&format!("/deployments/{old_id}")).await.0,
+        404
+    );
+    assert_eq!(
+        env.prefect_get(&format!("/deployments/{new_id}")).await.0,
+        200
+    );
+    assert!(env
+        .events("renamed")
+        .iter()
+        .any(|e| e.1 == "Deleted" && e.2.contains(old_id.as_str())));
+
+    env.api
+        .delete("renamed", &DeleteParams::default())
+        .await
+        .unwrap();
+    env.wait_gone("renamed").await;
+    assert_eq!(
+        env.prefect_get(&format!("/deployments/{new_id}")).await.0,
+        404
+    );
+}

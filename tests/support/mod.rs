@@ -991,23 +991,27 @@ pub struct CountingProxy {
     /// The proxy's API base, like the server's (`http://127.0.0.1:PORT/api`).
     pub url: String,
     seen: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    refused: std::sync::Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl CountingProxy {
     pub fn start(server: &PrefectServer) -> CountingProxy {
         let origin = server.url.trim_end_matches("/api").to_string();
         let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let log = seen.clone();
+        let refused = std::sync::Arc::new(std::sync::Mutex::new(None::<String>));
+        let (log, refusing) = (seen.clone(), refused.clone());
         let port = serve_on_own_thread(move |listener| async move {
             let http = reqwest::Client::new();
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
-                let (http, origin, log) = (http.clone(), origin.clone(), log.clone());
+                let (http, origin, log, refusing) =
+                    (http.clone(), origin.clone(), log.clone(), refusing.clone());
                 let service = hyper::service::service_fn(move |req| {
                     let (http, origin, log) = (http.clone(), origin.clone(), log.clone());
-                    async move { proxy_one(&http, &origin, &log, req).await }
+                    let refusing = refusing.lock().unwrap().clone();
+                    async move { proxy_one(&http, &origin, &log, refusing.as_deref(), req).await }
                 });
                 tokio::spawn(
                     hyper::server::conn::http1::Builder::new()
@@ -1018,7 +1022,20 @@ impl CountingProxy {
         CountingProxy {
             url: format!("http://127.0.0.1:{port}/api"),
             seen,
+            refused,
         }
+    }
+
+    /// From now on answers every request whose `METHOD /path` starts with `prefix` with
+    /// a 500 of its own, without passing it on: a server failing one kind of request,
+    /// which a real server cannot be made to do on demand.
+    pub fn refuse(&self, prefix: &str) {
+        *self.refused.lock().unwrap() = Some(prefix.to_string());
+    }
+
+    /// Passes every request on again.
+    pub fn allow(&self) {
+        *self.refused.lock().unwrap() = None;
     }
 
     /// The requests since the last call, oldest first.
@@ -1258,14 +1275,18 @@ async fn proxy_one(
     http: &reqwest::Client,
     origin: &str,
     log: &std::sync::Mutex<Vec<String>>,
+    refused: Option<&str>,
     req: hyper::Request<hyper::body::Incoming>,
 ) -> Result<hyper::Response<http_body_util::Full<hyper::body::Bytes>>, hyper::Error> {
     use http_body_util::{BodyExt, Full};
     use hyper::header::{CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HOST, TRANSFER_ENCODING};
     let (parts, body) = req.into_parts();
-    log.lock()
-        .unwrap()
-        .push(format!("{} {}", parts.method, parts.uri.path()));
+    let line = format!("{} {}", parts.method, parts.uri.path());
+    if refused.is_some_and(|p| line.starts_with(p)) {
+        let refusal = hyper::Response::builder().status(500);
+        return Ok(refusal.body(Full::new("refused by the test".into())).unwrap());
+    }
+    log.lock().unwrap().push(line);
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let body = body.collect().await?.to_bytes();
     let mut forward = http
