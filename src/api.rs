@@ -777,6 +777,10 @@ pub struct PendingDeletion {
     /// The Prefect API it is on.
     #[schemars(length(max = 2048))]
     pub server: String,
+    /// The named global concurrency limit this resource created on that server, deleted
+    /// after the deployment unless another resource there names it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<LimitRecord>,
 }
 
 /// The named global concurrency limit a deployment is attached to.

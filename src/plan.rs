@@ -74,30 +74,36 @@ impl SyncState {
         let Some(from) = from.filter(|f| f != base) else {
             return false;
         };
+        // A named limit it made there goes with the deployment; one it only attached to
+        // belongs to others.
+        let limit = self.limit.take().filter(|l| l.created);
         if let Some(id) = self.deployment_id.take() {
-            self.leave(id, from);
+            self.leave(id, from, limit);
         }
         self.flow_id = None;
         self.automation_ids.clear();
         self.triggers_hash = None;
         self.applied_ignored.clear();
-        self.limit = None;
         self.spec_applied = false;
         true
     }
 
-    /// Records deployment `id` on server `server` as one to delete.
-    pub fn leave(&mut self, id: String, server: String) {
-        if !self.leftovers.iter().any(|l| l.deployment_id == id) {
-            // Status holds 16 at most; so many moves in a row cannot all be pending.
-            if self.leftovers.len() >= MAX_LEFTOVERS {
-                self.leftovers.remove(0);
-            }
-            self.leftovers.push(PendingDeletion {
-                deployment_id: id,
-                server,
-            });
+    /// Records deployment `id` on server `server` as one to delete, with the named
+    /// `limit` the resource made there, if any.
+    pub fn leave(&mut self, id: String, server: String, limit: Option<LimitRecord>) {
+        if let Some(known) = self.leftovers.iter_mut().find(|l| l.deployment_id == id) {
+            known.limit = limit.or(known.limit.take());
+            return;
         }
+        // Status holds 16 at most; so many moves in a row cannot all be pending.
+        if self.leftovers.len() >= MAX_LEFTOVERS {
+            self.leftovers.remove(0);
+        }
+        self.leftovers.push(PendingDeletion {
+            deployment_id: id,
+            server,
+            limit,
+        });
     }
 
     /// The deployments still to delete on server `base`, dropping any that is the
@@ -1451,10 +1457,16 @@ mod tests {
         let left = PendingDeletion {
             deployment_id: "d1".into(),
             server: a.into(),
+            limit: None,
         };
         assert_eq!(state.leftovers, vec![left.clone()]);
         assert!(state.leftovers_on(b).is_empty());
         assert_eq!(state.leftovers_on(a), vec!["d1".to_string()]);
+        assert_eq!(
+            state.leftovers_on(a),
+            vec!["d1".to_string()],
+            "kept until gone"
+        );
         // The new URL reached the same server: the deployment found there is the one
         // recorded, which is then not deleted.
         state.deployment_id = Some("d1".into());
@@ -1468,6 +1480,44 @@ mod tests {
         assert_eq!(state.leftovers.len(), MAX_LEFTOVERS);
         state.gone("d19");
         assert!(state.leftovers.iter().all(|l| l.deployment_id != "d19"));
+    }
+
+    #[test]
+    fn a_limit_the_resource_made_moves_out_with_its_deployment() {
+        let (a, b) = ("http://a:4200/api", "http://b:4200/api");
+        let made = LimitRecord {
+            name: "db".into(),
+            id: "l1".into(),
+            created: true,
+        };
+        let mut state = SyncState {
+            server: Some(a.into()),
+            deployment_id: Some("d1".into()),
+            limit: Some(made.clone()),
+            ..SyncState::default()
+        };
+        assert!(state.move_to(b));
+        assert_eq!(state.limit, None, "the limit's id names nothing on b");
+        assert_eq!(state.leftovers[0].limit, Some(made.clone()));
+        // Only attached to it: another resource's, left where it is.
+        let mut attached = SyncState {
+            server: Some(a.into()),
+            deployment_id: Some("d2".into()),
+            limit: Some(LimitRecord {
+                created: false,
+                ..made.clone()
+            }),
+            ..SyncState::default()
+        };
+        assert!(attached.move_to(b));
+        assert_eq!(
+            (attached.limit, attached.leftovers[0].limit.clone()),
+            (None, None)
+        );
+        // Recorded again (a rename of what is already pending): the limit stays with it.
+        state.leave("d1".into(), a.into(), None);
+        assert_eq!(state.leftovers.len(), 1);
+        assert_eq!(state.leftovers[0].limit, Some(made));
     }
 
     #[test]

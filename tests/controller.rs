@@ -1497,7 +1497,7 @@ async fn export_round_trip_changes_nothing() {
         }
     };
     let before = snapshot(&env, ids.clone()).await;
-    assert_eq!(before.0.len(), 4);
+    assert_eq!(before.0.len(), 5);
     assert_eq!(before.1.len(), 2);
 
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_prefect-operator"))
@@ -1519,6 +1519,11 @@ async fn export_round_trip_changes_nothing() {
         out.status.success(),
         "{}\n{yaml}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    // A fraction of a second does not fit int-or-string's integer: written as a string.
+    assert!(
+        yaml.contains("interval: '90.5'"),
+        "the fractional interval: {yaml}"
     );
     let writes_before = env.ctx.calls.writes();
     let (ok, _, err) = env.cp.kubectl_stdin(&["apply", "-f", "-"], Some(&yaml));
@@ -2514,13 +2519,15 @@ async fn a_new_server_takes_the_deployment_over_from_the_old_one() {
     let old = PrefectServer::start(None);
     support::create_pool_named(&old, &pool);
     let gate = support::StreamGate::whole(&old);
+    // Each with a named limit of its own, which it creates and so takes along.
     let on_old = |name: &str| {
         let mut pd = resource(
             &env,
             &pool,
             name,
             json!({"deployment": {"entrypoint": format!("flows/{name}.py:main"),
-                "triggers": [{"expect": ["prefect.flow-run.Completed"]}]}}),
+                "triggers": [{"expect": ["prefect.flow-run.Completed"]}],
+                "globalConcurrencyLimit": {"name": unique(name), "limit": 2}}}),
         );
         pd.spec.server.remote_api_url = Some(gate.url.clone());
         pd
@@ -2536,9 +2543,12 @@ async fn a_new_server_takes_the_deployment_over_from_the_old_one() {
             .await;
         let status = obj.status.unwrap();
         assert_eq!(status.server.as_deref(), Some(gate.url.as_str()));
+        let limit = status.global_concurrency_limit.unwrap();
+        assert!(limit.created);
         made.push((
             status.deployment_id.unwrap(),
             status.automation_ids.unwrap()[0].clone(),
+            limit.id,
         ));
     }
     let on_old_server = |path: String| {
@@ -2566,8 +2576,16 @@ async fn a_new_server_takes_the_deployment_over_from_the_old_one() {
         .wait_for("moved", "ready on the new server", moved_to_new)
         .await;
     let status = obj.status.unwrap();
-    let (old_id, old_automation) = &made[0];
+    let (old_id, old_automation, old_limit) = &made[0];
     let new_id = status.deployment_id.clone().unwrap();
+    let new_limit = status.global_concurrency_limit.clone().unwrap();
+    assert!(new_limit.created);
+    assert_eq!(
+        env.prefect_get(&format!("/v2/concurrency_limits/{}", new_limit.id))
+            .await
+            .0,
+        200
+    );
     assert_ne!(&new_id, old_id);
     assert_eq!(
         env.prefect_get(&format!("/deployments/{new_id}")).await.0,
@@ -2586,8 +2604,13 @@ async fn a_new_server_takes_the_deployment_over_from_the_old_one() {
         on_old_server(format!("/automations/{old_automation}")).await,
         404
     );
+    assert_eq!(
+        on_old_server(format!("/v2/concurrency_limits/{old_limit}")).await,
+        404
+    );
     assert!(env.events("moved").iter().any(|e| e.1 == "Deleted"
         && e.2.contains(old_id.as_str())
+        && e.2.contains("global concurrency limit")
         && e.2.contains("spec.server named before")));
 
     // The old server is down: the deployment still moves, and the old one waits.
@@ -2596,7 +2619,7 @@ async fn a_new_server_takes_the_deployment_over_from_the_old_one() {
     let obj = env
         .wait_for("moved-later", "ready on the new server", moved_to_new)
         .await;
-    let (old_id, old_automation) = &made[1];
+    let (old_id, old_automation, old_limit) = &made[1];
     let (_, _, message) = ready(&obj).unwrap();
     assert!(
         message.contains("not deleted yet") && message.contains(old_id.as_str()),
@@ -2607,6 +2630,11 @@ async fn a_new_server_takes_the_deployment_over_from_the_old_one() {
     assert_eq!(
         (&pending[0].deployment_id, &pending[0].server),
         (old_id, &gate.url)
+    );
+    assert_eq!(
+        pending[0].limit.as_ref().map(|l| &l.id),
+        Some(old_limit),
+        "the limit it made there waits with it"
     );
     assert!(env
         .events("moved-later")
@@ -2630,6 +2658,10 @@ async fn a_new_server_takes_the_deployment_over_from_the_old_one() {
     assert_eq!(on_old_server(format!("/deployments/{old_id}")).await, 404);
     assert_eq!(
         on_old_server(format!("/automations/{old_automation}")).await,
+        404
+    );
+    assert_eq!(
+        on_old_server(format!("/v2/concurrency_limits/{old_limit}")).await,
         404
     );
 
@@ -2660,6 +2692,13 @@ async fn a_new_server_takes_the_deployment_over_from_the_old_one() {
             .await
             .0,
         200
+    );
+    assert_eq!(
+        env.prefect_get(&format!("/v2/concurrency_limits/{}", new_limit.id))
+            .await
+            .0,
+        200,
+        "its limit stays too"
     );
 
     for name in ["moved", "moved-later"] {
@@ -2829,12 +2868,16 @@ async fn a_rename_keeps_the_old_deployment_pending_until_it_is_deleted() {
         .await
         .unwrap();
     let obj = env
-        .wait_for("renamed", "the new deployment made, the old one pending", |o| {
-            let Some(s) = &o.status else { return false };
-            ready(o).is_some_and(|r| r.0 == "False")
-                && s.deployment_id.as_ref().is_some_and(|id| *id != old_id)
-                && s.pending_deletions.is_some()
-        })
+        .wait_for(
+            "renamed",
+            "the new deployment made, the old one pending",
+            |o| {
+                let Some(s) = &o.status else { return false };
+                ready(o).is_some_and(|r| r.0 == "False")
+                    && s.deployment_id.as_ref().is_some_and(|id| *id != old_id)
+                    && s.pending_deletions.is_some()
+            },
+        )
         .await;
     let status = obj.status.unwrap();
     let new_id = status.deployment_id.unwrap();

@@ -67,12 +67,15 @@ pub enum Change {
     LeftoverDeleted {
         id: String,
         server: Option<String>,
+        /// The named limit the resource made there, deleted with it.
+        limit: Option<String>,
     },
     /// A deployment on the server spec.server named before, which that server does not
-    /// let the operator delete: left for people.
+    /// let the operator delete: left for people (with the named limit made there).
     LeftBehind {
         id: String,
         server: String,
+        limit: Option<String>,
         why: String,
     },
     /// A flow run made for a `prefect.io/run-requested-at` token.
@@ -122,17 +125,27 @@ impl Change {
             Change::Replaced { old_id, new_id } => format!(
                 "Name or flow changed: created Prefect deployment {new_id} and deleted {old_id}"
             ),
-            Change::LeftoverDeleted { id, server: None } => {
+            Change::LeftoverDeleted {
+                id, server: None, ..
+            } => {
                 format!("Deleted Prefect deployment {id}, which this resource replaced")
             }
             Change::LeftoverDeleted {
                 id,
                 server: Some(s),
+                limit,
             } => format!(
-                "Deleted Prefect deployment {id} and its automations from {s}, the server spec.server named before"
+                "Deleted Prefect deployment {id} and its automations{} from {s}, the server spec.server named before",
+                limit.as_ref().map(|l| format!(", and global concurrency limit {l},")).unwrap_or_default()
             ),
-            Change::LeftBehind { id, server, why } => format!(
-                "Prefect deployment {id} on {server}, the server spec.server named before, is left in place: {why}; delete it there by hand"
+            Change::LeftBehind {
+                id,
+                server,
+                limit,
+                why,
+            } => format!(
+                "Prefect deployment {id}{} on {server}, the server spec.server named before, is left in place: {why}; delete it there by hand",
+                limit.as_ref().map(|l| format!(" (and global concurrency limit {l})")).unwrap_or_default()
             ),
             Change::Updated { fields } => format!("Updated {}", fields.join(", ")),
             Change::SchedulesChanged {
@@ -439,7 +452,7 @@ pub async fn perform(
             // The one replaced is recorded before the new id takes its place, so a
             // failure from here on cannot lose it.
             if let Some(old) = retire {
-                state.leave(old.clone(), client.base_url().to_string());
+                state.leave(old.clone(), client.base_url().to_string(), None);
             }
             state.deployment_id = Some(id.clone());
             state.flow_id = Some(flow_id);
@@ -510,7 +523,11 @@ pub async fn delete_leftovers(
     for id in state.leftovers_on(client.base_url()) {
         retire_deployment(client, &id).await?;
         state.gone(&id);
-        changes.push(Change::LeftoverDeleted { id, server: None });
+        changes.push(Change::LeftoverDeleted {
+            id,
+            server: None,
+            limit: None,
+        });
     }
     Ok(())
 }

@@ -242,6 +242,10 @@ impl Context {
         let mut notes = Vec::new();
         for l in others {
             let (id, server) = (l.deployment_id, l.server);
+            // A limit another resource names there is theirs now.
+            let limit = l
+                .limit
+                .filter(|lim| !self.limit_named_on(&server, &lim.name));
             let result = async {
                 if !self.access.server_allowed(&server) {
                     return Err(Error::ServerNotAllowed(format!(
@@ -249,21 +253,33 @@ impl Context {
                     )));
                 }
                 let (old, _turn) = self.client(&server, client.auth().cloned()).await?;
-                execute::retire_deployment(&old, &id).await
+                execute::retire_deployment(&old, &id).await?;
+                // After the deployment, which would otherwise lose its limit first.
+                match &limit {
+                    Some(lim) => old.delete_limit(&lim.id).await,
+                    None => Ok(()),
+                }
             }
             .await;
+            let limit = limit.map(|lim| lim.name);
             match result {
                 Ok(()) => {
                     state.gone(&id);
                     changes.push(execute::Change::LeftoverDeleted {
                         id,
                         server: Some(server),
+                        limit,
                     });
                 }
                 Err(e @ (Error::PrefectUnauthorized(_) | Error::ServerNotAllowed(_))) => {
                     state.gone(&id);
                     let why = e.to_string();
-                    changes.push(execute::Change::LeftBehind { id, server, why });
+                    changes.push(execute::Change::LeftBehind {
+                        id,
+                        server,
+                        limit,
+                        why,
+                    });
                 }
                 Err(e) => notes.push(format!("{id} on {server} ({e})")),
             }
@@ -441,6 +457,19 @@ impl Context {
             }
         }
         Ok(())
+    }
+
+    /// Whether a resource this operator handles names limit `name` on server `server`
+    /// (one on its way out does not).
+    fn limit_named_on(&self, server: &str, name: &str) -> bool {
+        let stores = self.stores.lock().expect("lock").clone();
+        let found = stores.iter().flat_map(|s| s.state()).any(|other| {
+            other.meta().deletion_timestamp.is_none()
+                && other
+                    .limit()
+                    .is_some_and(|(s, g)| s == server && g.name == name)
+        });
+        found
     }
 
     fn resync(&self, asked: Option<Duration>) -> Duration {

@@ -1284,7 +1284,9 @@ async fn proxy_one(
     let line = format!("{} {}", parts.method, parts.uri.path());
     if refused.is_some_and(|p| line.starts_with(p)) {
         let refusal = hyper::Response::builder().status(500);
-        return Ok(refusal.body(Full::new("refused by the test".into())).unwrap());
+        return Ok(refusal
+            .body(Full::new("refused by the test".into()))
+            .unwrap());
     }
     log.lock().unwrap().push(line);
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
