@@ -207,9 +207,13 @@ async fn diff_one(
                 let mut state = status::state_of(obj.status.as_ref());
                 let recorded = state.deployment_id.clone();
                 let from = state.server.clone();
+                let made = state.limit.as_ref().filter(|l| l.created);
+                let limit = made
+                    .map(|l| format!(", with the global concurrency limit {} it made there unless another resource names it", l.name))
+                    .unwrap_or_default();
                 let note = match (state.move_to(&base), recorded, from) {
                     (true, Some(id), Some(from)) => Some(std::borrow::Cow::Owned(format!(
-                        "status records deployment {id} on {from}: applying makes the deployment on {base} and deletes that one (unless {base} is the same server and holds that very deployment, which is then kept)"
+                        "status records deployment {id} on {from}: applying makes the deployment on {base} and deletes that one{limit} (unless {base} is the same server and holds that very deployment, which is then kept)"
                     ))),
                     _ => None,
                 };

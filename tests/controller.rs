@@ -2613,6 +2613,20 @@ async fn a_new_server_takes_the_deployment_over_from_the_old_one() {
         && e.2.contains("global concurrency limit")
         && e.2.contains("spec.server named before")));
 
+    // `diff --from-cluster` says what the move will delete.
+    let mut manifest = serde_json::to_value(on_old("moved-later")).unwrap();
+    manifest["metadata"]["namespace"] = json!(env.ns);
+    manifest["spec"]["server"]["remoteApiUrl"] = json!(env.prefect.url);
+    let (code, out) = env.diff_from_cluster(&manifest.to_string());
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(&format!(
+            "status records deployment {} on {}",
+            made[1].0, gate.url
+        )) && out.contains("global concurrency limit"),
+        "{out}"
+    );
+
     // The old server is down: the deployment still moves, and the old one waits.
     gate.cut();
     move_to_new("moved-later").await;
