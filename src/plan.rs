@@ -60,6 +60,10 @@ pub struct SyncState {
     /// Why a replaced deployment on another server is not deleted yet, for the condition.
     #[serde(skip)]
     pub leftover_note: Option<String>,
+    /// Deployments to delete that newer ones pushed out of status (it holds
+    /// `MAX_LEFTOVERS`): told to people, since nothing will delete them now.
+    #[serde(skip)]
+    pub dropped: Vec<PendingDeletion>,
 }
 
 /// The most deployments status keeps as still to delete (the CRD's bound).
@@ -97,7 +101,8 @@ impl SyncState {
         }
         // Status holds 16 at most; so many moves in a row cannot all be pending.
         if self.leftovers.len() >= MAX_LEFTOVERS {
-            self.leftovers.remove(0);
+            let out = self.leftovers.remove(0);
+            self.dropped.push(out);
         }
         self.leftovers.push(PendingDeletion {
             deployment_id: id,
@@ -1478,6 +1483,11 @@ mod tests {
             state.move_to(if i % 2 == 0 { a } else { b });
         }
         assert_eq!(state.leftovers.len(), MAX_LEFTOVERS);
+        // Those pushed out are kept aside to be told, not silently forgotten.
+        let mut all: Vec<_> = state.leftovers.iter().chain(&state.dropped).collect();
+        all.sort_by_key(|l| l.deployment_id[1..].parse::<u32>().unwrap());
+        all.dedup_by_key(|l| &l.deployment_id);
+        assert_eq!(all.len(), 20);
         state.gone("d19");
         assert!(state.leftovers.iter().all(|l| l.deployment_id != "d19"));
     }

@@ -13,7 +13,7 @@ use crate::desired::{self, DesiredDeployment, OWNER_LABEL};
 use crate::observed::{ObservedAutomation, ObservedDeployment};
 use crate::plan::{
     self, AutomationAction, DeploymentAction, LimitAction, LimitRecord, Observed, Plan,
-    ScheduleChange, LIMIT_ID_FIELD,
+    ScheduleChange, LIMIT_ID_FIELD, MAX_LEFTOVERS,
 };
 use crate::prefect::PrefectClient;
 use crate::validate::ValidSpec;
@@ -511,6 +511,20 @@ pub async fn perform(
     state.applied_ignored = plan.record_ignored.clone();
     state.drift = plan.drift.clone();
     delete_leftovers(client, state, changes).await
+}
+
+/// Tells of the deployments to delete that status had no room left for.
+pub fn report_dropped(state: &mut SyncState, changes: &mut Vec<Change>) {
+    for d in state.dropped.drain(..) {
+        changes.push(Change::LeftBehind {
+            id: d.deployment_id,
+            server: d.server,
+            limit: d.limit.map(|l| l.name),
+            why: format!(
+                "status keeps at most {MAX_LEFTOVERS} deployments to delete, and newer ones took its place"
+            ),
+        });
+    }
 }
 
 /// Deletes the deployments on this server that the resource replaced and could not

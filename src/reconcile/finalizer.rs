@@ -94,6 +94,9 @@ pub(super) async fn finalize(
             // A deployment recorded on the server spec.server named before is deleted
             // there, like the ones replaced earlier and not deleted yet.
             state.move_to(client.base_url());
+            let mut dropped = Vec::new();
+            execute::report_dropped(&mut state, &mut dropped);
+            ctx.report_changes(obj, &dropped, "Delete").await;
             let id = execute::delete(
                 &client,
                 &obj.spec,

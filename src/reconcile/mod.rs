@@ -905,6 +905,7 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
     }
     .await;
 
+    execute::report_dropped(&mut state, &mut changes);
     ctx.report_changes(obj, &changes, "Sync").await;
     match outcome {
         Ok(base) => {

@@ -188,6 +188,7 @@ pub fn state_of(status: Option<&PrefectDeploymentStatus>) -> SyncState {
             server: s.server.clone(),
             leftovers: s.pending_deletions.clone().unwrap_or_default(),
             leftover_note: None,
+            dropped: Vec::new(),
         })
         .unwrap_or_default()
 }
