@@ -2940,3 +2940,71 @@ async fn a_rename_keeps_the_old_deployment_pending_until_it_is_deleted() {
         404
     );
 }
+
+/// A named limit the moved resource made on the old server stays there while another
+/// resource of the operator names it on that server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limit_another_resource_names_stays_on_the_old_server() {
+    let (env, pool) = Env::new(Duration::from_secs(300)).await;
+    let old = PrefectServer::start(None);
+    support::create_pool_named(&old, &pool);
+    let limit = unique("shared-limit");
+    let mut ids = Vec::new();
+    for name in ["leaves", "stays"] {
+        let mut pd = resource(
+            &env,
+            &pool,
+            name,
+            json!({"deployment": {"entrypoint": format!("flows/{name}.py:main"),
+                "globalConcurrencyLimit": {"name": limit, "limit": 2}}}),
+        );
+        pd.spec.server.remote_api_url = Some(old.url.clone());
+        env.api.create(&PostParams::default(), &pd).await.unwrap();
+        let status = env.wait_for(name, "ready", is_ready).await.status.unwrap();
+        let record = status.global_concurrency_limit.unwrap();
+        ids.push((status.deployment_id.unwrap(), record.id, record.created));
+    }
+    let (old_id, limit_id, created) = ids[0].clone();
+    assert!(created, "the first one made the limit");
+    assert_eq!(ids[1].1, limit_id, "the second attached to it");
+
+    let to_new = json!({"spec": {"server": {"remoteApiUrl": env.prefect.url}}});
+    env.api
+        .patch("leaves", &PatchParams::default(), &Patch::Merge(to_new))
+        .await
+        .unwrap();
+    env.wait_for("leaves", "moved, nothing pending", |o| {
+        is_ready(o)
+            && o.status.as_ref().is_some_and(|s| {
+                s.server.as_deref() == Some(env.prefect.url.as_str())
+                    && s.pending_deletions.is_none()
+            })
+    })
+    .await;
+    let on_old = |path: String| {
+        let url = format!("{}{path}", old.url);
+        let raw = env.raw.clone();
+        async move { support::prefect_get(&raw, &url).await.0 }
+    };
+    assert_eq!(on_old(format!("/deployments/{old_id}")).await, 404);
+    assert_eq!(
+        on_old(format!("/v2/concurrency_limits/{limit_id}")).await,
+        200,
+        "\"stays\" still names it there"
+    );
+    let events = env.events("leaves");
+    assert!(
+        !events
+            .iter()
+            .any(|e| e.1 == "Deleted" && e.2.contains("global concurrency limit")),
+        "{events:?}"
+    );
+
+    for name in ["leaves", "stays"] {
+        env.api
+            .delete(name, &DeleteParams::default())
+            .await
+            .unwrap();
+        env.wait_gone(name).await;
+    }
+}

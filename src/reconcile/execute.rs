@@ -70,8 +70,9 @@ pub enum Change {
         /// The named limit the resource made there, deleted with it.
         limit: Option<String>,
     },
-    /// A deployment on the server spec.server named before, which that server does not
-    /// let the operator delete: left for people (with the named limit made there).
+    /// A deployment the resource replaced that the operator will not delete (its server
+    /// refuses, or status had no room left for it): left for people, with the named
+    /// limit made there.
     LeftBehind {
         id: String,
         server: String,
@@ -144,7 +145,7 @@ impl Change {
                 limit,
                 why,
             } => format!(
-                "Prefect deployment {id}{} on {server}, the server spec.server named before, is left in place: {why}; delete it there by hand",
+                "Prefect deployment {id}{} on {server} is left in place: {why}; delete it there by hand",
                 limit.as_ref().map(|l| format!(" (and global concurrency limit {l})")).unwrap_or_default()
             ),
             Change::Updated { fields } => format!("Updated {}", fields.join(", ")),

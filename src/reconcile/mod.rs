@@ -273,7 +273,7 @@ impl Context {
                 }
                 Err(e @ (Error::PrefectUnauthorized(_) | Error::ServerNotAllowed(_))) => {
                     state.gone(&id);
-                    let why = e.to_string();
+                    let why = format!("spec.server no longer names that server, and {e}");
                     changes.push(execute::Change::LeftBehind {
                         id,
                         server,
@@ -430,13 +430,7 @@ impl Context {
         if mine.is_none() && created.is_none() {
             return Ok(());
         }
-        let uid = obj.uid();
-        let stores = self.stores.lock().expect("lock").clone();
-        for other in stores.iter().flat_map(|s| s.state()) {
-            // Resources on their way out no longer hold a claim.
-            if other.uid() == uid || other.meta().deletion_timestamp.is_some() {
-                continue;
-            }
+        for other in self.limit_claims(obj.uid()) {
             let Some((other_server, g)) = other.limit() else {
                 continue;
             };
@@ -459,17 +453,25 @@ impl Context {
         Ok(())
     }
 
-    /// Whether a resource this operator handles names limit `name` on server `server`
-    /// (one on its way out does not).
-    fn limit_named_on(&self, server: &str, name: &str) -> bool {
+    /// The resources this operator handles, other than `me`, that name a named limit.
+    /// Resources on their way out no longer hold a claim.
+    fn limit_claims(&self, me: Option<String>) -> Vec<Arc<Cached>> {
         let stores = self.stores.lock().expect("lock").clone();
-        let found = stores.iter().flat_map(|s| s.state()).any(|other| {
-            other.meta().deletion_timestamp.is_none()
-                && other
-                    .limit()
-                    .is_some_and(|(s, g)| s == server && g.name == name)
-        });
-        found
+        let claims = stores
+            .iter()
+            .flat_map(|s| s.state())
+            .filter(|o| o.limit().is_some() && o.meta().deletion_timestamp.is_none())
+            .filter(|o| me.is_none() || o.uid() != me)
+            .collect();
+        claims
+    }
+
+    /// Whether a resource this operator handles names limit `name` on server `server`.
+    fn limit_named_on(&self, server: &str, name: &str) -> bool {
+        self.limit_claims(None).iter().any(|o| {
+            o.limit()
+                .is_some_and(|(s, g)| s == server && g.name == name)
+        })
     }
 
     fn resync(&self, asked: Option<Duration>) -> Duration {
