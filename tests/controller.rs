@@ -195,6 +195,24 @@ impl Env {
         .await
     }
 
+    /// The status code of GET `path` on another Prefect server.
+    async fn code_on(&self, server: &PrefectServer, path: &str) -> u16 {
+        support::prefect_get(&self.raw, &format!("{}{path}", server.url))
+            .await
+            .0
+    }
+
+    /// Deletes the resources `names` and waits until each is gone.
+    async fn delete_all(&self, names: &[&str]) {
+        for name in names {
+            self.api
+                .delete(name, &DeleteParams::default())
+                .await
+                .unwrap();
+            self.wait_gone(name).await;
+        }
+    }
+
     async fn wait_gone(&self, name: &str) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         while self.api.get_opt(name).await.unwrap().is_some() {
@@ -2551,11 +2569,6 @@ async fn a_new_server_takes_the_deployment_over_from_the_old_one() {
             limit.id,
         ));
     }
-    let on_old_server = |path: String| {
-        let url = format!("{}{path}", old.url);
-        let raw = env.raw.clone();
-        async move { support::prefect_get(&raw, &url).await.0 }
-    };
     let to_new = json!({"spec": {"server": {"remoteApiUrl": env.prefect.url}}});
     let move_to_new = |name: &'static str| {
         let patch = to_new.clone();
@@ -2599,13 +2612,18 @@ async fn a_new_server_takes_the_deployment_over_from_the_old_one() {
         200
     );
     assert_eq!(status.pending_deletions, None);
-    assert_eq!(on_old_server(format!("/deployments/{old_id}")).await, 404);
     assert_eq!(
-        on_old_server(format!("/automations/{old_automation}")).await,
+        env.code_on(&old, &format!("/deployments/{old_id}")).await,
         404
     );
     assert_eq!(
-        on_old_server(format!("/v2/concurrency_limits/{old_limit}")).await,
+        env.code_on(&old, &format!("/automations/{old_automation}"))
+            .await,
+        404
+    );
+    assert_eq!(
+        env.code_on(&old, &format!("/v2/concurrency_limits/{old_limit}"))
+            .await,
         404
     );
     assert!(env.events("moved").iter().any(|e| e.1 == "Deleted"
@@ -2654,7 +2672,10 @@ async fn a_new_server_takes_the_deployment_over_from_the_old_one() {
         .events("moved-later")
         .iter()
         .any(|e| e.0 == "Warning" && e.1 == "CleanupPending"));
-    assert_eq!(on_old_server(format!("/deployments/{old_id}")).await, 200);
+    assert_eq!(
+        env.code_on(&old, &format!("/deployments/{old_id}")).await,
+        200
+    );
 
     // Back up: the next pass deletes it.
     gate.restore();
@@ -2669,13 +2690,18 @@ async fn a_new_server_takes_the_deployment_over_from_the_old_one() {
     assert!(is_ready(&obj));
     let (_, _, message) = ready(&obj).unwrap();
     assert!(!message.contains("not deleted yet"), "{message}");
-    assert_eq!(on_old_server(format!("/deployments/{old_id}")).await, 404);
     assert_eq!(
-        on_old_server(format!("/automations/{old_automation}")).await,
+        env.code_on(&old, &format!("/deployments/{old_id}")).await,
         404
     );
     assert_eq!(
-        on_old_server(format!("/v2/concurrency_limits/{old_limit}")).await,
+        env.code_on(&old, &format!("/automations/{old_automation}"))
+            .await,
+        404
+    );
+    assert_eq!(
+        env.code_on(&old, &format!("/v2/concurrency_limits/{old_limit}"))
+            .await,
         404
     );
 
@@ -2715,13 +2741,7 @@ async fn a_new_server_takes_the_deployment_over_from_the_old_one() {
         "its limit stays too"
     );
 
-    for name in ["moved", "moved-later"] {
-        env.api
-            .delete(name, &DeleteParams::default())
-            .await
-            .unwrap();
-        env.wait_gone(name).await;
-    }
+    env.delete_all(&["moved", "moved-later"]).await;
 }
 
 /// Deleting a resource whose status still records its deployment on the server
@@ -2750,11 +2770,6 @@ async fn deletion_cleans_up_the_server_spec_server_named_before() {
     let status = obj.status.unwrap();
     let id = status.deployment_id.unwrap();
     let automation = status.automation_ids.unwrap()[0].clone();
-    let on_old = |path: String| {
-        let url = format!("{}{path}", old.url);
-        let raw = env.raw.clone();
-        async move { support::prefect_get(&raw, &url).await.0 }
-    };
 
     // The new server does not answer: the move waits, the old deployment stays, and
     // status lists it as still to delete.
@@ -2776,7 +2791,7 @@ async fn deletion_cleans_up_the_server_spec_server_named_before() {
     let pending = &obj.status.unwrap().pending_deletions.unwrap()[0];
     assert_eq!((&pending.deployment_id, &pending.server), (&id, &old.url));
     assert_eq!(
-        on_old(format!("/deployments/{id}")).await,
+        env.code_on(&old, &format!("/deployments/{id}")).await,
         200,
         "still running"
     );
@@ -2790,7 +2805,7 @@ async fn deletion_cleans_up_the_server_spec_server_named_before() {
         ready(o).is_some_and(|r| r.1 == "CleanupFailed")
     })
     .await;
-    assert_eq!(on_old(format!("/deployments/{id}")).await, 200);
+    assert_eq!(env.code_on(&old, &format!("/deployments/{id}")).await, 200);
     new.restore();
     // A new annotation wakes the finalizer at once instead of after its backoff.
     env.cp.kubectl_ok(&[
@@ -2802,8 +2817,12 @@ async fn deletion_cleans_up_the_server_spec_server_named_before() {
         &format!("{RECONCILE_REQUESTED_AT}=server-back"),
     ]);
     env.wait_gone(name).await;
-    assert_eq!(on_old(format!("/deployments/{id}")).await, 404);
-    assert_eq!(on_old(format!("/automations/{automation}")).await, 404);
+    assert_eq!(env.code_on(&old, &format!("/deployments/{id}")).await, 404);
+    assert_eq!(
+        env.code_on(&old, &format!("/automations/{automation}"))
+            .await,
+        404
+    );
 }
 
 /// A stream that stays connected but goes deaf is found by its probe, and then every
@@ -2981,14 +3000,13 @@ async fn a_limit_another_resource_names_stays_on_the_old_server() {
             })
     })
     .await;
-    let on_old = |path: String| {
-        let url = format!("{}{path}", old.url);
-        let raw = env.raw.clone();
-        async move { support::prefect_get(&raw, &url).await.0 }
-    };
-    assert_eq!(on_old(format!("/deployments/{old_id}")).await, 404);
     assert_eq!(
-        on_old(format!("/v2/concurrency_limits/{limit_id}")).await,
+        env.code_on(&old, &format!("/deployments/{old_id}")).await,
+        404
+    );
+    assert_eq!(
+        env.code_on(&old, &format!("/v2/concurrency_limits/{limit_id}"))
+            .await,
         200,
         "\"stays\" still names it there"
     );
@@ -3000,11 +3018,5 @@ async fn a_limit_another_resource_names_stays_on_the_old_server() {
         "{events:?}"
     );
 
-    for name in ["leaves", "stays"] {
-        env.api
-            .delete(name, &DeleteParams::default())
-            .await
-            .unwrap();
-        env.wait_gone(name).await;
-    }
+    env.delete_all(&["leaves", "stays"]).await;
 }
