@@ -2526,6 +2526,19 @@ async fn made_again(env: &Env, name: &str, base: &str, old: &str) -> Value {
     a
 }
 
+/// The deployment, automation and named limit a resource `made` on server `old` (their
+/// ids) are all gone there.
+async fn gone_from(env: &Env, old: &PrefectServer, made: &(String, String, String)) {
+    let (id, automation, limit) = made;
+    for path in [
+        format!("/deployments/{id}"),
+        format!("/automations/{automation}"),
+        format!("/v2/concurrency_limits/{limit}"),
+    ] {
+        assert_eq!(env.code_on(old, &path).await, 404, "{path}");
+    }
+}
+
 /// Pointing spec.server at another Prefect server moves the deployment: it is made on
 /// the new server and the one on the old server is deleted with its automations, so
 /// two servers never run the same schedules. An old server that does not answer keeps
@@ -2589,7 +2602,7 @@ async fn a_new_server_takes_the_deployment_over_from_the_old_one() {
         .wait_for("moved", "ready on the new server", moved_to_new)
         .await;
     let status = obj.status.unwrap();
-    let (old_id, old_automation, old_limit) = &made[0];
+    let old_id = &made[0].0;
     let new_id = status.deployment_id.clone().unwrap();
     let new_limit = status.global_concurrency_limit.clone().unwrap();
     assert!(new_limit.created);
@@ -2612,20 +2625,7 @@ async fn a_new_server_takes_the_deployment_over_from_the_old_one() {
         200
     );
     assert_eq!(status.pending_deletions, None);
-    assert_eq!(
-        env.code_on(&old, &format!("/deployments/{old_id}")).await,
-        404
-    );
-    assert_eq!(
-        env.code_on(&old, &format!("/automations/{old_automation}"))
-            .await,
-        404
-    );
-    assert_eq!(
-        env.code_on(&old, &format!("/v2/concurrency_limits/{old_limit}"))
-            .await,
-        404
-    );
+    gone_from(&env, &old, &made[0]).await;
     assert!(env.events("moved").iter().any(|e| e.1 == "Deleted"
         && e.2.contains(old_id.as_str())
         && e.2.contains("global concurrency limit")
@@ -2651,7 +2651,7 @@ async fn a_new_server_takes_the_deployment_over_from_the_old_one() {
     let obj = env
         .wait_for("moved-later", "ready on the new server", moved_to_new)
         .await;
-    let (old_id, old_automation, old_limit) = &made[1];
+    let (old_id, _, old_limit) = &made[1];
     let (_, _, message) = ready(&obj).unwrap();
     assert!(
         message.contains("not deleted yet") && message.contains(old_id.as_str()),
@@ -2690,20 +2690,7 @@ async fn a_new_server_takes_the_deployment_over_from_the_old_one() {
     assert!(is_ready(&obj));
     let (_, _, message) = ready(&obj).unwrap();
     assert!(!message.contains("not deleted yet"), "{message}");
-    assert_eq!(
-        env.code_on(&old, &format!("/deployments/{old_id}")).await,
-        404
-    );
-    assert_eq!(
-        env.code_on(&old, &format!("/automations/{old_automation}"))
-            .await,
-        404
-    );
-    assert_eq!(
-        env.code_on(&old, &format!("/v2/concurrency_limits/{old_limit}"))
-            .await,
-        404
-    );
+    gone_from(&env, &old, &made[1]).await;
 
     // Another URL of the same server (here a second front to it): the deployment found
     // there is the one recorded, so it is kept, not deleted as the old server's.
