@@ -46,6 +46,18 @@ fn template(set: &[&str]) -> Vec<Value> {
         .collect()
 }
 
+/// What `helm template` says when it refuses the values (it must refuse them).
+fn refused(chart: &str, set: &[&str]) -> String {
+    let mut cmd = Command::new(helm());
+    cmd.args(["template", "rel", chart]);
+    for v in set {
+        cmd.args(["--set", v]);
+    }
+    let out = cmd.output().expect("helm");
+    assert!(!out.status.success(), "helm accepted {set:?}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 fn of_kind<'a>(objs: &'a [Value], kind: &str) -> Vec<&'a Value> {
     objs.iter().filter(|o| o["kind"] == kind).collect()
 }
@@ -61,6 +73,180 @@ fn args(objs: &[Value]) -> Vec<String> {
         .iter()
         .map(|a| a.as_str().unwrap().to_string())
         .collect()
+}
+
+/// Every key of values.yaml, as dotted paths to its leaves (maps the chart passes
+/// through to Kubernetes, such as `resources`, count as leaves).
+fn value_paths(v: &Value, schema: &Value, prefix: &str, out: &mut Vec<String>) {
+    let nested = schema["additionalProperties"] == json!(false);
+    match v.as_object() {
+        Some(map) if nested => {
+            for (k, child) in map {
+                let path = format!("{prefix}{k}");
+                let sub = &schema["properties"][k];
+                assert!(
+                    !sub.is_null(),
+                    "values.yaml has {path}, the schema does not"
+                );
+                value_paths(child, sub, &format!("{path}."), out);
+            }
+        }
+        _ => out.push(prefix.trim_end_matches('.').to_string()),
+    }
+}
+
+#[test]
+fn chart_values_are_checked_before_anything_is_rendered() {
+    // The schema describes every value the chart documents, and nothing else.
+    let schema: Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("{CHART}/values.schema.json")).unwrap(),
+    )
+    .unwrap();
+    let values: Value =
+        serde_yaml::from_str(&std::fs::read_to_string(format!("{CHART}/values.yaml")).unwrap())
+            .unwrap();
+    let mut paths = Vec::new();
+    value_paths(&values, &schema, "", &mut paths);
+    assert!(paths.len() > 30, "{paths:?}");
+    let documented: Vec<&str> = schema["properties"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .filter(|k| *k != "global")
+        .collect();
+    for k in documented {
+        assert!(!values[k].is_null(), "{k} is not in values.yaml");
+    }
+
+    // A misspelt or malformed value stops the install, naming the value.
+    for (set, named) in [
+        ("concurrancy=64", "concurrancy"),
+        ("image.pullpolicy=Always", "pullpolicy"),
+        ("metrics.serviceMonitor.intervall=1m", "intervall"),
+        ("concurrency=0", "concurrency"),
+        ("maxRequestsPerServer=many", "maxRequestsPerServer"),
+        ("logFormat=yaml", "logFormat"),
+        ("adminPort=70000", "adminPort"),
+        ("shards={Team-A}", "shards"),
+        ("watchNamespaces={Team_A}", "watchNamespaces"),
+        ("defaultResyncInterval=5min", "defaultResyncInterval"),
+        ("secretLabel=prefect.io/credentials", "secretLabel"),
+        ("leaderElection.enabled=maybe", "leaderElection.enabled"),
+        (
+            "podDisruptionBudget.enabled=yes please",
+            "podDisruptionBudget.enabled",
+        ),
+    ] {
+        let err = refused(CHART, &[set]);
+        assert!(err.contains(named), "{set}: {err}");
+    }
+
+    // Every value set to something other than its default still renders, and what
+    // the binary is given it accepts.
+    let objs = template(&[
+        "replicaCount=3",
+        "image.repository=registry.example.com/prefect-operator",
+        "image.tag=1.2.3",
+        "image.pullPolicy=Always",
+        "imagePullSecrets[0].name=pull",
+        "nameOverride=po",
+        "serviceAccount.create=false",
+        "serviceAccount.name=robot",
+        "serviceAccount.annotations.team=data",
+        "watchNamespaces={team-a,team-b}",
+        "leaderElection.enabled=true",
+        "leaderElection.leaseName=po-lease",
+        "shards={a,b}",
+        "concurrency=64",
+        "maxRequestsPerServer=4",
+        "defaultResyncInterval=1h30m",
+        "logFormat=text",
+        "logLevel=prefect_operator=debug",
+        "allowedServers={https://prefect.example.com/api}",
+        "secretLabel=prefect.io/credentials=true",
+        "adminPort=9090",
+        "podAnnotations.a=b",
+        "podLabels.c=d",
+        "nodeSelector.disk=ssd",
+        "tolerations[0].key=dedicated",
+        "tolerations[0].operator=Exists",
+        "priorityClassName=high",
+        "podDisruptionBudget.enabled=false",
+        "metrics.service.enabled=false",
+        "metrics.serviceMonitor.enabled=true",
+        "metrics.serviceMonitor.interval=15s",
+        "metrics.serviceMonitor.labels.release=prom",
+        "networkPolicy.enabled=true",
+        "networkPolicy.metricsFrom[0].podSelector.matchLabels.app=prometheus",
+    ]);
+    assert_eq!(of_kind(&objs, "Deployment").len(), 3);
+    let a = args(&objs);
+    assert!(
+        a.contains(&"--default-resync-interval=1h30m".to_string()),
+        "{a:?}"
+    );
+    prefect_operator::cli::Cli::try_parse_from(
+        std::iter::once("prefect-operator".to_string()).chain(a.iter().cloned()),
+    )
+    .unwrap();
+
+    // Used as a subchart: the parent's `global` values are allowed, its misspellings
+    // in this chart's section are not.
+    let dir = tempfile::tempdir().unwrap();
+    let parent = dir.path().join("platform");
+    std::fs::create_dir_all(parent.join("charts")).unwrap();
+    std::fs::write(
+        parent.join("Chart.yaml"),
+        "apiVersion: v2\nname: platform\nversion: 0.1.0\n",
+    )
+    .unwrap();
+    let copied = Command::new("cp")
+        .arg("-r")
+        .arg(CHART)
+        .arg(parent.join("charts"))
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    std::fs::write(
+        parent.join("values.yaml"),
+        "global:\n  imageRegistry: registry.example.com\nprefect-operator:\n  concurrency: 4\n",
+    )
+    .unwrap();
+    let parent = parent.to_str().unwrap();
+    let text = helm_run(&["template", "rel", parent]);
+    assert!(text.contains("--concurrency=4"), "{text}");
+    let err = refused(parent, &["prefect-operator.concurency=4"]);
+    assert!(err.contains("concurency"), "{err}");
+}
+
+#[test]
+fn chart_keeps_one_operator_pod_through_node_drains() {
+    // One replica: no budget, as it would block every drain.
+    assert!(of_kind(&template(&[]), "PodDisruptionBudget").is_empty());
+    assert!(of_kind(&template(&["shards={a}"]), "PodDisruptionBudget").is_empty());
+    // Several: one per Deployment, selecting exactly that Deployment's pods.
+    let objs = template(&["replicaCount=2", "shards={a,b}"]);
+    let pdbs = of_kind(&objs, "PodDisruptionBudget");
+    let deployments = of_kind(&objs, "Deployment");
+    assert_eq!(pdbs.len(), deployments.len());
+    assert_eq!(deployments.len(), 3);
+    let selects = |pdb: &Value, d: &Value| {
+        let labels = &d["spec"]["template"]["metadata"]["labels"];
+        pdb["spec"]["selector"]["matchLabels"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .all(|(k, v)| &labels[k] == v)
+    };
+    for d in &deployments {
+        let mine: Vec<_> = pdbs.iter().filter(|p| selects(p, d)).collect();
+        assert_eq!(mine.len(), 1, "{}", d["metadata"]["name"]);
+        assert_eq!(mine[0]["spec"]["minAvailable"], json!(1));
+        assert_eq!(mine[0]["apiVersion"], json!("policy/v1"));
+    }
+    let off = template(&["replicaCount=2", "podDisruptionBudget.enabled=false"]);
+    assert!(of_kind(&off, "PodDisruptionBudget").is_empty());
 }
 
 #[test]
@@ -440,6 +626,13 @@ fn chart_rbac_is_exactly_enough() {
         "--kubeconfig",
         cp.kubeconfig.to_str().unwrap(),
     ]);
+    // With two replicas a PodDisruptionBudget keeps one through drains; this 1.20
+    // apiserver has only policy/v1beta1, which the chart picks from discovery.
+    let pdbs: Value =
+        serde_json::from_str(&cp.kubectl_ok(&["get", "pdb", "-n", &ops, "-o", "json"])).unwrap();
+    let pdbs = pdbs["items"].as_array().unwrap();
+    assert_eq!(pdbs.len(), 1, "{pdbs:?}");
+    assert_eq!(pdbs[0]["spec"]["minAvailable"], json!(1));
     let sa = "rbac-prefect-operator";
     let kubeconfig = kubeconfig_for(cp, &ops, sa);
 
