@@ -7,8 +7,10 @@
 #     (no prebuilt apiserver is published in any registry reachable here)
 #   - etcd comes from the `etcd-bin-vendored` crate (a dev-dependency)
 #   - Helm 3.18.0 (inside an npm package), lua5.4 + lua-yaml (Debian)
+#   - promtool, unpacked from Debian's prometheus package (checks the chart's alerts)
 # Prints nothing but progress on stderr; on success the last line on stdout is the
-# env to export (KUBEBUILDER_ASSETS, PREFECT_BIN, PREFECT_OLDER_BINS, HELM_BIN).
+# env to export (KUBEBUILDER_ASSETS, PREFECT_BIN, PREFECT_OLDER_BINS, HELM_BIN,
+# PROMTOOL_BIN).
 # Respects an existing KUBEBUILDER_ASSETS (envtest convention): a newer apiserver
 # supplied that way is used as is.
 set -euo pipefail
@@ -130,4 +132,21 @@ if ! command -v lua5.4 >/dev/null || ! command -v lua5.1 >/dev/null \
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq lua5.4 lua5.1 lua-yaml >&2
 fi
 
-echo "export KUBEBUILDER_ASSETS='$ASSETS' PREFECT_BIN='$VENV/bin/prefect' PREFECT_OLDER_BINS='$OLDER_BINS' HELM_BIN='$HELM_DIR/helm'"
+# ---------------------------------------------------------------- promtool (alert rule tests)
+# Taken out of the .deb rather than installed: installing would add a Prometheus service
+# and its web assets, and the tests need only the rule checker.
+PROM_DIR="$CACHE/promtool"
+if [ ! -x "$PROM_DIR/promtool" ]; then
+  log "fetching promtool from Debian's prometheus package"
+  tmp=$(mktemp -d)
+  chmod 755 "$tmp"
+  apt-get update -qq >&2
+  (cd "$tmp" && apt-get download -qq prometheus >&2 && dpkg-deb -x prometheus_*.deb root)
+  "$tmp/root/usr/bin/promtool" --version >&2
+  mkdir -p "$PROM_DIR"
+  install -m 0755 "$tmp/root/usr/bin/promtool" "$PROM_DIR/promtool.tmp"
+  mv "$PROM_DIR/promtool.tmp" "$PROM_DIR/promtool"
+  rm -rf "$tmp"
+fi
+
+echo "export KUBEBUILDER_ASSETS='$ASSETS' PREFECT_BIN='$VENV/bin/prefect' PREFECT_OLDER_BINS='$OLDER_BINS' HELM_BIN='$HELM_DIR/helm' PROMTOOL_BIN='$PROM_DIR/promtool'"

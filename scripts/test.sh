@@ -15,7 +15,7 @@ if [[ "${1:-}" == "--fast" ]]; then
 fi
 
 eval "$(bash scripts/test-assets.sh)"
-export KUBEBUILDER_ASSETS PREFECT_BIN PREFECT_OLDER_BINS HELM_BIN
+export KUBEBUILDER_ASSETS PREFECT_BIN PREFECT_OLDER_BINS HELM_BIN PROMTOOL_BIN
 
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings

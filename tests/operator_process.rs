@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use prefect_operator::prefect::is_write;
 use serde_json::{json, Value};
-use support::{create_pool, http_get, unique, ControlPlane, PrefectServer};
+use support::{create_pool, http_get, merge_patch, unique, ControlPlane, PrefectServer};
 
 const BIN: &str = env!("CARGO_BIN_EXE_prefect-operator");
 const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/prefect-operator");
@@ -218,6 +218,185 @@ fn chart_values_are_checked_before_anything_is_rendered() {
     assert!(text.contains("--concurrency=4"), "{text}");
     let err = refused(parent, &["prefect-operator.concurency=4"]);
     assert!(err.contains("concurency"), "{err}");
+}
+
+/// The chart's alert rules as rendered (release `rel` in `ops`), as a Prometheus rules
+/// file.
+fn alert_rules(extra: &[&str]) -> Value {
+    let mut set = vec![
+        "metrics.prometheusRule.enabled=true",
+        "metrics.serviceMonitor.enabled=true",
+    ];
+    set.extend_from_slice(extra);
+    let objs = template(&set);
+    let rules = of_kind(&objs, "PrometheusRule");
+    assert_eq!(rules.len(), 1);
+    json!({"groups": rules[0]["spec"]["groups"]})
+}
+
+/// The operator's metric names an alert rule reads.
+fn metrics_in_rules(rules: &Value) -> Vec<String> {
+    let mut names: Vec<String> = Vec::new();
+    for group in rules["groups"].as_array().unwrap() {
+        for rule in group["rules"].as_array().unwrap() {
+            // Label names (in `by (...)` and `{...}`) are not metric names.
+            let mut expr = String::new();
+            let mut skip = None;
+            for c in rule["expr"].as_str().unwrap().chars() {
+                match skip {
+                    Some(end) if c == end => skip = None,
+                    Some(_) => {}
+                    None if c == '{' => {
+                        skip = Some('}');
+                        expr.push('#');
+                    }
+                    None if c == '(' && expr.trim_end().ends_with(" by") => {
+                        skip = Some(')');
+                        expr.push('#');
+                    }
+                    None => expr.push(c),
+                }
+            }
+            let mut rest = expr.as_str();
+            while let Some(at) = rest.find("prefect_operator_") {
+                let tail = &rest[at..];
+                let end = tail
+                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .unwrap_or(tail.len());
+                names.push(tail[..end].to_string());
+                rest = &tail[end..];
+            }
+        }
+    }
+    names.sort();
+    names.dedup();
+    names
+}
+
+fn promtool(args: &[&str], dir: &Path) -> String {
+    let out = Command::new(&support::assets().promtool)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("promtool");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "promtool {args:?}:\n{text}");
+    text
+}
+
+/// The alerts, run by Prometheus's own rule engine (promtool) over series shaped like
+/// what the operator exports: each fires when it should, with the text it should,
+/// and stays quiet otherwise.
+#[test]
+fn chart_alerts_fire_when_they_should() {
+    // Without the ServiceMonitor there is no job label to look for: no operator-down alert.
+    let objs = template(&["metrics.prometheusRule.enabled=true"]);
+    let text = serde_json::to_string(&of_kind(&objs, "PrometheusRule")[0]).unwrap();
+    assert!(text.contains("PrefectOperatorNoLeader") && !text.contains("PrefectOperatorDown"));
+    assert!(of_kind(&template(&[]), "PrometheusRule").is_empty());
+    // The ServiceMonitor carries the shard label the no-leader alert groups by.
+    let sm = of_kind(
+        &template(&["metrics.serviceMonitor.enabled=true"]),
+        "ServiceMonitor",
+    )[0]
+    .clone();
+    assert_eq!(
+        sm["spec"]["podTargetLabels"],
+        json!(["prefect-operator.io/shard"])
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let rules = alert_rules(&["metrics.prometheusRule.alertLabels.team=data"]);
+    std::fs::write(
+        dir.path().join("rules.yaml"),
+        serde_yaml::to_string(&rules).unwrap(),
+    )
+    .unwrap();
+    let checked = promtool(&["check", "rules", "rules.yaml"], dir.path());
+    assert!(checked.contains("5 rules found"), "{checked}");
+
+    let job = r#"job="rel-prefect-operator",namespace="ops""#;
+    let quiet = r#"job="other-prefect-operator",namespace="quiet""#;
+    let labels = |extra: Value| {
+        let mut l = json!({"job": "rel-prefect-operator", "namespace": "ops", "team": "data"});
+        merge_patch(&mut l, &extra);
+        l
+    };
+    let tests = json!({
+        "rule_files": ["rules.yaml"],
+        "evaluation_interval": "1m",
+        "tests": [{
+            "interval": "1m",
+            "input_series": [
+                {"series": format!(r#"prefect_operator_resources{{ready="True",{job},pod="u-0"}}"#), "values": "5x40"},
+                {"series": format!(r#"prefect_operator_resources{{ready="False",{job},pod="u-0"}}"#), "values": "0 0 2x40"},
+                {"series": format!(r#"prefect_operator_resources{{ready="False",{quiet},pod="q-0"}}"#), "values": "0x40"},
+                {"series": format!(r#"prefect_operator_prefect_request_duration_seconds_count{{method="POST",endpoint="deployments",code="201",{job},pod="u-0"}}"#), "values": "0+10x40"},
+                {"series": format!(r#"prefect_operator_prefect_request_duration_seconds_count{{method="POST",endpoint="deployments",code="0",{job},pod="u-0"}}"#), "values": "0x10 10+10x30"},
+                {"series": format!(r#"prefect_operator_prefect_request_duration_seconds_count{{method="POST",endpoint="deployments",code="201",{quiet},pod="q-0"}}"#), "values": "0+10x40"},
+                {"series": format!(r#"prefect_operator_prefect_request_duration_seconds_count{{method="POST",endpoint="deployments",code="429",{quiet},pod="q-0"}}"#), "values": "0+1x40"},
+                {"series": format!(r#"prefect_operator_event_streams_down{{{job},pod="u-0"}}"#), "values": "1x40"},
+                {"series": format!(r#"prefect_operator_event_streams_down{{{quiet},pod="q-0"}}"#), "values": "0x40"},
+                {"series": format!(r#"prefect_operator_leader{{{job},prefect_operator_io_shard="unsharded",pod="u-0"}}"#), "values": "1x40"},
+                {"series": format!(r#"prefect_operator_leader{{{job},prefect_operator_io_shard="unsharded",pod="u-1"}}"#), "values": "0x40"},
+                {"series": format!(r#"prefect_operator_leader{{{job},prefect_operator_io_shard="a",pod="a-0"}}"#), "values": "0x40"},
+                {"series": format!(r#"prefect_operator_leader{{{job},prefect_operator_io_shard="a",pod="a-1"}}"#), "values": "0x40"},
+                {"series": format!(r#"up{{{job},pod="u-0"}}"#), "values": "1x5 0x35"},
+            ],
+            "alert_rule_test": [
+                {"eval_time": "10m", "alertname": "PrefectDeploymentsNotReady", "exp_alerts": []},
+                {"eval_time": "20m", "alertname": "PrefectDeploymentsNotReady", "exp_alerts": [{
+                    "exp_labels": labels(json!({"severity": "warning"})),
+                    "exp_annotations": {
+                        "summary": "PrefectDeployments are not Ready",
+                        "description": "2 PrefectDeployment(s) of the operator in ops have been Ready=False for 15 minutes. `kubectl get pd -A -o wide` shows which, with the reason; their Warning events say more.",
+                    },
+                }]},
+                {"eval_time": "8m", "alertname": "PrefectRequestsFailing", "exp_alerts": []},
+                {"eval_time": "30m", "alertname": "PrefectRequestsFailing", "exp_alerts": [{
+                    "exp_labels": labels(json!({"severity": "warning"})),
+                    "exp_annotations": {
+                        "summary": "Prefect servers do not answer the operator",
+                        "description": "50% of the requests the operator in ops sends to Prefect got no answer or a 5xx over the last 5 minutes. prefect_operator_prefect_request_duration_seconds_count by endpoint and code shows which calls fail.",
+                    },
+                }]},
+                {"eval_time": "10m", "alertname": "PrefectEventStreamsDown", "exp_alerts": []},
+                {"eval_time": "20m", "alertname": "PrefectEventStreamsDown", "exp_alerts": [{
+                    "exp_labels": labels(json!({"severity": "info"})),
+                    "exp_annotations": {
+                        "summary": "Changes made in Prefect are found only by the resync",
+                        "description": "The operator in ops has had no working event stream from 1 Prefect server(s) for 15 minutes, so drift there is repaired at the next resync instead of at once. The operator's log says why.",
+                    },
+                }]},
+                {"eval_time": "3m", "alertname": "PrefectOperatorNoLeader", "exp_alerts": []},
+                {"eval_time": "10m", "alertname": "PrefectOperatorNoLeader", "exp_alerts": [{
+                    "exp_labels": labels(json!({"severity": "critical", "prefect_operator_io_shard": "a"})),
+                    "exp_annotations": {
+                        "summary": "No operator replica is reconciling",
+                        "description": "No replica of the operator in ops (shard a) has held the leader lease for 5 minutes: its PrefectDeployments are not reconciled.",
+                    },
+                }]},
+                {"eval_time": "8m", "alertname": "PrefectOperatorDown", "exp_alerts": []},
+                {"eval_time": "15m", "alertname": "PrefectOperatorDown", "exp_alerts": [{
+                    "exp_labels": labels(json!({"severity": "critical"})),
+                    "exp_annotations": {
+                        "summary": "The operator is down",
+                        "description": "No pod of rel-prefect-operator in ops has answered a metrics scrape for 5 minutes: PrefectDeployments are not reconciled.",
+                    },
+                }]},
+            ],
+        }],
+    });
+    std::fs::write(
+        dir.path().join("tests.yaml"),
+        serde_yaml::to_string(&tests).unwrap(),
+    )
+    .unwrap();
+    promtool(&["test", "rules", "tests.yaml"], dir.path());
 }
 
 #[test]
@@ -697,6 +876,22 @@ fn chart_rbac_is_exactly_enough() {
         op.metric_sum("prefect_operator_reconciles_total", &["result=\"ok\""]) >= 3.0,
         "{}",
         op.metrics()
+    );
+    // Every series the chart's alerts read is one this operator exports.
+    let exported = op.metrics();
+    let read = metrics_in_rules(&alert_rules(&[]));
+    assert_eq!(read.len(), 4, "{read:?}");
+    for name in read {
+        assert!(
+            exported
+                .lines()
+                .any(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} "))),
+            "the alerts read {name}, which the operator does not export:\n{exported}"
+        );
+    }
+    assert!(
+        exported.contains("prefect_operator_resources{ready=\"False\"}"),
+        "{exported}"
     );
     drop(op);
 

@@ -19,6 +19,7 @@ pub struct Assets {
     /// The older Prefect servers provisioned, by version.
     pub older_prefect_bins: Vec<(String, PathBuf)>,
     pub helm: PathBuf,
+    pub promtool: PathBuf,
 }
 
 /// Locates (and on first use provisions) the server binaries.
@@ -48,6 +49,7 @@ pub fn assets() -> &'static Assets {
             prefect_bin,
             older_prefect_bins: older,
             helm: get("HELM_BIN"),
+            promtool: get("PROMTOOL_BIN"),
         }
     })
 }
