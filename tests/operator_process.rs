@@ -467,7 +467,20 @@ fn chart_lints_and_renders_secure_defaults() {
             .any(|a| a.starts_with("--leader-election")),
         "one replica: no election"
     );
-    assert_eq!(of_kind(&objs, "ClusterRole").len(), 1);
+    let mut cluster_roles: Vec<&str> = of_kind(&objs, "ClusterRole")
+        .iter()
+        .map(|o| o["metadata"]["name"].as_str().unwrap())
+        .collect();
+    cluster_roles.sort();
+    // The operator's own, and what people may do (added to view, edit and admin).
+    assert_eq!(
+        cluster_roles,
+        [
+            "rel-prefect-operator",
+            "rel-prefect-operator-edit",
+            "rel-prefect-operator-view"
+        ]
+    );
     assert!(of_kind(&objs, "Role").is_empty());
     assert_eq!(of_kind(&objs, "Service").len(), 1);
 
@@ -547,6 +560,13 @@ fn chart_lints_and_renders_secure_defaults() {
         of_kind(&objs, "ClusterRole").is_empty() && of_kind(&objs, "ClusterRoleBinding").is_empty(),
         "namespaced mode has no cluster-wide RBAC"
     );
+    // Unless asked for: the roles for people are ClusterRoles, but grant the operator nothing.
+    let forced = template(&[
+        "watchNamespaces={team-a}",
+        "rbac.aggregateToDefaultRoles=true",
+    ]);
+    assert_eq!(of_kind(&forced, "ClusterRole").len(), 2);
+    assert!(of_kind(&forced, "ClusterRoleBinding").is_empty());
     let roles = of_kind(&objs, "Role");
     let namespaces: Vec<&str> = roles
         .iter()
@@ -1115,6 +1135,178 @@ fn missing_crd_and_crd_upgrade() {
         served.contains("Orphan"),
         "our schema is served after the upgrade: {served}"
     );
+}
+
+/// People bound to Kubernetes' `edit` role in a namespace manage PrefectDeployments
+/// there, those bound to `view` read them, and neither writes status. The apiserver
+/// here runs without a controller manager, which is what merges labelled ClusterRoles
+/// into `view`/`edit`/`admin`; so the test checks that those built-in roles select the
+/// chart's labels, then binds the chart's roles as the aggregation would and acts as
+/// each user through the real authorizer.
+#[test]
+fn chart_lets_namespace_users_manage_prefect_deployments() {
+    let cp = ControlPlane::shared();
+    let ops = unique("ops-users");
+    helm_run(&[
+        "install",
+        "users",
+        CHART,
+        "--namespace",
+        &ops,
+        "--create-namespace",
+        "--skip-crds",
+        "--kubeconfig",
+        cp.kubeconfig.to_str().unwrap(),
+    ]);
+    for (builtin, ours) in [
+        ("view", "users-prefect-operator-view"),
+        ("edit", "users-prefect-operator-edit"),
+        ("admin", "users-prefect-operator-edit"),
+    ] {
+        let role: Value =
+            serde_json::from_str(&cp.kubectl_ok(&["get", "clusterrole", builtin, "-o", "json"]))
+                .unwrap();
+        let ours: Value =
+            serde_json::from_str(&cp.kubectl_ok(&["get", "clusterrole", ours, "-o", "json"]))
+                .unwrap();
+        let labels = &ours["metadata"]["labels"];
+        let selected = role["aggregationRule"]["clusterRoleSelectors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|sel| {
+                sel["matchLabels"]
+                    .as_object()
+                    .unwrap()
+                    .iter()
+                    .all(|(k, v)| &labels[k] == v)
+            });
+        assert!(
+            selected,
+            "{builtin} does not take in {}",
+            ours["metadata"]["name"]
+        );
+    }
+
+    let team = unique("team-users");
+    cp.kubectl_ok(&["create", "namespace", &team]);
+    for (user, roles) in [
+        (
+            "editor",
+            &["users-prefect-operator-view", "users-prefect-operator-edit"][..],
+        ),
+        ("viewer", &["users-prefect-operator-view"][..]),
+    ] {
+        cp.kubectl_ok(&["create", "serviceaccount", user, "-n", &team]);
+        for role in roles {
+            cp.kubectl_ok(&[
+                "create",
+                "rolebinding",
+                &format!("{user}-{role}"),
+                "-n",
+                &team,
+                &format!("--clusterrole={role}"),
+                &format!("--serviceaccount={team}:{user}"),
+            ]);
+        }
+    }
+    let as_user = |user: &str| format!("--as=system:serviceaccount:{team}:{user}");
+    let manifest = format!(
+        "apiVersion: prefect.io/v1\nkind: PrefectDeployment\nmetadata: {{name: by-hand, namespace: {team}}}\n\
+         spec:\n  server: {{remoteApiUrl: 'http://prefect.invalid/api'}}\n  workPool: {{name: pool}}\n\
+         \x20 deployment: {{entrypoint: 'flows/a.py:main'}}\n"
+    );
+    let denied = |out: (bool, String, String)| !out.0 && out.2.contains("forbidden");
+
+    // view: reads, and nothing else.
+    assert!(denied(cp.kubectl_stdin(
+        &["apply", "-f", "-", &as_user("viewer")],
+        Some(&manifest)
+    )));
+    // edit: creates, changes and deletes; reads through view.
+    let (ok, _, err) = cp.kubectl_stdin(&["apply", "-f", "-", &as_user("editor")], Some(&manifest));
+    assert!(ok, "{err}");
+    for user in ["editor", "viewer"] {
+        let (ok, _, err) = cp.kubectl(&["get", "pd", "by-hand", "-n", &team, &as_user(user)]);
+        assert!(ok, "{user}: {err}");
+        let (ok, _, err) = cp.kubectl(&[
+            "get",
+            "pd",
+            "-n",
+            &team,
+            "--watch-only",
+            "--request-timeout=1s",
+            &as_user(user),
+        ]);
+        assert!(ok || !err.contains("forbidden"), "{user} may watch: {err}");
+    }
+    let (ok, _, err) = cp.kubectl(&[
+        "label",
+        "pd",
+        "by-hand",
+        "-n",
+        &team,
+        "team=data",
+        &as_user("editor"),
+    ]);
+    assert!(ok, "{err}");
+    assert!(denied(cp.kubectl(&[
+        "label",
+        "pd",
+        "by-hand",
+        "-n",
+        &team,
+        "team=ml",
+        "--overwrite",
+        &as_user("viewer"),
+    ])));
+    // Status is the operator's, for both.
+    for user in ["editor", "viewer"] {
+        assert!(
+            denied(cp.kubectl(&[
+                "patch",
+                "pd",
+                "by-hand",
+                "-n",
+                &team,
+                "--subresource=status",
+                "--type=merge",
+                "-p",
+                r#"{"status":{"deploymentId":"forged"}}"#,
+                &as_user(user),
+            ])),
+            "{user} wrote status"
+        );
+    }
+    assert!(denied(cp.kubectl(&[
+        "delete",
+        "pd",
+        "by-hand",
+        "-n",
+        &team,
+        &as_user("viewer")
+    ])));
+    let (ok, _, err) = cp.kubectl(&[
+        "delete",
+        "pd",
+        "by-hand",
+        "-n",
+        &team,
+        "--wait=false",
+        &as_user("editor"),
+    ]);
+    assert!(ok, "{err}");
+
+    // Turned off, the chart adds nothing to the built-in roles.
+    let objs = template(&["rbac.aggregateToDefaultRoles=false"]);
+    assert!(of_kind(&objs, "ClusterRole")
+        .iter()
+        .all(|r| r["metadata"]["labels"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .all(|k| !k.starts_with("rbac.authorization.k8s.io/aggregate"))));
+    assert_eq!(of_kind(&objs, "ClusterRole").len(), 1);
 }
 
 #[test]
