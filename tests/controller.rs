@@ -2731,6 +2731,81 @@ async fn a_new_server_takes_the_deployment_over_from_the_old_one() {
     env.delete_all(&["moved", "moved-later"]).await;
 }
 
+/// An old server that is gone for good: removing its entry from
+/// `status.pendingDeletions` (the README's way out) makes the operator give up on it.
+/// The entry does not come back, the resource reads as plainly Ready, and deleting the
+/// resource no longer waits for that server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_deletion_removed_from_status_is_given_up() {
+    let (env, pool) = Env::new(Duration::from_secs(300)).await;
+    let old = PrefectServer::start(None);
+    support::create_pool_named(&old, &pool);
+    let gate = support::StreamGate::whole(&old);
+    let name = "abandoned";
+    let mut pd = resource(
+        &env,
+        &pool,
+        name,
+        json!({"deployment": {"entrypoint": "flows/abandoned.py:main"}}),
+    );
+    pd.spec.server.remote_api_url = Some(gate.url.clone());
+    env.api.create(&PostParams::default(), &pd).await.unwrap();
+    let obj = env
+        .wait_for(name, "ready on the old server", is_ready)
+        .await;
+    let old_id = obj.status.unwrap().deployment_id.unwrap();
+
+    // The old server goes away for good, then the resource moves.
+    gate.cut();
+    let to_new = json!({"spec": {"server": {"remoteApiUrl": env.prefect.url}}});
+    env.api
+        .patch(name, &PatchParams::default(), &Patch::Merge(to_new))
+        .await
+        .unwrap();
+    let obj = env
+        .wait_for(name, "moved with the old one pending", |o| {
+            is_ready(o)
+                && o.status
+                    .as_ref()
+                    .is_some_and(|s| s.pending_deletions.is_some())
+        })
+        .await;
+    let new_id = obj.status.unwrap().deployment_id.unwrap();
+
+    env.cp.kubectl_ok(&[
+        "patch",
+        "pd",
+        name,
+        "-n",
+        &env.ns,
+        "--subresource=status",
+        "--type=json",
+        "-p",
+        r#"[{"op": "remove", "path": "/status/pendingDeletions"}]"#,
+    ]);
+    for token in ["given-up", "given-up-again"] {
+        let obj = env.reconcile_now(name, token).await;
+        let status = obj.status.as_ref().unwrap();
+        assert_eq!(status.pending_deletions, None, "the entry came back");
+        assert_eq!(status.deployment_id.as_deref(), Some(new_id.as_str()));
+        let (ready_status, _, message) = ready(&obj).unwrap();
+        assert_eq!(ready_status, "True");
+        assert!(!message.contains("not deleted yet"), "{message}");
+    }
+    // Left in the old server for people, who said so.
+    assert_eq!(
+        env.code_on(&old, &format!("/deployments/{old_id}")).await,
+        200
+    );
+
+    // Deleting the resource deletes the current deployment and waits for nothing else.
+    env.delete_all(&[name]).await;
+    assert_eq!(
+        env.prefect_get(&format!("/deployments/{new_id}")).await.0,
+        404
+    );
+}
+
 /// Deleting a resource whose status still records its deployment on the server
 /// spec.server named before (the move could not reach the new server) deletes it
 /// there: the finalizer waits for the new server, then removes what is pending on the
