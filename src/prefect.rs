@@ -1051,7 +1051,12 @@ fn short_transport(e: &reqwest::Error) -> String {
             format!(" ({}://{}{port})", u.scheme(), u.host_str().unwrap_or(""))
         })
         .unwrap_or_default();
-    truncate(&format!("{kind}{url}: {cause}"), 200)
+    let hint = if cause.contains("certificate") {
+        " (a server whose certificate comes from a private CA needs that CA: the chart's caBundle, or SSL_CERT_DIR)"
+    } else {
+        ""
+    };
+    format!("{}{hint}", truncate(&format!("{kind}{url}: {cause}"), 200))
 }
 
 fn failure_to_error(what: &str, f: Failure) -> Error {

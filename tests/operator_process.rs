@@ -179,6 +179,12 @@ fn chart_values_are_checked_before_anything_is_rendered() {
         "metrics.serviceMonitor.labels.release=prom",
         "networkPolicy.enabled=true",
         "networkPolicy.metricsFrom[0].podSelector.matchLabels.app=prometheus",
+        "metrics.prometheusRule.enabled=true",
+        "metrics.prometheusRule.labels.release=prom",
+        "metrics.prometheusRule.alertLabels.team=data",
+        "rbac.aggregateToDefaultRoles=false",
+        "caBundle.secret=corp-ca",
+        "caBundle.key=bundle.pem",
     ]);
     assert_eq!(of_kind(&objs, "Deployment").len(), 3);
     let a = args(&objs);
@@ -611,6 +617,15 @@ struct Operator {
 
 impl Operator {
     fn start(kubeconfig: &Path, extra: &[&str], rust_log: &str) -> Operator {
+        Self::start_with_env(kubeconfig, extra, rust_log, &[])
+    }
+
+    fn start_with_env(
+        kubeconfig: &Path,
+        extra: &[&str],
+        rust_log: &str,
+        env: &[(&str, &Path)],
+    ) -> Operator {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("operator.log");
         let file = std::fs::File::create(&log).unwrap();
@@ -623,6 +638,9 @@ impl Operator {
             .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", rust_log)
             .env_remove("PREFECT_OPERATOR_NAMESPACE")
+            .env_remove("SSL_CERT_FILE")
+            .env_remove("SSL_CERT_DIR")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(file.try_clone().unwrap())
             .stderr(file)
@@ -1307,6 +1325,105 @@ fn chart_lets_namespace_users_manage_prefect_deployments() {
             .keys()
             .all(|k| !k.starts_with("rbac.authorization.k8s.io/aggregate"))));
     assert_eq!(of_kind(&objs, "ClusterRole").len(), 1);
+}
+
+/// A Prefect server whose certificate comes from an internal CA. Without that CA the
+/// operator says the certificate is not trusted and how to trust it; given it the way
+/// the chart's `caBundle` gives it (the same environment, the bundle as a directory),
+/// the deployment is applied over HTTPS and the event stream connects over WSS. The
+/// image's public roots stay listed beside the bundle.
+#[test]
+fn a_prefect_server_behind_a_private_ca() {
+    let cp = ControlPlane::shared();
+    let prefect = PrefectServer::shared();
+    let pool = create_pool(prefect);
+    let front = support::TlsFront::start(prefect);
+    let ns = unique("tls");
+    cp.kubectl_ok(&["create", "namespace", &ns]);
+    let name = "behind-ca";
+    let manifest =
+        pd_manifest(name, &ns, prefect, &pool, "", "over TLS").replace(&prefect.url, &front.url);
+    let (ok, _, err) = cp.kubectl_stdin(&["apply", "-f", "-"], Some(&manifest));
+    assert!(ok, "{err}");
+    let only_here = format!("--namespace={ns}");
+
+    let op = Operator::start(&cp.kubeconfig, &[&only_here], "info");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let message = loop {
+        let out = cp.kubectl_ok(&["get", "pd", "-n", &ns, name, "-o", "json"]);
+        let v: Value = serde_json::from_str(&out).unwrap();
+        let ready = v["status"]["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["type"] == "Ready")
+            .cloned();
+        if let Some(c) = ready.filter(|c| c["status"] == "False") {
+            break c["message"].as_str().unwrap().to_string();
+        }
+        assert!(Instant::now() < deadline, "no Ready=False: {}", v["status"]);
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    assert!(
+        message.contains("certificate")
+            && message.contains("UnknownIssuer")
+            && message.contains("caBundle"),
+        "{message}"
+    );
+    drop(op);
+
+    // What the chart's caBundle gives the container: its environment, and the bundle
+    // mounted as a directory (stood in for here by a directory holding the CA).
+    let objs = template(&["caBundle.configMap=prefect-ca"]);
+    let c = container(&objs);
+    let mount = c["volumeMounts"][0]["mountPath"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let pod = &of_kind(&objs, "Deployment")[0]["spec"]["template"]["spec"];
+    let volume = &pod["volumes"][0];
+    assert_eq!(volume["name"], c["volumeMounts"][0]["name"]);
+    assert_eq!(volume["configMap"]["name"], json!("prefect-ca"));
+    let file = volume["configMap"]["items"][0]["path"].as_str().unwrap();
+    let bundle = tempfile::tempdir().unwrap();
+    std::fs::copy(&front.ca_file, bundle.path().join(file)).unwrap();
+    let env: Vec<(String, PathBuf)> = c["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["name"].as_str().unwrap().starts_with("SSL_CERT"))
+        .map(|e| {
+            let value = e["value"].as_str().unwrap();
+            let value = value.replace(&mount, bundle.path().to_str().unwrap());
+            (
+                e["name"].as_str().unwrap().to_string(),
+                PathBuf::from(value),
+            )
+        })
+        .collect();
+    assert_eq!(env.len(), 2, "{env:?}");
+    assert!(env.contains(&(
+        "SSL_CERT_FILE".to_string(),
+        PathBuf::from("/etc/ssl/certs/ca-certificates.crt")
+    )));
+    let env: Vec<(&str, &Path)> = env.iter().map(|(k, v)| (k.as_str(), v.as_path())).collect();
+    let mut op = Operator::start_with_env(&cp.kubeconfig, &[&only_here], "info", &env);
+    let v = wait_ready(cp, &ns, name, 1);
+    let id = v["status"]["deploymentId"].as_str().unwrap().to_string();
+    assert_eq!(prefect.get(&format!("/api/deployments/{id}")).0, 200);
+    let automation = v["status"]["automationIds"][0]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        prefect.get(&format!("/api/automations/{automation}")).0,
+        200
+    );
+    op.wait_until("the event stream over WSS", Duration::from_secs(60), |o| {
+        o.metric_sum("prefect_operator_event_streams_connected", &[]) >= 1.0
+    });
+    cp.kubectl_ok(&["delete", "pd", "-n", &ns, name, "--timeout=60s"]);
+    assert_eq!(prefect.get(&format!("/api/deployments/{id}")).0, 404);
 }
 
 #[test]

@@ -441,6 +441,65 @@ fn run(cmd: &mut Command) {
     );
 }
 
+/// Writes into `d` a throwaway CA (`ca.crt`, `ca.key`) and a serving certificate for
+/// 127.0.0.1 and localhost signed by it (`server.crt`, `server.key`): rustls refuses a
+/// CA used as the server's own certificate.
+fn throwaway_pki(d: &Path) {
+    run(Command::new("openssl").current_dir(d).args([
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-subj",
+        "/CN=test-ca",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    ]));
+    run(Command::new("openssl").current_dir(d).args([
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]));
+    std::fs::write(
+        d.join("server.ext"),
+        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    )
+    .unwrap();
+    run(Command::new("openssl").current_dir(d).args([
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-out",
+        "server.crt",
+        "-extfile",
+        "server.ext",
+    ]));
+}
+
 impl ControlPlane {
     /// CPU seconds the apiserver and etcd have used so far.
     pub fn cpu_seconds(&self) -> f64 {
@@ -461,61 +520,8 @@ impl ControlPlane {
                     .to_path_buf()
             }
         };
-        // A throwaway CA, a serving certificate signed by it (rustls refuses a CA used as
-        // the server's own certificate), and service-account keys.
-        run(Command::new("openssl").current_dir(d).args([
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.crt",
-            "-subj",
-            "/CN=test-ca",
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-        ]));
-        run(Command::new("openssl").current_dir(d).args([
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "server.key",
-            "-out",
-            "server.csr",
-            "-subj",
-            "/CN=127.0.0.1",
-        ]));
-        std::fs::write(
-            d.join("server.ext"),
-            "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n",
-        )
-        .unwrap();
-        run(Command::new("openssl").current_dir(d).args([
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-out",
-            "server.crt",
-            "-extfile",
-            "server.ext",
-        ]));
+        // A throwaway CA and a serving certificate signed by it, and service-account keys.
+        throwaway_pki(d);
         run(Command::new("openssl")
             .current_dir(d)
             .args(["genrsa", "-out", "sa.key", "2048"]));
@@ -1181,6 +1187,63 @@ impl StreamGate {
     /// Lets event-stream websockets through again.
     pub fn restore(&self) {
         self.closed.send_replace(false);
+    }
+}
+
+/// A TLS front to a Prefect server, with a certificate from a CA of its own: a server
+/// behind an internal PKI, as the operator sees it. Websockets pass through too.
+pub struct TlsFront {
+    /// The front's API base (`https://127.0.0.1:PORT/api`).
+    pub url: String,
+    /// The CA's certificate (PEM), for clients to trust.
+    pub ca_file: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl TlsFront {
+    pub fn start(server: &PrefectServer) -> TlsFront {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let dir = tempfile::tempdir().unwrap();
+        throwaway_pki(dir.path());
+        let certs = CertificateDer::pem_file_iter(dir.path().join("server.crt"))
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = PrivateKeyDer::from_pem_file(dir.path().join("server.key")).unwrap();
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+        let to = server.port;
+        let port = serve_on_own_thread(move |listener| async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    continue;
+                };
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    // A client that does not trust the CA gives up in the handshake.
+                    let Ok(mut client) = acceptor.accept(client).await else {
+                        return;
+                    };
+                    let Ok(mut upstream) = tokio::net::TcpStream::connect(("127.0.0.1", to)).await
+                    else {
+                        return;
+                    };
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                });
+            }
+        });
+        TlsFront {
+            url: format!("https://127.0.0.1:{port}/api"),
+            ca_file: dir.path().join("ca.crt"),
+            _dir: dir,
+        }
     }
 }
 
