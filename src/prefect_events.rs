@@ -446,13 +446,9 @@ async fn follow(
         streams.calls.clone(),
     );
     let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
-    let tcp = tokio::time::timeout(
-        Duration::from_secs(10),
-        tokio::net::TcpStream::connect((host.as_str(), port)),
-    )
-    .await
-    .map_err(|_| "connect timed out".to_string())?
-    .map_err(|e| e.to_string())?;
+    let tcp = tokio::time::timeout(Duration::from_secs(10), open(&host, port, tls))
+        .await
+        .map_err(|_| "connect timed out".to_string())??;
     let request = ClientRequestBuilder::new(uri).with_sub_protocol("prefect");
     if tls {
         let connector = tokio_rustls::TlsConnector::from(tls_config()?);
@@ -749,6 +745,84 @@ fn ws_url(base: &str) -> Result<String, String> {
     Ok(format!("{ws}://{}/events/out", rest.trim_end_matches('/')))
 }
 
+/// The proxy rules of the environment (HTTPS_PROXY, HTTP_PROXY, ALL_PROXY, NO_PROXY and
+/// their lowercase forms), read once: the same rules reqwest applies to the API calls,
+/// so the stream goes where they go.
+fn proxies() -> &'static hyper_util::client::proxy::matcher::Matcher {
+    static RULES: std::sync::OnceLock<hyper_util::client::proxy::matcher::Matcher> =
+        std::sync::OnceLock::new();
+    RULES.get_or_init(hyper_util::client::proxy::matcher::Matcher::from_env)
+}
+
+/// The stream's TCP connection to `host:port`: a tunnel through the HTTP proxy the
+/// environment names for it (CONNECT), else a direct one.
+async fn open(host: &str, port: u16, tls: bool) -> Result<tokio::net::TcpStream, String> {
+    open_with(proxies(), host, port, tls).await
+}
+
+async fn open_with(
+    rules: &hyper_util::client::proxy::matcher::Matcher,
+    host: &str,
+    port: u16,
+    tls: bool,
+) -> Result<tokio::net::TcpStream, String> {
+    let scheme = if tls { "https" } else { "http" };
+    let target: tokio_tungstenite::tungstenite::http::Uri = format!("{scheme}://{host}:{port}")
+        .parse()
+        .map_err(|e| format!("{host}:{port}: {e}"))?;
+    let Some(proxy) = rules.intercept(&target) else {
+        return tokio::net::TcpStream::connect((host, port))
+            .await
+            .map_err(|e| e.to_string());
+    };
+    // Named by host and port only: the proxy URL may carry credentials.
+    let via = proxy.uri();
+    let (proxy_host, proxy_port) = (
+        via.host().unwrap_or_default().to_string(),
+        via.port_u16().unwrap_or(80),
+    );
+    if via.scheme_str() != Some("http") {
+        return Err(format!(
+            "proxy {proxy_host}: only http:// proxies carry the event stream"
+        ));
+    }
+    let mut tcp = tokio::net::TcpStream::connect((proxy_host.as_str(), proxy_port))
+        .await
+        .map_err(|e| format!("proxy {proxy_host}:{proxy_port}: {e}"))?;
+    let mut ask = format!("CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n");
+    if let Some(auth) = proxy.basic_auth().and_then(|v| v.to_str().ok()) {
+        ask.push_str(&format!("Proxy-Authorization: {auth}\r\n"));
+    }
+    ask.push_str("\r\n");
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tcp.write_all(ask.as_bytes())
+        .await
+        .map_err(|e| format!("proxy {proxy_host}:{proxy_port}: {e}"))?;
+    // The answer's head, a byte at a time so that nothing past it is taken from the
+    // tunnel; bounded, as a proxy is another party.
+    let mut head = Vec::with_capacity(256);
+    while !head.ends_with(b"\r\n\r\n") {
+        if head.len() >= 8192 {
+            return Err(format!("proxy {proxy_host}:{proxy_port}: answer too long"));
+        }
+        let byte = tcp
+            .read_u8()
+            .await
+            .map_err(|e| format!("proxy {proxy_host}:{proxy_port}: {e}"))?;
+        head.push(byte);
+    }
+    let status = String::from_utf8_lossy(&head);
+    let status = status.lines().next().unwrap_or_default();
+    let code = status.split_whitespace().nth(1).unwrap_or_default();
+    if code != "200" {
+        return Err(format!(
+            "proxy {proxy_host}:{proxy_port} refused the tunnel to {host}:{port}: {}",
+            status.chars().take(120).collect::<String>()
+        ));
+    }
+    Ok(tcp)
+}
+
 fn tls_config() -> Result<Arc<rustls::ClientConfig>, String> {
     static CONFIG: std::sync::OnceLock<Result<Arc<rustls::ClientConfig>, String>> =
         std::sync::OnceLock::new();
@@ -772,6 +846,86 @@ fn tls_config() -> Result<Arc<rustls::ClientConfig>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A proxy on loopback that reads one request head, hands it over, and answers
+    /// `answer`; after a 200 it echoes what comes through the tunnel.
+    async fn one_shot_proxy(answer: &'static str) -> (u16, tokio::sync::oneshot::Receiver<String>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let (mut c, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            while !head.ends_with(b"\r\n\r\n") {
+                head.push(c.read_u8().await.unwrap());
+            }
+            let _ = tx.send(String::from_utf8(head).unwrap());
+            c.write_all(answer.as_bytes()).await.unwrap();
+            if answer.contains(" 200 ") {
+                let mut buf = [0u8; 4];
+                c.read_exact(&mut buf).await.unwrap();
+                c.write_all(&buf).await.unwrap();
+            }
+        });
+        (port, rx)
+    }
+
+    #[tokio::test]
+    async fn the_stream_tunnels_through_the_proxy_the_environment_names() {
+        use hyper_util::client::proxy::matcher::Matcher;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (port, head) = one_shot_proxy("HTTP/1.1 200 Connection established\r\n\r\n").await;
+        let rules = Matcher::builder()
+            .https(format!("http://ops:s3cret@127.0.0.1:{port}"))
+            .build();
+        let mut tcp = open_with(&rules, "prefect.example.com", 443, true)
+            .await
+            .unwrap();
+        let head = head.await.unwrap();
+        assert!(
+            head.starts_with("CONNECT prefect.example.com:443 HTTP/1.1\r\n"),
+            "{head}"
+        );
+        // ops:s3cret
+        assert!(
+            head.contains("Proxy-Authorization: Basic b3BzOnMzY3JldA==\r\n"),
+            "{head}"
+        );
+        // Nothing of the tunnel was read with the answer.
+        tcp.write_all(b"ping").await.unwrap();
+        let mut back = [0u8; 4];
+        tcp.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"ping");
+    }
+
+    #[tokio::test]
+    async fn a_refused_tunnel_is_named_without_the_proxy_credentials() {
+        use hyper_util::client::proxy::matcher::Matcher;
+        let (port, _) = one_shot_proxy("HTTP/1.1 407 Proxy Authentication Required\r\n\r\n").await;
+        let rules = Matcher::builder()
+            .https(format!("http://ops:s3cret@127.0.0.1:{port}"))
+            .build();
+        let e = open_with(&rules, "prefect.example.com", 443, true)
+            .await
+            .unwrap_err();
+        assert!(
+            e.contains("refused the tunnel to prefect.example.com:443")
+                && e.contains("407")
+                && !e.contains("s3cret"),
+            "{e}"
+        );
+        // ws:// goes by HTTP_PROXY, which is not set here: no proxy, a direct attempt.
+        let direct = open_with(&rules, "127.0.0.1", 9, false).await.unwrap_err();
+        assert!(!direct.contains("proxy"), "{direct}");
+        // NO_PROXY keeps a host out of the proxy.
+        let rules = Matcher::builder()
+            .https(format!("http://127.0.0.1:{port}"))
+            .no("127.0.0.1")
+            .build();
+        let direct = open_with(&rules, "127.0.0.1", 9, true).await.unwrap_err();
+        assert!(!direct.contains("proxy"), "{direct}");
+    }
 
     /// Streams following server `base`, not up yet, which watches `watched`.
     fn following(base: &str, watched: HashMap<String, Trigger>) -> (EventStreams, Arc<Server>) {

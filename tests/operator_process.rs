@@ -185,6 +185,9 @@ fn chart_values_are_checked_before_anything_is_rendered() {
         "rbac.aggregateToDefaultRoles=false",
         "caBundle.secret=corp-ca",
         "caBundle.key=bundle.pem",
+        "proxy.https=http://proxy.corp:3128",
+        "proxy.http=http://proxy.corp:3128",
+        "proxy.noProxy=.corp.example\\,10.0.0.0/8",
     ]);
     assert_eq!(of_kind(&objs, "Deployment").len(), 3);
     let a = args(&objs);
@@ -1327,6 +1330,119 @@ fn chart_lets_namespace_users_manage_prefect_deployments() {
     assert_eq!(of_kind(&objs, "ClusterRole").len(), 1);
 }
 
+/// What the chart's caBundle gives the container, for `front`'s CA: its environment,
+/// with the mounted bundle stood in for by `bundle`, a directory holding the CA.
+fn ca_bundle_env(front: &support::TlsFront, bundle: &Path) -> Vec<(String, PathBuf)> {
+    let objs = template(&["caBundle.configMap=prefect-ca"]);
+    let c = container(&objs);
+    let mount = c["volumeMounts"][0]["mountPath"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let pod = &of_kind(&objs, "Deployment")[0]["spec"]["template"]["spec"];
+    let volume = &pod["volumes"][0];
+    assert_eq!(volume["name"], c["volumeMounts"][0]["name"]);
+    assert_eq!(volume["configMap"]["name"], json!("prefect-ca"));
+    let file = volume["configMap"]["items"][0]["path"].as_str().unwrap();
+    std::fs::copy(&front.ca_file, bundle.join(file)).unwrap();
+    let env: Vec<(String, PathBuf)> = c["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["name"].as_str().unwrap().starts_with("SSL_CERT"))
+        .map(|e| {
+            let value = e["value"].as_str().unwrap();
+            let value = value.replace(&mount, bundle.to_str().unwrap());
+            (
+                e["name"].as_str().unwrap().to_string(),
+                PathBuf::from(value),
+            )
+        })
+        .collect();
+    assert_eq!(env.len(), 2, "{env:?}");
+    assert!(env.contains(&(
+        "SSL_CERT_FILE".to_string(),
+        PathBuf::from("/etc/ssl/certs/ca-certificates.crt")
+    )));
+    env
+}
+
+/// Behind an egress proxy that only tunnels (CONNECT), with the Prefect server known
+/// by a name only the proxy resolves: given HTTPS_PROXY (the chart's `proxy.https`),
+/// the operator's API calls and its event stream both go through the proxy, and so
+/// does its Kubernetes client when it runs from a kubeconfig.
+#[test]
+fn a_prefect_server_reached_through_an_http_proxy() {
+    let cp = ControlPlane::shared();
+    let prefect = PrefectServer::shared();
+    let pool = create_pool(prefect);
+    let front = support::TlsFront::start(prefect);
+    let proxy = support::ConnectProxy::start();
+    let ns = unique("proxy");
+    cp.kubectl_ok(&["create", "namespace", &ns]);
+    let name = "via-proxy";
+    let url = format!("https://prefect.invalid:{}/api", front.port);
+    let manifest =
+        pd_manifest(name, &ns, prefect, &pool, "", "through a proxy").replace(&prefect.url, &url);
+    let (ok, _, err) = cp.kubectl_stdin(&["apply", "-f", "-"], Some(&manifest));
+    assert!(ok, "{err}");
+
+    // The chart's proxy values, as the container gets them.
+    let objs = template(&["proxy.https=http://proxy.corp:3128", "proxy.noProxy=.svc"]);
+    let given: Vec<(String, String)> = container(&objs)["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["name"].as_str().unwrap().ends_with("PROXY"))
+        .map(|e| {
+            (
+                e["name"].as_str().unwrap().into(),
+                e["value"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        given,
+        [
+            (
+                "HTTPS_PROXY".to_string(),
+                "http://proxy.corp:3128".to_string()
+            ),
+            ("NO_PROXY".to_string(), ".svc".to_string())
+        ]
+    );
+
+    let bundle = tempfile::tempdir().unwrap();
+    let mut env = ca_bundle_env(&front, bundle.path());
+    env.push(("HTTPS_PROXY".into(), PathBuf::from(&proxy.url)));
+    let env: Vec<(&str, &Path)> = env.iter().map(|(k, v)| (k.as_str(), v.as_path())).collect();
+    let mut op = Operator::start_with_env(
+        &cp.kubeconfig,
+        &[&format!("--namespace={ns}")],
+        "info",
+        &env,
+    );
+    let v = wait_ready(cp, &ns, name, 1);
+    let id = v["status"]["deploymentId"].as_str().unwrap().to_string();
+    assert_eq!(prefect.get(&format!("/api/deployments/{id}")).0, 200);
+    // prefect.invalid resolves nowhere else: a connected stream came through the proxy.
+    op.wait_until(
+        "the event stream through the proxy",
+        Duration::from_secs(60),
+        |o| o.metric_sum("prefect_operator_event_streams_connected", &[]) >= 1.0,
+    );
+    let tunnels = proxy.tunnels();
+    let to_prefect = format!("prefect.invalid:{}", front.port);
+    assert!(
+        tunnels.iter().filter(|t| **t == to_prefect).count() >= 2,
+        "API calls and the stream: {tunnels:?}"
+    );
+    let apiserver = cp.url.trim_start_matches("https://");
+    assert!(tunnels.iter().any(|t| t == apiserver), "{tunnels:?}");
+    cp.kubectl_ok(&["delete", "pd", "-n", &ns, name, "--timeout=60s"]);
+    assert_eq!(prefect.get(&format!("/api/deployments/{id}")).0, 404);
+}
+
 /// A Prefect server whose certificate comes from an internal CA. Without that CA the
 /// operator says the certificate is not trusted and how to trust it; given it the way
 /// the chart's `caBundle` gives it (the same environment, the bundle as a directory),
@@ -1372,40 +1488,8 @@ fn a_prefect_server_behind_a_private_ca() {
     );
     drop(op);
 
-    // What the chart's caBundle gives the container: its environment, and the bundle
-    // mounted as a directory (stood in for here by a directory holding the CA).
-    let objs = template(&["caBundle.configMap=prefect-ca"]);
-    let c = container(&objs);
-    let mount = c["volumeMounts"][0]["mountPath"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let pod = &of_kind(&objs, "Deployment")[0]["spec"]["template"]["spec"];
-    let volume = &pod["volumes"][0];
-    assert_eq!(volume["name"], c["volumeMounts"][0]["name"]);
-    assert_eq!(volume["configMap"]["name"], json!("prefect-ca"));
-    let file = volume["configMap"]["items"][0]["path"].as_str().unwrap();
     let bundle = tempfile::tempdir().unwrap();
-    std::fs::copy(&front.ca_file, bundle.path().join(file)).unwrap();
-    let env: Vec<(String, PathBuf)> = c["env"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["name"].as_str().unwrap().starts_with("SSL_CERT"))
-        .map(|e| {
-            let value = e["value"].as_str().unwrap();
-            let value = value.replace(&mount, bundle.path().to_str().unwrap());
-            (
-                e["name"].as_str().unwrap().to_string(),
-                PathBuf::from(value),
-            )
-        })
-        .collect();
-    assert_eq!(env.len(), 2, "{env:?}");
-    assert!(env.contains(&(
-        "SSL_CERT_FILE".to_string(),
-        PathBuf::from("/etc/ssl/certs/ca-certificates.crt")
-    )));
+    let env = ca_bundle_env(&front, bundle.path());
     let env: Vec<(&str, &Path)> = env.iter().map(|(k, v)| (k.as_str(), v.as_path())).collect();
     let mut op = Operator::start_with_env(&cp.kubeconfig, &[&only_here], "info", &env);
     let v = wait_ready(cp, &ns, name, 1);

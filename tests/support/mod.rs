@@ -442,7 +442,8 @@ fn run(cmd: &mut Command) {
 }
 
 /// Writes into `d` a throwaway CA (`ca.crt`, `ca.key`) and a serving certificate for
-/// 127.0.0.1 and localhost signed by it (`server.crt`, `server.key`): rustls refuses a
+/// 127.0.0.1, localhost and prefect.invalid (a name only `ConnectProxy` resolves) signed
+/// by it (`server.crt`, `server.key`): rustls refuses a
 /// CA used as the server's own certificate.
 fn throwaway_pki(d: &Path) {
     run(Command::new("openssl").current_dir(d).args([
@@ -478,7 +479,7 @@ fn throwaway_pki(d: &Path) {
     ]));
     std::fs::write(
         d.join("server.ext"),
-        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n",
+        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost,DNS:prefect.invalid\n",
     )
     .unwrap();
     run(Command::new("openssl").current_dir(d).args([
@@ -1195,6 +1196,7 @@ impl StreamGate {
 pub struct TlsFront {
     /// The front's API base (`https://127.0.0.1:PORT/api`).
     pub url: String,
+    pub port: u16,
     /// The CA's certificate (PEM), for clients to trust.
     pub ca_file: PathBuf,
     _dir: tempfile::TempDir,
@@ -1241,9 +1243,78 @@ impl TlsFront {
         });
         TlsFront {
             url: format!("https://127.0.0.1:{port}/api"),
+            port,
             ca_file: dir.path().join("ca.crt"),
             _dir: dir,
         }
+    }
+}
+
+/// An HTTP proxy that only tunnels (CONNECT), as corporate egress proxies do. It
+/// resolves `prefect.invalid:PORT` to 127.0.0.1:PORT, a name nothing else resolves, so
+/// whatever reaches a server by that name came through it. Records each tunnel's
+/// target.
+pub struct ConnectProxy {
+    /// `http://127.0.0.1:PORT`
+    pub url: String,
+    tunnels: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl ConnectProxy {
+    pub fn start() -> ConnectProxy {
+        let tunnels = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = tunnels.clone();
+        let port = serve_on_own_thread(move |listener| async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    continue;
+                };
+                let log = log.clone();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    while !head.ends_with(b"\r\n\r\n") && head.len() < 8192 {
+                        match client.read_u8().await {
+                            Ok(b) => head.push(b),
+                            Err(_) => return,
+                        }
+                    }
+                    let text = String::from_utf8_lossy(&head).to_string();
+                    let target = match text.split_whitespace().collect::<Vec<_>>()[..] {
+                        ["CONNECT", target, ..] => target.to_string(),
+                        _ => {
+                            let _ = client
+                                .write_all(b"HTTP/1.1 405 Method Not Allowed\r\n\r\n")
+                                .await;
+                            return;
+                        }
+                    };
+                    log.lock().unwrap().push(target.clone());
+                    let dial = target.replace("prefect.invalid:", "127.0.0.1:");
+                    let Ok(mut upstream) = tokio::net::TcpStream::connect(dial).await else {
+                        let _ = client.write_all(b"HTTP/1.1 502 Bad Gateway\r\n\r\n").await;
+                        return;
+                    };
+                    if client
+                        .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                });
+            }
+        });
+        ConnectProxy {
+            url: format!("http://127.0.0.1:{port}"),
+            tunnels,
+        }
+    }
+
+    /// The targets of the tunnels opened so far.
+    pub fn tunnels(&self) -> Vec<String> {
+        self.tunnels.lock().unwrap().clone()
     }
 }
 
