@@ -137,6 +137,8 @@ fn chart_values_are_checked_before_anything_is_rendered() {
             "podDisruptionBudget.enabled=yes please",
             "podDisruptionBudget.enabled",
         ),
+        ("proxy.https=proxy.corp:3128", "proxy.https"),
+        ("caBundle.key=", "caBundle.key"),
     ] {
         let err = refused(CHART, &[set]);
         assert!(err.contains(named), "{set}: {err}");
