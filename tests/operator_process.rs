@@ -332,11 +332,41 @@ fn chart_alerts_fire_when_they_should() {
 
     let job = r#"job="rel-prefect-operator",namespace="ops""#;
     let quiet = r#"job="other-prefect-operator",namespace="quiet""#;
-    let labels = |extra: Value| {
-        let mut l = json!({"job": "rel-prefect-operator", "namespace": "ops", "team": "data"});
-        merge_patch(&mut l, &extra);
-        l
+    // Each alert: none at `quiet`, one at `firing` with these labels and text.
+    let quiet_then_firing = |alert: &str,
+                             quiet: &str,
+                             firing: &str,
+                             labels: Value,
+                             summary: &str,
+                             description: &str| {
+        let mut all = json!({"job": "rel-prefect-operator", "namespace": "ops", "team": "data"});
+        merge_patch(&mut all, &labels);
+        vec![
+            json!({"eval_time": quiet, "alertname": alert, "exp_alerts": []}),
+            json!({"eval_time": firing, "alertname": alert, "exp_alerts": [{
+                "exp_labels": all,
+                "exp_annotations": {"summary": summary, "description": description},
+            }]}),
+        ]
     };
+    let cases: Vec<Value> = [
+        quiet_then_firing("PrefectDeploymentsNotReady", "10m", "20m", json!({"severity": "warning"}),
+            "PrefectDeployments are not Ready",
+            "2 PrefectDeployment(s) of the operator in ops have been Ready=False for 15 minutes. `kubectl get pd -A -o wide` shows which, with the reason; their Warning events say more."),
+        quiet_then_firing("PrefectRequestsFailing", "8m", "30m", json!({"severity": "warning"}),
+            "Prefect servers do not answer the operator",
+            "50% of the requests the operator in ops sends to Prefect got no answer or a 5xx over the last 5 minutes. prefect_operator_prefect_request_duration_seconds_count by endpoint and code shows which calls fail."),
+        quiet_then_firing("PrefectEventStreamsDown", "10m", "20m", json!({"severity": "info"}),
+            "Changes made in Prefect are found only by the resync",
+            "The operator in ops has had no working event stream from 1 Prefect server(s) for 15 minutes, so drift there is repaired at the next resync instead of at once. The operator's log says why."),
+        quiet_then_firing("PrefectOperatorNoLeader", "3m", "10m", json!({"severity": "critical", "prefect_operator_io_shard": "a"}),
+            "No operator replica is reconciling",
+            "No replica of the operator in ops (shard a) has held the leader lease for 5 minutes: its PrefectDeployments are not reconciled."),
+        quiet_then_firing("PrefectOperatorDown", "8m", "15m", json!({"severity": "critical"}),
+            "The operator is down",
+            "No pod of rel-prefect-operator in ops has answered a metrics scrape for 5 minutes: PrefectDeployments are not reconciled."),
+    ]
+    .concat();
     let tests = json!({
         "rule_files": ["rules.yaml"],
         "evaluation_interval": "1m",
@@ -358,48 +388,7 @@ fn chart_alerts_fire_when_they_should() {
                 {"series": format!(r#"prefect_operator_leader{{{job},prefect_operator_io_shard="a",pod="a-1"}}"#), "values": "0x40"},
                 {"series": format!(r#"up{{{job},pod="u-0"}}"#), "values": "1x5 0x35"},
             ],
-            "alert_rule_test": [
-                {"eval_time": "10m", "alertname": "PrefectDeploymentsNotReady", "exp_alerts": []},
-                {"eval_time": "20m", "alertname": "PrefectDeploymentsNotReady", "exp_alerts": [{
-                    "exp_labels": labels(json!({"severity": "warning"})),
-                    "exp_annotations": {
-                        "summary": "PrefectDeployments are not Ready",
-                        "description": "2 PrefectDeployment(s) of the operator in ops have been Ready=False for 15 minutes. `kubectl get pd -A -o wide` shows which, with the reason; their Warning events say more.",
-                    },
-                }]},
-                {"eval_time": "8m", "alertname": "PrefectRequestsFailing", "exp_alerts": []},
-                {"eval_time": "30m", "alertname": "PrefectRequestsFailing", "exp_alerts": [{
-                    "exp_labels": labels(json!({"severity": "warning"})),
-                    "exp_annotations": {
-                        "summary": "Prefect servers do not answer the operator",
-                        "description": "50% of the requests the operator in ops sends to Prefect got no answer or a 5xx over the last 5 minutes. prefect_operator_prefect_request_duration_seconds_count by endpoint and code shows which calls fail.",
-                    },
-                }]},
-                {"eval_time": "10m", "alertname": "PrefectEventStreamsDown", "exp_alerts": []},
-                {"eval_time": "20m", "alertname": "PrefectEventStreamsDown", "exp_alerts": [{
-                    "exp_labels": labels(json!({"severity": "info"})),
-                    "exp_annotations": {
-                        "summary": "Changes made in Prefect are found only by the resync",
-                        "description": "The operator in ops has had no working event stream from 1 Prefect server(s) for 15 minutes, so drift there is repaired at the next resync instead of at once. The operator's log says why.",
-                    },
-                }]},
-                {"eval_time": "3m", "alertname": "PrefectOperatorNoLeader", "exp_alerts": []},
-                {"eval_time": "10m", "alertname": "PrefectOperatorNoLeader", "exp_alerts": [{
-                    "exp_labels": labels(json!({"severity": "critical", "prefect_operator_io_shard": "a"})),
-                    "exp_annotations": {
-                        "summary": "No operator replica is reconciling",
-                        "description": "No replica of the operator in ops (shard a) has held the leader lease for 5 minutes: its PrefectDeployments are not reconciled.",
-                    },
-                }]},
-                {"eval_time": "8m", "alertname": "PrefectOperatorDown", "exp_alerts": []},
-                {"eval_time": "15m", "alertname": "PrefectOperatorDown", "exp_alerts": [{
-                    "exp_labels": labels(json!({"severity": "critical"})),
-                    "exp_annotations": {
-                        "summary": "The operator is down",
-                        "description": "No pod of rel-prefect-operator in ops has answered a metrics scrape for 5 minutes: PrefectDeployments are not reconciled.",
-                    },
-                }]},
-            ],
+            "alert_rule_test": cases,
         }],
     });
     std::fs::write(
