@@ -138,6 +138,7 @@ fn chart_values_are_checked_before_anything_is_rendered() {
             "podDisruptionBudget.enabled",
         ),
         ("proxy.https=proxy.corp:3128", "proxy.https"),
+        ("image.digest=0123abcd", "image.digest"),
         ("caBundle.key=", "caBundle.key"),
     ] {
         let err = refused(CHART, &[set]);
@@ -149,7 +150,9 @@ fn chart_values_are_checked_before_anything_is_rendered() {
     let objs = template(&[
         "replicaCount=3",
         "image.repository=registry.example.com/prefect-operator",
+        "image.digest=sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
         "image.tag=1.2.3",
+        "image.digest=sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
         "image.pullPolicy=Always",
         "imagePullSecrets[0].name=pull",
         "nameOverride=po",
@@ -192,6 +195,11 @@ fn chart_values_are_checked_before_anything_is_rendered() {
         "proxy.noProxy=.corp.example\\,10.0.0.0/8",
     ]);
     assert_eq!(of_kind(&objs, "Deployment").len(), 3);
+    // A digest pins the image, whatever the tag says.
+    assert_eq!(
+        container(&objs)["image"],
+        json!("registry.example.com/prefect-operator@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef")
+    );
     let a = args(&objs);
     assert!(
         a.contains(&"--default-resync-interval=1h30m".to_string()),
@@ -397,6 +405,54 @@ fn chart_alerts_fire_when_they_should() {
     )
     .unwrap();
     promtool(&["test", "rules", "tests.yaml"], dir.path());
+}
+
+/// What `helm install` prints: where to look, the CRD upgrade step, and a warning
+/// while the operator may call any server.
+#[test]
+fn chart_install_notes_say_what_to_do_next() {
+    // Helm asks the cluster for its version even for a client-side dry run.
+    let kubeconfig = ControlPlane::shared()
+        .kubeconfig
+        .to_str()
+        .unwrap()
+        .to_string();
+    let notes = |set: &[&str]| {
+        let mut args = vec![
+            "install",
+            "rel",
+            CHART,
+            "--namespace",
+            "ops",
+            "--dry-run=client",
+            "--kubeconfig",
+            &kubeconfig,
+        ];
+        for s in set {
+            args.extend(["--set", s]);
+        }
+        let out = helm_run(&args);
+        out.split_once("NOTES:")
+            .map(|(_, n)| n.to_string())
+            .unwrap_or_else(|| panic!("no notes in {out}"))
+    };
+    let open = notes(&[]);
+    assert!(open.contains("in every namespace"), "{open}");
+    assert!(open.contains("WARNING: allowedServers is empty"), "{open}");
+    assert!(
+        open.contains("kubectl apply --validate=false -f crds/prefectdeployments.prefect.io.yaml"),
+        "{open}"
+    );
+    let closed = notes(&[
+        "allowedServers={https://prefect.example.com/api}",
+        "watchNamespaces={team-a,team-b}",
+        "shards={a}",
+    ]);
+    assert!(!closed.contains("WARNING"), "{closed}");
+    assert!(
+        closed.contains("in team-a, team-b (plus one operator per shard key: a)"),
+        "{closed}"
+    );
 }
 
 #[test]
