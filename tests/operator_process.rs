@@ -1414,6 +1414,45 @@ fn ca_bundle_env(front: &support::TlsFront, bundle: &Path) -> Vec<(String, PathB
     env
 }
 
+/// Applies a PrefectDeployment `name` in a new namespace whose server is `url` (a front
+/// to the shared Prefect server); returns the namespace.
+fn apply_behind(cp: &ControlPlane, prefect: &PrefectServer, name: &str, url: &str) -> String {
+    let pool = create_pool(prefect);
+    let ns = unique(name);
+    cp.kubectl_ok(&["create", "namespace", &ns]);
+    let manifest = pd_manifest(name, &ns, prefect, &pool, "", name).replace(&prefect.url, url);
+    let (ok, _, err) = cp.kubectl_stdin(&["apply", "-f", "-"], Some(&manifest));
+    assert!(ok, "{err}");
+    ns
+}
+
+/// With `op` running: `name` becomes Ready with its deployment and automation in
+/// Prefect, the event stream connects, and deleting the resource deletes them.
+fn applied_streamed_deleted(
+    cp: &ControlPlane,
+    prefect: &PrefectServer,
+    op: &mut Operator,
+    ns: &str,
+    name: &str,
+) {
+    let v = wait_ready(cp, ns, name, 1);
+    let id = v["status"]["deploymentId"].as_str().unwrap().to_string();
+    assert_eq!(prefect.get(&format!("/api/deployments/{id}")).0, 200);
+    let automation = v["status"]["automationIds"][0]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        prefect.get(&format!("/api/automations/{automation}")).0,
+        200
+    );
+    op.wait_until("the event stream", Duration::from_secs(60), |o| {
+        o.metric_sum("prefect_operator_event_streams_connected", &[]) >= 1.0
+    });
+    cp.kubectl_ok(&["delete", "pd", "-n", ns, name, "--timeout=60s"]);
+    assert_eq!(prefect.get(&format!("/api/deployments/{id}")).0, 404);
+}
+
 /// Behind an egress proxy that only tunnels (CONNECT), with the Prefect server known
 /// by a name only the proxy resolves: given HTTPS_PROXY (the chart's `proxy.https`),
 /// the operator's API calls and its event stream both go through the proxy, and so
@@ -1422,17 +1461,11 @@ fn ca_bundle_env(front: &support::TlsFront, bundle: &Path) -> Vec<(String, PathB
 fn a_prefect_server_reached_through_an_http_proxy() {
     let cp = ControlPlane::shared();
     let prefect = PrefectServer::shared();
-    let pool = create_pool(prefect);
     let front = support::TlsFront::start(prefect);
     let proxy = support::ConnectProxy::start();
-    let ns = unique("proxy");
-    cp.kubectl_ok(&["create", "namespace", &ns]);
     let name = "via-proxy";
     let url = format!("https://prefect.invalid:{}/api", front.port);
-    let manifest =
-        pd_manifest(name, &ns, prefect, &pool, "", "through a proxy").replace(&prefect.url, &url);
-    let (ok, _, err) = cp.kubectl_stdin(&["apply", "-f", "-"], Some(&manifest));
-    assert!(ok, "{err}");
+    let ns = apply_behind(cp, prefect, name, &url);
 
     // The chart's proxy values, as the container gets them.
     let objs = template(&["proxy.https=http://proxy.corp:3128", "proxy.noProxy=.svc"]);
@@ -1469,15 +1502,8 @@ fn a_prefect_server_reached_through_an_http_proxy() {
         "info",
         &env,
     );
-    let v = wait_ready(cp, &ns, name, 1);
-    let id = v["status"]["deploymentId"].as_str().unwrap().to_string();
-    assert_eq!(prefect.get(&format!("/api/deployments/{id}")).0, 200);
-    // prefect.invalid resolves nowhere else: a connected stream came through the proxy.
-    op.wait_until(
-        "the event stream through the proxy",
-        Duration::from_secs(60),
-        |o| o.metric_sum("prefect_operator_event_streams_connected", &[]) >= 1.0,
-    );
+    // prefect.invalid resolves nowhere else: what reached it came through the proxy.
+    applied_streamed_deleted(cp, prefect, &mut op, &ns, name);
     let tunnels = proxy.tunnels();
     let to_prefect = format!("prefect.invalid:{}", front.port);
     assert!(
@@ -1486,8 +1512,6 @@ fn a_prefect_server_reached_through_an_http_proxy() {
     );
     let apiserver = cp.url.trim_start_matches("https://");
     assert!(tunnels.iter().any(|t| t == apiserver), "{tunnels:?}");
-    cp.kubectl_ok(&["delete", "pd", "-n", &ns, name, "--timeout=60s"]);
-    assert_eq!(prefect.get(&format!("/api/deployments/{id}")).0, 404);
 }
 
 /// A Prefect server whose certificate comes from an internal CA. Without that CA the
@@ -1499,15 +1523,9 @@ fn a_prefect_server_reached_through_an_http_proxy() {
 fn a_prefect_server_behind_a_private_ca() {
     let cp = ControlPlane::shared();
     let prefect = PrefectServer::shared();
-    let pool = create_pool(prefect);
     let front = support::TlsFront::start(prefect);
-    let ns = unique("tls");
-    cp.kubectl_ok(&["create", "namespace", &ns]);
     let name = "behind-ca";
-    let manifest =
-        pd_manifest(name, &ns, prefect, &pool, "", "over TLS").replace(&prefect.url, &front.url);
-    let (ok, _, err) = cp.kubectl_stdin(&["apply", "-f", "-"], Some(&manifest));
-    assert!(ok, "{err}");
+    let ns = apply_behind(cp, prefect, name, &front.url);
     let only_here = format!("--namespace={ns}");
 
     let op = Operator::start(&cp.kubeconfig, &[&only_here], "info");
@@ -1539,22 +1557,7 @@ fn a_prefect_server_behind_a_private_ca() {
     let env = ca_bundle_env(&front, bundle.path());
     let env: Vec<(&str, &Path)> = env.iter().map(|(k, v)| (k.as_str(), v.as_path())).collect();
     let mut op = Operator::start_with_env(&cp.kubeconfig, &[&only_here], "info", &env);
-    let v = wait_ready(cp, &ns, name, 1);
-    let id = v["status"]["deploymentId"].as_str().unwrap().to_string();
-    assert_eq!(prefect.get(&format!("/api/deployments/{id}")).0, 200);
-    let automation = v["status"]["automationIds"][0]
-        .as_str()
-        .unwrap()
-        .to_string();
-    assert_eq!(
-        prefect.get(&format!("/api/automations/{automation}")).0,
-        200
-    );
-    op.wait_until("the event stream over WSS", Duration::from_secs(60), |o| {
-        o.metric_sum("prefect_operator_event_streams_connected", &[]) >= 1.0
-    });
-    cp.kubectl_ok(&["delete", "pd", "-n", &ns, name, "--timeout=60s"]);
-    assert_eq!(prefect.get(&format!("/api/deployments/{id}")).0, 404);
+    applied_streamed_deleted(cp, prefect, &mut op, &ns, name);
 }
 
 #[test]
