@@ -850,17 +850,21 @@ spec:
     )
 }
 
+/// The Ready condition of a PrefectDeployment as `kubectl get -o json` shows it.
+fn ready_condition(v: &Value) -> Option<&Value> {
+    v["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == "Ready")
+}
+
 fn wait_ready(cp: &ControlPlane, ns: &str, name: &str, generation: i64) -> Value {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let (ok, out, _) = cp.kubectl(&["get", "pd", "-n", ns, name, "-o", "json"]);
         if ok {
             let v: Value = serde_json::from_str(&out).unwrap();
-            let ready = v["status"]["conditions"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .any(|c| c["type"] == "Ready" && c["status"] == "True");
+            let ready = ready_condition(&v).is_some_and(|c| c["status"] == "True");
             if ready && v["status"]["observedGeneration"] == json!(generation) {
                 return v;
             }
@@ -1533,13 +1537,7 @@ fn a_prefect_server_behind_a_private_ca() {
     let message = loop {
         let out = cp.kubectl_ok(&["get", "pd", "-n", &ns, name, "-o", "json"]);
         let v: Value = serde_json::from_str(&out).unwrap();
-        let ready = v["status"]["conditions"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|c| c["type"] == "Ready")
-            .cloned();
-        if let Some(c) = ready.filter(|c| c["status"] == "False") {
+        if let Some(c) = ready_condition(&v).filter(|c| c["status"] == "False") {
             break c["message"].as_str().unwrap().to_string();
         }
         assert!(Instant::now() < deadline, "no Ready=False: {}", v["status"]);
@@ -1694,13 +1692,7 @@ fn hostile_manifests_do_not_stop_the_operator() {
             } else {
                 json!({})
             };
-            let ready = v["status"]["conditions"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .find(|c| c["type"] == "Ready")
-                .cloned();
-            if let Some(c) = ready {
+            if let Some(c) = ready_condition(&v) {
                 assert!(
                     c["status"] == "True" || !c["reason"].as_str().unwrap_or("").is_empty(),
                     "{name}: {c}"
