@@ -1051,7 +1051,9 @@ fn short_transport(e: &reqwest::Error) -> String {
             format!(" ({}://{}{port})", u.scheme(), u.host_str().unwrap_or(""))
         })
         .unwrap_or_default();
-    let hint = if cause.contains("certificate") {
+    // Only an unknown issuer is fixed by trusting another CA (not an expired
+    // certificate or one for another name).
+    let hint = if cause.contains("UnknownIssuer") {
         " (a server whose certificate comes from a private CA needs that CA: the chart's caBundle, or SSL_CERT_DIR)"
     } else {
         ""
