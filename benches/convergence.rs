@@ -186,6 +186,8 @@ struct Row {
 /// cycle's (or the round's "after"), so each cold start has a floor run on either side.
 struct Cycle {
     operator: f64,
+    /// The operator's cold start with `BENCH_VARIANT`'s environment, if given.
+    variant: Option<f64>,
     python: f64,
     floor_before: f64,
     floor_after: f64,
@@ -364,15 +366,27 @@ async fn round(cp: &ControlPlane, n: usize, services: bool) -> Row {
         // Machine speed drifts by more than the margins measured here, so the ratios
         // are taken again on fresh databases and reported with their median.
         let mut floor_before = after.secs;
-        for _ in 1..repeats() {
-            let operator = cold_start_only(cp, cap, services).await;
+        let variant = variant();
+        for k in 1..repeats() {
+            // The two settings take turns going first: each cycle's control plane holds
+            // every earlier cycle's resources.
+            let (operator, variant) = if variant.is_empty() {
+                (cold_start_only(cp, cap, services, &[]).await, None)
+            } else if k % 2 == 1 {
+                let v = cold_start_only(cp, cap, services, &variant).await;
+                (cold_start_only(cp, cap, services, &[]).await, Some(v))
+            } else {
+                let o = cold_start_only(cp, cap, services, &[]).await;
+                (o, Some(cold_start_only(cp, cap, services, &variant).await))
+            };
             let python = python_round(cap, services).secs;
             let floor_after = floor_round(cap, services, CONCURRENCY).await.secs;
             eprintln!(
-                "   again: operator {operator:.1} s, python apply() {python:.1} s, floor {floor_after:.1} s"
+                "   again: operator {operator:.1} s (variant {variant:?}), python apply() {python:.1} s, floor {floor_after:.1} s"
             );
             row.repeats.push(Cycle {
                 operator,
+                variant,
                 python,
                 floor_before,
                 floor_after,
@@ -392,12 +406,29 @@ fn repeats() -> usize {
         .max(1)
 }
 
+/// Environment for a second operator cold start in each repeated cycle
+/// (`BENCH_VARIANT="NAME=value,..."`), to compare two settings on the same machine
+/// minutes apart rather than runs apart.
+fn variant() -> Vec<(String, String)> {
+    std::env::var("BENCH_VARIANT")
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect()
+}
+
 /// A fresh install's cold start of `n` resources against a fresh database, in seconds,
-/// and nothing else.
-async fn cold_start_only(cp: &ControlPlane, n: usize, services: bool) -> f64 {
+/// and nothing else; the operator gets `env` on top of this process's environment.
+async fn cold_start_only(
+    cp: &ControlPlane,
+    n: usize,
+    services: bool,
+    env: &[(String, String)],
+) -> f64 {
     let prefect = start_prefect(services);
     let (ns, api, _) = populate(cp, "again", &prefect, n).await;
-    let op = OperatorProcess::start(cp, &ns, RESYNC);
+    let op = OperatorProcess::start_with_env(cp, &ns, RESYNC, env);
     let started = Instant::now();
     wait_ready(&api, n, cold_limit(n)).await;
     let secs = started.elapsed().as_secs_f64();
@@ -440,8 +471,13 @@ struct OperatorProcess {
 impl OperatorProcess {
     /// The release binary watching `ns`, with `resync` between drift checks.
     fn start(cp: &ControlPlane, ns: &str, resync: &str) -> Self {
+        Self::start_with_env(cp, ns, resync, &[])
+    }
+
+    fn start_with_env(cp: &ControlPlane, ns: &str, resync: &str, env: &[(String, String)]) -> Self {
         let port = support::free_port();
         let child = Command::new(operator_bin())
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .args([
                 "run",
                 &format!("--namespace={ns}"),
@@ -1444,6 +1480,7 @@ fn report(rows: &[Row], cut: Option<&Cut>, outage: Option<&Outage>, binary_size:
         let n = r.n as f64;
         let first = Cycle {
             operator: r.op_secs,
+            variant: None,
             python: r.python.1,
             floor_before: r.floor_before.1,
             floor_after: r.floor.1,
@@ -1469,6 +1506,40 @@ fn report(rows: &[Row], cut: Option<&Cut>, outage: Option<&Outage>, binary_size:
             median(&mut to_floor),
             median(&mut to_python)
         );
+        let paired: Vec<&Cycle> = r.repeats.iter().filter(|c| c.variant.is_some()).collect();
+        if !paired.is_empty() {
+            println!();
+            println!(
+                "The same cycles' operator with `BENCH_VARIANT={}`:",
+                std::env::var("BENCH_VARIANT").unwrap_or_default()
+            );
+            println!("| N | cycle | operator res/s | with the variant res/s | operator/floor | variant/floor | variant/operator |");
+            println!("|---|---|---|---|---|---|---|");
+            let (mut plain, mut with, mut gain) = (Vec::new(), Vec::new(), Vec::new());
+            for (i, c) in paired.iter().enumerate() {
+                let (op, v) = (n / c.operator, n / c.variant.unwrap_or(f64::NAN));
+                let fl = (n / c.floor_before + n / c.floor_after) / 2.0;
+                plain.push(op / fl);
+                with.push(v / fl);
+                gain.push(v / op);
+                println!(
+                    "| {} | {} | {op:.1} | {v:.1} | {:.2}x | {:.2}x | {:.2}x |",
+                    r.n,
+                    i + 2,
+                    plain[i],
+                    with[i],
+                    gain[i]
+                );
+            }
+            println!(
+                "| {} | median of {} | | | {:.2}x | {:.2}x | {:.2}x |",
+                r.n,
+                gain.len(),
+                median(&mut plain),
+                median(&mut with),
+                median(&mut gain)
+            );
+        }
     }
     println!();
     println!("Prefect server CPU per deployment (ms), and its share of one core while the client ran (the server is one Python process):");

@@ -44,6 +44,7 @@ async fn main() {
             namespaces: vec![],
             concurrency: 32,
             max_requests_per_server: 8,
+            max_kube_writes: None,
             default_resync: Duration::from_secs(300),
             admin_addr: None,
             leader_election: None,

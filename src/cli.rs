@@ -144,6 +144,11 @@ pub struct RunArgs {
     /// answers 429/503 or slows down), however many passes run.
     #[arg(long, env = "PREFECT_OPERATOR_MAX_REQUESTS_PER_SERVER", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..))]
     pub max_requests_per_server: u16,
+    /// At most this many Kubernetes writes (finalizers, status, Events) in flight at
+    /// once; 0 for no limit. A cold start of thousands of resources otherwise sends the
+    /// apiserver one write per pass at once, in bursts.
+    #[arg(long, env = "PREFECT_OPERATOR_MAX_KUBE_WRITES", default_value_t = 0)]
+    pub max_kube_writes: u16,
     /// How often each resource is compared with Prefect to repair drift, unless its
     /// spec.interval says otherwise (e.g. 30s, 5m, 1h).
     #[arg(long, env = "PREFECT_OPERATOR_DEFAULT_RESYNC_INTERVAL", default_value = "5m", value_parser = parse_duration)]

@@ -424,9 +424,57 @@ impl Drop for Permit {
     }
 }
 
+/// A bound on the Kubernetes writes in flight (finalizers, status, Events), shared by
+/// every pass. A cold start of thousands of resources otherwise has each of its passes
+/// write at once, and the apiserver takes those bursts from the CPUs its neighbours use.
+#[derive(Clone, Default)]
+pub struct KubeWrites(Option<Arc<Semaphore>>);
+
+impl KubeWrites {
+    /// At most `n` writes at once; `None`: no bound.
+    pub fn new(n: Option<usize>) -> Self {
+        Self(n.map(|n| Arc::new(Semaphore::new(n.max(1)))))
+    }
+
+    /// Runs the write `w` once a slot is free. The semaphore is fair: a write waits for
+    /// those queued before it, and no longer.
+    pub async fn run<T>(&self, w: impl std::future::Future<Output = T>) -> T {
+        // Never closed, so acquiring cannot fail; if it did, the write goes unbounded.
+        let _slot = match &self.0 {
+            Some(s) => s.acquire().await.ok(),
+            None => None,
+        };
+        w.await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn kube_writes_never_exceed_the_bound_and_all_finish() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        for (bound, expect) in [(Some(2), 2), (Some(1), 1), (None, 12)] {
+            let gate = KubeWrites::new(bound);
+            let (now, peak) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+            let writes = (0..12).map(|_| {
+                let (gate, now, peak) = (gate.clone(), now.clone(), peak.clone());
+                tokio::spawn(async move {
+                    gate.run(async {
+                        let n = now.fetch_add(1, Ordering::SeqCst) + 1;
+                        peak.fetch_max(n, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        now.fetch_sub(1, Ordering::SeqCst);
+                    })
+                    .await
+                })
+            });
+            let done = futures::future::join_all(writes).await;
+            assert!(done.iter().all(Result::is_ok));
+            assert_eq!(peak.load(Ordering::SeqCst), expect, "bound {bound:?}");
+        }
+    }
 
     /// `times` successful answers of `kind`, each after `ms` milliseconds.
     async fn answers(limit: &Arc<Limit>, kind: &'static str, ms: u64, times: u32) {

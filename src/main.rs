@@ -97,6 +97,7 @@ async fn run() -> ExitCode {
                 namespaces: args.namespace,
                 concurrency: args.concurrency,
                 max_requests_per_server: args.max_requests_per_server,
+                max_kube_writes: (args.max_kube_writes > 0).then_some(args.max_kube_writes),
                 default_resync: args.default_resync_interval,
                 admin_addr: Some(args.admin_addr),
                 leader_election,

@@ -22,6 +22,8 @@ pub struct RunOptions {
     pub concurrency: u16,
     /// Requests in flight per Prefect server, at most.
     pub max_requests_per_server: u16,
+    /// Kubernetes writes in flight at most; `None`: no limit.
+    pub max_kube_writes: Option<u16>,
     pub default_resync: Duration,
     /// Where to serve /livez, /readyz and /metrics.
     pub admin_addr: Option<std::net::SocketAddr>,
@@ -55,7 +57,8 @@ pub async fn run(kube: kube::Client, opts: RunOptions) -> Result<(), String> {
     let ctx = Arc::new(
         Context::new(kube.clone(), opts.default_resync)
             .with_access(opts.access)
-            .with_request_limit(usize::from(opts.max_requests_per_server)),
+            .with_request_limit(usize::from(opts.max_requests_per_server))
+            .with_kube_write_limit(opts.max_kube_writes.map(usize::from)),
     );
     let metrics = ctx.metrics.clone();
     let health = Arc::new(Health::default());

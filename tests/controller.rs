@@ -1373,6 +1373,50 @@ async fn drift_policy_report_and_ignored_fields() {
     assert_eq!(d["paused"], json!(false), "then left to people again");
 }
 
+/// With Kubernetes writes one at a time (`--max-kube-writes=1`) every write a resource
+/// needs still happens: finalizer, status and Event on the way in, the finalizer's
+/// removal on the way out, with several passes competing for the one slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kube_writes_one_at_a_time_still_converge_and_clean_up() {
+    let (mut env, pool) = Env::new(Duration::from_secs(300)).await;
+    env.task.abort();
+    env.ctx = Arc::new(
+        Context::new(env.kube.clone(), Duration::from_secs(300)).with_kube_write_limit(Some(1)),
+    );
+    env.task = tokio::spawn(reconcile::controller(env.api.clone(), env.ctx.clone(), 4));
+    let names: Vec<String> = (0..6).map(|_| unique("turns")).collect();
+    for (i, name) in names.iter().enumerate() {
+        let mut deployment = json!({"entrypoint": "f.py:turns"});
+        if i % 2 == 0 {
+            deployment["triggers"] = json!([{"expect": ["prefect.flow-run.Failed"]}]);
+        }
+        let pd = resource(&env, &pool, name, json!({"deployment": deployment}));
+        env.api.create(&PostParams::default(), &pd).await.unwrap();
+    }
+    let mut ids = Vec::new();
+    for name in &names {
+        let obj = env.wait_for(name, "Ready", is_ready).await;
+        assert!(obj.finalizers().iter().any(|f| f == FINALIZER), "{name}");
+        ids.push(obj.status.unwrap().deployment_id.unwrap());
+        let events = env.events(name);
+        assert!(
+            events.iter().any(|(_, reason, _)| reason == "Created"),
+            "{name}: {events:?}"
+        );
+    }
+    for name in &names {
+        env.api
+            .delete(name, &DeleteParams::default())
+            .await
+            .unwrap();
+    }
+    for (name, id) in names.iter().zip(&ids) {
+        env.wait_gone(name).await;
+        let (code, _) = env.prefect_get(&format!("/deployments/{id}")).await;
+        assert_eq!(code, 404, "{name}'s deployment is deleted with it");
+    }
+}
+
 /// Drift checks of many resources on one server read their deployments in bulk: far
 /// fewer requests than one read per resource, and none of them a write.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -161,7 +161,7 @@ pub(super) async fn finalize(
         )
         .await;
     }
-    remove_finalizer(obj, api).await?;
+    ctx.kube_write(remove_finalizer(obj, api)).await?;
     ctx.metrics.set_ready(&obj.uid().unwrap_or_default(), None);
     ctx.metrics
         .set_drifted(&obj.uid().unwrap_or_default(), false);

@@ -133,6 +133,8 @@ pub struct Context {
     /// Resources found holding a deployment another resource wants (`holder_of`), and
     /// those others: woken once the holder is gone, not left to their backoff.
     blocked: Mutex<HashMap<ObjectRef<PrefectDeployment>, HashSet<ObjectRef<PrefectDeployment>>>>,
+    /// The bound on Kubernetes writes in flight.
+    kube_writes: crate::limit::KubeWrites,
 }
 
 impl Context {
@@ -168,7 +170,32 @@ impl Context {
             credentials: server::CredentialCache::default(),
             registered: tokio::sync::Mutex::default(),
             blocked: Mutex::default(),
+            kube_writes: crate::limit::KubeWrites::default(),
         }
+    }
+
+    /// At most `n` Kubernetes writes (finalizers, status, Events) in flight together.
+    pub fn with_kube_write_limit(mut self, n: Option<usize>) -> Self {
+        self.kube_writes = crate::limit::KubeWrites::new(n);
+        self
+    }
+
+    async fn kube_write<T>(&self, w: impl std::future::Future<Output = T>) -> T {
+        self.kube_writes.run(w).await
+    }
+
+    /// Writes `new` as the status unless the object already has it (which takes no
+    /// slot: a pass that changes nothing does not queue behind a burst of writes).
+    async fn write_status(
+        &self,
+        api: &Api<PrefectDeployment>,
+        obj: &PrefectDeployment,
+        new: &crate::api::PrefectDeploymentStatus,
+    ) -> Result<()> {
+        if obj.status.as_ref() == Some(new) {
+            return Ok(());
+        }
+        self.kube_write(status::write(api, obj, new)).await
     }
 
     /// At most `n` requests in flight per Prefect server (fewer while it is overloaded).
@@ -513,7 +540,8 @@ impl Context {
             note: &note,
             action,
         };
-        if let Err(e) = self.recorder.publish(&ev, &obj.object_ref(&())).await {
+        let about = obj.object_ref(&());
+        if let Err(e) = self.kube_write(self.recorder.publish(&ev, &about)).await {
             tracing::warn!(error = %e, "could not publish event");
         }
     }
@@ -712,7 +740,7 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
         return Ok(done);
     }
     if !obj.finalizers().iter().any(|f| f == FINALIZER) {
-        finalizer::add_finalizer(obj, &api).await?;
+        ctx.kube_write(finalizer::add_finalizer(obj, &api)).await?;
     }
 
     let generation = obj.meta().generation;
@@ -989,7 +1017,7 @@ async fn reconcile_inner(obj: &PrefectDeployment, ctx: &Context) -> Result<Actio
             let mut new = status::build(&state, conds, generation, preview);
             new.last_handled_reconcile_at = requests.reconcile.clone();
             new.last_run = last_run;
-            status::write(&api, obj, &new).await?;
+            ctx.write_status(&api, obj, &new).await?;
             ctx.metrics.set_ready(&uid, Some("True"));
             let next = jitter(resync);
             if let Some(g) = generation {
@@ -1223,6 +1251,6 @@ async fn report_not_ready(
     // the pass that made it.
     new.last_handled_reconcile_at = Requests::of(obj).reconcile;
     new.last_run = old.and_then(|s| s.last_run.clone());
-    status::write(api, obj, &new).await?;
+    ctx.write_status(api, obj, &new).await?;
     Ok(())
 }
