@@ -58,6 +58,11 @@ pub struct ConvertArgs {
     /// Exit 0 even when something had to be left out.
     #[arg(long)]
     pub allow_partial: bool,
+    /// Fill in `{{ prefect.variables.NAME }}` with the variables' values on the server
+    /// (--server-url; PREFECT_API_KEY or PREFECT_API_AUTH_STRING), as `prefect deploy`
+    /// does. Without it such fields are left out and reported.
+    #[arg(long)]
+    pub resolve_variables: bool,
     /// yaml: multi-document YAML; json: one List.
     #[arg(short = 'o', long, value_enum, default_value = "yaml")]
     pub output: ExportOutput,

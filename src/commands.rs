@@ -355,6 +355,29 @@ fn env_auth() -> Option<Auth> {
         .or_else(|| get("PREFECT_API_AUTH_STRING").map(Auth::Basic))
 }
 
+/// The Prefect variables `text` names, read from the server one by one (a file names a
+/// handful); those that do not exist are absent.
+async fn read_variables(text: &str, server_url: &str) -> Result<crate::convert::Variables, String> {
+    let names = crate::convert::variable_names(text)?;
+    let client = PrefectClient::new(
+        crate::prefect::http_client(),
+        server_url.trim_end_matches('/'),
+        env_auth(),
+        std::sync::Arc::new(CallLog::default()),
+    );
+    let mut found = crate::convert::Variables::new();
+    for name in names {
+        match client.variable(&name).await {
+            Ok(Some(value)) => {
+                found.insert(name, value);
+            }
+            Ok(None) => {}
+            Err(e) => return Err(format!("reading Prefect variable {name:?}: {e}")),
+        }
+    }
+    Ok(found)
+}
+
 /// `export`: 0 every selected deployment exported, 1 some could not be (each said on
 /// stderr), 2 an error (the server, or nothing selected).
 pub async fn export(args: &ExportArgs) -> ExitCode {
@@ -520,7 +543,7 @@ async fn select(
 }
 
 /// `convert`: 0 converted, 1 something left out (unless `--allow-partial`), 2 an error.
-pub fn convert(args: &ConvertArgs) -> ExitCode {
+pub async fn convert(args: &ConvertArgs) -> ExitCode {
     let file = args.file.display().to_string();
     let read = if args.file.as_os_str() == "-" {
         std::io::read_to_string(std::io::stdin())
@@ -534,14 +557,29 @@ pub fn convert(args: &ConvertArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let converted =
-        match crate::convert::convert(&text, &args.server_url, args.namespace.as_deref()) {
-            Ok(c) => c,
+    let variables = if args.resolve_variables {
+        match read_variables(&text, &args.server_url).await {
+            Ok(v) => Some(v),
             Err(e) => {
                 eprintln!("convert: {file}: {e}");
                 return ExitCode::from(2);
             }
-        };
+        }
+    } else {
+        None
+    };
+    let converted = match crate::convert::convert(
+        &text,
+        &args.server_url,
+        args.namespace.as_deref(),
+        variables.as_ref(),
+    ) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("convert: {file}: {e}");
+            return ExitCode::from(2);
+        }
+    };
     for l in &converted.left_out {
         eprintln!("convert: {file}: {l}");
     }

@@ -1,7 +1,10 @@
 //! Pure: the `deployments:` of a `prefect.yaml` -> PrefectDeployment manifests. What a
 //! manifest cannot hold (build and push steps, values Prefect fills in at deploy time
 //! from step outputs, variables or the environment) is reported with its path and left
-//! out, never guessed.
+//! out, never guessed. Prefect variables are the exception when their values are given
+//! (`convert --resolve-variables` reads them from the server, as `prefect deploy` does).
+
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::{json, Map, Value};
 
@@ -13,14 +16,167 @@ pub struct Converted {
     pub left_out: Vec<String>,
 }
 
-/// Converts `text` (a prefect.yaml). `server_url` goes into every `spec.server`.
-pub fn convert(text: &str, server_url: &str, namespace: Option<&str>) -> Result<Converted, String> {
+/// Prefect variables by name: those of the server that exist, with their values.
+pub type Variables = BTreeMap<String, Value>;
+
+const VARIABLE_PREFIX: &str = "prefect.variables.";
+
+fn parse(text: &str) -> Result<Value, String> {
     let mut yaml: serde_yaml::Value =
         serde_yaml::from_str(text).map_err(|e| format!("not valid YAML: {e}"))?;
     // `<<: *anchor` merge keys, as prefect.yaml files use them with `definitions`.
     yaml.apply_merge()
         .map_err(|e| format!("a YAML merge key cannot be applied: {e}"))?;
-    let doc: Value = serde_json::to_value(&yaml).map_err(|e| format!("not a mapping: {e}"))?;
+    serde_json::to_value(&yaml).map_err(|e| format!("not a mapping: {e}"))
+}
+
+/// The Prefect variables the deployments of `text` name (`{{ prefect.variables.NAME }}`),
+/// outside their pull steps, which are filled in when each flow run starts.
+pub fn variable_names(text: &str) -> Result<BTreeSet<String>, String> {
+    fn walk(v: &Value, names: &mut BTreeSet<String>) {
+        match v {
+            Value::String(s) => names.extend(
+                placeholders(s)
+                    .into_iter()
+                    .filter_map(|(_, name)| name.strip_prefix(VARIABLE_PREFIX))
+                    .map(str::to_string),
+            ),
+            Value::Array(a) => a.iter().for_each(|x| walk(x, names)),
+            Value::Object(o) => o
+                .iter()
+                .filter(|(k, _)| *k != "pull")
+                .for_each(|(_, x)| walk(x, names)),
+            _ => {}
+        }
+    }
+    let doc = parse(text)?;
+    let mut names = BTreeSet::new();
+    doc["deployments"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .for_each(|d| walk(d, &mut names));
+    Ok(names)
+}
+
+/// The `{{ name }}` placeholders of `s` as Prefect finds them: (the whole placeholder,
+/// the name). A name is word characters, dots, dashes, brackets and `$`.
+fn placeholders(s: &str) -> Vec<(&str, &str)> {
+    let mut found = Vec::new();
+    let mut from = 0;
+    while let Some(at) = s[from..].find("{{").map(|i| from + i) {
+        // A brace may open the next try: `{{{ a }}` holds `{{ a }}`.
+        from = at + 1;
+        let rest = &s[at + 2..];
+        let inner = rest.trim_start();
+        let len = inner
+            .find(|c: char| !(c.is_alphanumeric() || "_.-[]$".contains(c)))
+            .unwrap_or(inner.len());
+        if len == 0 {
+            continue;
+        }
+        let after = inner[len..].trim_start();
+        if after.starts_with("}}") {
+            let end = s.len() - after.len() + 2;
+            found.push((&s[at..end], &inner[..len]));
+            from = end;
+        }
+    }
+    found
+}
+
+/// A variable's value as Python's `str()` writes it into text, as `prefect deploy`
+/// does; `None` for a list or an object, whose Python form a manifest should not copy.
+fn as_text(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(true) => Some("True".into()),
+        Value::Bool(false) => Some("False".into()),
+        Value::Null => Some("None".into()),
+        Value::Array(_) | Value::Object(_) => None,
+    }
+}
+
+/// `v` with its variable placeholders filled in from `vars`: a string that is one
+/// placeholder and nothing else becomes the variable's value (of any JSON type), one
+/// with text around it gets the value as text. Problems are collected, not fatal.
+fn fill(v: &Value, path: &str, vars: &Variables, problems: &mut Vec<String>) -> Value {
+    match v {
+        Value::String(s) => {
+            let found: Vec<(&str, &str)> = placeholders(s)
+                .into_iter()
+                .filter_map(|(whole, name)| Some((whole, name.strip_prefix(VARIABLE_PREFIX)?)))
+                .collect();
+            if let [(whole, name)] = found.as_slice() {
+                if *whole == s.as_str() {
+                    return match vars.get(*name) {
+                        Some(value) => value.clone(),
+                        None => {
+                            problems.push(format!("{path}: Prefect variable {name:?} does not exist on the server (`prefect deploy` would put an empty string there)"));
+                            v.clone()
+                        }
+                    };
+                }
+            }
+            let mut out = s.clone();
+            for (whole, name) in found {
+                match vars.get(name).map(as_text) {
+                    Some(Some(text)) => out = out.replace(whole, &text),
+                    Some(None) => problems.push(format!("{path}: Prefect variable {name:?} holds a list or an object, which cannot go inside text")),
+                    None => problems.push(format!("{path}: Prefect variable {name:?} does not exist on the server (`prefect deploy` would put an empty string there)")),
+                }
+            }
+            Value::String(out)
+        }
+        Value::Array(a) => Value::Array(
+            a.iter()
+                .enumerate()
+                .map(|(i, x)| fill(x, &format!("{path}[{i}]"), vars, problems))
+                .collect(),
+        ),
+        Value::Object(o) => Value::Object(
+            o.iter()
+                .map(|(k, x)| (k.clone(), fill(x, &format!("{path}.{k}"), vars, problems)))
+                .collect(),
+        ),
+        other => other.clone(),
+    }
+}
+
+/// Deployment `d` with its variables filled in, but for its pull steps (which Prefect
+/// fills in when each flow run starts). A field with a variable that cannot be filled
+/// in is left out and reported.
+fn with_variables(d: &Value, path: &str, vars: &Variables, left_out: &mut Vec<String>) -> Value {
+    let Some(fields) = d.as_object() else {
+        return d.clone();
+    };
+    let mut out = Map::new();
+    for (k, v) in fields {
+        if k == "pull" {
+            out.insert(k.clone(), v.clone());
+            continue;
+        }
+        let mut problems = Vec::new();
+        let filled = fill(v, &format!("{path}.{k}"), vars, &mut problems);
+        if problems.is_empty() {
+            out.insert(k.clone(), filled);
+        } else {
+            left_out.extend(problems);
+        }
+    }
+    Value::Object(out)
+}
+
+/// Converts `text` (a prefect.yaml). `server_url` goes into every `spec.server`. With
+/// `variables`, Prefect variable placeholders are filled in from them.
+pub fn convert(
+    text: &str,
+    server_url: &str,
+    namespace: Option<&str>,
+    variables: Option<&Variables>,
+) -> Result<Converted, String> {
+    let doc = parse(text)?;
     let mut left_out = Vec::new();
     for key in ["build", "push"] {
         if !doc[key].is_null() {
@@ -35,6 +191,14 @@ pub fn convert(text: &str, server_url: &str, namespace: Option<&str>) -> Result<
     let mut manifests = Vec::new();
     for (i, d) in deployments.iter().enumerate() {
         let path = format!("deployments[{i}]");
+        let filled;
+        let d = match variables {
+            Some(vars) => {
+                filled = with_variables(d, &path, vars, &mut left_out);
+                &filled
+            }
+            None => d,
+        };
         match deployment(d, &doc["pull"], &path, server_url, namespace, &mut left_out) {
             Ok(m) => manifests.push(m),
             Err(why) => left_out.push(format!("{path}: not converted: {why}")),
@@ -63,6 +227,23 @@ fn deployment(
     let pool_name = pool["name"]
         .as_str()
         .ok_or("it has no work_pool.name (a served deployment)")?;
+    // What names the deployment cannot be left out: without it there is nothing.
+    for (field, v) in [
+        ("name", name.as_str()),
+        ("entrypoint", entrypoint.as_str()),
+        ("work_pool.name", pool_name),
+    ] {
+        if !placeholders(v).is_empty() {
+            let hint = if v.contains(VARIABLE_PREFIX) {
+                " (`--resolve-variables` reads Prefect variables from the server)"
+            } else {
+                ""
+            };
+            return Err(format!(
+                "its {field} {v:?} is filled in by `prefect deploy`; put the value in the file{hint}"
+            ));
+        }
+    }
     for key in ["build", "push"] {
         if !d[key].is_null() {
             left_out.push(format!(
@@ -260,8 +441,13 @@ fn resolved(v: &Value, path: &str, left_out: &mut Vec<String>) -> Option<Value> 
         return Some(v.clone());
     }
     for (p, text) in found {
+        let hint = if text.contains(VARIABLE_PREFIX) {
+            " (`--resolve-variables` reads Prefect variables from the server)"
+        } else {
+            ""
+        };
         left_out.push(format!(
-            "{p}: {text:?} is filled in by `prefect deploy` (a step output, a Prefect variable or block, or an environment variable); put the value in the manifest"
+            "{p}: {text:?} is filled in by `prefect deploy` (a step output, a Prefect variable or block, or an environment variable); put the value in the manifest{hint}"
         ));
     }
     None
@@ -324,7 +510,7 @@ deployments:
     schedule: {rrule: "FREQ=DAILY"}
     concurrency_limit: 3
 "#;
-        let c = convert(text, "http://prefect/api", Some("data")).unwrap();
+        let c = convert(text, "http://prefect/api", Some("data"), None).unwrap();
         assert_eq!(c.manifests.len(), 2);
         let d = &c.manifests[0]["spec"]["deployment"];
         assert_eq!(c.manifests[0]["metadata"]["name"], "nightly-etl");
@@ -366,5 +552,101 @@ deployments:
             "{:?}",
             c.left_out
         );
+    }
+
+    #[test]
+    fn prefect_variables_are_filled_in_as_prefect_deploy_does() {
+        let text = r#"
+pull:
+  - prefect.deployments.steps.git_clone:
+      repository: "{{ prefect.variables.repo }}"
+deployments:
+  - name: "{{ prefect.variables.team }}-etl"
+    entrypoint: flows/etl.py:etl
+    tags: ["{{ prefect.variables.team }}", "{{prefect.variables.team}}"]
+    parameters:
+      limits: "{{ prefect.variables.limits }}"
+      retries: "{{ prefect.variables.retries }}"
+      note: "retries={{ prefect.variables.retries }} dry={{ prefect.variables.dry }}"
+      missing: "{{ prefect.variables.nowhere }}"
+    work_pool:
+      name: k8s
+      job_variables: {image: "{{ prefect.variables.image }}:{{ build.tag }}"}
+    description: "uses {{ prefect.variables.limits }}"
+"#;
+        let names = variable_names(text).unwrap();
+        // The pull step's variable is Prefect's to fill in when each run starts.
+        assert_eq!(
+            names.iter().map(String::as_str).collect::<Vec<_>>(),
+            ["dry", "image", "limits", "nowhere", "retries", "team"]
+        );
+        let vars: Variables = [
+            ("team", json!("data")),
+            ("limits", json!({"cpu": 2})),
+            ("retries", json!(3)),
+            ("dry", json!(false)),
+            ("image", json!("registry.example/etl")),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let c = convert(text, "http://prefect/api", None, Some(&vars)).unwrap();
+        let d = &c.manifests[0]["spec"]["deployment"];
+        assert_eq!(d["name"], "data-etl");
+        assert_eq!(d["tags"], json!(["data", "data"]));
+        // A missing variable leaves its whole field out, as any unfilled template.
+        assert!(d.get("parameters").is_none(), "{d}");
+        assert!(c.left_out.iter().any(|l| l
+            == "deployments[0].parameters.missing: Prefect variable \"nowhere\" does not exist on the server (`prefect deploy` would put an empty string there)"));
+        // An object cannot go inside text; a step output is still not ours to fill.
+        assert!(d.get("description").is_none());
+        assert!(c.left_out.iter().any(|l| l.starts_with(
+            "deployments[0].description: Prefect variable \"limits\" holds a list or an object"
+        )));
+        assert!(d.get("jobVariables").is_none());
+        assert!(c.left_out.iter().any(|l| l.starts_with(
+            "deployments[0].work_pool.job_variables.image: \"registry.example/etl:{{ build.tag }}\" is filled in by `prefect deploy`"
+        )), "{:?}", c.left_out);
+        assert_eq!(
+            d["pullSteps"][0]["prefect.deployments.steps.git_clone"]["repository"],
+            "{{ prefect.variables.repo }}"
+        );
+
+        // With every variable present, values keep their JSON type when a field is
+        // the placeholder alone, and become Python's text inside other text.
+        let text = text.replace("nowhere", "retries").replace(
+            r#"description: "uses {{ prefect.variables.limits }}""#,
+            "description: plain",
+        );
+        let c = convert(&text, "http://prefect/api", None, Some(&vars)).unwrap();
+        let p = &c.manifests[0]["spec"]["deployment"]["parameters"];
+        assert_eq!(p["limits"], json!({"cpu": 2}));
+        assert_eq!(p["retries"], json!(3));
+        assert_eq!(p["note"], json!("retries=3 dry=False"));
+
+        // Without variables given, the report points at the option.
+        let c = convert(&text, "http://prefect/api", None, None).unwrap();
+        assert!(
+            c.left_out.iter().any(|l| l
+                == "deployments[0]: not converted: its name \"{{ prefect.variables.team }}-etl\" is filled in by `prefect deploy`; put the value in the file (`--resolve-variables` reads Prefect variables from the server)"),
+            "{:?}",
+            c.left_out
+        );
+        assert!(c.manifests.is_empty());
+    }
+
+    #[test]
+    fn placeholders_are_found_as_prefect_finds_them() {
+        assert_eq!(
+            placeholders("a {{ x.y }} b {{z}} {{ $HOME }} {{ not valid }} {{ q"),
+            [
+                ("{{ x.y }}", "x.y"),
+                ("{{z}}", "z"),
+                ("{{ $HOME }}", "$HOME")
+            ]
+        );
+        assert_eq!(placeholders("{{{{ a }}}}"), [("{{ a }}", "a")]);
+        assert_eq!(placeholders("{{{ a }}"), [("{{ a }}", "a")]);
+        assert!(placeholders("{{ }}").is_empty());
     }
 }

@@ -64,7 +64,10 @@ async fn run() -> ExitCode {
     match cli.command {
         Command::Crd => print!("{}", prefect_operator::api::crd_yaml()),
         Command::Validate(args) => return prefect_operator::commands::validate(&args),
-        Command::Convert(args) => return prefect_operator::commands::convert(&args),
+        Command::Convert(args) => {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            return prefect_operator::commands::convert(&args).await;
+        }
         Command::Export(args) => {
             let _ = rustls::crypto::ring::default_provider().install_default();
             return prefect_operator::commands::export(&args).await;

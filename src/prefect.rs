@@ -672,6 +672,13 @@ impl PrefectClient {
         Ok(v.and_then(|v| v.get("name").and_then(Value::as_str).map(str::to_string)))
     }
 
+    /// The value of Prefect variable `name` (any JSON), `None` if it does not exist.
+    pub async fn variable(&self, name: &str) -> Result<Option<Value>, Error> {
+        let path = format!("/variables/name/{}", encode_segment(name));
+        let v = self.call_opt(Method::GET, "variable", &path, None).await?;
+        Ok(v.map(|mut v| v["value"].take()))
+    }
+
     /// Identifies the server and credentials, so a snapshot read with one client is
     /// only used by clients that could have read it themselves.
     pub fn identity(&self) -> String {

@@ -1633,6 +1633,25 @@ async fn convert_matches_prefect_deploy() {
         .replace("POOL", &pool)
         .replace("SUFFIX", &suffix);
     std::fs::write(dir.path().join("prefect.yaml"), &text).unwrap();
+    // The variables the file names, on both servers: each side reads its own.
+    for server in [&other.url, &env.prefect.url] {
+        for (name, value) in [
+            ("rows", json!(20)),
+            ("bucket", json!("warehouse")),
+            ("team", json!("data")),
+            ("tag", json!("1.4")),
+        ] {
+            let body = json!({"name": format!("{name}_{suffix}"), "value": value});
+            let (code, v) = support::prefect_call(
+                &env.raw,
+                reqwest::Method::POST,
+                &format!("{server}/variables/"),
+                Some(&body),
+            )
+            .await;
+            assert_eq!(code, 201, "{v}");
+        }
+    }
     std::fs::create_dir(dir.path().join("flows")).unwrap();
     std::fs::copy(
         format!("{fixtures}/flows/etl.py"),
@@ -1660,6 +1679,7 @@ async fn convert_matches_prefect_deploy() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_prefect-operator"))
         .args(["convert", dir.path().join("prefect.yaml").to_str().unwrap()])
         .args(["--server-url", &env.prefect.url, "--namespace", &env.ns])
+        .arg("--resolve-variables")
         .output()
         .unwrap();
     let yaml = String::from_utf8(out.stdout).unwrap();
@@ -1686,6 +1706,16 @@ async fn convert_matches_prefect_deploy() {
     ] {
         env.wait_for(&name, "Ready", is_ready).await;
         let theirs = read(format!("{}/deployments/name/{flow}/{name}", other.url)).await;
+        // Prefect filled in the variables (the comparison below is not of two blanks).
+        if flow == "etl" {
+            assert_eq!(
+                theirs["parameters"],
+                json!({"rows": 20, "source": "s3://warehouse/in"})
+            );
+        } else {
+            assert_eq!(theirs["tags"], json!(["data", "team-data"]));
+            assert_eq!(theirs["job_variables"], json!({"image": "etl:1.4"}));
+        }
         let ours = read(format!(
             "{}/deployments/name/{flow}/{name}",
             env.prefect.url
@@ -1770,6 +1800,32 @@ async fn convert_matches_prefect_deploy() {
         .await;
         assert_eq!(ours_a, theirs_a, "{name}: automations");
     }
+
+    // A variable the server does not have: its field is left out and said, exit 1.
+    let missing = format!(
+        "deployments:\n  - name: m-{suffix}\n    entrypoint: flows/etl.py:hourly\n    work_pool: {{name: {pool}}}\n    tags: [\"{{{{ prefect.variables.absent_{suffix} }}}}\"]\n"
+    );
+    std::fs::write(dir.path().join("missing.yaml"), &missing).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_prefect-operator"))
+        .args(["convert", dir.path().join("missing.yaml").to_str().unwrap()])
+        .args(["--server-url", &env.prefect.url, "--resolve-variables"])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "deployments[0].tags[0]: Prefect variable \"absent_{suffix}\" does not exist on the server"
+        )),
+        "{stderr}"
+    );
+    assert!(
+        stdout.contains(&format!("name: m-{suffix}")) && !stdout.contains("tags"),
+        "{stdout}"
+    );
 }
 
 /// `diff --from-cluster`: the live object's uid and status and the Secret it names are
