@@ -193,15 +193,12 @@ pub fn state_of(status: Option<&PrefectDeploymentStatus>) -> SyncState {
         .unwrap_or_default()
 }
 
-/// Writes `new` unless it equals what the object already has.
+/// Writes `new` as the status by server-side apply (the caller skips an unchanged one).
 pub async fn write(
     api: &Api<PrefectDeployment>,
     obj: &PrefectDeployment,
     new: &PrefectDeploymentStatus,
 ) -> Result<()> {
-    if obj.status.as_ref() == Some(new) {
-        return Ok(());
-    }
     let name = obj.metadata.name.as_deref().unwrap_or_default();
     let patch = json!({
         "apiVersion": "prefect.io/v1",
