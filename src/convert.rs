@@ -42,20 +42,22 @@ pub fn variable_names(text: &str) -> Result<BTreeSet<String>, String> {
                     .map(str::to_string),
             ),
             Value::Array(a) => a.iter().for_each(|x| walk(x, names)),
-            Value::Object(o) => o
-                .iter()
-                .filter(|(k, _)| *k != "pull")
-                .for_each(|(_, x)| walk(x, names)),
+            Value::Object(o) => o.values().for_each(|x| walk(x, names)),
             _ => {}
         }
     }
     let doc = parse(text)?;
     let mut names = BTreeSet::new();
-    doc["deployments"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .for_each(|d| walk(d, &mut names));
+    for d in doc["deployments"].as_array().into_iter().flatten() {
+        // Only a deployment's own `pull` is its pull steps; a parameter may be called so.
+        match d.as_object() {
+            Some(fields) => fields
+                .iter()
+                .filter(|(k, _)| *k != "pull")
+                .for_each(|(_, x)| walk(x, &mut names)),
+            None => walk(d, &mut names),
+        }
+    }
     Ok(names)
 }
 
@@ -234,13 +236,9 @@ fn deployment(
         ("work_pool.name", pool_name),
     ] {
         if !placeholders(v).is_empty() {
-            let hint = if v.contains(VARIABLE_PREFIX) {
-                " (`--resolve-variables` reads Prefect variables from the server)"
-            } else {
-                ""
-            };
             return Err(format!(
-                "its {field} {v:?} is filled in by `prefect deploy`; put the value in the file{hint}"
+                "its {field} {v:?} is filled in by `prefect deploy`; put the value in the file{}",
+                variables_hint(v)
             ));
         }
     }
@@ -441,16 +439,21 @@ fn resolved(v: &Value, path: &str, left_out: &mut Vec<String>) -> Option<Value> 
         return Some(v.clone());
     }
     for (p, text) in found {
-        let hint = if text.contains(VARIABLE_PREFIX) {
-            " (`--resolve-variables` reads Prefect variables from the server)"
-        } else {
-            ""
-        };
         left_out.push(format!(
-            "{p}: {text:?} is filled in by `prefect deploy` (a step output, a Prefect variable or block, or an environment variable); put the value in the manifest{hint}"
+            "{p}: {text:?} is filled in by `prefect deploy` (a step output, a Prefect variable or block, or an environment variable); put the value in the manifest{}",
+            variables_hint(&text)
         ));
     }
     None
+}
+
+/// For a template naming a Prefect variable: where the option that fills those in is.
+fn variables_hint(text: &str) -> &'static str {
+    if text.contains(VARIABLE_PREFIX) {
+        " (`--resolve-variables` reads Prefect variables from the server)"
+    } else {
+        ""
+    }
 }
 
 fn templates(v: &Value, path: &str, found: &mut Vec<(String, String)>) {
@@ -565,6 +568,8 @@ deployments:
     entrypoint: flows/etl.py:etl
     tags: ["{{ prefect.variables.team }}", "{{prefect.variables.team}}"]
     parameters:
+      # A parameter may be called `pull`: only the deployment's own are pull steps.
+      pull: "{{ prefect.variables.owner }}"
       limits: "{{ prefect.variables.limits }}"
       retries: "{{ prefect.variables.retries }}"
       note: "retries={{ prefect.variables.retries }} dry={{ prefect.variables.dry }}"
@@ -578,13 +583,14 @@ deployments:
         // The pull step's variable is Prefect's to fill in when each run starts.
         assert_eq!(
             names.iter().map(String::as_str).collect::<Vec<_>>(),
-            ["dry", "image", "limits", "nowhere", "retries", "team"]
+            ["dry", "image", "limits", "nowhere", "owner", "retries", "team"]
         );
         let vars: Variables = [
             ("team", json!("data")),
             ("limits", json!({"cpu": 2})),
             ("retries", json!(3)),
             ("dry", json!(false)),
+            ("owner", json!("ana")),
             ("image", json!("registry.example/etl")),
         ]
         .into_iter()
@@ -621,6 +627,7 @@ deployments:
         let c = convert(&text, "http://prefect/api", None, Some(&vars)).unwrap();
         let p = &c.manifests[0]["spec"]["deployment"]["parameters"];
         assert_eq!(p["limits"], json!({"cpu": 2}));
+        assert_eq!(p["pull"], json!("ana"));
         assert_eq!(p["retries"], json!(3));
         assert_eq!(p["note"], json!("retries=3 dry=False"));
 
