@@ -1164,6 +1164,62 @@ async fn actions_reconcile_run_pause_resume() {
     assert_eq!(d["paused"], json!(false));
 }
 
+/// Action annotations the status copies: an empty one (server-side apply on some
+/// apiservers, 1.20 here, turns "" into null, which the status schema refuses, so it
+/// kept the whole status from being written) and a run token longer than status keeps
+/// (it was asked for again on every pass).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_or_long_action_annotations_are_answered_once() {
+    let (env, pool) = Env::new(Duration::from_secs(300)).await;
+    let name = unique("empty");
+    let mut pd = resource(
+        &env,
+        &pool,
+        &name,
+        json!({"deployment": {"entrypoint": "flows/etl.py:nightly"}}),
+    );
+    pd.metadata.annotations = Some(
+        [
+            (RECONCILE_REQUESTED_AT.to_string(), String::new()),
+            (RUN_REQUESTED_AT.to_string(), String::new()),
+        ]
+        .into(),
+    );
+    env.api.create(&PostParams::default(), &pd).await.unwrap();
+    let obj = env.wait_for(&name, "Ready", is_ready).await;
+    let status = obj.status.unwrap();
+    let id = status.deployment_id.clone().unwrap();
+    // An empty request asks for nothing: no run, nothing recorded as handled.
+    assert_eq!(status.last_handled_reconcile_at, None);
+    assert!(status.last_run.is_none(), "{:?}", status.last_run);
+    assert!(flow_runs_of(&env, &id).await.is_empty());
+    // A real request after it is answered as usual, once, even with a token longer
+    // than status keeps (it is recorded shortened, and still matches on later passes).
+    let token = format!("now-{}", "x".repeat(400));
+    env.cp.kubectl_ok(&[
+        "annotate",
+        "--overwrite",
+        "pd",
+        "-n",
+        &env.ns,
+        &name,
+        &format!("{RUN_REQUESTED_AT}={token}"),
+    ]);
+    env.wait_for(&name, "lastRun", |o| {
+        o.status
+            .as_ref()
+            .and_then(|s| s.last_run.as_ref())
+            .is_some_and(|r| r.token.starts_with("now-") && r.flow_run_id.is_some())
+    })
+    .await;
+    let asked = env.ctx.calls.count("POST", "create_flow_run");
+    env.reconcile_now(&name, "again").await;
+    env.reconcile_now(&name, "and again").await;
+    assert_eq!(flow_runs_of(&env, &id).await.len(), 1);
+    // Not asked again either (Prefect's idempotency key would hide a second ask).
+    assert_eq!(env.ctx.calls.count("POST", "create_flow_run"), asked);
+}
+
 /// `--allowed-server` and `--secret-label`: a resource pointing elsewhere is stalled
 /// without a single request; a Secret without the label is not read until labelled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -88,7 +88,9 @@ struct Requests {
 
 impl Requests {
     fn of(obj: &PrefectDeployment) -> Requests {
-        let get = |k: &str| obj.annotations().get(k).cloned();
+        // An empty value asks for nothing (a template that rendered no timestamp, say);
+        // recorded in status it would also be refused there (see `status::write`).
+        let get = |k: &str| obj.annotations().get(k).filter(|v| !v.is_empty()).cloned();
         Requests {
             reconcile: get(RECONCILE_REQUESTED_AT),
             run: get(RUN_REQUESTED_AT),
@@ -1109,16 +1111,17 @@ async fn run_if_requested(
     last_run: &mut Option<LastRun>,
     changes: &mut Vec<execute::Change>,
 ) -> Result<()> {
-    let Some(token) = obj.annotations().get(RUN_REQUESTED_AT) else {
+    let Some(token) = Requests::of(obj).run else {
         return Ok(());
     };
-    if last_run.as_ref().is_some_and(|r| &r.token == token) {
+    // Compared as recorded: a long token is kept shortened, and must still match.
+    let token = crate::prefect::truncate(&token, 256);
+    if last_run.as_ref().is_some_and(|r| r.token == token) {
         return Ok(());
     }
     let Some(id) = &state.deployment_id else {
         return Ok(());
     };
-    let token = crate::prefect::truncate(token, 256);
     let text = obj
         .annotations()
         .get(RUN_PARAMETERS)

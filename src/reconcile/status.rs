@@ -99,7 +99,9 @@ pub fn conditions(
             type_: type_.into(),
             status: status.into(),
             reason: reason.into(),
-            message: truncate(message, 512),
+            // Never empty: server-side apply on some apiservers (1.20) turns "" into
+            // null, which the schema refuses, and the whole status write with it.
+            message: truncate(if message.is_empty() { reason } else { message }, 512),
             last_transition_time,
             observed_generation: generation,
         }
@@ -212,4 +214,31 @@ pub async fn write(
     )
     .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_condition_message_is_never_empty() {
+        for outcome in [
+            Outcome::Ready { message: "" },
+            Outcome::Retrying {
+                reason: "PrefectUnavailable",
+                message: "",
+            },
+            Outcome::Stalled {
+                reason: "InvalidSpec",
+                message: "",
+            },
+        ] {
+            for c in conditions(None, outcome, Some(1)) {
+                assert!(!c.message.is_empty(), "{c:?}");
+                assert_eq!(c.message, c.reason);
+            }
+        }
+        let c = conditions(None, Outcome::Ready { message: "applied" }, Some(1));
+        assert_eq!(c[0].message, "applied");
+    }
 }
