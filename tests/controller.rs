@@ -2393,6 +2393,51 @@ async fn automations_are_checked_on_the_resync_without_a_stream() {
     assert!(env.ctx.calls.count("GET", "automations_related_to") >= 1);
 }
 
+/// The Event API's limits hold for any resource: a name of 253 characters (the most
+/// Kubernetes allows) and a note of 1000 characters of three bytes each (the API counts
+/// at most 1024 bytes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_about_long_names_and_long_texts_are_accepted() {
+    use k8s_openapi::api::core::v1::ObjectReference;
+    use k8s_openapi::api::events::v1::Event as K8sEvent;
+    use prefect_operator::reconcile::events::{Event, EventType, Recorder};
+    let cp = ControlPlane::shared();
+    let kube = cp.client().await;
+    let ns = new_namespace(&kube).await;
+    let recorder = Recorder::new(kube.clone(), "prefect-operator");
+    let name = "a".repeat(253);
+    let about = ObjectReference {
+        api_version: Some("prefect.io/v1".into()),
+        kind: Some("PrefectDeployment".into()),
+        namespace: Some(ns.clone()),
+        name: Some(name.clone()),
+        uid: Some("0b0e3c1a-0000-4000-8000-000000000002".into()),
+        ..Default::default()
+    };
+    let note = "数".repeat(1000);
+    let ev = Event {
+        type_: EventType::Warning,
+        reason: "InvalidSpec",
+        note: &note,
+        action: "Sync",
+    };
+    recorder.publish(&ev, &about).await.unwrap();
+    // Again: the same event's series.
+    recorder.publish(&ev, &about).await.unwrap();
+    let events = Api::<K8sEvent>::namespaced(kube.clone(), &ns)
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items;
+    assert_eq!(events.len(), 1);
+    let e = &events[0];
+    assert_eq!(e.series.as_ref().map(|s| s.count), Some(2));
+    assert_eq!(e.regarding.as_ref().unwrap().name.as_deref(), Some(&*name));
+    let kept = e.note.clone().unwrap();
+    assert!(kept.len() <= 1024 && kept.starts_with("数数数"), "{kept}");
+    assert!(kept.ends_with('…'), "{kept}");
+}
+
 /// A repeat of an event on the same object adds to the first one's series instead of
 /// adding an object; a changed message is an event of its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

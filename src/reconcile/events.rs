@@ -98,7 +98,7 @@ impl Recorder {
         }
         let object = about.name.as_deref().unwrap_or(&self.controller);
         let nanos = chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default();
-        let name = format!("{object}.{nanos:x}");
+        let name = event_name(object, nanos);
         let event: K8sEvent = serde_json::from_value(json!({
             "metadata": {"name": name, "namespace": ns},
             "eventTime": now,
@@ -107,7 +107,7 @@ impl Recorder {
                 EventType::Warning => "Warning",
             },
             "reason": ev.reason,
-            "note": ev.note,
+            "note": within_bytes(ev.note, NOTE_BYTES),
             "action": ev.action,
             "regarding": about,
             "reportingController": self.controller,
@@ -127,6 +127,35 @@ impl Recorder {
             .sent
             .insert(key, Sent { name, count, last });
     }
+}
+
+/// The Event API's limits: a note of at most 1024 bytes, a name of at most 253.
+const NOTE_BYTES: usize = 1024;
+const NAME_BYTES: usize = 253;
+
+/// `text` cut to at most `max` bytes on a character boundary, ending in `…` if cut.
+fn within_bytes(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if text.len() <= max {
+        return text.into();
+    }
+    let mut end = max - '…'.len_utf8();
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end]).into()
+}
+
+/// `<object>.<nanoseconds in hex>`, as client-go names events, with the object's part
+/// shortened where the whole would pass 253 bytes (an object name may have 253 alone).
+/// Object names are ASCII; a cut part still ends in a letter or digit.
+fn event_name(object: &str, nanos: i64) -> String {
+    let suffix = format!(".{nanos:x}");
+    let keep = object.len().min(NAME_BYTES - suffix.len());
+    let part = object
+        .get(..keep)
+        .unwrap_or("event")
+        .trim_end_matches(['.', '-']);
+    format!("{part}{suffix}")
 }
 
 /// Which earlier event a new one repeats: same object (by uid, not by version), type,
@@ -159,6 +188,20 @@ mod tests {
             resource_version: Some(rv.into()),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn notes_and_names_fit_the_event_api() {
+        assert_eq!(within_bytes("short", 1024), "short");
+        let long = "数".repeat(400);
+        let cut = within_bytes(&long, 1024);
+        assert!(cut.len() <= 1024 && cut.ends_with('…'), "{cut}");
+        assert_eq!(cut.chars().count(), 340 + 1);
+        let name = event_name(&format!("{}-{}", "a".repeat(235), "b".repeat(17)), 1 << 60);
+        assert!(name.len() <= 253, "{}", name.len());
+        assert!(name.starts_with(&"a".repeat(235)) && name.ends_with(".1000000000000000"));
+        assert!(!name.contains("-."), "{name}");
+        assert_eq!(event_name("etl", 255), "etl.ff");
     }
 
     #[test]
