@@ -365,17 +365,11 @@ async fn read_variables(text: &str, server_url: &str) -> Result<crate::convert::
         env_auth(),
         std::sync::Arc::new(CallLog::default()),
     );
-    let mut found = crate::convert::Variables::new();
-    for name in names {
-        match client.variable(&name).await {
-            Ok(Some(value)) => {
-                found.insert(name, value);
-            }
-            Ok(None) => {}
-            Err(e) => return Err(format!("reading Prefect variable {name:?}: {e}")),
-        }
-    }
-    Ok(found)
+    let names: Vec<String> = names.into_iter().collect();
+    client
+        .variables(&names)
+        .await
+        .map_err(|e| format!("reading Prefect variables: {e}"))
 }
 
 /// `export`: 0 every selected deployment exported, 1 some could not be (each said on

@@ -92,12 +92,52 @@ fn placeholders(s: &str) -> Vec<(&str, &str)> {
 fn as_text(v: &Value) -> Option<String> {
     match v {
         Value::String(s) => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
+        Value::Number(n) => Some(match n.as_f64() {
+            Some(f) if !(n.is_i64() || n.is_u64()) => python_float(f),
+            _ => n.to_string(),
+        }),
         Value::Bool(true) => Some("True".into()),
         Value::Bool(false) => Some("False".into()),
         Value::Null => Some("None".into()),
         Value::Array(_) | Value::Object(_) => None,
     }
+}
+
+/// A float as Python's `str()` writes it: the shortest digits that read back the same
+/// (Rust's too), in positional form from 1e-4 up to below 1e16 and with a `.0` when
+/// whole, else as `1.5e-05` / `1e+16` (a sign and at least two exponent digits).
+fn python_float(f: f64) -> String {
+    if !f.is_finite() {
+        return if f.is_nan() {
+            "nan"
+        } else if f > 0.0 {
+            "inf"
+        } else {
+            "-inf"
+        }
+        .into();
+    }
+    let sci = format!("{:e}", f.abs());
+    let (mantissa, exp) = sci.split_once('e').unwrap_or((&sci, "0"));
+    let exp: i32 = exp.parse().unwrap_or(0);
+    let digits: String = mantissa.chars().filter(char::is_ascii_digit).collect();
+    let sign = if f.is_sign_negative() { "-" } else { "" };
+    // Where the point goes: 0.DIGITS x 10^point.
+    let point = exp + 1;
+    if !(-4 < point && point <= 16) {
+        let e_sign = if exp < 0 { '-' } else { '+' };
+        return format!("{sign}{mantissa}e{e_sign}{:02}", exp.abs());
+    }
+    let n = digits.len() as i32;
+    let body = if point <= 0 {
+        format!("0.{}{digits}", "0".repeat((-point) as usize))
+    } else if point >= n {
+        format!("{digits}{}.0", "0".repeat((point - n) as usize))
+    } else {
+        let (a, b) = digits.split_at(point as usize);
+        format!("{a}.{b}")
+    };
+    format!("{sign}{body}")
 }
 
 /// `v` with its variable placeholders filled in from `vars`: a string that is one
@@ -473,6 +513,40 @@ fn templates(v: &Value, path: &str, found: &mut Vec<(String, String)>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Python's own `str()` of each (CPython 3.11), as `prefect deploy` puts a float
+    /// variable into text.
+    #[test]
+    fn floats_in_text_read_as_python_writes_them() {
+        for (f, python) in [
+            (0.0, "0.0"),
+            (-0.0, "-0.0"),
+            (1.0, "1.0"),
+            (0.1, "0.1"),
+            (-2.5, "-2.5"),
+            (100.0, "100.0"),
+            (1e15, "1000000000000000.0"),
+            (1e16, "1e+16"),
+            (1234567890123456.0, "1234567890123456.0"),
+            (12345678901234567.0, "1.2345678901234568e+16"),
+            (1e20, "1e+20"),
+            (1e-4, "0.0001"),
+            (1e-5, "1e-05"),
+            (0.00012345, "0.00012345"),
+            (1.5e-5, "1.5e-05"),
+            (123.456, "123.456"),
+            (1e300, "1e+300"),
+            (-1e-300, "-1e-300"),
+            (5e-324, "5e-324"),
+            (9007199254740992.0, "9007199254740992.0"),
+            (1.0 / 3.0, "0.3333333333333333"),
+        ] {
+            assert_eq!(python_float(f), python, "{f:e}");
+            assert_eq!(as_text(&json!(f)).unwrap(), python);
+        }
+        assert_eq!(as_text(&json!(42)).unwrap(), "42");
+        assert_eq!(as_text(&json!(-7)).unwrap(), "-7");
+    }
 
     #[test]
     fn converts_anchors_schedules_and_reports_templates() {

@@ -672,11 +672,35 @@ impl PrefectClient {
         Ok(v.and_then(|v| v.get("name").and_then(Value::as_str).map(str::to_string)))
     }
 
-    /// The value of Prefect variable `name` (any JSON), `None` if it does not exist.
-    pub async fn variable(&self, name: &str) -> Result<Option<Value>, Error> {
-        let path = format!("/variables/name/{}", encode_segment(name));
-        let v = self.call_opt(Method::GET, "variable", &path, None).await?;
-        Ok(v.map(|mut v| v["value"].take()))
+    /// The values of the Prefect variables with these names (any JSON), by name; a name
+    /// Prefect does not have is absent. One `POST /variables/filter` per 200 names.
+    pub async fn variables(&self, names: &[String]) -> Result<BTreeMap<String, Value>, Error> {
+        #[derive(serde::Deserialize)]
+        struct Variable {
+            name: String,
+            #[serde(default)]
+            value: Value,
+        }
+        let mut found = BTreeMap::new();
+        // Names are unique, so a page of N names holds at most N variables.
+        for page in names.chunks(200) {
+            let body = serde_json::json!({
+                "variables": {"name": {"any_": page}},
+                "limit": page.len(),
+                "offset": 0,
+            });
+            let v = self
+                .call(
+                    Method::POST,
+                    "variables_filter",
+                    "/variables/filter",
+                    Some(&body),
+                )
+                .await?;
+            let page: Vec<Variable> = decode("POST variables_filter", v)?;
+            found.extend(page.into_iter().map(|v| (v.name, v.value)));
+        }
+        Ok(found)
     }
 
     /// Identifies the server and credentials, so a snapshot read with one client is

@@ -1696,6 +1696,9 @@ async fn convert_matches_prefect_deploy() {
             ("bucket", json!("warehouse")),
             ("team", json!("data")),
             ("tag", json!("1.4")),
+            ("ratio", json!(1e-5)),
+            ("big", json!(1e20)),
+            ("flag", json!(true)),
         ] {
             let body = json!({"name": format!("{name}_{suffix}"), "value": value});
             let (code, v) = support::prefect_call(
@@ -1769,7 +1772,10 @@ async fn convert_matches_prefect_deploy() {
                 json!({"rows": 20, "source": "s3://warehouse/in"})
             );
         } else {
-            assert_eq!(theirs["tags"], json!(["data", "team-data"]));
+            assert_eq!(
+                theirs["tags"],
+                json!(["data", "team-data", "r1e-05-b1e+20-True"])
+            );
             assert_eq!(theirs["job_variables"], json!({"image": "etl:1.4"}));
         }
         let ours = read(format!(
