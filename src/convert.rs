@@ -416,6 +416,22 @@ fn deployment(
     }))
 }
 
+/// A duration of prefect.yaml (seconds, or text Prefect reads as a `timedelta`, such as
+/// `PT10M` or `0:01:30`) as the whole seconds the spec holds. Anything else is kept as
+/// written, for the check of the manifest to name.
+fn whole_seconds(v: &Value) -> Value {
+    let secs = match v {
+        Value::Number(n) => n.as_f64(),
+        Value::String(_) => crate::schedule::interval::parse(v).ok().map(|e| e.seconds),
+        _ => None,
+    };
+    match secs {
+        // Below 2^53 a whole f64 is exact as an integer.
+        Some(s) if (0.0..9.0e15).contains(&s) && s.fract() == 0.0 => json!(s as i64),
+        _ => v.clone(),
+    }
+}
+
 /// A trigger of prefect.yaml in the spec's words. Templates in its parameters are
 /// filled in when the automation fires, so they are kept.
 fn trigger(t: &Value, path: &str, left_out: &mut Vec<String>) -> Value {
@@ -440,13 +456,17 @@ fn trigger(t: &Value, path: &str, left_out: &mut Vec<String>) -> Value {
     ];
     for (from, to) in renames {
         if let Some(v) = t.get(from).filter(|v| !v.is_null()) {
-            o.insert(to.into(), v.clone());
+            let v = match from {
+                "within" | "schedule_after" => whole_seconds(v),
+                _ => v.clone(),
+            };
+            o.insert(to.into(), v);
         }
     }
     if let Some(m) = t.get("metric").filter(|m| !m.is_null()) {
         let mut metric = m.clone();
         if let Some(f) = metric.as_object_mut().and_then(|m| m.remove("firing_for")) {
-            metric["firingFor"] = f;
+            metric["firingFor"] = whole_seconds(&f);
         }
         o.insert("metric".into(), metric);
     }
@@ -513,6 +533,31 @@ fn templates(v: &Value, path: &str, found: &mut Vec<(String, String)>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn trigger_durations_become_whole_seconds() {
+        let mut left_out = Vec::new();
+        let t = trigger(
+            &json!({"within": "PT10M", "schedule_after": "0:01:30", "triggers": [
+                {"within": 90.0, "metric": {"firing_for": "P1D"}},
+                {"within": 0},
+                {"within": 1.5},
+                {"within": "soon"},
+            ]}),
+            "t",
+            &mut left_out,
+        );
+        assert!(left_out.is_empty(), "{left_out:?}");
+        assert_eq!(t["within"], json!(600));
+        assert_eq!(t["scheduleAfter"], json!(90));
+        let c = &t["triggers"];
+        assert_eq!(c[0]["within"], json!(90));
+        assert_eq!(c[0]["metric"]["firingFor"], json!(86400));
+        assert_eq!(c[1]["within"], json!(0));
+        // Not whole seconds, or not a duration: kept for the manifest check to refuse.
+        assert_eq!(c[2]["within"], json!(1.5));
+        assert_eq!(c[3]["within"], json!("soon"));
+    }
 
     /// Python's own `str()` of each (CPython 3.11), as `prefect deploy` puts a float
     /// variable into text.
