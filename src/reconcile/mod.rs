@@ -88,8 +88,9 @@ struct Requests {
 
 impl Requests {
     fn of(obj: &PrefectDeployment) -> Requests {
-        // An empty value asks for nothing (a template that rendered no timestamp, say);
-        // recorded in status it would also be refused there (see `status::write`).
+        // An empty value asks for nothing (a template that rendered no timestamp, say).
+        // Copied into status it would be refused: server-side apply on some apiservers
+        // turns "" into null, which the status schema does not allow.
         let get = |k: &str| obj.annotations().get(k).filter(|v| !v.is_empty()).cloned();
         Requests {
             reconcile: get(RECONCILE_REQUESTED_AT),
