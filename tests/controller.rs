@@ -2399,27 +2399,41 @@ async fn automations_are_checked_on_the_resync_without_a_stream() {
     assert!(env.ctx.calls.count("GET", "automations_related_to") >= 1);
 }
 
+/// An event recorder writing into a namespace of its own.
+async fn event_recorder() -> (
+    kube::Client,
+    String,
+    prefect_operator::reconcile::events::Recorder,
+) {
+    let kube = ControlPlane::shared().client().await;
+    let ns = new_namespace(&kube).await;
+    let recorder =
+        prefect_operator::reconcile::events::Recorder::new(kube.clone(), "prefect-operator");
+    (kube, ns, recorder)
+}
+
+/// A reference to a PrefectDeployment, as events carry it.
+fn regarding(ns: &str, name: &str, uid: &str) -> k8s_openapi::api::core::v1::ObjectReference {
+    k8s_openapi::api::core::v1::ObjectReference {
+        api_version: Some("prefect.io/v1".into()),
+        kind: Some("PrefectDeployment".into()),
+        namespace: Some(ns.into()),
+        name: Some(name.into()),
+        uid: Some(uid.into()),
+        ..Default::default()
+    }
+}
+
 /// The Event API's limits hold for any resource: a name of 253 characters (the most
 /// Kubernetes allows) and a note of 1000 characters of three bytes each (the API counts
 /// at most 1024 bytes).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_about_long_names_and_long_texts_are_accepted() {
-    use k8s_openapi::api::core::v1::ObjectReference;
     use k8s_openapi::api::events::v1::Event as K8sEvent;
-    use prefect_operator::reconcile::events::{Event, EventType, Recorder};
-    let cp = ControlPlane::shared();
-    let kube = cp.client().await;
-    let ns = new_namespace(&kube).await;
-    let recorder = Recorder::new(kube.clone(), "prefect-operator");
+    use prefect_operator::reconcile::events::{Event, EventType};
+    let (kube, ns, recorder) = event_recorder().await;
     let name = "a".repeat(253);
-    let about = ObjectReference {
-        api_version: Some("prefect.io/v1".into()),
-        kind: Some("PrefectDeployment".into()),
-        namespace: Some(ns.clone()),
-        name: Some(name.clone()),
-        uid: Some("0b0e3c1a-0000-4000-8000-000000000002".into()),
-        ..Default::default()
-    };
+    let about = regarding(&ns, &name, "0b0e3c1a-0000-4000-8000-000000000002");
     let note = "数".repeat(1000);
     let ev = Event {
         type_: EventType::Warning,
@@ -2450,19 +2464,12 @@ async fn events_about_long_names_and_long_texts_are_accepted() {
 async fn repeated_events_form_a_series() {
     use k8s_openapi::api::core::v1::ObjectReference;
     use k8s_openapi::api::events::v1::Event as K8sEvent;
-    use prefect_operator::reconcile::events::{Event, EventType, Recorder};
+    use prefect_operator::reconcile::events::{Event, EventType};
     let cp = ControlPlane::shared();
-    let kube = cp.client().await;
-    let ns = new_namespace(&kube).await;
-    let recorder = Recorder::new(kube.clone(), "prefect-operator");
+    let (kube, ns, recorder) = event_recorder().await;
     let about = |rv: &str| ObjectReference {
-        api_version: Some("prefect.io/v1".into()),
-        kind: Some("PrefectDeployment".into()),
-        namespace: Some(ns.clone()),
-        name: Some("etl".into()),
-        uid: Some("0b0e3c1a-0000-4000-8000-000000000001".into()),
         resource_version: Some(rv.into()),
-        ..Default::default()
+        ..regarding(&ns, "etl", "0b0e3c1a-0000-4000-8000-000000000001")
     };
     let ev = |note| Event {
         type_: EventType::Warning,
