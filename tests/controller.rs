@@ -176,16 +176,15 @@ impl Env {
 
     /// Asks for a pass now (`reconcile.fluxcd.io/requestedAt: token`) and waits until a
     /// pass has answered it.
+    /// `kubectl annotate --overwrite` of the resource with `key=value` pairs.
+    fn annotate(&self, name: &str, pairs: &[&str]) {
+        let mut args = vec!["annotate", "--overwrite", "pd", "-n", &self.ns, name];
+        args.extend_from_slice(pairs);
+        self.cp.kubectl_ok(&args);
+    }
+
     async fn reconcile_now(&self, name: &str, token: &str) -> PrefectDeployment {
-        self.cp.kubectl_ok(&[
-            "annotate",
-            "--overwrite",
-            "pd",
-            "-n",
-            &self.ns,
-            name,
-            &format!("{RECONCILE_REQUESTED_AT}={token}"),
-        ]);
+        self.annotate(name, &[&format!("{RECONCILE_REQUESTED_AT}={token}")]);
         self.wait_for(name, "the requested pass", |o| {
             o.status
                 .as_ref()
@@ -1084,14 +1083,7 @@ async fn actions_reconcile_run_pause_resume() {
 
     // Run now, with a parameter override: exactly one flow run, with the merged
     // parameters, recorded in status.
-    env.cp.kubectl_ok(&[
-        "annotate",
-        "pd",
-        "-n",
-        &env.ns,
-        &name,
-        r#"prefect.io/run-parameters={"rows": 5}"#,
-    ]);
+    env.annotate(&name, &[r#"prefect.io/run-parameters={"rows": 5}"#]);
     apply_action(&env, &name, "run-now");
     let obj = env
         .wait_for(&name, "lastRun", |o| {
@@ -1116,16 +1108,13 @@ async fn actions_reconcile_run_pause_resume() {
 
     // A run request whose parameters break the schema: refused, said so, no run, and
     // the deployment stays Ready.
-    env.cp.kubectl_ok(&[
-        "annotate",
-        "--overwrite",
-        "pd",
-        "-n",
-        &env.ns,
+    env.annotate(
         &name,
-        r#"prefect.io/run-parameters={"rows": "many"}"#,
-        &format!("{RUN_REQUESTED_AT}=bad-params"),
-    ]);
+        &[
+            r#"prefect.io/run-parameters={"rows": "many"}"#,
+            &format!("{RUN_REQUESTED_AT}=bad-params"),
+        ],
+    );
     let obj = env
         .wait_for(&name, "refused run", |o| {
             o.status
@@ -1196,15 +1185,7 @@ async fn empty_or_long_action_annotations_are_answered_once() {
     // A real request after it is answered as usual, once, even with a token longer
     // than status keeps (it is recorded shortened, and still matches on later passes).
     let token = format!("now-{}", "x".repeat(400));
-    env.cp.kubectl_ok(&[
-        "annotate",
-        "--overwrite",
-        "pd",
-        "-n",
-        &env.ns,
-        &name,
-        &format!("{RUN_REQUESTED_AT}={token}"),
-    ]);
+    env.annotate(&name, &[&format!("{RUN_REQUESTED_AT}={token}")]);
     env.wait_for(&name, "lastRun", |o| {
         o.status
             .as_ref()
@@ -3084,14 +3065,7 @@ async fn deletion_cleans_up_the_server_spec_server_named_before() {
     assert_eq!(env.code_on(&old, &format!("/deployments/{id}")).await, 200);
     new.restore();
     // A new annotation wakes the finalizer at once instead of after its backoff.
-    env.cp.kubectl_ok(&[
-        "annotate",
-        "pd",
-        "-n",
-        &env.ns,
-        name,
-        &format!("{RECONCILE_REQUESTED_AT}=server-back"),
-    ]);
+    env.annotate(name, &[&format!("{RECONCILE_REQUESTED_AT}=server-back")]);
     env.wait_gone(name).await;
     assert_eq!(env.code_on(&old, &format!("/deployments/{id}")).await, 404);
     assert_eq!(
