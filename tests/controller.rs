@@ -12,7 +12,7 @@ use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use prefect_operator::access::{parse_label, Access};
 use prefect_operator::api::{
-    PrefectDeployment, FINALIZER, RECONCILE_REQUESTED_AT, RUN_REQUESTED_AT,
+    PrefectDeployment, FINALIZER, RECONCILE_REQUESTED_AT, RUN_PARAMETERS, RUN_REQUESTED_AT,
 };
 use prefect_operator::metrics::ReconcileLabels;
 use prefect_operator::reconcile::{self, Context};
@@ -1156,7 +1156,8 @@ async fn actions_reconcile_run_pause_resume() {
 /// Action annotations the status copies: an empty one (server-side apply on some
 /// apiservers, 1.20 here, turns "" into null, which the status schema refuses, so it
 /// kept the whole status from being written) and a run token longer than status keeps
-/// (it was asked for again on every pass).
+/// (it was asked for again on every pass). An empty `prefect.io/run-parameters` means
+/// no overrides (it was refused as not JSON).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn empty_or_long_action_annotations_are_answered_once() {
     let (env, pool) = Env::new(Duration::from_secs(300)).await;
@@ -1185,7 +1186,14 @@ async fn empty_or_long_action_annotations_are_answered_once() {
     // A real request after it is answered as usual, once, even with a token longer
     // than status keeps (it is recorded shortened, and still matches on later passes).
     let token = format!("now-{}", "x".repeat(400));
-    env.annotate(&name, &[&format!("{RUN_REQUESTED_AT}={token}")]);
+    // An empty parameters annotation means no overrides.
+    env.annotate(
+        &name,
+        &[
+            &format!("{RUN_REQUESTED_AT}={token}"),
+            &format!("{RUN_PARAMETERS}="),
+        ],
+    );
     env.wait_for(&name, "lastRun", |o| {
         o.status
             .as_ref()

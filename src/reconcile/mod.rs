@@ -1123,10 +1123,13 @@ async fn run_if_requested(
     let Some(id) = &state.deployment_id else {
         return Ok(());
     };
+    // Empty, like an empty request, means none: no overrides.
     let text = obj
         .annotations()
         .get(RUN_PARAMETERS)
-        .map_or("{}", String::as_str);
+        .map(|t| t.trim())
+        .filter(|t| !t.is_empty())
+        .unwrap_or("{}");
     let field = format!("metadata.annotations[{RUN_PARAMETERS}]");
     let parameters = match off_the_workers(|| {
         crate::validate::run_parameters(&obj.spec.deployment, text, &field)
