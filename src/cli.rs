@@ -63,6 +63,11 @@ pub struct ConvertArgs {
     /// does. Without it such fields are left out and reported.
     #[arg(long)]
     pub resolve_variables: bool,
+    /// Fill in `{{ $NAME }}` (and `{{ NAME }}` where NAME is set) from this command's
+    /// environment, as `prefect deploy` does from the environment it runs in. Without it
+    /// such fields are left out and reported.
+    #[arg(long)]
+    pub resolve_env: bool,
     /// yaml: multi-document YAML; json: one List.
     #[arg(short = 'o', long, value_enum, default_value = "yaml")]
     pub output: ExportOutput,

@@ -562,11 +562,21 @@ pub async fn convert(args: &ConvertArgs) -> ExitCode {
     } else {
         None
     };
+    // Variables whose name or value is not UTF-8 cannot be named in a prefect.yaml.
+    let environment = args.resolve_env.then(|| {
+        std::env::vars_os()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+            .collect()
+    });
+    let inputs = crate::convert::Inputs {
+        variables,
+        environment,
+    };
     let converted = match crate::convert::convert(
         &text,
         &args.server_url,
         args.namespace.as_deref(),
-        variables.as_ref(),
+        &inputs,
     ) {
         Ok(c) => c,
         Err(e) => {

@@ -19,6 +19,15 @@ pub struct Converted {
 /// Prefect variables by name: those of the server that exist, with their values.
 pub type Variables = BTreeMap<String, Value>;
 
+/// What `convert` fills in where `prefect deploy` would: Prefect variables, read from
+/// the server, and environment variables, of the process that converts (as `prefect
+/// deploy` reads those where it runs). `None` leaves such placeholders unfilled.
+#[derive(Default, Debug)]
+pub struct Inputs {
+    pub variables: Option<Variables>,
+    pub environment: Option<BTreeMap<String, String>>,
+}
+
 const VARIABLE_PREFIX: &str = "prefect.variables.";
 
 fn parse(text: &str) -> Result<Value, String> {
@@ -186,10 +195,75 @@ fn fill(v: &Value, path: &str, vars: &Variables, problems: &mut Vec<String>) -> 
     }
 }
 
-/// Deployment `d` with its variables filled in, but for its pull steps (which Prefect
-/// fills in when each flow run starts). A field with a variable that cannot be filled
-/// in is left out and reported.
-fn with_variables(d: &Value, path: &str, vars: &Variables, left_out: &mut Vec<String>) -> Value {
+/// `v` with its environment placeholders filled in from `env`, as `prefect deploy`
+/// does: `{{ $NAME }}` takes the variable's text (one not set is a problem), and a
+/// plain `{{ NAME }}` takes it where NAME is set (else it stays: a step output, say).
+/// One pass over the text, so a value holding `{{ ... }}` is not read again.
+fn fill_env(
+    v: &Value,
+    path: &str,
+    env: &BTreeMap<String, String>,
+    problems: &mut Vec<String>,
+) -> Value {
+    match v {
+        Value::String(s) => {
+            let mut out = String::new();
+            let mut copied = 0;
+            for (whole, name) in placeholders(s) {
+                let value = if let Some(var) = name.strip_prefix('$') {
+                    let var = var.trim_start_matches('$');
+                    let found = env.get(var);
+                    if found.is_none() {
+                        problems.push(format!(
+                            "{path}: environment variable {var:?} is not set (`prefect deploy` would leave the placeholder unfilled)"
+                        ));
+                    }
+                    found
+                } else if name.contains(['.', '[', ']']) {
+                    None
+                } else {
+                    env.get(name)
+                };
+                if let Some(value) = value {
+                    // `whole` is a slice of `s`: its offset says where it sits.
+                    let at = whole.as_ptr() as usize - s.as_ptr() as usize;
+                    out.push_str(&s[copied..at]);
+                    out.push_str(value);
+                    copied = at + whole.len();
+                }
+            }
+            out.push_str(&s[copied..]);
+            Value::String(out)
+        }
+        Value::Array(a) => Value::Array(
+            a.iter()
+                .enumerate()
+                .map(|(i, x)| fill_env(x, &format!("{path}[{i}]"), env, problems))
+                .collect(),
+        ),
+        Value::Object(o) => Value::Object(
+            o.iter()
+                .map(|(k, x)| {
+                    (
+                        k.clone(),
+                        fill_env(x, &format!("{path}.{k}"), env, problems),
+                    )
+                })
+                .collect(),
+        ),
+        other => other.clone(),
+    }
+}
+
+/// Deployment `d` with `fill` applied to each field but its pull steps (which Prefect
+/// fills in when each flow run starts). A field with a placeholder that cannot be
+/// filled in is left out and reported.
+fn with_filled(
+    d: &Value,
+    path: &str,
+    left_out: &mut Vec<String>,
+    fill: impl Fn(&Value, &str, &mut Vec<String>) -> Value,
+) -> Value {
     let Some(fields) = d.as_object() else {
         return d.clone();
     };
@@ -200,7 +274,7 @@ fn with_variables(d: &Value, path: &str, vars: &Variables, left_out: &mut Vec<St
             continue;
         }
         let mut problems = Vec::new();
-        let filled = fill(v, &format!("{path}.{k}"), vars, &mut problems);
+        let filled = fill(v, &format!("{path}.{k}"), &mut problems);
         if problems.is_empty() {
             out.insert(k.clone(), filled);
         } else {
@@ -210,13 +284,14 @@ fn with_variables(d: &Value, path: &str, vars: &Variables, left_out: &mut Vec<St
     Value::Object(out)
 }
 
-/// Converts `text` (a prefect.yaml). `server_url` goes into every `spec.server`. With
-/// `variables`, Prefect variable placeholders are filled in from them.
+/// Converts `text` (a prefect.yaml). `server_url` goes into every `spec.server`.
+/// Placeholders are filled in from `inputs` in `prefect deploy`'s order: Prefect
+/// variables, then the environment.
 pub fn convert(
     text: &str,
     server_url: &str,
     namespace: Option<&str>,
-    variables: Option<&Variables>,
+    inputs: &Inputs,
 ) -> Result<Converted, String> {
     let doc = parse(text)?;
     let mut left_out = Vec::new();
@@ -233,15 +308,25 @@ pub fn convert(
     let mut manifests = Vec::new();
     for (i, d) in deployments.iter().enumerate() {
         let path = format!("deployments[{i}]");
-        let filled;
-        let d = match variables {
-            Some(vars) => {
-                filled = with_variables(d, &path, vars, &mut left_out);
-                &filled
-            }
-            None => d,
-        };
-        match deployment(d, &doc["pull"], &path, server_url, namespace, &mut left_out) {
+        let mut d = d.clone();
+        if let Some(vars) = &inputs.variables {
+            d = with_filled(&d, &path, &mut left_out, |v, p, problems| {
+                fill(v, p, vars, problems)
+            });
+        }
+        if let Some(env) = &inputs.environment {
+            d = with_filled(&d, &path, &mut left_out, |v, p, problems| {
+                fill_env(v, p, env, problems)
+            });
+        }
+        match deployment(
+            &d,
+            &doc["pull"],
+            &path,
+            server_url,
+            namespace,
+            &mut left_out,
+        ) {
             Ok(m) => manifests.push(m),
             Err(why) => left_out.push(format!("{path}: not converted: {why}")),
         }
@@ -269,11 +354,14 @@ fn deployment(
     let pool_name = pool["name"]
         .as_str()
         .ok_or("it has no work_pool.name (a served deployment)")?;
-    // What names the deployment cannot be left out: without it there is nothing.
+    // What names the deployment cannot be left out: without it there is nothing. Nor
+    // can its queue: without it runs would go to the pool's default queue.
+    let queue = pool["work_queue_name"].as_str().unwrap_or_default();
     for (field, v) in [
         ("name", name.as_str()),
         ("entrypoint", entrypoint.as_str()),
         ("work_pool.name", pool_name),
+        ("work_pool.work_queue_name", queue),
     ] {
         if !placeholders(v).is_empty() {
             return Err(format!(
@@ -507,10 +595,16 @@ fn resolved(v: &Value, path: &str, left_out: &mut Vec<String>) -> Option<Value> 
     None
 }
 
-/// For a template naming a Prefect variable: where the option that fills those in is.
+/// For a template naming a Prefect or an environment variable: the option that fills
+/// those in.
 fn variables_hint(text: &str) -> &'static str {
     if text.contains(VARIABLE_PREFIX) {
         " (`--resolve-variables` reads Prefect variables from the server)"
+    } else if placeholders(text)
+        .iter()
+        .any(|(_, name)| name.starts_with('$'))
+    {
+        " (`--resolve-env` fills in environment variables)"
     } else {
         ""
     }
@@ -533,6 +627,111 @@ fn templates(v: &Value, path: &str, found: &mut Vec<(String, String)>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn with_vars(vars: &Variables) -> Inputs {
+        Inputs {
+            variables: Some(vars.clone()),
+            environment: None,
+        }
+    }
+
+    #[test]
+    fn environment_variables_are_filled_in_as_prefect_deploy_does() {
+        let text = r#"
+pull:
+  - prefect.deployments.steps.git_clone: {repository: "{{ $REPO }}"}
+deployments:
+  - name: "etl-{{ $STAGE }}"
+    entrypoint: flows/etl.py:etl
+    work_pool:
+      name: k8s
+      job_variables: {image: "{{ build.image }}", tier: "{{ UNSET }}"}
+    version: "{{ $VERSION }}"
+    tags: ["{{ STAGE }}", "{{ $$STAGE }}"]
+    description: "built by {{ $UNSET }}"
+    parameters: {region: "{{ $REGION }}-1", both: "{{ $STAGE }}/{{ $STAGE }}"}
+    triggers:
+      - expect: [a.b]
+        parameters: {x: "{{ event.id }}", stage: "{{ $STAGE }}"}
+  - name: queued
+    entrypoint: flows/etl.py:etl
+    work_pool: {name: k8s, work_queue_name: "{{ $TRICK }}"}
+"#;
+        let env: BTreeMap<String, String> = [
+            ("STAGE", "prod"),
+            ("VERSION", "2.1"),
+            ("REGION", "eu"),
+            ("REPO", "https://git.example/etl"),
+            ("TRICK", "{{ $STAGE }}"),
+            ("build.image", "never"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let inputs = Inputs {
+            variables: None,
+            environment: Some(env),
+        };
+        let c = convert(text, "http://prefect/api", None, &inputs).unwrap();
+        let m = &c.manifests[0];
+        let d = &m["spec"]["deployment"];
+        assert_eq!(d["name"], "etl-prod");
+        // A value stays text: "2.1" is not read as a number.
+        assert_eq!(d["versionInfo"]["version"], "2.1");
+        assert_eq!(
+            d["parameters"],
+            json!({"region": "eu-1", "both": "prod/prod"})
+        );
+        assert_eq!(
+            d["triggers"][0]["parameters"],
+            json!({"x": "{{ event.id }}", "stage": "prod"})
+        );
+        // A plain name is filled where set, `$$` reads as `$`.
+        assert_eq!(d["tags"], json!(["prod", "prod"]));
+        // A value is not read again for placeholders; a queue still a template stops
+        // the conversion (left out, the runs would go to the default queue).
+        assert_eq!(c.manifests.len(), 1);
+        assert!(
+            c.left_out.iter().any(|l| l.starts_with(
+                r#"deployments[1]: not converted: its work_pool.work_queue_name "{{ $STAGE }}" is filled in"#
+            )),
+            "{:?}",
+            c.left_out
+        );
+        // `$` not set: said, and the field left out.
+        assert!(d.get("description").is_none());
+        assert!(c.left_out.iter().any(|l| l
+            == r#"deployments[0].description: environment variable "UNSET" is not set (`prefect deploy` would leave the placeholder unfilled)"#),
+            "{:?}", c.left_out);
+        // Dotted names are step outputs, never the environment's, and a plain name
+        // not set stays; pull steps are filled in when each run starts, so they keep
+        // theirs.
+        assert!(d.get("jobVariables").is_none());
+        for (field, text) in [("image", "{{ build.image }}"), ("tier", "{{ UNSET }}")] {
+            let said =
+                format!("deployments[0].work_pool.job_variables.{field}: {text:?} is filled in");
+            assert!(
+                c.left_out.iter().any(|l| l.starts_with(&said)),
+                "{:?}",
+                c.left_out
+            );
+        }
+        assert_eq!(
+            d["pullSteps"][0]["prefect.deployments.steps.git_clone"]["repository"],
+            "{{ $REPO }}"
+        );
+
+        // Without the environment given, the same placeholders are reported.
+        let c = convert(text, "http://prefect/api", None, &Inputs::default()).unwrap();
+        assert!(c.manifests.is_empty());
+        assert!(
+            c.left_out
+                .iter()
+                .any(|l| l == "deployments[0]: not converted: its name \"etl-{{ $STAGE }}\" is filled in by `prefect deploy`; put the value in the file (`--resolve-env` fills in environment variables)"),
+            "{:?}",
+            c.left_out
+        );
+    }
 
     #[test]
     fn trigger_durations_become_whole_seconds() {
@@ -632,7 +831,7 @@ deployments:
     schedule: {rrule: "FREQ=DAILY"}
     concurrency_limit: 3
 "#;
-        let c = convert(text, "http://prefect/api", Some("data"), None).unwrap();
+        let c = convert(text, "http://prefect/api", Some("data"), &Inputs::default()).unwrap();
         assert_eq!(c.manifests.len(), 2);
         let d = &c.manifests[0]["spec"]["deployment"];
         assert_eq!(c.manifests[0]["metadata"]["name"], "nightly-etl");
@@ -715,7 +914,7 @@ deployments:
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();
-        let c = convert(text, "http://prefect/api", None, Some(&vars)).unwrap();
+        let c = convert(text, "http://prefect/api", None, &with_vars(&vars)).unwrap();
         let d = &c.manifests[0]["spec"]["deployment"];
         assert_eq!(d["name"], "data-etl");
         assert_eq!(d["tags"], json!(["data", "data"]));
@@ -743,7 +942,7 @@ deployments:
             r#"description: "uses {{ prefect.variables.limits }}""#,
             "description: plain",
         );
-        let c = convert(&text, "http://prefect/api", None, Some(&vars)).unwrap();
+        let c = convert(&text, "http://prefect/api", None, &with_vars(&vars)).unwrap();
         let p = &c.manifests[0]["spec"]["deployment"]["parameters"];
         assert_eq!(p["limits"], json!({"cpu": 2}));
         assert_eq!(p["pull"], json!("ana"));
@@ -751,7 +950,7 @@ deployments:
         assert_eq!(p["note"], json!("retries=3 dry=False"));
 
         // Without variables given, the report points at the option.
-        let c = convert(&text, "http://prefect/api", None, None).unwrap();
+        let c = convert(&text, "http://prefect/api", None, &Inputs::default()).unwrap();
         assert!(
             c.left_out.iter().any(|l| l
                 == "deployments[0]: not converted: its name \"{{ prefect.variables.team }}-etl\" is filled in by `prefect deploy`; put the value in the file (`--resolve-variables` reads Prefect variables from the server)"),

@@ -1707,6 +1707,13 @@ async fn convert_matches_prefect_deploy() {
     )
     .unwrap();
 
+    // The environment both commands fill placeholders from.
+    let environment = [
+        (format!("WAREHOUSE_{suffix}"), "warehouse-eu".to_string()),
+        (format!("STAGE_{suffix}"), "stage-prod".to_string()),
+        (format!("VERSION_{suffix}"), "7.2".to_string()),
+    ];
+
     // Prefect's reading, into the other server.
     let prefect_cli = &support::assets().prefect_bin;
     let out = std::process::Command::new(prefect_cli)
@@ -1714,6 +1721,7 @@ async fn convert_matches_prefect_deploy() {
         .current_dir(dir.path())
         .env("PREFECT_API_URL", &other.url)
         .env("PREFECT_HOME", dir.path().join("home"))
+        .envs(environment.clone())
         .output()
         .unwrap();
     assert!(
@@ -1727,7 +1735,8 @@ async fn convert_matches_prefect_deploy() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_prefect-operator"))
         .args(["convert", dir.path().join("prefect.yaml").to_str().unwrap()])
         .args(["--server-url", &env.prefect.url, "--namespace", &env.ns])
-        .arg("--resolve-variables")
+        .args(["--resolve-variables", "--resolve-env"])
+        .envs(environment)
         .output()
         .unwrap();
     let yaml = String::from_utf8(out.stdout).unwrap();
@@ -1760,7 +1769,10 @@ async fn convert_matches_prefect_deploy() {
                 theirs["parameters"],
                 json!({"rows": 20, "source": "s3://warehouse/in"})
             );
+            assert_eq!(theirs["description"], json!("Loads the warehouse-eu"));
+            assert_eq!(theirs["tags"], json!(["etl", "nightly", "stage-prod"]));
         } else {
+            assert_eq!(theirs["version"], json!("7.2"));
             assert_eq!(
                 theirs["tags"],
                 json!(["data", "team-data", "r1e-05-b1e+20-True"])
