@@ -403,7 +403,11 @@ fn deployment(
             out.insert("versionInfo".into(), json!({"version": v}));
         }
     }
-    match &d["concurrency_limit"] {
+    let limit = match &d["concurrency_limit"] {
+        Value::Null => Value::Null,
+        v => resolved(v, &format!("{path}.concurrency_limit"), left_out).unwrap_or_default(),
+    };
+    match &limit {
         Value::Null => {}
         Value::Object(c) => {
             if let Some(l) = c.get("limit") {
@@ -649,6 +653,7 @@ deployments:
     version: "{{ $VERSION }}"
     tags: ["{{ STAGE }}", "{{ $$STAGE }}"]
     description: "built by {{ $UNSET }}"
+    concurrency_limit: "{{ LIMIT }}"
     parameters: {region: "{{ $REGION }}-1", both: "{{ $STAGE }}/{{ $STAGE }}"}
     triggers:
       - expect: [a.b]
@@ -698,6 +703,13 @@ deployments:
             "{:?}",
             c.left_out
         );
+        // A template where a number goes is reported, not copied.
+        assert!(d.get("concurrencyLimit").is_none(), "{d}");
+        assert!(c
+            .left_out
+            .iter()
+            .any(|l| l
+                .starts_with(r#"deployments[0].concurrency_limit: "{{ LIMIT }}" is filled in"#)));
         // `$` not set: said, and the field left out.
         assert!(d.get("description").is_none());
         assert!(c.left_out.iter().any(|l| l
