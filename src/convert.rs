@@ -153,102 +153,96 @@ fn python_float(f: f64) -> String {
 /// placeholder and nothing else becomes the variable's value (of any JSON type), one
 /// with text around it gets the value as text. Problems are collected, not fatal.
 fn fill(v: &Value, path: &str, vars: &Variables, problems: &mut Vec<String>) -> Value {
-    match v {
-        Value::String(s) => {
-            let found: Vec<(&str, &str)> = placeholders(s)
-                .into_iter()
-                .filter_map(|(whole, name)| Some((whole, name.strip_prefix(VARIABLE_PREFIX)?)))
-                .collect();
-            if let [(whole, name)] = found.as_slice() {
-                if *whole == s.as_str() {
-                    return match vars.get(*name) {
-                        Some(value) => value.clone(),
-                        None => {
-                            problems.push(format!("{path}: Prefect variable {name:?} does not exist on the server (`prefect deploy` would put an empty string there)"));
-                            v.clone()
-                        }
-                    };
-                }
+    let missing = |name: &str, path: &str| {
+        format!("{path}: Prefect variable {name:?} does not exist on the server (`prefect deploy` would put an empty string there)")
+    };
+    map_strings(v, path, &mut |s, path| {
+        let found = placeholders(s);
+        if let [(whole, name)] = found.as_slice() {
+            if let Some(name) = name.strip_prefix(VARIABLE_PREFIX).filter(|_| *whole == s) {
+                return vars.get(name).cloned().unwrap_or_else(|| {
+                    problems.push(missing(name, path));
+                    json!(s)
+                });
             }
-            let mut out = s.clone();
-            for (whole, name) in found {
-                match vars.get(name).map(as_text) {
-                    Some(Some(text)) => out = out.replace(whole, &text),
-                    Some(None) => problems.push(format!("{path}: Prefect variable {name:?} holds a list or an object, which cannot go inside text")),
-                    None => problems.push(format!("{path}: Prefect variable {name:?} does not exist on the server (`prefect deploy` would put an empty string there)")),
-                }
-            }
-            Value::String(out)
         }
-        Value::Array(a) => Value::Array(
-            a.iter()
-                .enumerate()
-                .map(|(i, x)| fill(x, &format!("{path}[{i}]"), vars, problems))
-                .collect(),
-        ),
-        Value::Object(o) => Value::Object(
-            o.iter()
-                .map(|(k, x)| (k.clone(), fill(x, &format!("{path}.{k}"), vars, problems)))
-                .collect(),
-        ),
-        other => other.clone(),
-    }
+        json!(substitute(s, |name| {
+            let name = name.strip_prefix(VARIABLE_PREFIX)?;
+            match vars.get(name).map(as_text) {
+                Some(Some(text)) => Some(text),
+                Some(None) => {
+                    problems.push(format!("{path}: Prefect variable {name:?} holds a list or an object, which cannot go inside text"));
+                    None
+                }
+                None => {
+                    problems.push(missing(name, path));
+                    None
+                }
+            }
+        }))
+    })
 }
 
 /// `v` with its environment placeholders filled in from `env`, as `prefect deploy`
 /// does: `{{ $NAME }}` takes the variable's text (one not set is a problem), and a
 /// plain `{{ NAME }}` takes it where NAME is set (else it stays: a step output, say).
-/// One pass over the text, so a value holding `{{ ... }}` is not read again.
 fn fill_env(
     v: &Value,
     path: &str,
     env: &BTreeMap<String, String>,
     problems: &mut Vec<String>,
 ) -> Value {
-    match v {
-        Value::String(s) => {
-            let mut out = String::new();
-            let mut copied = 0;
-            for (whole, name) in placeholders(s) {
-                let value = if let Some(var) = name.strip_prefix('$') {
-                    let var = var.trim_start_matches('$');
-                    let found = env.get(var);
-                    if found.is_none() {
-                        problems.push(format!(
-                            "{path}: environment variable {var:?} is not set (`prefect deploy` would leave the placeholder unfilled)"
-                        ));
-                    }
-                    found
-                } else if name.contains(['.', '[', ']']) {
-                    None
-                } else {
-                    env.get(name)
-                };
-                if let Some(value) = value {
-                    // `whole` is a slice of `s`: its offset says where it sits.
-                    let at = whole.as_ptr() as usize - s.as_ptr() as usize;
-                    out.push_str(&s[copied..at]);
-                    out.push_str(value);
-                    copied = at + whole.len();
+    map_strings(v, path, &mut |s, path| {
+        json!(substitute(s, |name| {
+            if let Some(var) = name.strip_prefix('$') {
+                let var = var.trim_start_matches('$');
+                let found = env.get(var).cloned();
+                if found.is_none() {
+                    problems.push(format!(
+                        "{path}: environment variable {var:?} is not set (`prefect deploy` would leave the placeholder unfilled)"
+                    ));
                 }
+                found
+            } else if name.contains(['.', '[', ']']) {
+                None
+            } else {
+                env.get(name).cloned()
             }
-            out.push_str(&s[copied..]);
-            Value::String(out)
+        }))
+    })
+}
+
+/// `s` with each placeholder whose name `value` gives text for replaced by it, in one
+/// pass as Prefect substitutes: inserted text is not read for placeholders again.
+fn substitute(s: &str, mut value: impl FnMut(&str) -> Option<String>) -> String {
+    let mut out = String::new();
+    let mut copied = 0;
+    for (whole, name) in placeholders(s) {
+        if let Some(text) = value(name) {
+            // `whole` is a slice of `s`: its offset says where it sits.
+            let at = whole.as_ptr() as usize - s.as_ptr() as usize;
+            out.push_str(&s[copied..at]);
+            out.push_str(&text);
+            copied = at + whole.len();
         }
+    }
+    out.push_str(&s[copied..]);
+    out
+}
+
+/// `v` with each string replaced by `f(string, its path)`, through lists and objects.
+fn map_strings(v: &Value, path: &str, f: &mut dyn FnMut(&str, &str) -> Value) -> Value {
+    match v {
+        Value::String(s) => f(s, path),
         Value::Array(a) => Value::Array(
             a.iter()
                 .enumerate()
-                .map(|(i, x)| fill_env(x, &format!("{path}[{i}]"), env, problems))
+                .map(|(i, x)| map_strings(x, &format!("{path}[{i}]"), f))
                 .collect(),
         ),
         Value::Object(o) => Value::Object(
             o.iter()
-                .map(|(k, x)| {
-                    (
-                        k.clone(),
-                        fill_env(x, &format!("{path}.{k}"), env, problems),
-                    )
-                })
+                .map(|(k, x)| (k.clone(), map_strings(x, &format!("{path}.{k}"), f)))
                 .collect(),
         ),
         other => other.clone(),
