@@ -810,7 +810,10 @@ fn require(r: &Value, children: usize) -> Result<(), String> {
     let ok = match r {
         Value::String(s) if s == "any" || s == "all" => true,
         Value::Number(n) => matches!(n.as_u64(), Some(k) if k >= 1 && k as usize <= children),
-        Value::String(s) => matches!(s.parse::<u64>(), Ok(k) if k >= 1 && k as usize <= children),
+        // Digits as the CRD's rule takes them: no sign, no leading zero.
+        Value::String(s) => {
+            matches!(s.parse::<u64>(), Ok(k) if k >= 1 && k as usize <= children && k.to_string() == *s)
+        }
         _ => false,
     };
     if ok {

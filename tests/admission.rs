@@ -223,6 +223,12 @@ fn broken() -> Vec<(Value, &'static str)> {
             "require must be any, all, or a number from 1 to the number of child triggers",
         ),
         (
+            trig(
+                json!({"type": "compound", "within": 60, "require": "01", "triggers": [{"expect": ["a"]}]}),
+            ),
+            "require must be any, all, or a number from 1 to the number of child triggers",
+        ),
+        (
             trig(json!({"posture": "Proactive", "expect": ["a"], "within": 5})),
             "a Proactive trigger needs within of at least 10 seconds",
         ),
